@@ -1,0 +1,57 @@
+"""Connect to Ray the same way from every job: a cluster when one is given, else a local one on loopback."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# The standard AWS settings the store honours; forwarded to every Ray worker so that tasks, actors
+# and Train workers on any node reach the same S3 endpoint with the same credentials.
+AWS_ENV_VARS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_REQUEST_CHECKSUM_CALCULATION",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION",
+)
+
+
+def forwarded_env() -> dict[str, str]:
+    """Environment variables every worker needs: the AWS settings and the platform's own ``TSDN_*``."""
+    keys = [k for k in os.environ if k in AWS_ENV_VARS or k.startswith("TSDN_")]
+    return {k: os.environ[k] for k in sorted(keys)}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> None:
+    """Initialise Ray once per process.
+
+    ``address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets) connects to a running cluster.
+    Without one, a local cluster starts bound to 127.0.0.1 only; it never listens on another interface.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # On a cluster the job's runtime_env (``ray job submit --runtime-env``) carries the settings;
+        # a second runtime_env here would override it.
+        logger.info("connecting to Ray at %s", address)
+        ray.init(address=address, **kwargs)
+        return
+    logger.info("starting a local Ray cluster on 127.0.0.1")
+    ray.init(
+        _node_ip_address="127.0.0.1",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        runtime_env={"env_vars": forwarded_env()},
+        **kwargs,
+    )

@@ -1,0 +1,75 @@
+"""Project-level invariants: the layout promises in DESIGN.md."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tsdn._config_io import ConfigError
+from tsdn_platform.cli import build_parser
+from tsdn_platform.config import load_config, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_stdlib_platform_is_not_shadowed_from_the_repo_root():
+    out = subprocess.run(
+        [sys.executable, "-c", "import platform; print(platform.system())"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() in {"Linux", "Darwin", "Windows"}
+    assert not (ROOT / "platform" / "__init__.py").exists()
+
+
+def test_tsdn_stays_pure_pytorch():
+    forbidden = ("import ray", "from ray", "import boto3", "from boto3", "import pyarrow", "from pyarrow")
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "tsdn").rglob("*.py")
+        if any(line.strip().startswith(forbidden) for line in path.read_text().splitlines())
+    ]
+    assert offenders == []
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "tsdn_platform.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "usage: tsdn" in out.stdout
+    assert build_parser().prog == "tsdn"
+
+
+def test_overrides_are_yaml_typed_and_dotted():
+    assert parse_overrides(["model.image_size=64", "products=[a, b]", "name=x"]) == {
+        "model": {"image_size": 64},
+        "products": ["a", "b"],
+        "name": "x",
+    }
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["oops"])
+
+
+def test_load_config_precedence_and_unknown_keys(tmp_path):
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Inner:
+        size: int = 1
+        rate: float = 0.5
+
+    @dataclass
+    class Job:
+        name: str = "default"
+        inner: Inner = field(default_factory=Inner)
+
+    path = tmp_path / "job.yaml"
+    path.write_text("name: from-file\ninner:\n  size: 2\n  rate: 7e-5\n")
+    cfg = load_config(Job, str(path), overrides=["inner.size=3"], explicit={"name": "from-flag"})
+    assert cfg == Job(name="from-flag", inner=Inner(size=3, rate=7e-5))
+    with pytest.raises(ConfigError, match=r"inner.*bogus"):
+        load_config(Job, overrides=["inner.bogus=1"])
+    with pytest.raises(ConfigError, match=r"inner\.size"):
+        load_config(Job, overrides=["inner.size=big"])
