@@ -1,0 +1,43 @@
+"""``jobs/<name>.py``: each forwards its argv to the ``tsdn`` subcommand of the same name, nothing else."""
+
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tsdn_platform import cli
+
+ROOT = Path(__file__).resolve().parents[2]
+JOBS = ("ingest", "train", "score", "serve", "pipeline")
+
+
+@pytest.mark.parametrize("name", JOBS)
+def test_job_forwards_argv_and_exit_code(name, monkeypatch):
+    calls = []
+
+    def fake_main(argv):
+        calls.append(list(argv))
+        return 3
+
+    monkeypatch.setattr(cli, "main", fake_main)
+    monkeypatch.setattr(sys, "argv", [f"jobs/{name}.py", "--config", "tiny", "--set", "a.b=1"])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_module(f"jobs.{name}", run_name="__main__")
+    assert calls == [[name, "--config", "tiny", "--set", "a.b=1"]]
+    assert exc.value.code == 3
+
+
+@pytest.mark.parametrize("name", JOBS)
+def test_job_help_is_the_subcommand_help(name):
+    if name not in cli._COMMANDS:
+        pytest.skip(f"`tsdn {name}` is not registered in tsdn_platform.cli yet")
+    out = subprocess.run([sys.executable, "-m", f"jobs.{name}", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"usage: tsdn {name}")
+
+
+def test_every_job_module_is_tested():
+    modules = {p.stem for p in (ROOT / "jobs").glob("*.py")} - {"__init__"}
+    assert modules == set(JOBS)
