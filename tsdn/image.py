@@ -1,0 +1,178 @@
+"""Safe image decoding and conversion of every common pixel layout to 8-bit RGB.
+
+Inspection archives hold 8- and 16-bit grayscale, palette, RGBA and CMYK files in PNG, JPEG, BMP and TIFF.
+Ingest, batch scoring and serving all turn bytes into pixels here, so a file is accepted or refused the
+same way everywhere, and a refusal names the file.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["FORMATS", "ImageDecodeError", "decode_image", "to_rgb"]
+
+FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+# Pillow reports multi-picture JPEGs (phone and camera files) as MPO; they decode as their first JPEG frame.
+_ACCEPTED = frozenset((*FORMATS, "MPO"))
+_BIT_DEPTH_16 = 65535
+
+
+class ImageDecodeError(ValueError):
+    """An input could not be decoded as an image; ``name`` identifies it, ``reason`` says why.
+
+    Picklable (it crosses process boundaries in Ray workers): ``__reduce__`` rebuilds it from both fields.
+    """
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.name = name
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[ImageDecodeError], tuple[str, str]]:
+        return (type(self), (self.name, self.reason))
+
+
+def decode_image(data: bytes, name: str, max_pixels: int = 64_000_000) -> Image.Image:
+    """Decode encoded bytes into a fully loaded PIL image, refusing oversized images before decoding.
+
+    The header is parsed first (``Image.open`` reads only the header); an image with more than
+    ``max_pixels`` pixels is refused before its pixel data is decompressed, so a small file claiming a
+    huge size cannot exhaust memory. Only the pixels of the first frame are loaded.
+
+    Args:
+        data: the file's bytes (PNG, JPEG, BMP or TIFF).
+        name: what the bytes are (a path or URI); every error message starts with it.
+        max_pixels: largest accepted ``width * height``.
+
+    Returns:
+        A loaded ``PIL.Image.Image`` in its original mode (convert with :func:`to_rgb`).
+
+    Raises:
+        ImageDecodeError: not an image, unsupported format, too large, empty, corrupt or truncated.
+    """
+    if not data:
+        raise ImageDecodeError(name, "empty input (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(name, f"refused before decoding: {exc}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(name, f"not a {'/'.join(FORMATS)} image ({exc})") from exc
+    if image.format not in _ACCEPTED:
+        raise ImageDecodeError(name, f"unsupported format {image.format}; expected one of {', '.join(FORMATS)}")
+    width, height = image.size
+    if width * height > max_pixels:
+        msg = f"{width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}; refused before decoding"
+        raise ImageDecodeError(name, msg)
+    if width * height == 0:
+        raise ImageDecodeError(name, f"empty image ({width}x{height})")
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageDecodeError(name, f"corrupt or truncated {image.format} ({exc})") from exc
+    return image
+
+
+def to_rgb(image: Image.Image | np.ndarray) -> tuple[np.ndarray, str]:
+    """Convert any supported image to (H, W, 3) uint8 RGB.
+
+    Conversions:
+        - gray (``1``, ``L``): replicated to three channels; ``1`` maps to 0/255.
+        - palette (``P``, ``PA``, with or without transparency), ``CMYK``, ``YCbCr``, ``HSV``, ``RGBX``:
+          Pillow's conversion to RGB.
+        - alpha (``RGBA``, ``LA``, ``PA``, ``RGBa``, ``La``, palette transparency): the alpha channel is
+          dropped and the stored colour kept (no compositing: a defect under a transparent pixel stays
+          visible, and most inspection files with alpha are fully opaque anyway).
+        - 16-bit (``I;16``, ``I;16L``, ``I;16B``, ``I;16N``, numpy ``uint16``): scaled by the 16-bit range,
+          ``round(v * 255 / 65535)``, never clipped.
+        - ``I`` (32-bit signed container): scaled by the smallest bit depth of 8, 16 or 32 that holds its
+          maximum value (Pillow puts 8- and 16-bit data in this container too); negative values -> min-max.
+        - ``F`` (float): values within [0, 1] are scaled by 255; any other range is min-max scaled to
+          [0, 255] (a float image carries no bit depth).
+        - numpy arrays (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) (alpha dropped) of ``uint8``, ``uint16``,
+          ``bool`` or float in [0, 1].
+
+    Returns:
+        ``(rgb, mode)``: rgb (H, W, 3) uint8; mode is the PIL mode of the input, or for numpy arrays
+        ``"array:<dtype>:<layout>"`` with layout one of ``HxW``, ``HxWx1``, ``HxWx3``, ``HxWx4``.
+    """
+    if isinstance(image, np.ndarray):
+        return _array_to_rgb(image)
+    if not isinstance(image, Image.Image):
+        msg = f"to_rgb: expected a PIL image or a numpy array, got {type(image).__name__}"
+        raise TypeError(msg)
+    mode = image.mode
+    if mode.startswith("I;16"):
+        gray = _scale(np.asarray(image).astype(np.float64), _BIT_DEPTH_16)
+    elif mode == "I":
+        gray = _int32_to_uint8(np.asarray(image))
+    elif mode == "F":
+        gray = _float_to_uint8(np.asarray(image, dtype=np.float64))
+    elif "A" in image.getbands() or "a" in image.getbands() or (mode == "P" and "transparency" in image.info):
+        return np.asarray(image.convert("RGBA"))[:, :, :3].copy(), mode
+    else:
+        try:
+            return np.asarray(image.convert("RGB")).copy(), mode
+        except ValueError as exc:
+            msg = f"to_rgb: cannot convert mode {mode!r} to RGB ({exc})"
+            raise ValueError(msg) from exc
+    return np.repeat(gray[:, :, None], 3, axis=2), mode
+
+
+def _array_to_rgb(array: np.ndarray) -> tuple[np.ndarray, str]:
+    layout = "HxW" if array.ndim == 2 else f"HxWx{array.shape[2]}" if array.ndim == 3 else None
+    mode = f"array:{array.dtype}:{layout}"
+    if layout not in {"HxW", "HxWx1", "HxWx3", "HxWx4"}:
+        msg = f"to_rgb: expected an array of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {array.shape}"
+        raise ValueError(msg)
+    if array.dtype == np.uint8:
+        values = array
+    elif array.dtype == np.uint16:
+        values = _scale(array.astype(np.float64), _BIT_DEPTH_16)
+    elif array.dtype == np.bool_:
+        values = array.astype(np.uint8) * np.uint8(255)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or array.min(initial=0.0) < 0 or array.max(initial=0.0) > 1:
+            msg = f"to_rgb: float arrays must hold finite values in [0, 1], got [{array.min()}, {array.max()}]"
+            raise ValueError(msg)
+        values = _scale(array.astype(np.float64), 1.0)
+    else:
+        msg = f"to_rgb: unsupported array dtype {array.dtype}; expected uint8, uint16, bool or float in [0, 1]"
+        raise ValueError(msg)
+    if values.ndim == 2:
+        values = values[:, :, None]
+    channels = values.shape[2]
+    rgb = np.repeat(values, 3, axis=2) if channels == 1 else values[:, :, :3]
+    return np.ascontiguousarray(rgb), mode
+
+
+def _scale(values: np.ndarray, max_value: float) -> np.ndarray:
+    """Linear map of ``[0, max_value]`` onto ``[0, 255]``, rounded to uint8."""
+    return np.rint(values * (255.0 / max_value)).astype(np.uint8)
+
+
+def _min_max(values: np.ndarray) -> np.ndarray:
+    low, high = float(values.min()), float(values.max())
+    if high == low:
+        return np.zeros(values.shape, np.uint8)
+    return _scale(values - low, high - low)
+
+
+def _int32_to_uint8(values: np.ndarray) -> np.ndarray:
+    if values.size == 0 or values.min() < 0:
+        return _min_max(values.astype(np.float64))
+    peak = int(values.max())
+    bits = next(b for b in (8, 16, 32) if peak < 2**b)
+    return _scale(values.astype(np.float64), 2**bits - 1)
+
+
+def _float_to_uint8(values: np.ndarray) -> np.ndarray:
+    if not np.isfinite(values).all():
+        msg = "to_rgb: float image holds NaN or infinite values"
+        raise ValueError(msg)
+    if values.size and values.min() >= 0 and values.max() <= 1:
+        return _scale(values, 1.0)
+    return _min_max(values)
