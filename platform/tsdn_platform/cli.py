@@ -65,5 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 # Each module named here exposes ``main(args: argparse.Namespace) -> int``.
 
 
+@command("serve", "tsdn_platform.serve", "Serve the best model of every product line over HTTP (Ray Serve)")
+def _serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", help="store URI holding registry/ (local folder or s3://bucket/prefix)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    _config_args(p)
+
+
 if __name__ == "__main__":
     sys.exit(main())
