@@ -73,5 +73,32 @@ def _serve(p: argparse.ArgumentParser) -> None:
     _config_args(p)
 
 
+@command("train", "tsdn_platform.train", "Train one TSDN model per product line on Ray Train and register it")
+def _train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", help="store URI (s3://bucket/prefix or a folder) holding datasets/, runs/, registry/")
+    p.add_argument("--dataset", help="ingested dataset name (<store>/datasets/<name>)")
+    p.add_argument("--products", help="comma-separated product lines, or 'all' (default: all)")
+    p.add_argument("--promote", choices=("better", "always", "never"), help="best-pointer policy (default: better)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    _config_args(p, default="demo")
+
+
+@command("models", "tsdn_platform.registry", "List, show and promote registered model versions")
+def _models(p: argparse.ArgumentParser) -> None:
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="versions per product, the best marked with *")
+    listing.add_argument("--product", help="only this product")
+    show = actions.add_parser("show", help="best pointer and metrics.json of a version (default: the best)")
+    show.add_argument("product")
+    show.add_argument("version", nargs="?")
+    promote = actions.add_parser("promote", help="make a version the best (a human override)")
+    promote.add_argument("product")
+    promote.add_argument("version")
+    promote.add_argument("--reason", default="manual promotion", help="recorded in best.json")
+    promote.add_argument("--expected-generation", type=int, help="fail if the pointer is no longer at this generation")
+    for action in (listing, show, promote):
+        action.add_argument("--store", required=True, help="store URI (s3://bucket/prefix or a folder)")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,578 @@
+"""The model registry: every trained version of every product line, and a pointer to the best one.
+
+Layout under ``<store>/registry/<product>/``::
+
+    versions/<version>/model.safetensors   weights (never pickle: servers load these)
+    versions/<version>/model.json          TSDN config + calibration (tsdn.checkpoint)
+    versions/<version>/metrics.json        validation/test metrics, dataset manifest hash, run id,
+                                           created_at, code version, sha256 of the other files
+    best.json                              the pointer: {"version", "generation", "metric", "value", ...}
+
+A version is complete once its ``metrics.json`` exists: it is written last, so a reader (and the
+pointer) never sees a half-written version, and :meth:`Registry.list_versions` skips unfinished ones.
+
+The pointer is swapped with compare-and-swap, so two promoters racing never lose an update silently:
+each reads the pointer, decides, and writes generation + 1 only if the pointer is still the one it read.
+
+* S3: ``put_object`` with ``IfMatch=<ETag>`` (``IfNoneMatch="*"`` when creating) through boto3. The first
+  pointer write of a :class:`Registry` probes whether the server enforces these headers (a second
+  ``IfNoneMatch="*"`` PUT of a probe object must fail with 412). AWS S3 and SeaweedFS enforce them. A server
+  that ignores them or answers 501 gets plain PUTs with a warning: each PUT is still atomic (the pointer is
+  never corrupt and never names an incomplete version) but of two racing promoters the last one wins.
+* Local folder: a lock file created with ``O_CREAT | O_EXCL`` beside ``best.json`` serialises writers;
+  the pointer is re-read under the lock and replaced with ``os.replace``. A lock older than
+  :data:`STALE_LOCK_S` is taken to be left by a crashed writer and broken.
+* Any other filesystem: plain atomic replace, with the same warning as an S3 server without conditions.
+
+Products are independent: each has its own folder and pointer, so two product lines training at once never
+touch each other's entries. :meth:`Registry.load_predictor` is the one loader scoring and serving use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+import typing
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pyarrow.fs as pafs
+
+from tsdn_platform import __version__, store
+
+__all__ = [
+    "METRICS_FILE",
+    "MODEL_FILES",
+    "ModelRef",
+    "PointerConflictError",
+    "Registry",
+    "RegistryError",
+    "UnknownProductError",
+    "UnknownVersionError",
+    "main",
+    "new_version_id",
+    "validate_name",
+]
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILES = ("model.safetensors", "model.json")
+METRICS_FILE = "metrics.json"
+POINTER_FILE = "best.json"
+STALE_LOCK_S = 60.0
+CAS_ATTEMPTS = 50
+
+PromotePolicy = Literal["better", "always", "never"]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class RegistryError(Exception):
+    """A registry operation failed; the message names the store, product and version involved."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), self.args)
+
+
+class UnknownProductError(RegistryError, LookupError):
+    """No model is registered (or promoted) for the product."""
+
+    def __init__(self, store_uri: str, product: str, detail: str = "no model registered") -> None:
+        super().__init__(store_uri, product, detail)
+        self.store_uri = store_uri
+        self.product = product
+
+    def __str__(self) -> str:
+        store_uri, product, detail = self.args
+        return f"{store_uri}: product {product!r}: {detail}"
+
+
+class UnknownVersionError(RegistryError, LookupError):
+    """The product has no complete version of that name."""
+
+    def __init__(self, store_uri: str, product: str, version: str) -> None:
+        super().__init__(store_uri, product, version)
+        self.store_uri = store_uri
+        self.product = product
+        self.version = version
+
+    def __str__(self) -> str:
+        store_uri, product, version = self.args
+        return f"{store_uri}: product {product!r} has no complete version {version!r}"
+
+
+class PointerConflictError(RegistryError):
+    """The best pointer changed between reading it and writing it (another promoter won)."""
+
+    def __init__(self, pointer_uri: str, detail: str) -> None:
+        super().__init__(pointer_uri, detail)
+        self.pointer_uri = pointer_uri
+
+    def __str__(self) -> str:
+        pointer_uri, detail = self.args
+        return f"{pointer_uri}: {detail}"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model a predictor was loaded from: product, version and that version's ``metrics.json``."""
+
+    product: str
+    version: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    uri: str = ""
+
+
+def validate_name(name: str, what: str = "product") -> str:
+    """Product and version ids are path segments: ``^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`` and no ``..``."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        msg = f"{what} id {name!r}: expected 1-64 characters [A-Za-z0-9_.-], starting alphanumeric, no '..'"
+        raise ValueError(msg)
+    return name
+
+
+def new_version_id(run_id: str, now: dt.datetime | None = None) -> str:
+    """Sortable, unique version id: ``20261129T051200Z-<first 8 characters of the run's hash>``."""
+    stamp = (now or dt.datetime.now(dt.timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    digest = hashlib.sha256(run_id.encode()).hexdigest()[:8]
+    return f"{stamp}-{digest}"
+
+
+def metric_value(metrics: Mapping[str, Any], dotted: str) -> float | None:
+    """``metric_value({"test": {"image_auroc": 0.9}}, "test.image_auroc") -> 0.9``; None if absent/non-numeric."""
+    node: Any = metrics
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    if isinstance(node, bool) or not isinstance(node, (int, float)):
+        return None
+    return float(node)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# Conditional-write support per (endpoint, bucket), probed once per process.
+_CAS_SUPPORT: dict[tuple[str | None, str], bool] = {}
+_CAS_LOCK = threading.Lock()
+
+
+class Registry:
+    """Versions and best pointers of every product line under ``<store>/registry``."""
+
+    def __init__(self, store_uri: str) -> None:
+        self.store_uri = store_uri
+        self.root = store.join(store_uri, "registry")
+
+    # --- paths -----------------------------------------------------------------------------------
+
+    def product_uri(self, product: str) -> str:
+        return store.join(self.root, validate_name(product))
+
+    def version_uri(self, product: str, version: str) -> str:
+        return store.join(self.product_uri(product), "versions", validate_name(version, "version"))
+
+    def pointer_uri(self, product: str) -> str:
+        return store.join(self.product_uri(product), POINTER_FILE)
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def list_products(self) -> list[str]:
+        """Products with at least one complete version, sorted."""
+        fs, path = store.resolve(self.root)
+        selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
+        infos = store.retrying(self.root, lambda: fs.get_file_info(selector))
+        names = sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory)
+        return [name for name in names if _NAME_RE.match(name) and self.list_versions(name)]
+
+    def list_versions(self, product: str) -> list[str]:
+        """Complete versions of ``product`` (those with a ``metrics.json``), oldest first."""
+        versions_uri = store.join(self.product_uri(product), "versions")
+        prefix = versions_uri.rstrip("/") + "/"
+        found = []
+        for uri in store.list_files(versions_uri, recursive=True, suffixes=(f"/{METRICS_FILE}",)):
+            relative = uri[len(prefix) :].split("/")
+            if len(relative) == 2 and _NAME_RE.match(relative[0]):
+                found.append(relative[0])
+        return sorted(found)
+
+    def best(self, product: str) -> dict[str, Any] | None:
+        """The best pointer of ``product`` (``version``, ``generation``, ``metric``, ``value``, ...), or None."""
+        pointer, _ = self._read_pointer(product)
+        return pointer
+
+    def metrics(self, product: str, version: str) -> dict[str, Any]:
+        """``metrics.json`` of a complete version."""
+        uri = store.join(self.version_uri(product, version), METRICS_FILE)
+        try:
+            return store.read_json(uri)
+        except store.StoreError as exc:
+            if exc.kind == "not_found":
+                raise UnknownVersionError(self.store_uri, product, version) from exc
+            raise
+
+    def resolve_version(self, product: str, version: str | None = None) -> str:
+        """``version`` if given, else the version the best pointer names."""
+        if version is not None:
+            return validate_name(version, "version")
+        pointer = self.best(product)
+        if pointer is None:
+            detail = "no best version" if self.list_versions(product) else "no model registered"
+            raise UnknownProductError(self.store_uri, product, detail)
+        return pointer["version"]
+
+    def load_files(self, product: str, version: str | None = None) -> tuple[dict[str, bytes], ModelRef]:
+        """The model files of a version (default: the best), checked against the sha256 in its metrics."""
+        version = self.resolve_version(product, version)
+        metrics = self.metrics(product, version)
+        base = self.version_uri(product, version)
+        files = {name: store.read_bytes(store.join(base, name)) for name in MODEL_FILES}
+        for name, data in files.items():
+            expected = metrics.get("files", {}).get(name, {}).get("sha256")
+            if expected is not None and expected != _sha256(data):
+                msg = f"{store.join(base, name)}: sha256 does not match {METRICS_FILE} (corrupt or replaced file)"
+                raise RegistryError(msg)
+        return files, ModelRef(product=product, version=version, metrics=metrics, uri=base)
+
+    def load_predictor(self, product: str, version: str | None = None, device: Any = None) -> tuple[Any, ModelRef]:
+        """A ready :class:`tsdn.predict.Predictor` (weights + calibration) and the :class:`ModelRef` it came from.
+
+        ``version`` None loads the best version. The one loader batch scoring and serving use.
+        """
+        from tsdn.checkpoint import load_checkpoint
+        from tsdn.predict import Predictor
+
+        files, ref = self.load_files(product, version)
+        model, calibration, _ = load_checkpoint(files)
+        return Predictor(model, calibration, device=device), ref
+
+    # --- writing ---------------------------------------------------------------------------------
+
+    def register(
+        self,
+        product: str,
+        files: Mapping[str, bytes],
+        metrics: Mapping[str, Any],
+        promote: PromotePolicy = "better",
+        metric: str = "test.image_auroc",
+        version: str | None = None,
+    ) -> str:
+        """Write a complete version, then update the best pointer per ``promote``; returns the version id.
+
+        ``files`` must hold :data:`MODEL_FILES` (from ``tsdn.checkpoint.checkpoint_files``). ``metrics`` is
+        stored as ``metrics.json`` with ``product``, ``version``, ``created_at``, ``code_version`` and the
+        files' sha256 added; it is written last. ``promote``: ``"better"`` makes it best only if its
+        ``metric`` (a dotted key into ``metrics``) beats the current best's, ``"always"`` makes it best,
+        ``"never"`` leaves the pointer alone.
+        """
+        validate_name(product)
+        missing = [name for name in MODEL_FILES if name not in files]
+        if missing:
+            msg = f"{self.product_uri(product)}: register needs {', '.join(MODEL_FILES)}; missing {', '.join(missing)}"
+            raise ValueError(msg)
+        if promote not in ("better", "always", "never"):
+            msg = f"promote {promote!r}: expected 'better', 'always' or 'never'"
+            raise ValueError(msg)
+        version = validate_name(version or new_version_id(str(metrics.get("run_id", uuid.uuid4().hex))), "version")
+        base = self.version_uri(product, version)
+        if store.exists(store.join(base, METRICS_FILE)):
+            msg = f"{base}: version already exists"
+            raise RegistryError(msg)
+        record = dict(metrics)
+        record.update(
+            product=product,
+            version=version,
+            created_at=_now(),
+            code_version=__version__,
+            files={name: {"sha256": _sha256(files[name]), "bytes": len(files[name])} for name in MODEL_FILES},
+        )
+        for name in MODEL_FILES:
+            store.write_bytes(store.join(base, name), files[name])
+        store.write_json(store.join(base, METRICS_FILE), record)
+        logger.info("registered %s version %s at %s", product, version, base)
+        if promote == "never":
+            return version
+        value = metric_value(record, metric)
+
+        def decide(current: dict[str, Any] | None) -> dict[str, Any] | None:
+            if promote == "better" and current is not None:
+                best_value = current.get("value") if current.get("metric") == metric else None
+                if best_value is None:
+                    best_value = metric_value(self.metrics(product, current["version"]), metric)
+                if best_value is not None and (value is None or value <= best_value):
+                    logger.info(
+                        "%s: version %s (%s=%s) does not beat best %s (%s); pointer unchanged",
+                        product,
+                        version,
+                        metric,
+                        value,
+                        current["version"],
+                        best_value,
+                    )
+                    return None
+            reason = "promote=always" if promote == "always" else f"better {metric}"
+            return self._next_pointer(product, current, version, metric, value, reason)
+
+        self._swap_pointer(product, decide)
+        return version
+
+    def promote(
+        self,
+        product: str,
+        version: str,
+        reason: str = "manual",
+        metric: str = "test.image_auroc",
+        expected_generation: int | None = None,
+    ) -> dict[str, Any]:
+        """Point best at ``version`` (a complete one); returns the new pointer.
+
+        With ``expected_generation`` this is a strict compare-and-swap: it raises
+        :class:`PointerConflictError` if the pointer is no longer at that generation (0 = no pointer yet).
+        Without it, a concurrent update is re-read and the promotion applied on top of it.
+        """
+        version = validate_name(version, "version")
+        value = metric_value(self.metrics(product, version), metric)
+
+        def decide(current: dict[str, Any] | None) -> dict[str, Any]:
+            generation = current["generation"] if current else 0
+            if expected_generation is not None and generation != expected_generation:
+                msg = f"expected generation {expected_generation}, found {generation} (another promoter won)"
+                raise PointerConflictError(self.pointer_uri(product), msg)
+            return self._next_pointer(product, current, version, metric, value, reason)
+
+        return typing.cast(dict[str, Any], self._swap_pointer(product, decide))
+
+    @staticmethod
+    def _next_pointer(
+        product: str, current: dict[str, Any] | None, version: str, metric: str, value: float | None, reason: str
+    ) -> dict[str, Any]:
+        return {
+            "product": product,
+            "version": version,
+            "generation": (current["generation"] if current else 0) + 1,
+            "metric": metric,
+            "value": value,
+            "reason": reason,
+            "previous": current["version"] if current else None,
+            "updated_at": _now(),
+        }
+
+    # --- the pointer's compare-and-swap ----------------------------------------------------------
+
+    def _swap_pointer(
+        self, product: str, decide: Callable[[dict[str, Any] | None], dict[str, Any] | None]
+    ) -> dict[str, Any] | None:
+        """Read the pointer, ``decide`` the new one (None: leave it), write it iff unchanged; retry on conflict."""
+        uri = self.pointer_uri(product)
+        for _ in range(CAS_ATTEMPTS):
+            current, token = self._read_pointer(product)
+            new = decide(current)
+            if new is None:
+                return current
+            if not store.exists(store.join(self.version_uri(product, new["version"]), METRICS_FILE)):
+                raise UnknownVersionError(self.store_uri, product, new["version"])
+            try:
+                self._write_pointer(uri, new, token)
+            except PointerConflictError:
+                logger.info("%s: changed while promoting; re-reading", uri)
+                continue
+            logger.info("%s: best -> %s (generation %d, %s)", product, new["version"], new["generation"], new["reason"])
+            return new
+        msg = f"gave up after {CAS_ATTEMPTS} conflicting updates"
+        raise PointerConflictError(uri, msg)
+
+    def _read_pointer(self, product: str) -> tuple[dict[str, Any] | None, Any]:
+        """The pointer and a token for :meth:`_write_pointer`: the ETag on S3, else the generation."""
+        uri = self.pointer_uri(product)
+        if store.is_s3(uri):
+            from botocore.exceptions import ClientError
+
+            bucket, key = store.s3_bucket_key(uri)
+            try:
+                response = store.boto3_client().get_object(Bucket=bucket, Key=key)
+                data = response["Body"].read()
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None, None
+                raise store.as_store_error(uri, exc) from exc
+            except Exception as exc:
+                raise store.as_store_error(uri, exc) from exc
+            return self._parse_pointer(uri, data), response["ETag"]
+        try:
+            data = store.read_bytes(uri)
+        except store.StoreError as exc:
+            if exc.kind == "not_found":
+                return None, 0
+            raise
+        pointer = self._parse_pointer(uri, data)
+        return pointer, pointer["generation"]
+
+    @staticmethod
+    def _parse_pointer(uri: str, data: bytes) -> dict[str, Any]:
+        try:
+            pointer = json.loads(data)
+        except ValueError as exc:
+            msg = f"{uri}: not valid JSON ({exc})"
+            raise RegistryError(msg) from exc
+        if not isinstance(pointer, dict) or not isinstance(pointer.get("version"), str):
+            msg = f"{uri}: not a best pointer (no 'version')"
+            raise RegistryError(msg)
+        pointer.setdefault("generation", 0)
+        return pointer
+
+    def _write_pointer(self, uri: str, pointer: dict[str, Any], token: Any) -> None:
+        data = (json.dumps(pointer, indent=2, sort_keys=True) + "\n").encode()
+        fs, path = store.resolve(uri)
+        if store.is_s3(uri):
+            self._write_pointer_s3(uri, data, token)
+        elif isinstance(fs, pafs.LocalFileSystem):
+            self._write_pointer_local(uri, path, data, token)
+        else:
+            logger.warning("%s: no compare-and-swap on this filesystem; racing promoters: last writer wins", uri)
+            store.replace_bytes(uri, data)
+
+    def _write_pointer_s3(self, uri: str, data: bytes, etag: str | None) -> None:
+        from botocore.exceptions import ClientError
+
+        bucket, key = store.s3_bucket_key(uri)
+        client = store.boto3_client()
+        if not _conditional_writes_supported(client, bucket, key):
+            logger.warning(
+                "%s: the S3 server ignores conditional writes (If-Match); racing promoters: last writer wins", uri
+            )
+            store.replace_bytes(uri, data)
+            return
+        condition = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=data, ContentType="application/json", **condition)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = exc.response.get("Error", {}).get("Code")
+            # 412: the ETag no longer matches; 409: AWS's answer to a concurrent conditional write.
+            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise PointerConflictError(uri, f"changed concurrently ({code})") from exc
+            raise store.as_store_error(uri, exc) from exc
+
+    @staticmethod
+    def _write_pointer_local(uri: str, path: str, data: bytes, generation: int) -> None:
+        lock = path + ".lock"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        deadline = time.monotonic() + STALE_LOCK_S
+        while True:
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                try:
+                    age = time.time() - os.stat(lock).st_mtime
+                except FileNotFoundError:
+                    continue
+                if age > STALE_LOCK_S:
+                    logger.warning("%s: breaking a lock %.0f s old (a writer crashed)", lock, age)
+                    _unlink_quietly(lock)
+                    continue
+                if time.monotonic() > deadline:
+                    raise PointerConflictError(uri, f"lock {lock} held for too long") from None
+                time.sleep(0.01)
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.close(fd)
+            try:
+                with open(path, "rb") as handle:
+                    found = Registry._parse_pointer(uri, handle.read())["generation"]
+            except FileNotFoundError:
+                found = 0
+            if found != generation:
+                raise PointerConflictError(uri, f"generation is {found}, expected {generation}")
+            store.replace_bytes(uri, data)
+        finally:
+            _unlink_quietly(lock)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _conditional_writes_supported(client: Any, bucket: str, pointer_key: str) -> bool:
+    """Probe once per (endpoint, bucket): does a second ``IfNoneMatch="*"`` PUT of an object fail with 412?"""
+    from botocore.exceptions import ClientError
+
+    cache_key = (store.s3_endpoint(), bucket)
+    with _CAS_LOCK:
+        if cache_key in _CAS_SUPPORT:
+            return _CAS_SUPPORT[cache_key]
+    probe = f"{pointer_key.rsplit('/', 2)[0]}/.conditional-write-probe-{uuid.uuid4().hex}"
+    supported = True
+    try:
+        for _ in range(2):
+            client.put_object(Bucket=bucket, Key=probe, Body=b"probe", IfNoneMatch="*")
+        supported = False
+    except ClientError as exc:
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status == 501:
+            supported = False
+        elif status not in (409, 412):
+            raise store.as_store_error(f"s3://{bucket}/{probe}", exc) from exc
+    finally:
+        client.delete_object(Bucket=bucket, Key=probe)
+    with _CAS_LOCK:
+        _CAS_SUPPORT[cache_key] = supported
+    return supported
+
+
+# --- CLI: tsdn models list|show|promote ---------------------------------------------------------------
+
+
+def _summary(metrics: Mapping[str, Any]) -> str:
+    test = metrics.get("test", {}) if isinstance(metrics.get("test"), Mapping) else {}
+    keys = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
+    return "  ".join(f"{key}={test[key]:.4f}" for key in keys if isinstance(test.get(key), (int, float)))
+
+
+def main(args: argparse.Namespace) -> int:
+    registry = Registry(args.store)
+    try:
+        if args.action == "list":
+            products = [args.product] if args.product else registry.list_products()
+            for product in products:
+                pointer = registry.best(product)
+                best_version = pointer["version"] if pointer else None
+                versions = registry.list_versions(product)
+                if not versions:
+                    raise UnknownProductError(registry.store_uri, product)
+                for version in versions:
+                    mark = "*" if version == best_version else " "
+                    print(f"{mark} {product:<24} {version:<28} {_summary(registry.metrics(product, version))}")
+            return 0
+        if args.action == "show":
+            version = registry.resolve_version(args.product, args.version)
+            out = {"best": registry.best(args.product), "metrics": registry.metrics(args.product, version)}
+            print(json.dumps(out, indent=2, sort_keys=True))
+            return 0
+        pointer = registry.promote(
+            args.product, args.version, reason=args.reason, expected_generation=args.expected_generation
+        )
+        print(json.dumps(pointer, indent=2, sort_keys=True))
+        return 0
+    except (RegistryError, ValueError, store.StoreError) as exc:
+        print(f"tsdn models {args.action}: {exc}", file=sys.stderr)
+        return 1
