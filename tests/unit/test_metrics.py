@@ -1,0 +1,127 @@
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, roc_auc_score
+
+from tsdn.metrics import UndefinedMetricError, aupro, evaluate, f1_max, image_auroc, pixel_auroc
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_image_auroc_matches_sklearn_with_ties(seed: int):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 500)
+    scores = np.round(rng.normal(labels * 0.7, 1.0), 1)  # rounding creates many ties across classes
+    assert len(np.unique(scores)) < 100
+    assert image_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-9)
+
+
+def test_auroc_extremes_and_all_tied():
+    labels = np.array([0, 0, 1, 1])
+    assert image_auroc(labels, np.array([0.1, 0.2, 0.3, 0.4])) == 1.0
+    assert image_auroc(labels, np.array([0.4, 0.3, 0.2, 0.1])) == 0.0
+    assert image_auroc(labels, np.full(4, 0.5)) == 0.5
+
+
+def test_pixel_auroc_matches_sklearn():
+    rng = np.random.default_rng(3)
+    masks = rng.random((4, 16, 16)) < 0.1
+    maps = np.round(rng.random((4, 16, 16)) + masks * 0.3, 2).astype(np.float32)
+    expected = roc_auc_score(masks.ravel(), maps.ravel())
+    assert pixel_auroc(masks, maps) == pytest.approx(expected, abs=1e-9)
+
+
+def test_aupro_counts_regions_equally_not_pixels():
+    # region A = pixels 0-2 (3 px), region B = pixel 4; normal pixels 3 and 5.
+    masks = np.array([[[1, 1, 1, 0, 1, 0]]], bool)
+    maps = np.array([[[0.9, 0.9, 0.1, 0.5, 0.8, 0.0]]])
+    # At FPR 0 (threshold 0.8): A overlaps 2/3, B 1 -> PRO 5/6, flat until FPR 1/2 (threshold 0.5).
+    # Area up to 0.3 = 0.3 * 5/6; normalised: 5/6. A pixel-weighted overlap would give 3/4.
+    assert aupro(masks, maps, fpr_limit=0.3) == pytest.approx(5 / 6)
+
+
+def test_aupro_hand_computed_with_interpolation():
+    # two 1-pixel regions (not 8-connected), six normal pixels
+    masks = np.array([[[1, 0, 0, 1], [0, 0, 0, 0]]], bool)
+    maps = np.array([[[0.9, 0.8, 0.4, 0.5], [0.3, 0.2, 0.1, 0.0]]])
+    # curve: (0,0) (0,.5)@0.9 (1/6,.5)@0.8 (1/6,1)@0.5 (2/6,1)@0.4 ...
+    expected = (0.5 * (1 / 6) + 1.0 * (0.3 - 1 / 6)) / 0.3
+    assert aupro(masks, maps, fpr_limit=0.3) == pytest.approx(expected)
+    # at fpr_limit = 0.25 the curve is cut inside the flat PRO = 1 segment
+    assert aupro(masks, maps, fpr_limit=0.25) == pytest.approx((0.5 / 6 + (0.25 - 1 / 6)) / 0.25)
+
+
+def test_aupro_regions_are_8_connected_and_span_images():
+    # diagonal pixels form ONE region; a second image adds a second region
+    masks = np.zeros((2, 4, 4), bool)
+    masks[0, 0, 0] = masks[0, 1, 1] = True
+    masks[1, 3, 3] = True
+    maps = np.zeros((2, 4, 4))
+    maps[0, 0, 0] = 1.0  # half of region 1 detected at FPR 0
+    maps[1, 3, 3] = 1.0  # all of region 2 detected at FPR 0
+    # PRO at FPR 0 = (1/2 + 1) / 2 = 0.75 until every remaining pixel (all score 0) enters at FPR 1.
+    expected_pro_at_limit = 0.75 + (1 - 0.75) * 0.3
+    assert aupro(masks, maps, fpr_limit=0.3) == pytest.approx((0.75 + expected_pro_at_limit) / 2)
+
+
+def test_aupro_perfect_and_sampled_thresholds():
+    rng = np.random.default_rng(4)
+    masks = np.zeros((3, 32, 32), bool)
+    masks[0, 4:10, 4:12] = masks[1, 20:30, 2:5] = True
+    maps = rng.random(masks.shape) * 0.5 + masks * 0.6
+    assert aupro(masks, maps) == pytest.approx(1.0)
+    noisy = rng.random(masks.shape) + masks * 0.3
+    exact = aupro(masks, noisy)
+    assert 0 < exact < 1
+    assert aupro(masks, noisy, num_thresholds=2000) == pytest.approx(exact, abs=0.01)
+
+
+def test_aupro_undefined_without_defects():
+    with pytest.raises(UndefinedMetricError, match="regions"):
+        aupro(np.zeros((1, 4, 4), bool), np.zeros((1, 4, 4)))
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_f1_max_matches_brute_force(seed: int):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 60)
+    scores = np.round(rng.normal(labels, 1.0), 1)
+    f1, threshold = f1_max(labels, scores)
+    brute = max((f1_score(labels, scores >= t), t) for t in np.unique(scores))
+    assert f1 == pytest.approx(brute[0], abs=1e-12)
+    assert f1_score(labels, scores >= threshold) == pytest.approx(f1, abs=1e-12)
+
+
+def test_f1_max_separable():
+    f1, threshold = f1_max(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.7, 0.9]))
+    assert (f1, threshold) == (1.0, 0.7)
+
+
+def test_evaluate_full_and_degenerate():
+    rng = np.random.default_rng(6)
+    masks = np.zeros((4, 8, 8), bool)
+    masks[2, 1:4, 1:4] = masks[3, 5:7, 5:7] = True
+    labels = masks.reshape(4, -1).any(axis=1).astype(int)
+    maps = rng.random(masks.shape) + masks
+    scores = maps.reshape(4, -1).max(axis=1)
+    result = evaluate(labels, scores, masks, maps)
+    assert set(result) == {"image_auroc", "pixel_auroc", "aupro", "f1_max", "f1_threshold"}
+    assert result["image_auroc"] == image_auroc(labels, scores)
+    assert result["pixel_auroc"] == pixel_auroc(masks, maps)
+    assert result["aupro"] == aupro(masks, maps)
+    assert evaluate(labels, scores).keys() == {"image_auroc", "f1_max", "f1_threshold"}
+    only_normal = evaluate(np.zeros(3), np.array([0.1, 0.2, 0.3]))
+    assert all(math.isnan(v) for v in only_normal.values())
+
+
+def test_invalid_inputs_raise():
+    with pytest.raises(UndefinedMetricError, match="only one class"):
+        image_auroc(np.ones(3), np.array([0.1, 0.2, 0.3]))
+    with pytest.raises(ValueError, match="NaN"):
+        image_auroc(np.array([0, 1]), np.array([0.1, np.nan]))
+    with pytest.raises(ValueError, match="shape"):
+        pixel_auroc(np.zeros((1, 2, 2), bool), np.zeros((1, 2, 3)))
+    with pytest.raises(ValueError, match="0/1"):
+        image_auroc(np.array([0, 2]), np.array([0.1, 0.2]))
+    with pytest.raises(ValueError, match="together"):
+        evaluate(np.array([0, 1]), np.array([0.1, 0.2]), masks=np.zeros((2, 2, 2), bool))
