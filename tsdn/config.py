@@ -1,0 +1,132 @@
+"""TSDN model and training hyper-parameters: one validated dataclass whose defaults are the paper's.
+
+Every ablation of the paper's Tables 3 and 4 is a set of switch overrides in :data:`ABLATIONS`
+(see ``tsdn/README.md`` for the row -> switch mapping and why).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tsdn import _config_io
+
+__all__ = ["ABLATIONS", "TSDNConfig", "apply_ablation"]
+
+
+@dataclass(frozen=True)
+class TSDNConfig:
+    """Hyper-parameters of one TSDN model. Defaults reproduce Park et al. (Sec. 3.1).
+
+    Attributes:
+        image_size: side S of the square network input; images are resized to S x S (paper: 352).
+        backbone: timm model name of the encoder (paper: EfficientNet-b5).
+        weights: encoder weights spec for :func:`tsdn.backbone.resolve_weights` ("hub", "none",
+            "package:efficientnet-lite0", a local .safetensors/.pth path, or a store URI).
+        feature_channels: C, the channels of F(1/32) after the 1x1 reduction conv (paper: unstated).
+        n_segments: N_s, SLIC superpixels per training image.
+        n_filled: S_s, superpixels filled with a random colour by SURF.
+        slic_compactness: SLIC colour/space trade-off (scikit-image's default; paper: unstated).
+        lr: Adam learning rate.
+        w_l2, w_ssim, w_gms, w_mask, w_fne: loss weights lambda_r, lambda_s, lambda_g, lambda_m, lambda_f.
+        ssim_window: Gaussian window of the SSIM loss and of the FNE's channel-wise SSIM.
+        gms_c: stabilising constant c of the gradient magnitude similarity.
+        score_sigma: std (pixels at S x S) of the Gaussian blur of the score map (paper: unstated).
+        fne_hidden: width of the FNE estimator's two hidden FC layers (paper: unstated).
+        fne_pool: side P of the adaptive pooling before the FNE flatten; None = S // 32, i.e. the
+            identity at the configured input size, so the flatten is exactly the paper's.
+        dcd_a: two-stream model (DCD_A predicts the SURF mask); False = one-stream AE (DCD_N only).
+        skip: encoder skip connections into the decoders.
+        surf: train on SURF-distorted images (the training loop reads this switch).
+        fne: feature normality estimator; False = F_nm1 = F(1/32) * M' (paper Table 4 E).
+    """
+
+    image_size: int = 352
+    backbone: str = "efficientnet_b5"
+    weights: str = "hub"
+    feature_channels: int = 64
+    n_segments: int = 400
+    n_filled: int = 50
+    slic_compactness: float = 10.0
+    lr: float = 7e-5
+    w_l2: float = 1.0
+    w_ssim: float = 0.5
+    w_gms: float = 1.0
+    w_mask: float = 1.0
+    w_fne: float = 5e-5
+    ssim_window: int = 11
+    gms_c: float = 0.0026
+    score_sigma: float = 4.0
+    fne_hidden: int = 512
+    fne_pool: int | None = None
+    dcd_a: bool = True
+    skip: bool = True
+    surf: bool = True
+    fne: bool = True
+
+    def __post_init__(self) -> None:
+        size_ok = self.image_size >= 64 and self.image_size % 32 == 0
+        _check(size_ok, "image_size", self.image_size, "a multiple of 32, >= 64")
+        _check(bool(self.backbone.strip()), "backbone", self.backbone, "a timm model name")
+        _check(bool(self.weights.strip()), "weights", self.weights, "a weights spec")
+        for name in ("feature_channels", "n_segments", "n_filled", "fne_hidden"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        _check(self.n_filled <= self.n_segments, "n_filled", self.n_filled, f"<= n_segments ({self.n_segments})")
+        for name in ("slic_compactness", "lr", "gms_c", "score_sigma"):
+            _check(getattr(self, name) > 0, name, getattr(self, name), "> 0")
+        for name in ("w_l2", "w_ssim", "w_gms", "w_mask", "w_fne"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        _check(self.ssim_window >= 3 and self.ssim_window % 2 == 1, "ssim_window", self.ssim_window, "odd, >= 3")
+        _check(self.fne_pool is None or self.fne_pool >= 1, "fne_pool", self.fne_pool, "None or >= 1")
+        # DCD_A learns the SURF mask, so it has no target without SURF; the FNE consumes DCD_A's M'.
+        _check(self.surf or not self.dcd_a, "dcd_a", self.dcd_a, "False when surf is False (no mask to learn)")
+        _check(self.dcd_a or not self.fne, "fne", self.fne, "False when dcd_a is False (the FNE needs M')")
+
+    @property
+    def fne_pool_size(self) -> int:
+        """P of the FNE's adaptive pooling (``fne_pool``, or S // 32 when unset)."""
+        return self.fne_pool if self.fne_pool is not None else self.image_size // 32
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON/YAML-safe dict of every field."""
+        return _config_io.to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> TSDNConfig:
+        """Strict inverse of :meth:`to_dict`: unknown keys and bad values raise ``ConfigError``."""
+        return _config_io.from_dict(cls, data)
+
+
+def _check(ok: bool, name: str, value: object, expected: str) -> None:
+    if not ok:
+        msg = f"TSDNConfig.{name}: expected {expected}, got {value!r}"
+        raise ValueError(msg)
+
+
+_FULL = {"dcd_a": True, "skip": True, "surf": True, "fne": True}
+_AE = {"dcd_a": False, "skip": False, "surf": False, "fne": False}
+
+ABLATIONS: dict[str, dict[str, bool]] = {
+    # Table 3: skip connections.
+    "t3a": dict(_AE),  # one-stream basic AE
+    "t3b": {**_AE, "skip": True},  # AE with skips
+    "t3c": {**_FULL, "skip": False},  # TSDN without skips
+    "t3d": dict(_FULL),  # TSDN
+    # Table 4: modules (rows read as in the paper's text: D is the one-stream AE, E lacks only the FNE).
+    "t4a": dict(_AE),  # DCD_N
+    "t4b": {**_AE, "surf": True},  # DCD_N + SURF
+    "t4c": {**_AE, "skip": True},  # DCD_N + skips
+    "t4d": {**_AE, "skip": True, "surf": True},  # DCD_N + skips + SURF
+    "t4e": {**_FULL, "fne": False},  # two-stream, FNE replaced by F(1/32) * M'
+    "t4f": dict(_FULL),  # TSDN
+}
+
+
+def apply_ablation(cfg: TSDNConfig, name: str) -> TSDNConfig:
+    """``cfg`` with the switches of ablation ``name`` (a key of :data:`ABLATIONS`)."""
+    if name not in ABLATIONS:
+        msg = f"ablation {name!r}: unknown; expected one of {', '.join(sorted(ABLATIONS))}"
+        raise ValueError(msg)
+    return dataclasses.replace(cfg, **ABLATIONS[name])

@@ -1,0 +1,76 @@
+"""Feature normality estimator (paper Sec. 2.4): which channels of F(1/32) carry the anomaly.
+
+Two halves: :func:`normality_target` computes the ground truth W_gt from F(1/32) and DCD_A's mask
+M' (a training target, no gradient), and :class:`FeatureNormalityEstimator` learns to predict it
+from F(1/32) alone, giving W' that scales the channels of F(1/32) into F_nm1.
+"""
+
+from __future__ import annotations
+
+import kornia
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["FeatureNormalityEstimator", "normality_target"]
+
+_EPS = 1e-6
+
+
+def normality_target(features: torch.Tensor, mask: torch.Tensor, window_size: int = 11) -> torch.Tensor:
+    """W_gt: per-channel normality of F(1/32) w.r.t. the predicted anomaly mask M'.
+
+    Each channel of ``features`` is upsampled (bilinear) to the mask's size and min-max scaled to
+    [0, 1] per sample (SSIM's constants assume a known dynamic range, and M' lives in [0, 1]);
+    the mean SSIM against M' is then min-max normalised over the channels of each sample and
+    inverted, so the channel most similar to M' gets 0 and the least similar gets 1. When all
+    channels are equally similar, every weight is 1 (nothing is singled out).
+
+    Computed without gradient: W_gt is a target for the estimator, not a path into DCD_A.
+
+    Args:
+        features: F(1/32), (B, C, h, w).
+        mask: M' as probabilities, (B, 1, H, W) in [0, 1].
+        window_size: odd Gaussian window of the SSIM.
+
+    Returns:
+        (B, C) float32 in [0, 1].
+    """
+    with torch.no_grad():
+        feats = F.interpolate(features.detach().float(), size=mask.shape[-2:], mode="bilinear", align_corners=False)
+        low = feats.amin(dim=(2, 3), keepdim=True)
+        span = feats.amax(dim=(2, 3), keepdim=True) - low
+        feats = torch.where(span > _EPS, (feats - low) / span.clamp_min(_EPS), torch.zeros_like(feats))
+        target = mask.detach().float().expand_as(feats)
+        similarity = kornia.metrics.ssim(feats, target, window_size).mean(dim=(2, 3))
+        low = similarity.amin(dim=1, keepdim=True)
+        span = similarity.amax(dim=1, keepdim=True) - low
+        scaled = torch.where(span > _EPS, (similarity - low) / span.clamp_min(_EPS), torch.zeros_like(similarity))
+        return 1.0 - scaled
+
+
+class FeatureNormalityEstimator(nn.Module):
+    """Estimator of W' from F(1/32): conv-ReLU, adaptive pool to P x P, flatten, FC-ReLU, FC-ReLU, FC.
+
+    The adaptive average pool fixes the flatten length at ``C * P * P`` for any input size; with
+    P = S / 32 (the default) it is the identity at the configured input size.
+
+    Shape:
+        features: (B, C, h, w) -> logits (B, C); W' = sigmoid(logits).
+    """
+
+    def __init__(self, channels: int, hidden: int, pool: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True))
+        self.pool = nn.AdaptiveAvgPool2d(pool)
+        self.mlp = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels * pool * pool, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, channels),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.pool(self.conv(features)))
