@@ -100,5 +100,27 @@ def _models(p: argparse.ArgumentParser) -> None:
         action.add_argument("--store", required=True, help="store URI (s3://bucket/prefix or a folder)")
 
 
+@command("demo-data", "tsdn_platform.demo_data", "Write the MVTec-style demo dataset made from skimage textures")
+def _demo_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
+    p.add_argument("--image-size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--products", help="comma-separated subset of brick,grass,gravel (default: all)")
+    p.add_argument("--n-train", type=int, default=40, help="train/good images per product")
+    p.add_argument("--n-test-good", type=int, default=10, help="test/good images per product")
+    p.add_argument("--n-defects-per-type", type=int, default=4, help="test images per defect type and product")
+
+
+@command("ingest", "tsdn_platform.ingest", "Ingest an MVTec-style tree (folder or s3:// prefix) into Parquet shards")
+def _ingest(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", nargs="?", help="MVTec-style root: a folder or an s3:// prefix")
+    p.add_argument("--store", help="store URI (s3://bucket/prefix or a folder); shards go to <store>/datasets/<name>")
+    p.add_argument("--dataset", help="dataset name")
+    p.add_argument("--products", help="comma-separated product lines (default: every folder with train/good)")
+    p.add_argument("--image-size", type=int, help="training resolution of the superpixel maps (default 256)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    _config_args(p)
+
+
 if __name__ == "__main__":
     sys.exit(main())

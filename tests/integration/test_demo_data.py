@@ -1,0 +1,94 @@
+"""The demo dataset: MVTec layout, exact binary masks, determinism, plausible defects."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tsdn_platform.cli import main as cli_main
+from tsdn_platform.demo_data import DEFECT_TYPES, PRODUCTS, _texture, draw_defect, make_demo_dataset, texture_patch
+
+
+def _tree_digest(root) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.png"))}
+
+
+def test_layout_counts_and_masks(demo_root):
+    summary = json.loads((demo_root / "demo_dataset.json").read_text())
+    assert len(summary["products"]) >= 2
+    for product, counts in summary["products"].items():
+        base = demo_root / product
+        assert len(list((base / "train" / "good").glob("*.png"))) == counts["train"]
+        for defect, n in counts["test"].items():
+            images = sorted((base / "test" / defect).glob("*.png"))
+            assert len(images) == n > 0
+            if defect == "good":
+                assert not (base / "ground_truth" / "good").exists()
+                continue
+            for image_path in images:
+                mask_path = base / "ground_truth" / defect / f"{image_path.stem}_mask.png"
+                image = np.asarray(Image.open(image_path))
+                mask = np.asarray(Image.open(mask_path))
+                assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+                assert mask.shape == (64, 64) and mask.dtype == np.uint8
+                assert set(np.unique(mask)) == {0, 255}
+                assert 4 <= (mask > 0).sum() <= 0.2 * mask.size  # small to medium
+        assert set(counts["test"]) == {"good", *DEFECT_TYPES}
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
+    kwargs = {"image_size": 48, "n_train": 2, "n_test_good": 1, "n_defects_per_type": 1, "products": ["gravel"]}
+    make_demo_dataset(tmp_path / "a", seed=3, **kwargs)
+    make_demo_dataset(tmp_path / "b", seed=3, **kwargs)
+    make_demo_dataset(tmp_path / "c", seed=4, **kwargs)
+    a, b, c = (_tree_digest(tmp_path / name) for name in "abc")
+    assert a == b
+    assert a.keys() == c.keys()
+    assert all(a[k] != c[k] for k in a)
+
+
+@pytest.mark.parametrize("defect", DEFECT_TYPES)
+@pytest.mark.parametrize("product", sorted(PRODUCTS))
+def test_mask_is_exactly_where_the_image_changed(product, defect):
+    rng = np.random.default_rng(11)
+    clean = texture_patch(_texture(product), 96, rng)
+    defective, mask = draw_defect(clean, defect, rng)
+    changed = np.abs(defective - clean).max(axis=-1) > 0
+    assert not (changed & ~mask).any()  # nothing changes outside the mask
+    assert changed[mask].mean() > 0.95  # and (practically) every mask pixel changed
+    contrast = np.abs(defective - clean)[mask].mean()
+    assert 0.02 < contrast < 0.5
+
+
+def test_defects_are_not_given_away_by_the_image_colour():
+    """A defect image's mean colour stays inside the spread of the normal images' mean colours."""
+    rng = np.random.default_rng(5)
+    texture = _texture("grass")
+    normal_means = np.stack([texture_patch(texture, 96, rng).mean(axis=(0, 1)) for _ in range(40)])
+    low, high = normal_means.min(axis=0), normal_means.max(axis=0)
+    for defect in DEFECT_TYPES:
+        for _ in range(3):
+            image, _ = draw_defect(texture_patch(texture, 96, rng), defect, rng)
+            mean = image.mean(axis=(0, 1))
+            assert np.all(mean >= low - 0.01) and np.all(mean <= high + 0.01), defect
+
+
+def test_bad_arguments_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="unknown demo product"):
+        make_demo_dataset(tmp_path, products=["brick", "marble"])
+    with pytest.raises(ValueError, match="unknown defect type 'dent'"):
+        draw_defect(np.zeros((64, 64, 3), np.float32), "dent", np.random.default_rng(0))
+
+
+def test_cli_writes_the_dataset(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo-data", str(out), "--seed", "2", "--image-size", "40", "--products", "brick,grass"]
+    argv += ["--n-train", "2", "--n-test-good", "1", "--n-defects-per-type", "1"]
+    assert cli_main(argv) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["brick", "grass"]
+    assert Image.open(out / "brick" / "train" / "good" / "001.png").size == (40, 40)
+    assert "brick: 2 train, 6 test images" in capsys.readouterr().out
