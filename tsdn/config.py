@@ -33,7 +33,7 @@ class TSDNConfig:
         w_l2, w_ssim, w_gms, w_mask, w_fne: loss weights lambda_r, lambda_s, lambda_g, lambda_m, lambda_f.
         ssim_window: Gaussian window of the SSIM loss and of the FNE's channel-wise SSIM.
         gms_c: stabilising constant c of the gradient magnitude similarity.
-        score_sigma: std (pixels at S x S) of the Gaussian blur of the score map (paper: unstated).
+        score_sigma: std (pixels at S x S) of the Gaussian blur of the score map, 0 = no blur (paper: unstated).
         fne_hidden: width of the FNE estimator's two hidden FC layers (paper: unstated).
         fne_pool: side P of the adaptive pooling before the FNE flatten; None = S // 32, i.e. the
             identity at the configured input size, so the flatten is exactly the paper's.
@@ -74,9 +74,9 @@ class TSDNConfig:
         for name in ("feature_channels", "n_segments", "n_filled", "fne_hidden"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
         _check(self.n_filled <= self.n_segments, "n_filled", self.n_filled, f"<= n_segments ({self.n_segments})")
-        for name in ("slic_compactness", "lr", "gms_c", "score_sigma"):
+        for name in ("slic_compactness", "lr", "gms_c"):
             _check(getattr(self, name) > 0, name, getattr(self, name), "> 0")
-        for name in ("w_l2", "w_ssim", "w_gms", "w_mask", "w_fne"):
+        for name in ("w_l2", "w_ssim", "w_gms", "w_mask", "w_fne", "score_sigma"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
         _check(self.ssim_window >= 3 and self.ssim_window % 2 == 1, "ssim_window", self.ssim_window, "odd, >= 3")
         _check(self.fne_pool is None or self.fne_pool >= 1, "fne_pool", self.fne_pool, "None or >= 1")

@@ -1,0 +1,132 @@
+"""TSDN module: shapes, gradients, inference path, every ablation."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from tsdn.config import ABLATIONS, TSDNConfig, apply_ablation
+from tsdn.losses import TSDNLoss
+from tsdn.model import TSDN, TSDNOutput
+
+TINY = TSDNConfig(
+    image_size=64, backbone="test_efficientnet", weights="none", feature_channels=8, fne_hidden=16, fne_pool=2
+)
+
+
+def _batch(size=64, n=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    image = torch.rand(n, 3, size, size, generator=gen)
+    mask = torch.zeros(n, 1, size, size)
+    mask[:, :, 8:24, 16:40] = 1.0
+    distorted = torch.where(mask.bool(), torch.rand(n, 3, 1, 1, generator=gen), image)
+    return image, distorted, mask
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return TSDN(TINY)
+
+
+def test_train_forward_shapes_and_ranges(model):
+    model.train()
+    _, distorted, _ = _batch()
+    out = model(distorted)
+    assert isinstance(out, TSDNOutput)
+    assert out.reconstruction.shape == (2, 3, 64, 64)
+    assert out.mask_logits.shape == (2, 1, 64, 64)
+    assert out.weights_logits.shape == out.weights_gt.shape == (2, 8)
+    assert out.features.shape == (2, 8, 2, 2)
+    assert 0 <= out.reconstruction.min() and out.reconstruction.max() <= 1
+    assert 0 <= out.weights_gt.min() and out.weights_gt.max() <= 1
+    assert torch.allclose(out.weights_pred, torch.sigmoid(out.weights_logits))
+    assert torch.allclose(out.mask_pred, torch.sigmoid(out.mask_logits))
+
+
+def test_eval_predict_shapes_and_consistency(model):
+    model.eval()
+    image, _, _ = _batch(size=96, n=3)
+    with torch.no_grad():
+        pred = model.predict(image)
+        forward = model(image)
+    assert pred.anomaly_map.shape == (3, 1, 96, 96)
+    assert pred.anomaly_score.shape == (3,)
+    assert torch.allclose(pred.anomaly_score, pred.anomaly_map.amax(dim=(1, 2, 3)))
+    assert pred.anomaly_map.min() >= 0
+    # The inference path skips DCD_A and W_gt but reconstructs exactly like the training forward.
+    assert torch.equal(pred.reconstruction, forward.reconstruction)
+
+
+def test_channels_last_gives_the_same_prediction(model):
+    model.eval()
+    image, _, _ = _batch()
+    with torch.no_grad():
+        reference = model.predict(image).anomaly_map
+        last = TSDN(TINY)
+        last.load_state_dict(model.state_dict())
+        last = last.eval().to(memory_format=torch.channels_last)
+        result = last.predict(image.contiguous(memory_format=torch.channels_last)).anomaly_map
+    assert torch.allclose(reference, result, atol=1e-5)
+
+
+def test_every_parameter_receives_a_gradient():
+    torch.manual_seed(0)
+    model = TSDN(TINY).train()
+    image, distorted, mask = _batch()
+    total, terms = TSDNLoss(TINY)(model(distorted), image, mask)
+    total.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert missing == []
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    for name in ("encoder", "reduce", "dcd_a", "fne", "dcd_n"):
+        norm = sum(float(p.grad.abs().sum()) for p in getattr(model, name).parameters())
+        assert norm > 0, name
+    assert all(float(v) > 0 for v in terms.values())
+
+
+def test_input_must_match_the_encoder_stride(model):
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model(torch.rand(1, 3, 64, 70))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model(torch.rand(1, 1, 64, 64))
+
+
+def test_normalization_buffers_follow_the_backbone(model):
+    cfg = model.encoder.pretrained_cfg
+    assert model.mean.flatten().tolist() == pytest.approx(list(cfg["mean"]))
+    assert model.std.flatten().tolist() == pytest.approx(list(cfg["std"]))
+    assert {"mean", "std"} <= set(model.state_dict())
+
+
+@pytest.mark.parametrize("name", sorted(ABLATIONS))
+def test_ablation_builds_trains_and_predicts(name):
+    torch.manual_seed(0)
+    cfg = apply_ablation(TINY, name)
+    model = TSDN(cfg).train()
+    assert (model.dcd_a is not None) == cfg.dcd_a and (model.fne is not None) == cfg.fne
+    image, distorted, mask = _batch()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    out = model(distorted if cfg.surf else image)
+    assert (out.mask_logits is not None) == cfg.dcd_a
+    assert (out.weights_logits is not None) == (out.weights_gt is not None) == cfg.fne
+    total, terms = TSDNLoss(cfg)(out, image, mask)
+    assert torch.isfinite(total)
+    assert (float(terms["mask"]) > 0) == cfg.dcd_a and (float(terms["fne"]) > 0) == cfg.fne
+    optimizer.zero_grad()
+    total.backward()
+    before = [p.detach().clone() for p in model.dcd_n.parameters()]
+    optimizer.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.dcd_n.parameters()))
+    model.eval()
+    with torch.no_grad():
+        pred = model.predict(image)
+    assert pred.anomaly_map.shape == (2, 1, 64, 64) and torch.isfinite(pred.anomaly_score).all()
+
+
+def test_skip_switch_changes_the_decoder_inputs():
+    with_skips = TSDN(TINY)
+    without = TSDN(dataclasses.replace(TINY, skip=False))
+    width = with_skips.encoder.feature_info.channels()[-2]
+    assert with_skips.dcd_n.blocks[0].conv[0].in_channels == 2 * width
+    assert without.dcd_n.blocks[0].conv[0].in_channels == width
