@@ -1,0 +1,104 @@
+"""Predictor: any image mode and size in, calibrated detections with maps at the input resolution out."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tsdn.checkpoint import checkpoint_files
+from tsdn.config import TSDNConfig
+from tsdn.model import TSDN
+from tsdn.predict import Detection, Predictor
+from tsdn.scoring import fit_calibration
+
+CFG = TSDNConfig(
+    image_size=64, backbone="test_efficientnet", weights="none", feature_channels=8, fne_hidden=16, fne_pool=2
+)
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    torch.manual_seed(0)
+    return Predictor(TSDN(CFG), fit_calibration([0.2, 0.3, 0.4]), batch_size=2)
+
+
+def _rgb(height, width, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _inputs():
+    rgb = _rgb(37, 53)
+    gray16 = (np.random.default_rng(1).random((70, 45)) * 65535).astype(np.uint16)
+    return [
+        rgb,
+        Image.fromarray(rgb).convert("L"),
+        Image.fromarray(np.dstack([rgb, np.full((37, 53), 255, np.uint8)]), "RGBA"),
+        Image.fromarray(gray16),  # mode I;16
+        gray16,
+        Image.fromarray(_rgb(64, 64, 2)).convert("P"),
+        _rgb(129, 31, 3),
+    ]
+
+
+def test_any_mode_and_size_gives_maps_at_the_input_resolution(predictor):
+    images = _inputs()
+    detections = predictor.predict(images)
+    assert len(detections) == len(images)
+    for image, det in zip(images, detections):
+        height, width = np.asarray(image).shape[:2]
+        assert isinstance(det, Detection)
+        assert det.anomaly_map.shape == (height, width) and det.anomaly_map.dtype == np.float32
+        assert np.isfinite(det.anomaly_map).all() and det.anomaly_map.min() >= 0
+        assert 0.0 <= det.normalized_score <= 1.0
+        assert det.is_anomalous == (det.anomaly_score >= det.threshold)
+        assert det.threshold == predictor.calibration.threshold
+        # Bilinear resizing cannot exceed the network-resolution maximum, which is the raw score.
+        assert det.anomaly_map.max() <= det.anomaly_score + 1e-6
+
+
+def test_opaque_alpha_and_16_bit_inputs_match_their_plain_versions(predictor):
+    images = _inputs()
+    detections = predictor.predict(images)
+    # Equal up to float reassociation: the pairs sit in different batches.
+    assert detections[2].anomaly_score == pytest.approx(detections[0].anomaly_score, rel=1e-5)  # opaque RGBA == RGB
+    assert detections[3].anomaly_score == pytest.approx(detections[4].anomaly_score, rel=1e-5)  # I;16 == uint16
+    np.testing.assert_allclose(detections[2].anomaly_map, detections[0].anomaly_map, rtol=1e-5, atol=1e-7)
+
+
+def test_predict_agrees_with_predict_tensor_and_batching(predictor):
+    images = _inputs()
+    batch = predictor.preprocess(images)
+    assert batch.shape == (len(images), 3, 64, 64) and batch.dtype == torch.float32
+    assert 0 <= batch.min() and batch.max() <= 1
+    pred = predictor.predict_tensor(batch)
+    scores = [d.anomaly_score for d in predictor.predict(images)]
+    one_by_one = Predictor(predictor.model, predictor.calibration, batch_size=1).predict(images)
+    np.testing.assert_allclose(scores, pred.anomaly_score.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(scores, [d.anomaly_score for d in one_by_one], rtol=1e-5)
+
+
+def test_threshold_override(predictor):
+    images = _inputs()[:3]
+    scores = [d.anomaly_score for d in predictor.predict(images)]
+    middle = float(np.median(scores))
+    detections = predictor.predict(images, threshold=middle)
+    assert [d.is_anomalous for d in detections] == [s >= middle for s in scores]
+    assert all(d.threshold == middle for d in detections)
+    assert not any(d.is_anomalous for d in predictor.predict(images, threshold=float("inf")))
+
+
+def test_from_files_predicts_identically(predictor):
+    files = checkpoint_files(predictor.model, predictor.calibration)
+    loaded = Predictor.from_files(files, batch_size=3)
+    images = _inputs()
+    for a, b in zip(predictor.predict(images), loaded.predict(images)):
+        assert a.anomaly_score == b.anomaly_score
+        np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+
+
+def test_empty_and_invalid_inputs(predictor):
+    assert predictor.predict([]) == []
+    with pytest.raises(ValueError, match="non-empty"):
+        predictor.predict_tensor(torch.empty(0, 3, 64, 64))
+    with pytest.raises(ValueError, match="batch_size"):
+        Predictor(predictor.model, predictor.calibration, batch_size=0)
