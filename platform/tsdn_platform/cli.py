@@ -122,5 +122,24 @@ def _ingest(p: argparse.ArgumentParser) -> None:
     _config_args(p)
 
 
+@command("pipeline", "tsdn_platform.pipeline", "ingest -> train -> score for a set of product lines, as one job")
+def _pipeline(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", nargs="?", help="MVTec-style root: a folder or an s3:// prefix")
+    p.add_argument("--store", help="store URI (s3://bucket/prefix or a folder)")
+    p.add_argument("--dataset", help="dataset name")
+    p.add_argument("--products", help="comma-separated product lines (default: all)")
+    p.add_argument("--output", help="score output URI (default <store>/scores/<dataset>-test)")
+    p.add_argument("--report", help="folder for an HTML report of the most anomalous test images")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    _config_args(p)
+
+
+@command("demo", "tsdn_platform.demo", "The embedded default end to end: demo data, ingest, train, score, report")
+def _demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", default=".tsdn/demo", help="where data, store and report go (default .tsdn/demo)")
+    p.add_argument("--seed", type=int, default=0, help="demo dataset seed")
+    p.add_argument("--fresh", action="store_true", help="delete the work folder first")
+
+
 if __name__ == "__main__":
     sys.exit(main())

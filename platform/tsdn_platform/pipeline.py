@@ -1,0 +1,188 @@
+"""ingest -> train -> score for a set of product lines, as one job (``tsdn pipeline``, ``python -m jobs.pipeline``).
+
+The three stages are the same functions the single-stage commands run; this module only threads the
+shared settings through them so that they agree: the ingest resolution and SLIC settings come from the
+training config's model, the score job reads the test split that ingest wrote, and every product line
+that trained is scored by the version the registry holds as best.
+
+Config layout (YAML, ``--set`` overrides with dotted keys)::
+
+    source: s3://bucket/mvtec          # MVTec-style root
+    store: s3://bucket/tsdn            # datasets/, runs/, registry/, scores/
+    dataset: mvtec
+    products: [bottle, cable]          # null = every product of the source
+    train_config: demo                 # preset or file for the training job
+    train: {epochs: 10}                # overrides of the training config
+    ingest: {}                         # overrides of the ingest config
+    score: {batch_size: 16}            # overrides of the score config
+    output: null                       # default <store>/scores/<dataset>-test
+    report_dir: null                   # an HTML report of the most anomalous test images
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tsdn._config_io import from_dict, merge
+from tsdn_platform import store
+from tsdn_platform.config import ConfigError, config_to_yaml, load_config
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PipelineConfig", "PipelineResult", "format_summary", "main", "run_pipeline"]
+
+
+@dataclass
+class PipelineConfig:
+    source: str = ""
+    store: str = ""
+    dataset: str = ""
+    products: list[str] | None = None
+    train_config: str = "demo"
+    train: dict[str, Any] = field(default_factory=dict)
+    ingest: dict[str, Any] = field(default_factory=dict)
+    score: dict[str, Any] = field(default_factory=dict)
+    output: str | None = None
+    report_dir: str | None = None
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("source", "store", "dataset"):
+            if not getattr(self, name):
+                msg = f"PipelineConfig.{name} is required"
+                raise ConfigError(msg)
+
+    def score_output(self) -> str:
+        return self.output or store.join(self.store, "scores", f"{self.dataset}-test")
+
+
+@dataclass
+class PipelineResult:
+    ingest: dict[str, Any]
+    train: dict[str, Any]
+    score: dict[str, Any] | None
+    timings: dict[str, float]
+
+
+def stage_configs(cfg: PipelineConfig) -> tuple[Any, Any]:
+    """The resolved ingest and training configs; ingest takes resolution and SLIC settings from the model."""
+    from tsdn_platform.ingest import IngestConfig
+    from tsdn_platform.train import TrainConfig
+
+    shared = {"store": cfg.store, "dataset": cfg.dataset, "products": cfg.products or "all"}
+    train_cfg = load_config(TrainConfig, cfg.train_config, explicit=merge(cfg.train, shared))
+    model = train_cfg.model
+    ingest_cfg = from_dict(
+        IngestConfig,
+        merge(
+            {
+                "source": cfg.source,
+                "store": cfg.store,
+                "dataset": cfg.dataset,
+                "products": cfg.products,
+                "image_size": model.image_size,
+                "n_segments": model.n_segments,
+                "slic_compactness": model.slic_compactness,
+                "address": cfg.address,
+            },
+            cfg.ingest,
+        ),
+    )
+    return ingest_cfg, train_cfg
+
+
+def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
+    """Ingest the source, train every product line, score the test split of those that trained."""
+    from tsdn_platform.ingest import run_ingest
+    from tsdn_platform.ray_session import init_ray
+    from tsdn_platform.score import ScoreConfig, run_scoring
+    from tsdn_platform.train import run_training
+
+    ingest_cfg, train_cfg = stage_configs(cfg)
+    init_ray(cfg.address)
+    timings: dict[str, float] = {}
+
+    started = time.perf_counter()
+    logger.info("[1/3] ingest %s -> %s", cfg.source, store.join(cfg.store, "datasets", cfg.dataset))
+    index = run_ingest(ingest_cfg)
+    timings["ingest_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    logger.info("[2/3] train %s", ", ".join(index["products"]))
+    results = run_training(train_cfg)
+    timings["train_s"] = time.perf_counter() - started
+    trained = [product for product, result in results.items() if result.ok]
+
+    score_manifest = None
+    if trained:
+        started = time.perf_counter()
+        output = cfg.score_output()
+        logger.info("[3/3] score the test split of %s -> %s", ", ".join(trained), output)
+        score_cfg = from_dict(
+            ScoreConfig,
+            merge(
+                {
+                    "store": cfg.store,
+                    "input": store.join(cfg.store, "datasets", cfg.dataset),
+                    "output": output,
+                    "split": "test",
+                    "versions": {p: results[p].version for p in trained},
+                    "report_dir": cfg.report_dir,
+                },
+                cfg.score,
+            ),
+        )
+        score_manifest = run_scoring(score_cfg)
+        timings["score_s"] = time.perf_counter() - started
+    return PipelineResult(ingest=index, train=results, score=score_manifest, timings=timings)
+
+
+def format_summary(result: PipelineResult) -> str:
+    """Per product line: test metrics measured by the score job, the registered version, scoring speed."""
+    metrics = (result.score or {}).get("metrics", {})
+    images_per_s = (result.score or {}).get("timings", {}).get("images_per_s")
+    header = (
+        f"{'product':<12} {'image AUROC':>11} {'pixel AUROC':>11} {'AUPRO':>7} {'F1-max':>7} {'images/s':>9}  version"
+    )
+    lines = [header, "-" * (len(header) + 20)]
+    for product, trained in result.train.items():
+        if not trained.ok:
+            lines.append(f"{product:<12} training failed: {trained.error}")
+            continue
+        m = metrics.get(product, {})
+        cells = [_fmt(m.get(k)) for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")]
+        lines.append(
+            f"{product:<12} {cells[0]:>11} {cells[1]:>11} {cells[2]:>7} {cells[3]:>7} "
+            f"{_fmt(images_per_s, 1):>9}  {trained.version}"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{float(value):.{digits}f}"
+
+
+def main(args: argparse.Namespace) -> int:
+    products = None if not args.products or args.products == "all" else args.products.split(",")
+    explicit = {
+        "source": args.source,
+        "store": args.store,
+        "dataset": args.dataset,
+        "products": products,
+        "output": args.output,
+        "report_dir": args.report,
+        "address": args.address,
+    }
+    cfg = load_config(PipelineConfig, args.config, args.overrides, explicit=explicit)
+    logger.info("pipeline config:\n%s", config_to_yaml(cfg))
+    result = run_pipeline(cfg)
+    print(format_summary(result))
+    if result.score is not None:
+        print(json.dumps({"scores": cfg.score_output(), "report": result.score.get("report")}, indent=2))
+    failed = [p for p, r in result.train.items() if not r.ok]
+    return 1 if failed or result.score is None else 0
