@@ -1,0 +1,732 @@
+"""Batch scoring with Ray Data: every input image scored by its product line's model, written to Parquet.
+
+Pipeline (one Ray Data job)::
+
+    list inputs (driver)  ->  read bytes + decode (CPU tasks)  ->  Scorer actors (ActorPoolStrategy,
+    Predictor loaded once in __init__)  ->  _ScoreDatasink (Parquet, zstd, one folder per product)
+
+Input is a folder / S3 prefix of raw images (any nesting; the product comes from ``product`` or from a
+path pattern such as ``{product}/**``), or ingested dataset shards (``part-*.parquet``, e.g.
+``<store>/datasets/<dataset>/<product>/test``); with shards, ground truth (``label``, ``mask``) gives
+image/pixel AUROC and AUPRO per product in the manifest.
+
+Output layout (a job "never half-exists")::
+
+    <output>/product=<p>/part-<job>-<task>.parquet
+    <output>/_manifest.json          written last: inputs seen, rows, errors, model versions, config, timings
+    <output>/_staging/<job_id>/...   where the parts are written before they are moved into place
+
+Score rows: ``image_id``, ``source_uri``, ``product``, ``model_version``, ``anomaly_score`` (float64),
+``is_anomalous``, ``threshold``, ``score_map``, ``error`` (null, or why the input could not be scored; its
+score columns are then null). ``score_map`` is Arrow's canonical ``arrow.fixed_shape_tensor`` extension
+with ``value_type=halffloat`` and ``shape=[H, W]`` (``output_map_size``, or the model's input size when
+that is null). Reading it needs pyarrow only::
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table("<output>/product=bottle")                 # or one part file
+    scored = table.filter(pc.is_valid(table["score_map"]))           # error rows hold null maps
+    maps = scored["score_map"].combine_chunks().to_numpy_ndarray()   # (N, H, W) float16
+    # without the extension type registered: the storage is fixed_size_list<halffloat>[H*W]
+    shape = table.schema.field("score_map").type.shape               # [H, W]
+
+Rows whose path matches no ``product_from_path`` pattern have a null product and land in
+``product=__HIVE_DEFAULT_PARTITION__`` (Hive's name for a null partition), with ``error`` set.
+Maps of different products may differ in shape, so read one ``product=<p>`` folder at a time (or
+set ``output_map_size`` so that all share one shape). A product with no registered model has a 1×1
+placeholder map type when ``output_map_size`` is null (all its rows are errors); so has that folder.
+
+Why a custom datasink instead of ``write_parquet(partition_cols=["product"])``: Arrow's partitioned
+writer drops the partition column from the files (a single file would no longer say its product) and
+needs one schema for all partitions, while maps are typed per product.
+
+Ray Data fuses the decode stage into the scorer actors when both ask for the same resources (CPU-only
+actors): the decoded pixels then never cross the object store. With GPU actors the stages differ in
+resources and stay apart, so CPU tasks decode while the GPUs score. Resizing to the network input happens
+inside :meth:`tsdn.predict.Predictor.predict`, the one preprocessing path, so batch scores equal serving
+scores for the same bytes.
+
+Why every scorer actor holds the models of all products in the job: one pool stays busy whatever the
+product mix of the input, and a TSDN is small (Lite0 ~4 M parameters, b5 ~30 M), so tens of product
+lines fit in one actor. Versions are resolved once on the driver, so every actor scores with the
+same version even if ``best.json`` moves during the job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import ray
+import ray.data
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from ray.data import Datasink
+from ray.data.datasource.datasink import WriteResult
+
+from tsdn._config_io import to_dict
+from tsdn.image import ImageDecodeError, decode_image, to_rgb
+from tsdn_platform import store
+from tsdn_platform.config import load_config
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SCORE_COLUMNS", "ScoreConfig", "ScoreDatasink", "main", "output_schema", "resize_map", "run_scoring"]
+
+SCORE_COLUMNS = (
+    "image_id",
+    "source_uri",
+    "product",
+    "model_version",
+    "anomaly_score",
+    "is_anomalous",
+    "threshold",
+    "score_map",
+    "error",
+)
+MANIFEST = "_manifest.json"
+STAGING = "_staging"
+_SHARD_PATTERN = re.compile(r"(^|/)part-[^/]*\.parquet$")
+# Columns of an ingested shard that scoring reads; ground truth is read separately for the metrics.
+_SHARD_COLUMNS = ["image_id", "product", "image"]
+_MAX_ERROR_SAMPLES = 20
+# Folder of rows whose path matched no product pattern (product null), named as Hive does null partitions.
+UNROUTED = "__HIVE_DEFAULT_PARTITION__"
+
+
+@dataclass
+class ScoreConfig:
+    """A batch-scoring job. ``num_actors`` is the (min, max) size of the scorer actor pool."""
+
+    store: str = ""
+    input: str = ""
+    output: str = ""
+    product: str | None = None
+    product_from_path: str | None = None
+    version: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    split: str | None = None
+    batch_size: int = 16
+    num_actors: tuple[int, int] = (1, 1)
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    output_map_size: int | None = 64
+    max_image_pixels: int = 64_000_000
+    min_rows_per_file: int = 1024
+    report_dir: str | None = None
+    report_top_n: int = 16
+    job_id: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("store", "input", "output"):
+            if not getattr(self, name):
+                msg = f"{name} is required"
+                raise ValueError(msg)
+        if self.product and self.product_from_path:
+            msg = f"product={self.product!r} and product_from_path={self.product_from_path!r} exclude each other"
+            raise ValueError(msg)
+        if self.product_from_path is not None:
+            _path_regex(self.product_from_path)
+        if self.batch_size < 1 or self.min_rows_per_file < 1 or self.report_top_n < 1:
+            msg = "batch_size, min_rows_per_file and report_top_n must be >= 1"
+            raise ValueError(msg)
+        low, high = self.num_actors
+        if not 1 <= low <= high:
+            msg = f"num_actors={list(self.num_actors)}: expected [min, max] with 1 <= min <= max"
+            raise ValueError(msg)
+        if self.num_cpus_per_actor < 0 or self.num_gpus_per_actor < 0:
+            msg = "num_cpus_per_actor and num_gpus_per_actor must be >= 0"
+            raise ValueError(msg)
+        if self.output_map_size is not None and self.output_map_size < 1:
+            msg = f"output_map_size={self.output_map_size}: expected a positive size or null (model size)"
+            raise ValueError(msg)
+        if self.max_image_pixels < 1:
+            msg = f"max_image_pixels={self.max_image_pixels}: expected >= 1"
+            raise ValueError(msg)
+        if self.job_id is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", self.job_id):
+            msg = f"job_id={self.job_id!r}: use letters, digits, '.', '_' and '-' only"
+            raise ValueError(msg)
+
+
+@dataclass
+class _Inputs:
+    """What the driver found under ``cfg.input``: one item per image, and the shard files if ingested."""
+
+    kind: str  # "images" or "ingested"
+    items: list[dict[str, Any]]  # image_id, source_uri, product (None when unknown)
+    shard_files: list[str]
+    has_ground_truth: bool
+
+
+# --- input listing --------------------------------------------------------------------------------
+
+
+def _path_regex(pattern: str) -> re.Pattern[str]:
+    """``"{product}/**"`` -> a regex with a ``product`` group over paths relative to the input."""
+    if pattern.count("{product}") != 1:
+        msg = f"product_from_path={pattern!r}: expected exactly one '{{product}}'"
+        raise ValueError(msg)
+    out = []
+    for token in re.split(r"(\{product\}|\*\*/?|\*|\?)", pattern):
+        if token == "{product}":
+            out.append(r"(?P<product>[^/]+)")
+        elif token in ("**", "**/"):
+            out.append(r"(?:.*/)?" if token == "**/" else r".*")
+        elif token == "*":
+            out.append(r"[^/]*")
+        elif token == "?":
+            out.append(r"[^/]")
+        else:
+            out.append(re.escape(token))
+    return re.compile("".join(out) + r"\Z")
+
+
+def _relative(uri: str, root: str) -> str:
+    return uri[len(root) :].lstrip("/") if uri.startswith(root) else uri
+
+
+def _is_hidden(relative_path: str) -> bool:
+    return any(part.startswith((".", "_")) for part in relative_path.split("/"))
+
+
+def _list_inputs(cfg: ScoreConfig) -> _Inputs:
+    root = cfg.input.rstrip("/")
+    files = sorted(f for f in store.list_files(root, recursive=True) if not _is_hidden(_relative(f, root)))
+    if not files:
+        msg = f"{cfg.input}: no input files"
+        raise ValueError(msg)
+    shards = [f for f in files if _SHARD_PATTERN.search(_relative(f, root))]
+    if shards:
+        return _list_shards(cfg, shards)
+    if cfg.product is None and cfg.product_from_path is None:
+        msg = f"{cfg.input}: raw images need product or product_from_path to choose a model"
+        raise ValueError(msg)
+    regex = _path_regex(cfg.product_from_path) if cfg.product_from_path else None
+    items = []
+    for uri in files:
+        rel = _relative(uri, root)
+        product = cfg.product
+        if regex is not None:
+            match = regex.match(rel)
+            product = match.group("product") if match else None
+        items.append({"image_id": rel, "source_uri": uri, "product": product})
+    return _Inputs("images", items, [], has_ground_truth=False)
+
+
+def _open_shards(shards: list[str]) -> pads.Dataset:
+    fs, _ = store.resolve(shards[0])
+    return pads.dataset([store.resolve(s)[1] for s in shards], format="parquet", filesystem=fs)
+
+
+def _split_filter(cfg: ScoreConfig, dataset: pads.Dataset) -> pc.Expression | None:
+    if cfg.split is None:
+        return None
+    if "split" not in dataset.schema.names:
+        msg = f"{cfg.input}: split={cfg.split!r} given but the shards have no 'split' column"
+        raise ValueError(msg)
+    return pc.field("split") == cfg.split
+
+
+def _list_shards(cfg: ScoreConfig, shards: list[str]) -> _Inputs:
+    dataset = _open_shards(shards)
+    missing = sorted(set(_SHARD_COLUMNS) - set(dataset.schema.names))
+    if missing:
+        msg = f"{cfg.input}: shards lack column(s) {', '.join(missing)}"
+        raise ValueError(msg)
+    table = dataset.to_table(columns=["image_id", "product"], filter=_split_filter(cfg, dataset))
+    if cfg.product is not None:
+        table = table.filter(pc.field("product") == cfg.product)
+    items = [{"image_id": row["image_id"], "source_uri": None, "product": row["product"]} for row in table.to_pylist()]
+    if not items:
+        msg = f"{cfg.input}: no shard rows match split={cfg.split!r} product={cfg.product!r}"
+        raise ValueError(msg)
+    return _Inputs("ingested", items, shards, has_ground_truth="label" in dataset.schema.names)
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Models:
+    """Per product: the pinned version and map shape, or why the product cannot be scored."""
+
+    versions: dict[str, str]
+    shapes: dict[str, tuple[int, int]]
+    unavailable: dict[str, str]
+
+
+def _resolve_models(cfg: ScoreConfig, products: Iterable[str]) -> _Models:
+    from tsdn_platform.registry import Registry, UnknownProductError
+
+    registry = Registry(cfg.store)
+    models = _Models({}, {}, {})
+    for product in sorted(set(products)):
+        # A pinned version that does not exist fails the job (UnknownVersionError): the user asked for it.
+        try:
+            predictor, ref = registry.load_predictor(product, cfg.versions.get(product, cfg.version))
+        except UnknownProductError as exc:
+            models.unavailable[product] = str(exc)
+            continue
+        size = cfg.output_map_size or predictor.image_size
+        models.versions[product] = ref.version
+        models.shapes[product] = (size, size)
+    placeholder = (cfg.output_map_size or 1,) * 2
+    for product in [*models.unavailable, UNROUTED]:
+        models.shapes[product] = placeholder
+    return models
+
+
+def _job_id(cfg: ScoreConfig, inputs: _Inputs, models: _Models) -> str:
+    """Same inputs, models and result-shaping config -> same id, so a rerun replaces its own output."""
+    digest = hashlib.sha256()
+    key = {
+        "input": cfg.input.rstrip("/"),
+        "items": [(i["image_id"], i["product"]) for i in inputs.items],
+        "versions": models.versions,
+        "product": cfg.product,
+        "product_from_path": cfg.product_from_path,
+        "split": cfg.split,
+        "output_map_size": cfg.output_map_size,
+        "max_image_pixels": cfg.max_image_pixels,
+    }
+    digest.update(json.dumps(key, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+# --- Ray stages -----------------------------------------------------------------------------------
+
+_DECODED_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("product", pa.string()),
+        ("pixels", pa.large_binary()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("error", pa.string()),
+    ]
+)
+_SCORED_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("product", pa.string()),
+        ("model_version", pa.string()),
+        ("anomaly_score", pa.float64()),
+        ("is_anomalous", pa.bool_()),
+        ("threshold", pa.float64()),
+        ("score_map", pa.large_binary()),  # raw float16 bytes; typed per product by the datasink
+        ("error", pa.string()),
+    ]
+)
+
+
+def _decode_batch(batch: pa.Table, unavailable: Mapping[str, str], max_pixels: int) -> pa.Table:
+    """Read (raw inputs) and decode one batch into RGB pixels; failures become rows with ``error`` set.
+
+    Output ``pixels``: ``(height, width, 3)`` uint8, row-major bytes.
+    """
+    rows = batch.to_pylist()
+    out: dict[str, list[Any]] = {name: [] for name in _DECODED_SCHEMA.names}
+    for row in rows:
+        uri = row["source_uri"]
+        product = row["product"]
+        pixels, height, width, error = None, None, None, None
+        if product is None:
+            error = f"{uri}: path does not match the product pattern"
+        elif product in unavailable:
+            error = f"{uri}: {unavailable[product]}"
+        else:
+            try:
+                data = row["image"] if "image" in row else store.read_bytes(uri)
+                rgb, _ = to_rgb(decode_image(data, uri, max_pixels))
+                height, width = rgb.shape[:2]
+                pixels = np.ascontiguousarray(rgb).tobytes()
+            except (ImageDecodeError, store.StoreError, OSError) as exc:
+                error = str(exc)
+        for name, value in zip(
+            _DECODED_SCHEMA.names, (row["image_id"], uri, product, pixels, height, width, error), strict=True
+        ):
+            out[name].append(value)
+    return pa.table(out, schema=_DECODED_SCHEMA)
+
+
+def resize_map(anomaly_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``anomaly_map``: (H, W) float -> (h, w) float16, bilinear with antialiasing when shrinking."""
+    if tuple(anomaly_map.shape) != tuple(shape):
+        tensor = torch.from_numpy(np.asarray(anomaly_map, dtype=np.float32))[None, None]
+        anomaly_map = F.interpolate(tensor, size=shape, mode="bilinear", antialias=True, align_corners=False)[0, 0]
+        anomaly_map = anomaly_map.numpy()
+    return np.asarray(anomaly_map, dtype=np.float16)
+
+
+class _Scorer:
+    """Scorer actor: loads every product's pinned Predictor once, then scores decoded batches."""
+
+    def __init__(
+        self,
+        store_uri: str,
+        versions: Mapping[str, str],
+        shapes: Mapping[str, tuple[int, int]],
+        batch_size: int,
+        device: str | None,
+    ) -> None:
+        from tsdn_platform.registry import Registry
+
+        registry = Registry(store_uri)
+        self._predictors = {p: registry.load_predictor(p, v, device=device)[0] for p, v in versions.items()}
+        for predictor in self._predictors.values():
+            predictor.batch_size = batch_size  # one forward pass per product per Ray Data batch
+        self._versions = dict(versions)
+        self._shapes = {p: tuple(s) for p, s in shapes.items()}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        by_product: dict[str, list[int]] = defaultdict(list)
+        for i, row in enumerate(rows):
+            if row["error"] is None:
+                by_product[row["product"]].append(i)
+        results: dict[int, Any] = {}
+        for product, indices in by_product.items():
+            images = [
+                np.frombuffer(bytearray(rows[i]["pixels"]), np.uint8).reshape(rows[i]["height"], rows[i]["width"], 3)
+                for i in indices
+            ]
+            detections = self._predictors[product].predict(images)
+            results.update(zip(indices, detections, strict=True))
+        out: dict[str, list[Any]] = {name: [] for name in _SCORED_SCHEMA.names}
+        for i, row in enumerate(rows):
+            det = results.get(i)
+            version = self._versions.get(row["product"])
+            values = (
+                row["image_id"],
+                row["source_uri"],
+                row["product"],
+                version,
+                None if det is None else float(det.anomaly_score),
+                None if det is None else bool(det.is_anomalous),
+                None if det is None else float(det.threshold),
+                None if det is None else resize_map(det.anomaly_map, self._shapes[row["product"]]).tobytes(),
+                row["error"],
+            )
+            for name, value in zip(_SCORED_SCHEMA.names, values, strict=True):
+                out[name].append(value)
+        return pa.table(out, schema=_SCORED_SCHEMA)
+
+
+def score_map_type(shape: tuple[int, int]) -> pa.DataType:
+    """The ``score_map`` column type: ``arrow.fixed_shape_tensor<halffloat>[H, W]``."""
+    return pa.fixed_shape_tensor(pa.float16(), list(shape))
+
+
+def output_schema(shape: tuple[int, int]) -> pa.Schema:
+    """The score-row schema for a product whose maps are ``shape`` (H, W)."""
+    fields = [f for f in _SCORED_SCHEMA]
+    index = _SCORED_SCHEMA.get_field_index("score_map")
+    fields[index] = pa.field("score_map", score_map_type(shape))
+    return pa.schema(fields)
+
+
+def _typed_maps(column: pa.ChunkedArray, shape: tuple[int, int]) -> pa.ExtensionArray:
+    """Raw float16 bytes (null for error rows) -> a fixed-shape tensor array (null where no map)."""
+    size = shape[0] * shape[1]
+    raw = column.to_pylist()
+    values = np.zeros((len(raw), size), np.float16)
+    for i, data in enumerate(raw):
+        if data is not None:
+            values[i] = np.frombuffer(data, np.float16)
+    mask = pa.array([data is None for data in raw], pa.bool_())
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), size, mask=mask)
+    return pa.ExtensionArray.from_storage(score_map_type(shape), storage)
+
+
+class ScoreDatasink(Datasink):
+    """Writes each write task's rows to ``<staging>/product=<p>/part-<job>-<task>.parquet`` (zstd).
+
+    ``results`` (on the driver, after the write): one dict per file with ``product``, ``file``, ``rows``,
+    ``errors`` and a few ``error_samples``.
+    """
+
+    def __init__(self, staging: str, job_id: str, shapes: Mapping[str, tuple[int, int]], min_rows: int) -> None:
+        self._staging = staging
+        self._job_id = job_id
+        self._shapes = {p: tuple(s) for p, s in shapes.items()}
+        self._min_rows = min_rows
+        self.results: list[dict[str, Any]] = []
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self._min_rows
+
+    def write(self, blocks: Iterable[pa.Table], ctx: Any) -> list[dict[str, Any]]:
+        tables = [b for b in blocks if b.num_rows]
+        if not tables:
+            return []
+        table = pa.concat_tables(tables)
+        written = []
+        unrouted = pc.is_null(table["product"])
+        for product in sorted({p or UNROUTED for p in table["product"].to_pylist()}):
+            # equal() is null for null products, and filter() drops null selections
+            part = table.filter(unrouted if product == UNROUTED else pc.equal(table["product"], product))
+            shape = self._shapes[product]
+            maps = _typed_maps(part["score_map"], shape)
+            part = part.set_column(part.schema.get_field_index("score_map"), "score_map", maps)
+            part = part.cast(output_schema(shape))
+            name = f"part-{self._job_id}-{ctx.task_idx:05d}.parquet"
+            uri = store.join(self._staging, f"product={product}", name)
+            buffer = pa.BufferOutputStream()
+            pq.write_table(part, buffer, compression="zstd")
+            store.write_bytes(uri, buffer.getvalue().to_pybytes())
+            errors = part.filter(pc.is_valid(part["error"]))["error"].to_pylist()
+            written.append(
+                {
+                    "product": product,
+                    "file": uri,
+                    "rows": part.num_rows,
+                    "errors": len(errors),
+                    "error_samples": errors[:_MAX_ERROR_SAMPLES],
+                }
+            )
+        return written
+
+    def on_write_complete(self, write_result: WriteResult) -> None:
+        self.results = [r for returned in write_result.write_returns for r in returned]
+
+
+def _select_shard_rows(batch: pa.Table, uris: Mapping[str, str], split: str | None, product: str | None) -> pa.Table:
+    """Ingested shard rows -> the decode stage's input; ``source_uri`` = ``<shard uri>#<image_id>``."""
+    if split is not None:
+        batch = batch.filter(pc.field("split") == split)
+    if product is not None:
+        batch = batch.filter(pc.field("product") == product)
+    sources = [f"{uris[path]}#{image_id}" for path, image_id in zip(batch["path"].to_pylist(), batch["image_id"])]
+    return pa.table(
+        {
+            "image_id": batch["image_id"],
+            "source_uri": pa.array(sources, pa.string()),
+            "product": batch["product"],
+            "image": batch["image"],
+        }
+    )
+
+
+def _build_dataset(cfg: ScoreConfig, inputs: _Inputs, models: _Models) -> ray.data.Dataset:
+    if inputs.kind == "ingested":
+        fs, _ = store.resolve(inputs.shard_files[0])
+        paths = {store.resolve(uri)[1]: uri for uri in inputs.shard_files}
+        columns = _SHARD_COLUMNS + (["split"] if cfg.split is not None else [])
+        ds = ray.data.read_parquet(
+            list(paths), filesystem=fs, columns=columns, include_paths=True, partitioning=None
+        ).map_batches(
+            _select_shard_rows,
+            fn_kwargs={"uris": paths, "split": cfg.split, "product": cfg.product},
+            batch_format="pyarrow",
+            batch_size=cfg.batch_size,
+        )
+    else:
+        blocks = max(1, min(len(inputs.items) // cfg.batch_size, 1000))
+        ds = ray.data.from_items(inputs.items, override_num_blocks=blocks)
+    low, high = cfg.num_actors
+    return ds.map_batches(
+        _decode_batch,
+        fn_kwargs={"unavailable": models.unavailable, "max_pixels": cfg.max_image_pixels},
+        batch_format="pyarrow",
+        batch_size=cfg.batch_size,
+    ).map_batches(
+        _Scorer,
+        fn_constructor_kwargs={
+            "store_uri": cfg.store,
+            "versions": models.versions,
+            "shapes": models.shapes,
+            "batch_size": cfg.batch_size,
+            "device": "cuda" if cfg.num_gpus_per_actor > 0 else None,
+        },
+        batch_format="pyarrow",
+        batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+        num_cpus=cfg.num_cpus_per_actor,
+        num_gpus=cfg.num_gpus_per_actor,
+    )
+
+
+# --- metrics, commit, entry points ----------------------------------------------------------------
+
+
+def _read_mask(data: bytes | None, name: str, shape: tuple[int, int]) -> np.ndarray:
+    """Ground-truth mask PNG (or None: a normal image) -> (H, W) {0, 1} uint8 at the score-map size."""
+    if data is None:
+        return np.zeros(shape, np.uint8)
+    mask = decode_image(data, name).convert("L").resize((shape[1], shape[0]), Image.NEAREST)
+    return (np.asarray(mask) > 0).astype(np.uint8)
+
+
+def _ground_truth_metrics(
+    cfg: ScoreConfig, inputs: _Inputs, results: list[dict[str, Any]], models: _Models
+) -> dict[str, dict[str, Any]]:
+    """Image/pixel AUROC and AUPRO per product, at the score-map resolution, over rows without errors."""
+    from tsdn.metrics import evaluate
+
+    dataset = _open_shards(inputs.shard_files)
+    columns = ["image_id", "product", "label"] + (["mask"] if "mask" in dataset.schema.names else [])
+    truth = {
+        (row["product"], row["image_id"]): row
+        for row in dataset.to_table(columns=columns, filter=_split_filter(cfg, dataset)).to_pylist()
+    }
+    metrics: dict[str, dict[str, Any]] = {}
+    for product, shape in sorted(models.shapes.items()):
+        files = [r["file"] for r in results if r["product"] == product and r["rows"] > r["errors"]]
+        if product not in models.versions or not files:
+            continue
+        table = pa.concat_tables(_read_table(uri, ["image_id", "anomaly_score", "score_map"]) for uri in files)
+        table = table.filter(pc.is_valid(table["score_map"]))
+        rows = [truth[(product, image_id)] for image_id in table["image_id"].to_pylist()]
+        labels = np.array([row["label"] for row in rows], np.int64)
+        if len(set(labels.tolist())) < 2:
+            metrics[product] = {"images": len(rows), "note": "needs both normal and anomalous images"}
+            continue
+        maps = table["score_map"].combine_chunks().to_numpy_ndarray().astype(np.float32)
+        masks = np.stack([_read_mask(row.get("mask"), f"{product}/{row['image_id']}:mask", shape) for row in rows])
+        scores = table["anomaly_score"].to_numpy()
+        result = evaluate(labels, scores, masks=masks, maps=maps)
+        metrics[product] = {"images": len(rows), **{k: float(v) for k, v in result.items()}}
+    return metrics
+
+
+def _read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = store.resolve(uri)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def _clear_output(output: str) -> None:
+    """Remove a previous job's manifest (first: ``output`` then reads as not committed) and its parts."""
+    manifest_uri = store.join(output, MANIFEST)
+    if store.exists(manifest_uri):
+        store.delete(manifest_uri)
+    root = output.rstrip("/")
+    for uri in store.list_files(root, recursive=True):
+        if _relative(uri, root).startswith("product="):
+            store.delete(uri)
+
+
+def _move_into_place(output: str, staging: str, results: list[dict[str, Any]]) -> list[str]:
+    """Move the staged parts under ``output``; returns their paths relative to ``output``."""
+    moved = []
+    for entry in results:
+        relative = _relative(entry["file"], staging.rstrip("/"))
+        store.move(entry["file"], store.join(output, relative))
+        moved.append(relative)
+    return moved
+
+
+def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
+    """Score every input of ``cfg`` and commit ``<output>/product=<p>/part-*.parquet`` + ``_manifest.json``.
+
+    Returns the manifest (with ``report`` added when ``cfg.report_dir`` is set).
+    """
+    from tsdn_platform.ray_session import init_ray
+
+    init_ray()
+    started = time.perf_counter()
+    inputs = _list_inputs(cfg)
+    models = _resolve_models(cfg, {i["product"] for i in inputs.items if i["product"] is not None})
+    job_id = cfg.job_id or _job_id(cfg, inputs, models)
+    staging = store.join(cfg.output, STAGING, job_id)
+    store.delete(staging, recursive=True)  # what a crashed attempt of this same job left
+    listed = time.perf_counter()
+    logger.info("scoring %d %s inputs, job %s, models %s", len(inputs.items), inputs.kind, job_id, models.versions)
+
+    sink = ScoreDatasink(staging, job_id, models.shapes, cfg.min_rows_per_file)
+    _build_dataset(cfg, inputs, models).write_datasink(sink)
+    scored = time.perf_counter()
+    results = sorted(sink.results, key=lambda r: r["file"])
+    rows = sum(r["rows"] for r in results)
+    if rows != len(inputs.items):
+        msg = f"{cfg.input}: {len(inputs.items)} inputs but {rows} rows written to {staging}; not committing"
+        raise RuntimeError(msg)
+    metrics = _ground_truth_metrics(cfg, inputs, results, models) if inputs.has_ground_truth else None
+    measured = time.perf_counter()
+
+    _clear_output(cfg.output)
+    files = _move_into_place(cfg.output, staging, results)
+    products: dict[str, dict[str, Any]] = {}
+    for product in sorted({r["product"] for r in results}):
+        mine = [(r, f) for r, f in zip(results, files) if r["product"] == product]
+        products[product] = {
+            "rows": sum(r["rows"] for r, _ in mine),
+            "errors": sum(r["errors"] for r, _ in mine),
+            "model_version": models.versions.get(product),
+            "map_shape": list(models.shapes[product]),
+            "files": [f for _, f in mine],
+        }
+    manifest: dict[str, Any] = {
+        "job_id": job_id,
+        "status": "committed",
+        "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "input": {"uri": cfg.input, "kind": inputs.kind, "inputs_seen": len(inputs.items)},
+        "rows_written": rows,
+        "errors": sum(r["errors"] for r in results),
+        "error_samples": [e for r in results for e in r["error_samples"]][:_MAX_ERROR_SAMPLES],
+        "products": products,
+        "model_versions": models.versions,
+        "unavailable_products": models.unavailable,
+        "score_map": {"extension": "arrow.fixed_shape_tensor", "value_type": "float16"},
+        "config": to_dict(dataclasses.replace(cfg, job_id=job_id)),
+        "timings": {
+            "list_s": round(listed - started, 3),
+            "score_s": round(scored - listed, 3),
+            "metrics_s": round(measured - scored, 3),
+            "total_s": round(time.perf_counter() - started, 3),
+            "images_per_s": round(len(inputs.items) / max(scored - listed, 1e-9), 3),
+        },
+    }
+    if metrics is not None:
+        manifest["metrics"] = metrics
+    store.write_json(store.join(cfg.output, MANIFEST), manifest)  # last: this commits the job
+    store.delete(staging, recursive=True)
+    logger.info("committed %d rows (%d errors) to %s", rows, manifest["errors"], cfg.output)
+    if cfg.report_dir:
+        from tsdn_platform.report import write_report
+
+        title = f"TSDN scores: {cfg.input}"
+        manifest["report"] = str(write_report(cfg.output, cfg.report_dir, top_n=cfg.report_top_n, title=title))
+    return manifest
+
+
+def main(args: argparse.Namespace) -> int:
+    """``tsdn score``: resolve the config, run the job, print the manifest summary."""
+    cfg = load_config(
+        ScoreConfig,
+        args.config,
+        args.overrides,
+        explicit={
+            "store": args.store,
+            "input": args.input,
+            "output": args.output,
+            "product": args.product,
+            "product_from_path": args.product_from_path,
+            "version": args.version,
+            "report_dir": args.report,
+            "report_top_n": args.report_top_n,
+        },
+    )
+    manifest = run_scoring(cfg)
+    summary = {k: manifest[k] for k in ("job_id", "rows_written", "errors", "model_versions", "timings")}
+    summary.update({k: manifest[k] for k in ("metrics", "report") if k in manifest})
+    print(json.dumps(summary, indent=2))
+    return 0

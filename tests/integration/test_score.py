@@ -1,0 +1,331 @@
+"""Batch scoring on a local Ray cluster against SeaweedFS: rows, scores, errors, idempotence, routing, pins.
+
+Three Ray Data jobs in all (each costs seconds on 2 cores): raw images routed by path pattern (run twice,
+for idempotence), and an ingested test split with a pinned version, ground truth and a report.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from tsdn.checkpoint import checkpoint_files
+from tsdn.config import TSDNConfig
+from tsdn.image import decode_image, to_rgb
+from tsdn.model import TSDN
+from tsdn.scoring import fit_calibration
+from tsdn_platform import store
+from tsdn_platform.config import ConfigError, load_config
+from tsdn_platform.registry import Registry
+from tsdn_platform.score import MANIFEST, STAGING, ScoreConfig, _path_regex, resize_map, run_scoring
+
+SIZE = 64
+MAP = 32
+
+
+def _png(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _texture(seed: int, height: int, width: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = 128 + 60 * np.sin(xx / 5.0 + seed)[..., None] * np.cos(yy / 7.0)[..., None]
+    return np.clip(base + rng.normal(0, 10, (height, width, 3)), 0, 255).astype(np.uint8)
+
+
+def _register(registry: Registry, product: str, version: str, seed: int, promote: str) -> None:
+    torch.manual_seed(seed)
+    model = TSDN(TSDNConfig(backbone="test_efficientnet", weights="none", image_size=SIZE))
+    calibration = fit_calibration(np.array([0.05, 0.1, 0.15]) * (seed + 1))
+    metrics = {"test": {"image_auroc": 0.5}, "run_id": f"{product}-{version}"}
+    registry.register(product, checkpoint_files(model, calibration), metrics, promote=promote, version=version)
+
+
+@pytest.fixture(scope="module")
+def world(s3, ray_local):
+    """A registry (alpha: v1 best + v2; beta: b1) and an input prefix of good, bad and unroutable files."""
+    root = s3.uri("score")
+    registry = Registry(store.join(root, "store"))
+    _register(registry, "alpha", "v1", seed=0, promote="always")
+    _register(registry, "alpha", "v2", seed=1, promote="never")
+    _register(registry, "beta", "b1", seed=2, promote="always")
+    good = {
+        "alpha/a0.png": _png(_texture(0, 64, 64)),
+        "alpha/line1/a1.png": _png(_texture(1, 72, 80)),
+        "alpha/line1/deep/a2.jpg": _png(_texture(2, 96, 96), "JPEG"),
+        "beta/b0.png": _png(_texture(3, 64, 64)),
+        "beta/b1.png": _png(_texture(4, 80, 64)),
+    }
+    truncated = _png(_texture(5, 64, 64))
+    bad = {
+        "alpha/corrupt.png": np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes(),
+        "alpha/truncated.png": truncated[: len(truncated) // 2],
+        "beta/notes.txt": b"operator notes, not an image",
+        "gamma/g0.png": _png(_texture(6, 64, 64)),  # no model for gamma
+        "loose.png": _png(_texture(7, 64, 64)),  # matches no {product}/** path
+    }
+    for name, data in {**good, **bad}.items():
+        store.write_bytes(store.join(root, "images", name), data)
+    return {"root": root, "registry": registry, "good": good, "bad": bad}
+
+
+@pytest.fixture(scope="module")
+def routed(world):
+    """The raw-image job, run twice with the same config: (first manifest, second manifest, config)."""
+    cfg = ScoreConfig(
+        store=store.join(world["root"], "store"),
+        input=store.join(world["root"], "images"),
+        output=store.join(world["root"], "scores"),
+        product_from_path="{product}/**",
+        output_map_size=MAP,
+        batch_size=4,
+        min_rows_per_file=1,
+    )
+    first = run_scoring(cfg)
+    files_after_first = store.list_files(cfg.output)
+    second = run_scoring(cfg)
+    return {"cfg": cfg, "first": first, "second": second, "files_after_first": files_after_first}
+
+
+def _read_output(output: str) -> pa.Table:
+    """Every score row, maps dropped (their shape may differ by product)."""
+    tables = []
+    for uri in store.list_files(output, suffixes=(".parquet",)):
+        fs, path = store.resolve(uri)
+        tables.append(pq.read_table(path, filesystem=fs).drop_columns(["score_map"]))
+    return pa.concat_tables(tables)
+
+
+def _expected(registry: Registry, product: str, version: str, data: bytes, name: str):
+    predictor, _ = registry.load_predictor(product, version)
+    rgb, _ = to_rgb(decode_image(data, name))
+    return predictor.predict([rgb])[0]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_rows_equal_inputs_and_scores_equal_the_in_process_predictor(world, routed):
+    table = _read_output(routed["cfg"].output)
+    rows = {r["image_id"]: r for r in table.to_pylist()}
+    assert sorted(rows) == sorted([*world["good"], *world["bad"]])
+    assert table.column_names == [
+        "image_id",
+        "source_uri",
+        "product",
+        "model_version",
+        "anomaly_score",
+        "is_anomalous",
+        "threshold",
+        "error",
+    ]
+    versions = {"alpha": "v1", "beta": "b1"}  # best of each product: v2 was never promoted
+    for name, data in world["good"].items():
+        row = rows[name]
+        product = name.split("/")[0]
+        assert row["error"] is None
+        assert row["product"] == product
+        assert row["model_version"] == versions[product]
+        assert row["source_uri"] == store.join(world["root"], "images", name)
+        det = _expected(world["registry"], product, versions[product], data, name)
+        assert row["anomaly_score"] == pytest.approx(det.anomaly_score, rel=1e-5)
+        assert row["threshold"] == pytest.approx(det.threshold)
+        assert row["is_anomalous"] == det.is_anomalous
+    manifest = routed["first"]
+    assert manifest["rows_written"] == manifest["input"]["inputs_seen"] == len(rows)
+    assert manifest["model_versions"] == versions
+    assert manifest["products"]["alpha"]["rows"] == 5
+    assert manifest["config"]["product_from_path"] == "{product}/**"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_corrupt_wrong_type_and_unroutable_files_become_error_rows(world, routed):
+    rows = {r["image_id"]: r for r in _read_output(routed["cfg"].output).to_pylist()}
+    for name in world["bad"]:
+        row = rows[name]
+        assert row["error"], name
+        assert row["anomaly_score"] is None and row["is_anomalous"] is None and row["threshold"] is None
+        assert name in row["error"]  # the message names the input
+    assert "gamma" in rows["gamma/g0.png"]["error"] and rows["gamma/g0.png"]["model_version"] is None
+    assert "pattern" in rows["loose.png"]["error"]
+    manifest = routed["first"]
+    assert manifest["errors"] == len(world["bad"])
+    assert set(manifest["unavailable_products"]) == {"gamma"}
+    assert sum(p["errors"] for p in manifest["products"].values()) == len(world["bad"])
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_score_maps_round_trip_through_pyarrow_alone(world, routed, tmp_path):
+    """The module docstring's recipe, in a process that never imports Ray."""
+    folder = store.join(routed["cfg"].output, "product=alpha")
+    script = textwrap.dedent(
+        """
+        import json, sys
+        import numpy as np
+        import pyarrow.compute as pc
+        import pyarrow.fs
+        import pyarrow.parquet as pq
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(sys.argv[1])
+        table = pq.read_table(path, filesystem=fs)
+        scored = table.filter(pc.is_valid(table["score_map"]))
+        maps = scored["score_map"].combine_chunks().to_numpy_ndarray()
+        np.save(sys.argv[2], maps)
+        json.dump({"ids": scored["image_id"].to_pylist(), "shape": table.schema.field("score_map").type.shape,
+                   "ray": "ray" in sys.modules}, open(sys.argv[3], "w"))
+        """
+    )
+    maps_path, meta_path = tmp_path / "maps.npy", tmp_path / "meta.json"
+    subprocess.run([sys.executable, "-c", script, folder, maps_path, meta_path], check=True, timeout=120)
+    maps, meta = np.load(maps_path), json.loads(meta_path.read_text())
+    assert meta["ray"] is False
+    assert meta["shape"] == [MAP, MAP]
+    assert maps.dtype == np.float16 and maps.shape == (3, MAP, MAP)
+    for image_id, got in zip(meta["ids"], maps):
+        det = _expected(world["registry"], "alpha", "v1", world["good"][image_id], image_id)
+        want = resize_map(det.anomaly_map, (MAP, MAP)).astype(np.float32)
+        np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=1e-4)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_rerun_replaces_instead_of_appending(routed):
+    first, second, cfg = routed["first"], routed["second"], routed["cfg"]
+    assert second["job_id"] == first["job_id"]
+    assert store.list_files(cfg.output) == routed["files_after_first"]
+    assert _read_output(cfg.output).num_rows == first["rows_written"]
+    assert store.read_json(store.join(cfg.output, MANIFEST))["job_id"] == first["job_id"]
+    assert not store.exists(store.join(cfg.output, STAGING, first["job_id"]))
+
+
+def _shard(world) -> str:
+    """An ingested test split of alpha, per the shard contract: 2 good and 2 defective images with masks."""
+    rows = []
+    for i in range(4):
+        image = _texture(10 + i, SIZE, SIZE)
+        mask = np.zeros((SIZE, SIZE), np.uint8)
+        label = int(i >= 2)
+        if label:
+            image[16:40, 20:44] = [255, 0, 255]  # a loud defect
+            mask[16:40, 20:44] = 255
+        rows.append(
+            {
+                "image_id": f"alpha/test/{'defect' if label else 'good'}/{i:03d}.png",
+                "product": "alpha",
+                "split": "test",
+                "label": label,
+                "defect_type": "spot" if label else "good",
+                "image": _png(image),
+                "mask": _png(mask) if label else None,
+                "height": SIZE,
+                "width": SIZE,
+            }
+        )
+    uri = store.join(world["root"], "datasets", "demo", "alpha", "test", "part-00000.parquet")
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), buffer, compression="zstd")
+    store.write_bytes(uri, buffer.getvalue().to_pybytes())
+    return uri.rsplit("/", 1)[0]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_ingested_split_with_pinned_version_metrics_and_report(world, tmp_path):
+    split_uri = _shard(world)
+    cfg = load_config(
+        ScoreConfig,
+        overrides=["versions={alpha: v2}", "output_map_size=null"],
+        explicit={
+            "store": store.join(world["root"], "store"),
+            "input": split_uri,
+            "output": store.join(world["root"], "scores-ingested"),
+            "report_dir": str(tmp_path / "report"),
+            "report_top_n": 3,
+        },
+    )
+    manifest = run_scoring(cfg)
+    table = _read_output(cfg.output)
+    assert set(table["model_version"].to_pylist()) == {"v2"}  # pinned, although v1 is the best
+    assert manifest["model_versions"] == {"alpha": "v2"}
+    assert manifest["products"]["alpha"]["map_shape"] == [SIZE, SIZE]  # null = the model's input size
+    shard = store.join(split_uri, "part-00000.parquet")
+    for row in table.to_pylist():
+        assert row["source_uri"] == f"{shard}#{row['image_id']}"
+    fs, path = store.resolve(shard)
+    images = {r["image_id"]: r["image"] for r in pq.read_table(path, filesystem=fs).to_pylist()}
+    for row in table.to_pylist():
+        det = _expected(world["registry"], "alpha", "v2", images[row["image_id"]], row["image_id"])
+        assert row["anomaly_score"] == pytest.approx(det.anomaly_score, rel=1e-5)
+    metrics = manifest["metrics"]["alpha"]
+    assert metrics["images"] == 4
+    for name in ("image_auroc", "pixel_auroc", "aupro"):
+        assert 0.0 <= metrics[name] <= 1.0
+    page = Path(manifest["report"]).read_text()
+    top = sorted(table.to_pylist(), key=lambda r: -r["anomaly_score"])[:3]
+    positions = [page.index(r["image_id"]) for r in top]
+    assert positions == sorted(positions)  # most anomalous first
+    assert page.count('alt="heatmap overlay"') == 3
+    assert "image_auroc" in page
+
+
+@pytest.mark.integration
+def test_a_missing_pinned_version_fails_before_any_row_is_written(world):
+    from tsdn_platform.registry import UnknownVersionError
+
+    cfg = ScoreConfig(
+        store=store.join(world["root"], "store"),
+        input=store.join(world["root"], "images", "alpha"),
+        output=store.join(world["root"], "scores-missing"),
+        product="alpha",
+        version="v9",
+    )
+    with pytest.raises(UnknownVersionError, match="v9"):
+        run_scoring(cfg)
+    assert store.list_files(cfg.output) == []
+
+
+def test_product_pattern_routing():
+    regex = _path_regex("{product}/**")
+    assert regex.match("bottle/broken/000.png").group("product") == "bottle"
+    assert regex.match("loose.png") is None
+    regex = _path_regex("line-{product}/*/*.png")
+    assert regex.match("line-cable/2024/x.png").group("product") == "cable"
+    assert regex.match("line-cable/2024/deep/x.png") is None
+    assert regex.match("line-cable/2024/x.jpg") is None
+
+
+def test_config_validation_names_the_field():
+    base = {"store": "s", "input": "i", "output": "o"}
+    with pytest.raises(ConfigError, match="exclude each other"):
+        load_config(ScoreConfig, explicit={**base, "product": "a", "product_from_path": "{product}/**"})
+    with pytest.raises(ConfigError, match="exactly one"):
+        load_config(ScoreConfig, explicit={**base, "product_from_path": "images/**"})
+    with pytest.raises(ConfigError, match="num_actors"):
+        load_config(ScoreConfig, explicit=base, overrides=["num_actors=[3, 2]"])
+    with pytest.raises(ConfigError, match="input"):
+        load_config(ScoreConfig, explicit={"store": "s", "output": "o"})
+    cfg = load_config(ScoreConfig, explicit=base, overrides=["num_actors=[1, 4]", "output_map_size=null"])
+    assert cfg.num_actors == (1, 4) and cfg.output_map_size is None
+
+
+def test_resize_map_keeps_values_and_shapes():
+    ramp = np.tile(np.linspace(0, 1, 128, dtype=np.float32), (96, 1))
+    small = resize_map(ramp, (48, 64))
+    assert small.dtype == np.float16 and small.shape == (48, 64)
+    assert np.all(np.diff(small.astype(np.float32), axis=1) >= 0)  # a ramp stays a ramp
+    np.testing.assert_array_equal(resize_map(ramp[:32, :32], (32, 32)), ramp[:32, :32].astype(np.float16))
