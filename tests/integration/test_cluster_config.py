@@ -10,6 +10,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.schema import ServeDeploySchema
 
 from tsdn._config_io import from_dict
+from tsdn_platform.config import preset_path
 from tsdn_platform.serve import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,7 +113,9 @@ def test_kuberay_manifests_parse_with_expected_kinds():
     (service,) = docs["rayservice.yaml"]
     (account,) = docs["serviceaccount.yaml"]
     assert job["apiVersion"] == service["apiVersion"] == "ray.io/v1"
-    assert job["spec"]["entrypoint"].startswith("python -m jobs.train ")
+    entrypoint = job["spec"]["entrypoint"].split()
+    assert entrypoint[:3] == ["python", "-m", "jobs.train"]
+    assert preset_path(entrypoint[entrypoint.index("--config") + 1]).is_file()
     for cluster_spec in (job["spec"]["rayClusterSpec"], service["spec"]["rayClusterConfig"]):
         assert cluster_spec["rayVersion"] == "2.60.0"
         assert cluster_spec["authOptions"] == {"mode": "token"}
@@ -148,6 +151,8 @@ def test_ci_workflow_submits_train_then_score_and_fails_with_the_job():
     assert "-- python -m jobs.train " in train
     assert "-- python -m jobs.score " in score
     assert workflow["jobs"]["submit"]["env"]["RAY_AUTH_MODE"] == "token"
+    # YAML 1.1 (PyYAML) reads the workflow's `on:` key as the boolean True.
+    assert preset_path(workflow[True]["workflow_dispatch"]["inputs"]["config"]["default"]).is_file()
 
 
 def test_terraform_declares_bucket_controls_and_least_privilege_roles():
