@@ -112,7 +112,16 @@ UNROUTED = "__HIVE_DEFAULT_PARTITION__"
 
 @dataclass
 class ScoreConfig:
-    """A batch-scoring job. ``num_actors`` is the (min, max) size of the scorer actor pool."""
+    """A batch-scoring job (see the module docstring for ``input``, ``output`` and the row contract).
+
+    ``product`` / ``product_from_path`` (e.g. ``"{product}/**"``, matched against paths relative to ``input``)
+    choose the model of raw images; ingested shards carry a ``product`` column (``product`` then filters).
+    ``version`` pins one version for every product, ``versions`` per product; otherwise the registry's best.
+    ``split`` keeps only shard rows of that split. ``num_actors`` is the (min, max) scorer pool size.
+    ``output_map_size``: side of the stored score maps (null: the model's input size). ``job_id`` defaults to
+    a hash of the inputs, model versions and result-shaping settings. ``address``: Ray cluster (default
+    ``$RAY_ADDRESS``, else a local one on 127.0.0.1).
+    """
 
     store: str = ""
     input: str = ""
@@ -132,6 +141,7 @@ class ScoreConfig:
     report_dir: str | None = None
     report_top_n: int = 16
     job_id: str | None = None
+    address: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("store", "input", "output"):
@@ -213,7 +223,10 @@ def _list_inputs(cfg: ScoreConfig) -> _Inputs:
         raise ValueError(msg)
     shards = [f for f in files if _SHARD_PATTERN.search(_relative(f, root))]
     if shards:
-        return _list_shards(cfg, shards)
+        # Ingest writes <dataset>/<product>/<split>/part-*.parquet: skip other splits' files unread (the
+        # row filter on ``split`` still decides).
+        in_split = [f for f in shards if cfg.split is not None and f"/{cfg.split}/" in f"/{_relative(f, root)}"]
+        return _list_shards(cfg, in_split or shards)
     if cfg.product is None and cfg.product_from_path is None:
         msg = f"{cfg.input}: raw images need product or product_from_path to choose a model"
         raise ValueError(msg)
@@ -641,7 +654,7 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     """
     from tsdn_platform.ray_session import init_ray
 
-    init_ray()
+    init_ray(cfg.address)
     started = time.perf_counter()
     inputs = _list_inputs(cfg)
     models = _resolve_models(cfg, {i["product"] for i in inputs.items if i["product"] is not None})
@@ -723,6 +736,7 @@ def main(args: argparse.Namespace) -> int:
             "version": args.version,
             "report_dir": args.report,
             "report_top_n": args.report_top_n,
+            "address": args.address,
         },
     )
     manifest = run_scoring(cfg)

@@ -26,6 +26,7 @@ from tsdn.image import decode_image, to_rgb
 from tsdn.model import TSDN
 from tsdn.scoring import fit_calibration
 from tsdn_platform import store
+from tsdn_platform.cli import main as cli_main
 from tsdn_platform.config import ConfigError, load_config
 from tsdn_platform.registry import Registry
 from tsdn_platform.score import MANIFEST, STAGING, ScoreConfig, _path_regex, resize_map, run_scoring
@@ -245,21 +246,16 @@ def _shard(world) -> str:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_ingested_split_with_pinned_version_metrics_and_report(world, tmp_path):
+def test_ingested_split_with_pinned_version_metrics_and_report_via_the_cli(world, tmp_path, capsys):
     split_uri = _shard(world)
-    cfg = load_config(
-        ScoreConfig,
-        overrides=["versions={alpha: v2}", "output_map_size=null"],
-        explicit={
-            "store": store.join(world["root"], "store"),
-            "input": split_uri,
-            "output": store.join(world["root"], "scores-ingested"),
-            "report_dir": str(tmp_path / "report"),
-            "report_top_n": 3,
-        },
-    )
-    manifest = run_scoring(cfg)
-    table = _read_output(cfg.output)
+    output = store.join(world["root"], "scores-ingested")
+    argv = ["score", "--store", store.join(world["root"], "store"), "--input", split_uri, "--output", output]
+    argv += ["--version", "v2", "--report", str(tmp_path / "report"), "--report-top-n", "3"]
+    assert cli_main([*argv, "--set", "output_map_size=null"]) == 0
+    out = capsys.readouterr().out  # Ray may print worker lines too; the summary starts with "job_id"
+    summary, _ = json.JSONDecoder().raw_decode(out[out.index('{\n  "job_id"') :])
+    manifest = store.read_json(store.join(output, MANIFEST))
+    table = _read_output(output)
     assert set(table["model_version"].to_pylist()) == {"v2"}  # pinned, although v1 is the best
     assert manifest["model_versions"] == {"alpha": "v2"}
     assert manifest["products"]["alpha"]["map_shape"] == [SIZE, SIZE]  # null = the model's input size
@@ -275,7 +271,8 @@ def test_ingested_split_with_pinned_version_metrics_and_report(world, tmp_path):
     assert metrics["images"] == 4
     for name in ("image_auroc", "pixel_auroc", "aupro"):
         assert 0.0 <= metrics[name] <= 1.0
-    page = Path(manifest["report"]).read_text()
+    assert summary["job_id"] == manifest["job_id"] and summary["rows_written"] == 4
+    page = Path(summary["report"]).read_text()
     top = sorted(table.to_pylist(), key=lambda r: -r["anomaly_score"])[:3]
     positions = [page.index(r["image_id"]) for r in top]
     assert positions == sorted(positions)  # most anomalous first
