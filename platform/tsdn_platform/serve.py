@@ -1,0 +1,695 @@
+"""Serve the best model of every product line over HTTP with Ray Serve.
+
+One application, two deployments:
+
+- ``TSDNIngress`` (FastAPI): bearer-token auth, product-id validation, body-size and content-type
+  checks, image decoding with the decompression-bomb check, and the ``best.json`` pointer lookup.
+- ``TSDNModel``: Ray Serve model multiplexing (an LRU of ``models_per_replica`` predictors per
+  replica) and dynamic batching (``@serve.batch``; size and wait time from ``user_config``). Inference
+  is :meth:`tsdn.predict.Predictor.predict`, the same function batch scoring calls.
+
+Version switching: the multiplexed model id is ``"<product>@<version>"``. The ingress re-reads a
+product's ``best.json`` at most every ``pointer_ttl_s`` seconds, so ``pointer_ttl_s`` after a
+promotion every new request is routed to the new version's model id; the model deployment loads it on
+first use and the old version ages out of the LRU. No restart, and every response names the version
+that answered.
+
+Auth: tokens come from the environment variable ``auth_tokens_env`` (comma-separated) and/or the file
+``auth_tokens_file`` (one per line, ``#`` comments). They are read once where the application is built
+(``tsdn serve``, or the Serve controller's build task for ``serve deploy``); only their SHA-256 digests
+reach the replicas, and a request's token is compared to each digest in constant time. ``auth_required``
+defaults to "on when tokens are configured": the local demo on 127.0.0.1 runs open, and the server refuses
+to listen on a non-loopback host without auth unless ``auth_required: false`` says so explicitly.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at run time, and
+# on Serve's class-based ingress postponed (string) annotations are not resolved (``Request`` became a
+# required query parameter).
+import argparse
+import asyncio
+import base64
+import hashlib
+import hmac
+import io
+import ipaddress
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from PIL import Image
+from ray import serve
+from starlette.datastructures import Headers, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from tsdn._config_io import ConfigError, from_dict
+from tsdn.image import ImageDecodeError, decode_image
+from tsdn_platform.config import load_config
+from tsdn_platform.registry import Registry, RegistryError, validate_name
+from tsdn_platform.store import StoreError
+
+__all__ = [
+    "ApiError",
+    "ServeConfig",
+    "app_builder",
+    "auth_required",
+    "build_app",
+    "config_from_args",
+    "heatmap_png",
+    "load_tokens",
+    "main",
+    "run_server",
+    "start_server",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TYPES = frozenset({"image/png", "image/jpeg"})
+MULTIPART = "multipart/form-data"
+BATCH_OPTIONS = ("max_batch_size", "batch_wait_timeout_s")
+BATCH_SIZE = 8
+BATCH_WAIT_S = 0.01
+
+
+@dataclass
+class ServeConfig:
+    """``tsdn serve`` / ``serve deploy`` settings (YAML + ``--set`` overrides, validated)."""
+
+    store: str = ""
+    """Store URI holding ``registry/`` (a local folder or ``s3://bucket/prefix``)."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    app_name: str = "tsdn"
+    route_prefix: str = "/"
+    max_body_bytes: int = 20 * 1024 * 1024
+    """413 above this, checked on Content-Length and on the bytes actually read, before decoding."""
+    max_image_pixels: int = 40_000_000
+    """422 above this ``width * height``, refused from the header before any pixel is decoded."""
+    models_per_replica: int = 4
+    """Multiplexing LRU size: predictors a model replica keeps loaded. Size it to the working set."""
+    max_batch_size: int = BATCH_SIZE
+    """Dynamic batching; 1 switches batching off. Changeable at run time through ``user_config``."""
+    batch_wait_timeout_s: float = BATCH_WAIT_S
+    num_replicas: int = 1
+    """Model replicas when ``autoscaling_config`` is not set."""
+    autoscaling_config: dict[str, Any] | None = None
+    """Ray Serve autoscaling for the model deployment (``min_replicas``, ``max_replicas``, ...)."""
+    num_gpus_per_replica: float = 0.0
+    num_cpus_per_replica: float = 1.0
+    ingress_replicas: int = 1
+    ingress_num_cpus: float = 0.25
+    max_ongoing_requests: int = 64
+    """Per replica, both deployments; at least ``max_batch_size`` so that batches can fill."""
+    pointer_ttl_s: float = 2.0
+    """A promotion is served at most this long after ``best.json`` changes."""
+    auth_tokens_env: str = "TSDN_SERVE_TOKENS"
+    auth_tokens_file: str | None = None
+    auth_required: bool | None = None
+    """None: required when any token is configured. True without tokens is an error."""
+
+    def __post_init__(self) -> None:
+        if not self.store:
+            msg = "store: required (a local folder or s3://bucket/prefix holding registry/)"
+            raise ConfigError(msg)
+        positive = {
+            "port": self.port,
+            "max_body_bytes": self.max_body_bytes,
+            "max_image_pixels": self.max_image_pixels,
+            "models_per_replica": self.models_per_replica,
+            "max_batch_size": self.max_batch_size,
+            "num_replicas": self.num_replicas,
+            "ingress_replicas": self.ingress_replicas,
+            "max_ongoing_requests": self.max_ongoing_requests,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                msg = f"{name}: must be >= 1, got {value}"
+                raise ConfigError(msg)
+        if self.port > 65535:
+            msg = f"port: must be <= 65535, got {self.port}"
+            raise ConfigError(msg)
+        non_negative = {
+            "batch_wait_timeout_s": self.batch_wait_timeout_s,
+            "num_gpus_per_replica": self.num_gpus_per_replica,
+            "num_cpus_per_replica": self.num_cpus_per_replica,
+            "ingress_num_cpus": self.ingress_num_cpus,
+            "pointer_ttl_s": self.pointer_ttl_s,
+        }
+        for name, value in non_negative.items():
+            if not math.isfinite(value) or value < 0:
+                msg = f"{name}: must be a finite number >= 0, got {value}"
+                raise ConfigError(msg)
+        if self.max_ongoing_requests < self.max_batch_size:
+            msg = (
+                f"max_ongoing_requests ({self.max_ongoing_requests}) < max_batch_size ({self.max_batch_size}): "
+                "a replica could never fill a batch"
+            )
+            raise ConfigError(msg)
+        if self.autoscaling_config is not None:
+            low = self.autoscaling_config.get("min_replicas", 1)
+            high = self.autoscaling_config.get("max_replicas", 1)
+            if not (isinstance(low, int) and isinstance(high, int) and 0 <= low <= high and high >= 1):
+                msg = f"autoscaling_config: need integers 0 <= min_replicas <= max_replicas, >= 1; got {low}, {high}"
+                raise ConfigError(msg)
+        if not self.route_prefix.startswith("/"):
+            msg = f"route_prefix: must start with '/', got {self.route_prefix!r}"
+            raise ConfigError(msg)
+
+
+class ApiError(Exception):
+    """An HTTP error with a reason, answered as ``{"status": ..., "reason": ...}``. Picklable."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status}: {reason}")
+        self.status = status
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type["ApiError"], tuple[int, str]]:
+        return (type(self), (self.status, self.reason))
+
+
+# --- auth --------------------------------------------------------------------------------------
+
+
+def load_tokens(cfg: ServeConfig) -> list[str]:
+    """The bearer tokens from ``cfg.auth_tokens_env`` (comma-separated) and ``cfg.auth_tokens_file``."""
+    tokens = [t.strip() for t in os.environ.get(cfg.auth_tokens_env, "").split(",")]
+    if cfg.auth_tokens_file:
+        path = Path(cfg.auth_tokens_file)
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as exc:
+            msg = f"auth_tokens_file {path}: cannot read ({exc})"
+            raise ConfigError(msg) from exc
+        tokens += [line.strip() for line in lines if not line.lstrip().startswith("#")]
+    return [t for t in tokens if t]
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def auth_required(cfg: ServeConfig, tokens: list[str]) -> bool:
+    """``cfg.auth_required``, or when unset (None): whether any token is configured."""
+    return bool(tokens) if cfg.auth_required is None else cfg.auth_required
+
+
+def _auth_digests(cfg: ServeConfig) -> list[bytes] | None:
+    """SHA-256 digests of the accepted tokens, or None when auth is off."""
+    tokens = load_tokens(cfg)
+    if not auth_required(cfg, tokens):
+        if cfg.auth_required is None and not _is_loopback(cfg.host):
+            msg = (
+                f"host {cfg.host}: refusing to serve without auth on a non-loopback address; configure tokens "
+                f"(env {cfg.auth_tokens_env} or auth_tokens_file) or set auth_required: false explicitly"
+            )
+            raise ConfigError(msg)
+        logger.warning("serving WITHOUT authentication (no token configured)")
+        return None
+    if not tokens:
+        msg = f"auth_required is true but no token is configured (env {cfg.auth_tokens_env}, auth_tokens_file)"
+        raise ConfigError(msg)
+    return [_digest(t) for t in tokens]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_token(authorization: str | None, digests: list[bytes]) -> None:
+    """401 without a bearer token, 403 with a wrong one. Every digest is compared, in constant time."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)")
+    offered = _digest(token.strip())
+    matched = False
+    for digest in digests:
+        matched |= hmac.compare_digest(offered, digest)
+    if not matched:
+        raise ApiError(403, "invalid token")
+
+
+# --- the anomaly-map heatmap --------------------------------------------------------------------
+
+# Matplotlib's "inferno" sampled at 0, 1/4, 1/2, 3/4, 1; linear in between.
+_INFERNO = np.array(
+    [[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]],
+    dtype=np.float32,
+)
+
+
+def heatmap_png(anomaly_map: np.ndarray, vmax: float) -> bytes:
+    """Colour an anomaly map and encode it as PNG.
+
+    Args:
+        anomaly_map: (H, W) float, >= 0.
+        vmax: the map value drawn at the top of the colormap; larger values saturate. The server passes
+            twice the decision threshold, so the threshold sits mid-scale and heatmaps of different
+            images compare by colour.
+
+    Returns:
+        PNG bytes of an (H, W, 3) uint8 RGB image.
+    """
+    if anomaly_map.ndim != 2:
+        msg = f"heatmap_png: expected an (H, W) map, got shape {anomaly_map.shape}"
+        raise ValueError(msg)
+    scale = vmax if math.isfinite(vmax) and vmax > 0 else float(np.max(anomaly_map, initial=0.0)) or 1.0
+    position = np.clip(np.nan_to_num(anomaly_map / scale), 0.0, 1.0) * (len(_INFERNO) - 1)
+    low = np.minimum(position.astype(np.int64), len(_INFERNO) - 2)
+    frac = (position - low)[..., None].astype(np.float32)
+    rgb = _INFERNO[low] * (1.0 - frac) + _INFERNO[low + 1] * frac
+    buffer = io.BytesIO()
+    Image.fromarray(np.rint(rgb).astype(np.uint8), mode="RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --- the model deployment -----------------------------------------------------------------------
+
+
+@dataclass
+class DetectRequest:
+    """One decoded image for one model id (``"<product>@<version>"``)."""
+
+    model_id: str
+    image: Image.Image
+    threshold: float | None = None
+    include_map: bool = False
+
+
+@dataclass
+class DetectResult:
+    """What the model deployment answers for one image; ``anomaly_map`` (H, W) float32 when asked."""
+
+    product: str
+    model_version: str
+    anomaly_score: float
+    is_anomalous: bool
+    threshold: float
+    inference_ms: float
+    batch_size: int
+    anomaly_map: np.ndarray | None = None
+
+
+def model_id(product: str, version: str) -> str:
+    return f"{product}@{version}"
+
+
+def split_model_id(mid: str) -> tuple[str, str]:
+    product, sep, version = mid.partition("@")
+    if not sep or not product or not version:
+        msg = f"model id {mid!r}: expected '<product>@<version>'"
+        raise ValueError(msg)
+    return product, version
+
+
+@serve.deployment(name="TSDNModel")
+class TSDNModel:
+    """Multiplexed, batched TSDN inference. One request = one decoded image of one model id."""
+
+    def __init__(self, store: str, models_per_replica: int) -> None:
+        self._registry = Registry(store)
+
+        # The LRU size comes from the config, so the multiplexed loader is wrapped per instance (Serve
+        # detects multiplexing on instance attributes too). It must wrap a plain function, not a bound method.
+        async def load(mid: str) -> Any:
+            return await asyncio.to_thread(self._load, mid)
+
+        self._get_model = serve.multiplexed(max_num_models_per_replica=models_per_replica)(load)
+        self._batching: dict[str, float] = {"max_batch_size": BATCH_SIZE, "batch_wait_timeout_s": BATCH_WAIT_S}
+
+    def _load(self, mid: str) -> Any:
+        product, version = split_model_id(mid)
+        predictor, ref = self._registry.load_predictor(product, version)
+        logger.info("loaded %s (version %s)", product, ref.version)
+        return predictor, ref
+
+    def reconfigure(self, user_config: Mapping[str, Any]) -> None:
+        """``user_config``: ``max_batch_size`` (>= 1; 1 = no batching) and ``batch_wait_timeout_s`` (>= 0)."""
+        unknown = sorted(set(user_config) - set(BATCH_OPTIONS))
+        if unknown:
+            msg = f"user_config: unknown key(s) {', '.join(unknown)}; expected {', '.join(BATCH_OPTIONS)}"
+            raise ValueError(msg)
+        size = user_config.get("max_batch_size", self._batching["max_batch_size"])
+        wait = user_config.get("batch_wait_timeout_s", self._batching["batch_wait_timeout_s"])
+        if not isinstance(size, int) or size < 1:
+            msg = f"user_config.max_batch_size: expected an integer >= 1, got {size!r}"
+            raise ValueError(msg)
+        if not isinstance(wait, (int, float)) or not math.isfinite(wait) or wait < 0:
+            msg = f"user_config.batch_wait_timeout_s: expected a number >= 0, got {wait!r}"
+            raise ValueError(msg)
+        self._detect_batch.set_max_batch_size(size)
+        self._detect_batch.set_batch_wait_timeout_s(float(wait))
+        self._batching = {"max_batch_size": size, "batch_wait_timeout_s": float(wait)}
+
+    def batch_settings(self) -> dict[str, float]:
+        """The batching settings in force: ``max_batch_size`` and ``batch_wait_timeout_s``."""
+        return dict(self._batching)
+
+    async def detect(self, request: DetectRequest) -> DetectResult:
+        result = await self._detect_batch(request)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
+    async def _detect_batch(self, requests: list[DetectRequest]) -> list[DetectResult | Exception]:
+        # Serve already splits batches by multiplexed model id; grouping by the id each request carries
+        # makes "one model per predict call" hold by construction. A threshold override is a predict
+        # argument, so it splits a group too. A failing group fails only its own requests.
+        groups: dict[tuple[str, float | None], list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault((request.model_id, request.threshold), []).append(index)
+        results: list[DetectResult | Exception] = [ValueError("unanswered")] * len(requests)
+        for (mid, threshold), indices in groups.items():
+            try:
+                predictor, ref = await self._get_model(mid)
+                images = [requests[i].image for i in indices]
+                start = time.perf_counter()
+                detections = await asyncio.to_thread(predictor.predict, images, threshold)
+                elapsed_ms = (time.perf_counter() - start) * 1000.0
+            except Exception as exc:
+                logger.exception("inference failed for %s", mid)
+                for i in indices:
+                    results[i] = exc
+                continue
+            for i, detection in zip(indices, detections):
+                results[i] = DetectResult(
+                    product=ref.product,
+                    model_version=ref.version,
+                    anomaly_score=float(detection.anomaly_score),
+                    is_anomalous=bool(detection.is_anomalous),
+                    threshold=float(detection.threshold),
+                    inference_ms=elapsed_ms,
+                    batch_size=len(indices),
+                    anomaly_map=detection.anomaly_map if requests[i].include_map else None,
+                )
+        return results
+
+
+# --- the ingress --------------------------------------------------------------------------------
+
+api = FastAPI(
+    title="TSDN anomaly detection",
+    version="1",
+    description="Industrial anomaly detection: the best TSDN model of every product line.",
+)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse({"status": exc.status, "reason": exc.reason}, status_code=exc.status, headers=headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse({"status": exc.status_code, "reason": str(exc.detail)}, status_code=exc.status_code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    return JSONResponse({"status": 422, "reason": reasons}, status_code=422)
+
+
+class _PointerCache:
+    """``best.json`` per product, re-read at most every ``ttl_s`` seconds (misses are cached too)."""
+
+    def __init__(self, registry: Registry, ttl_s: float) -> None:
+        self._registry = registry
+        self._ttl_s = ttl_s
+        self._entries: dict[str, tuple[float, dict[str, Any] | None]] = {}
+
+    async def best(self, product: str) -> dict[str, Any] | None:
+        now = time.monotonic()
+        cached = self._entries.get(product)
+        if cached is not None and now - cached[0] < self._ttl_s:
+            return cached[1]
+        pointer = await asyncio.to_thread(self._registry.best, product)
+        self._entries[product] = (now, pointer)
+        return pointer
+
+
+async def _single_chunk(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+def _store_failure(what: str, exc: Exception) -> ApiError:
+    """A missing product or version is a 404; any other registry or store failure a 503 (retry later)."""
+    # Exceptions raised in the model replica arrive wrapped (RayTaskError subclasses of the original type).
+    cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc
+    if isinstance(exc, LookupError):
+        return ApiError(404, f"{what}: {cause}")
+    return ApiError(503, f"{what} unavailable: {cause}")
+
+
+def _media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+async def _multipart_image(request: Request, body: bytes) -> tuple[bytes, str]:
+    """The one file part of a multipart upload (any field name) -> (bytes, a name for errors)."""
+    parser = MultiPartParser(Headers(raw=request.headers.raw), _single_chunk(body), max_files=1, max_fields=8)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise ApiError(400, f"malformed multipart body: {exc.message}") from exc
+    try:
+        files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+        if len(files) != 1:
+            raise ApiError(422, f"multipart upload: expected exactly one file part, got {len(files)}")
+        upload = files[0]
+        part_type = _media_type(upload.content_type)
+        if part_type and part_type not in IMAGE_TYPES and part_type != "application/octet-stream":
+            raise ApiError(415, f"file part {upload.filename!r}: unsupported content type {part_type!r}")
+        return await upload.read(), f"upload {upload.filename or '(unnamed)'}"
+    finally:
+        await form.close()
+
+
+# Helpers the ingress calls are defined above it: ``serve.ingress`` captures the class (and the module
+# globals its methods see) when it is decorated.
+@serve.deployment(name="TSDNIngress")
+@serve.ingress(api)
+class TSDNIngress:
+    """The HTTP API (``/v1``): validates and decodes requests, routes them to ``TSDNModel``."""
+
+    def __init__(self, model: Any, cfg: ServeConfig, token_digests: list[bytes] | None) -> None:
+        self._model = model
+        self._cfg = cfg
+        self._digests = token_digests
+        self._registry = Registry(cfg.store)
+        self._pointers = _PointerCache(self._registry, cfg.pointer_ttl_s)
+        self._metrics_cache: dict[str, dict[str, Any]] = {}
+
+    def _authorize(self, request: Request) -> None:
+        if self._digests is not None:
+            _check_token(request.headers.get("authorization"), self._digests)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/products")
+    async def products(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        try:
+            names = await asyncio.to_thread(self._registry.list_products)
+            served = []
+            for product in names:
+                pointer = await self._pointers.best(product)
+                if pointer is None:
+                    continue
+                metrics = await self._metrics(product, pointer["version"])
+                served.append(
+                    {
+                        "product": product,
+                        "model_version": pointer["version"],
+                        "promoted_at": pointer.get("updated_at"),
+                        "metrics": {key: value for key, value in metrics.items() if key != "files"},
+                    }
+                )
+        except (RegistryError, StoreError) as exc:
+            raise _store_failure("the model registry", exc) from exc
+        return {"products": served}
+
+    async def _metrics(self, product: str, version: str) -> dict[str, Any]:
+        """``metrics.json`` of a version; versions are immutable, so this cache never expires."""
+        key = model_id(product, version)
+        if key not in self._metrics_cache:
+            self._metrics_cache[key] = await asyncio.to_thread(self._registry.metrics, product, version)
+        return self._metrics_cache[key]
+
+    @api.post("/v1/products/{product}/detect")
+    async def detect(
+        self,
+        product: str,
+        request: Request,
+        threshold: float | None = Query(None, description="decision threshold override (anomaly-score units)"),
+        include: str | None = Query(None, description="comma-separated extras: anomaly_map"),
+    ) -> dict[str, Any]:
+        self._authorize(request)
+        extras = {item.strip() for item in (include or "").split(",") if item.strip()}
+        if extras - {"anomaly_map"}:
+            raise ApiError(422, f"include: unknown value(s) {', '.join(sorted(extras))}; expected anomaly_map")
+        if threshold is not None and not math.isfinite(threshold):
+            raise ApiError(422, f"threshold: must be a finite number, got {threshold}")
+        try:
+            validate_name(product)
+        except ValueError as exc:
+            raise ApiError(404, f"unknown product: {exc}") from exc
+        media_type = _media_type(request.headers.get("content-type"))
+        if media_type not in IMAGE_TYPES and media_type != MULTIPART:
+            allowed = ", ".join(sorted(IMAGE_TYPES | {MULTIPART}))
+            raise ApiError(415, f"unsupported content type {media_type or '(none)'!r}; expected one of {allowed}")
+        try:
+            pointer = await self._pointers.best(product)
+        except (RegistryError, StoreError) as exc:
+            raise _store_failure(f"product {product!r}", exc) from exc
+        if pointer is None:
+            raise ApiError(404, f"unknown product {product!r}: no model is promoted for it")
+        body = await self._read_body(request)
+        if media_type == MULTIPART:
+            data, name = await _multipart_image(request, body)
+        else:
+            data, name = body, f"{product} request body"
+        try:
+            image = await asyncio.to_thread(decode_image, data, name, self._cfg.max_image_pixels)
+        except ImageDecodeError as exc:
+            raise ApiError(422, str(exc)) from exc
+        job = DetectRequest(
+            model_id=model_id(product, pointer["version"]),
+            image=image,
+            threshold=threshold,
+            include_map="anomaly_map" in extras,
+        )
+        try:
+            result: DetectResult = await self._model.options(multiplexed_model_id=job.model_id).detect.remote(job)
+        except (RegistryError, StoreError) as exc:
+            raise _store_failure(f"model {job.model_id}", exc) from exc
+        answer: dict[str, Any] = {
+            "product": result.product,
+            "model_version": result.model_version,
+            "anomaly_score": result.anomaly_score,
+            "is_anomalous": result.is_anomalous,
+            "threshold": result.threshold,
+            "inference_ms": round(result.inference_ms, 3),
+            "batch_size": result.batch_size,
+        }
+        if result.anomaly_map is not None:
+            png = await asyncio.to_thread(heatmap_png, result.anomaly_map, 2.0 * result.threshold)
+            answer["anomaly_map"] = {
+                "format": "png",
+                "encoding": "base64",
+                "height": int(result.anomaly_map.shape[0]),
+                "width": int(result.anomaly_map.shape[1]),
+                "vmax": 2.0 * result.threshold,
+                "data": base64.b64encode(png).decode("ascii"),
+            }
+        return answer
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 above ``max_body_bytes`` by Content-Length or by the bytes read."""
+        limit = self._cfg.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                raise ApiError(400, f"invalid Content-Length {declared!r}")
+            if int(declared) > limit:
+                raise ApiError(413, f"body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+# --- building and running -----------------------------------------------------------------------
+
+
+def build_app(cfg: ServeConfig) -> serve.Application:
+    """The bound Serve application (ingress -> multiplexed, batched model deployment)."""
+    model_options: dict[str, Any] = {
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": cfg.num_cpus_per_replica, "num_gpus": cfg.num_gpus_per_replica},
+        "user_config": {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
+    }
+    if cfg.autoscaling_config is not None:
+        model_options["autoscaling_config"] = dict(cfg.autoscaling_config)
+    else:
+        model_options["num_replicas"] = cfg.num_replicas
+    model = TSDNModel.options(**model_options).bind(cfg.store, cfg.models_per_replica)
+    return TSDNIngress.options(
+        num_replicas=cfg.ingress_replicas,
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
+    ).bind(model, cfg, _auth_digests(cfg))
+
+
+def app_builder(args: Mapping[str, Any]) -> serve.Application:
+    """Serve config entry point (``import_path: tsdn_platform.serve:app_builder``); ``args`` are ServeConfig fields."""
+    return build_app(from_dict(ServeConfig, dict(args)))
+
+
+def curl_example(url: str, auth: bool, product: str = "<product>") -> str:
+    header = ' -H "Authorization: Bearer $TOKEN"' if auth else ""
+    detect = f"{url}/v1/products/{product}/detect?include=anomaly_map"
+    return f'curl -s{header} -H "Content-Type: image/png" --data-binary @image.png "{detect}"'
+
+
+def start_server(cfg: ServeConfig) -> str:
+    """Deploy the application on a local (or ``RAY_ADDRESS``) Ray cluster; returns the base URL."""
+    from tsdn_platform.ray_session import init_ray
+
+    app = build_app(cfg)
+    init_ray()
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix)
+    return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+
+
+def run_server(cfg: ServeConfig) -> None:
+    """``tsdn serve``: deploy, print the URL and a curl example, block until Ctrl-C or SIGTERM, shut down."""
+    url = start_server(cfg)
+    print(f"TSDN serving the best models of {cfg.store} at {url}/v1/products", flush=True)
+    print(f"  try: {curl_example(url, auth_required(cfg, load_tokens(cfg)))}", flush=True)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        logger.info("interrupted; shutting down")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        serve.shutdown()
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """Defaults <- ``--config`` YAML <- ``--store/--host/--port`` <- ``--set`` overrides."""
+    explicit = {"store": args.store, "host": args.host, "port": args.port}
+    return load_config(ServeConfig, args.config, args.overrides, explicit)
+
+
+def main(args: argparse.Namespace) -> int:
+    run_server(config_from_args(args))
+    return 0

@@ -1,0 +1,422 @@
+"""tsdn_platform.serve: the HTTP API of a real local Serve application on 127.0.0.1, and its pure helpers.
+
+One module-scoped application serves four tiny registered products (timm ``test_efficientnet``, 64 px)
+from the SeaweedFS store, with a multiplexing cache of two models per replica.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tsdn._config_io import ConfigError
+from tsdn.image import decode_image
+from tsdn_platform.cli import build_parser
+from tsdn_platform.serve import (
+    ApiError,
+    ServeConfig,
+    _check_token,
+    _digest,
+    auth_required,
+    build_app,
+    config_from_args,
+    heatmap_png,
+    load_tokens,
+    split_model_id,
+)
+
+CACHED_PRODUCTS = ("bottle", "cable", "screw")  # three products, a cache of two
+PROMOTED = "grid"  # gets a second version promoted while the server runs
+TOKENS_ENV = "TSDN_TEST_SERVE_TOKENS"
+TOKEN = "env-token-" + uuid.uuid4().hex
+FILE_TOKEN = "file-token-" + uuid.uuid4().hex
+MAX_BODY = 48_000
+MAX_PIXELS = 160 * 160
+HTTP_TIMEOUT_S = 120.0
+
+
+# --- pure helpers (no Ray) ------------------------------------------------------------------------
+
+
+def test_config_validation_names_the_key():
+    with pytest.raises(ConfigError, match="store"):
+        ServeConfig()
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        ServeConfig(store="s", max_batch_size=0)
+    with pytest.raises(ConfigError, match="max_ongoing_requests"):
+        ServeConfig(store="s", max_batch_size=16, max_ongoing_requests=8)
+    with pytest.raises(ConfigError, match="pointer_ttl_s"):
+        ServeConfig(store="s", pointer_ttl_s=float("nan"))
+    with pytest.raises(ConfigError, match="autoscaling_config"):
+        ServeConfig(store="s", autoscaling_config={"min_replicas": 3, "max_replicas": 2})
+
+
+def test_cli_flags_and_overrides_resolve_the_config():
+    args = build_parser().parse_args(
+        ["serve", "--store", "s3://b/p", "--port", "8123", "--set", "max_batch_size=1", "--set", "pointer_ttl_s=0.5"]
+    )
+    cfg = config_from_args(args)
+    resolved = (cfg.store, cfg.host, cfg.port, cfg.max_batch_size, cfg.pointer_ttl_s)
+    assert resolved == ("s3://b/p", "127.0.0.1", 8123, 1, 0.5)
+
+
+def test_tokens_from_env_and_file(tmp_path, monkeypatch):
+    path = tmp_path / "tokens"
+    path.write_text("# rotated monthly\nfile-a\n\n  file-b  \n")
+    monkeypatch.setenv("TSDN_X_TOKENS", " env-a , ,env-b")
+    cfg = ServeConfig(store="s", auth_tokens_env="TSDN_X_TOKENS", auth_tokens_file=str(path))
+    tokens = load_tokens(cfg)
+    assert tokens == ["env-a", "env-b", "file-a", "file-b"]
+    assert auth_required(cfg, tokens)
+    open_cfg = ServeConfig(store="s", auth_tokens_env="TSDN_UNSET_TOKENS")
+    assert not auth_required(open_cfg, load_tokens(open_cfg))
+
+
+def test_auth_defaults_refuse_unsafe_setups(monkeypatch):
+    monkeypatch.delenv("TSDN_UNSET_TOKENS", raising=False)
+    with pytest.raises(ConfigError, match="no token is configured"):
+        build_app(ServeConfig(store="s", auth_tokens_env="TSDN_UNSET_TOKENS", auth_required=True))
+    with pytest.raises(ConfigError, match="non-loopback"):
+        build_app(ServeConfig(store="s", host="0.0.0.0", auth_tokens_env="TSDN_UNSET_TOKENS"))
+
+
+def test_check_token_statuses():
+    digests = [_digest("alpha"), _digest("beta")]
+    _check_token("Bearer beta", digests)
+    _check_token("bearer  alpha", digests)
+    for header, status in ((None, 401), ("Basic YWxwaGE=", 401), ("Bearer ", 401), ("Bearer gamma", 403)):
+        with pytest.raises(ApiError) as exc:
+            _check_token(header, digests)
+        assert exc.value.status == status
+
+
+def test_heatmap_png_is_an_rgb_image_of_the_map_size_and_monotone():
+    ramp = np.tile(np.linspace(0.0, 2.0, 50, dtype=np.float32), (30, 1))
+    image = np.asarray(Image.open(io.BytesIO(heatmap_png(ramp, vmax=1.0))))
+    assert image.shape == (30, 50, 3) and image.dtype == np.uint8
+    brightness = image[0].astype(int).sum(axis=1)
+    assert (np.diff(brightness[:25]) >= 0).all()  # dark (normal) -> bright (anomalous) up to vmax
+    assert (image[:, 25:] == image[0, -1]).all()  # saturated beyond vmax
+    assert tuple(image[0, 0]) == (0, 0, 4)
+
+
+def test_model_ids_round_trip():
+    assert split_model_id("bottle@20261129T051200Z-1a2b3c4d") == ("bottle", "20261129T051200Z-1a2b3c4d")
+    with pytest.raises(ValueError, match="model id"):
+        split_model_id("bottle")
+
+
+# --- the live application -------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    url: str
+    store: str
+    images: dict[str, bytes]  # name -> encoded image
+    expected: dict[tuple[str, str], tuple[str, float, float]]  # (product, image) -> (version, score, threshold)
+
+    def post(self, product: str, body: bytes, content_type: str = "image/png", token: str | None = TOKEN, **params):
+        import httpx
+
+        headers = {"Content-Type": content_type}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        url = f"{self.url}/v1/products/{product}/detect"
+        return httpx.post(url, content=body, headers=headers, params=params, timeout=HTTP_TIMEOUT_S)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _encode(array: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _test_images() -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    return {
+        "rgb64.png": _encode(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "PNG"),
+        "rgb80x96.png": _encode(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8), "PNG"),
+        "gray72.png": _encode(rng.integers(0, 256, (72, 72), dtype=np.uint8), "PNG"),
+        "rgb64.jpg": _encode(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "JPEG"),
+    }
+
+
+def _register_tiny_model(registry, product: str, seed: int) -> str:
+    import torch
+
+    from tsdn.checkpoint import checkpoint_files
+    from tsdn.config import TSDNConfig
+    from tsdn.model import TSDN
+    from tsdn.scoring import fit_calibration
+
+    torch.manual_seed(seed)
+    model = TSDN(TSDNConfig(backbone="test_efficientnet", weights="none", image_size=64)).eval()
+    with torch.no_grad():
+        normal = model.predict(torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(seed))).anomaly_score
+    files = checkpoint_files(model, fit_calibration(normal.numpy()))
+    metrics = {"test": {"image_auroc": 0.5 + seed / 100}, "run_id": f"{product}-{seed}"}
+    return registry.register(product, files, metrics, promote="always")
+
+
+def _expected(registry, product: str, images: dict[str, bytes]) -> dict[tuple[str, str], tuple[str, float, float]]:
+    predictor, ref = registry.load_predictor(product)
+    decoded = [decode_image(data, name) for name, data in images.items()]
+    detections = predictor.predict(decoded)
+    return {(product, name): (ref.version, d.anomaly_score, d.threshold) for name, d in zip(images, detections)}
+
+
+@pytest.fixture(scope="module")
+def server(s3, ray_local, tmp_path_factory) -> Iterator[Server]:
+    from ray import serve
+
+    from tsdn_platform.registry import Registry
+    from tsdn_platform.serve import start_server
+
+    store = s3.uri("serve")
+    registry = Registry(store)
+    images = _test_images()
+    expected: dict[tuple[str, str], tuple[str, float, float]] = {}
+    for seed, product in enumerate((*CACHED_PRODUCTS, PROMOTED)):
+        _register_tiny_model(registry, product, seed)
+        expected.update(_expected(registry, product, images))
+    token_file = tmp_path_factory.mktemp("serve") / "tokens"
+    token_file.write_text(f"{FILE_TOKEN}\n")
+    cfg = ServeConfig(
+        store=store,
+        port=_free_port(),
+        app_name="tsdn-test",
+        max_body_bytes=MAX_BODY,
+        max_image_pixels=MAX_PIXELS,
+        models_per_replica=2,
+        max_batch_size=8,
+        batch_wait_timeout_s=0.05,
+        num_cpus_per_replica=1.0,
+        pointer_ttl_s=0.5,
+        auth_tokens_env=TOKENS_ENV,
+        auth_tokens_file=str(token_file),
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(TOKENS_ENV, f"{TOKEN},second-token")
+        url = start_server(cfg)
+    try:
+        yield Server(url=url, store=store, images=images, expected=expected)
+    finally:
+        serve.shutdown()
+
+
+def _assert_answer(answer: dict, product: str, expected: tuple[str, float, float]) -> None:
+    version, score, threshold = expected
+    assert answer["product"] == product
+    assert answer["model_version"] == version
+    assert answer["anomaly_score"] == pytest.approx(score, rel=1e-4, abs=1e-6)
+    assert answer["threshold"] == pytest.approx(threshold)
+    assert answer["is_anomalous"] == (answer["anomaly_score"] >= answer["threshold"])
+    assert answer["inference_ms"] > 0
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_healthz_needs_no_token(server):
+    import httpx
+
+    response = httpx.get(f"{server.url}/healthz", timeout=HTTP_TIMEOUT_S)
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_scores_over_http_equal_the_predictor(server):
+    for product in CACHED_PRODUCTS:
+        for name, data in server.images.items():
+            content_type = "image/jpeg" if name.endswith(".jpg") else "image/png"
+            response = server.post(product, data, content_type)
+            assert response.status_code == 200, response.text
+            _assert_answer(response.json(), product, server.expected[product, name])
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_three_products_with_a_cache_of_two_all_answer_correctly(server):
+    # Round robin over three products with an LRU of two: every request evicts and reloads a model.
+    for product in CACHED_PRODUCTS * 3:
+        response = server.post(product, server.images["rgb64.png"])
+        assert response.status_code == 200, response.text
+        _assert_answer(response.json(), product, server.expected[product, "rgb64.png"])
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_concurrent_requests_for_different_products_are_never_mixed(server):
+    names = [n for n in server.images if n.endswith(".png")]
+    jobs = [(CACHED_PRODUCTS[i % 2], names[i % len(names)]) for i in range(24)]  # two products: both stay cached
+
+    def call(job):
+        product, name = job
+        return server.post(product, server.images[name])
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        responses = list(pool.map(call, jobs))
+    for (product, name), response in zip(jobs, responses):
+        assert response.status_code == 200, response.text
+        _assert_answer(response.json(), product, server.expected[product, name])
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_threshold_override_and_anomaly_map(server):
+    product, name = CACHED_PRODUCTS[0], "rgb80x96.png"
+    _, score, _ = server.expected[product, name]
+    low = server.post(product, server.images[name], threshold=score / 2, include="anomaly_map").json()
+    high = server.post(product, server.images[name], threshold=score * 2).json()
+    assert (low["is_anomalous"], low["threshold"]) == (True, pytest.approx(score / 2))
+    assert (high["is_anomalous"], high["threshold"]) == (False, pytest.approx(score * 2))
+    assert "anomaly_map" not in high
+    heatmap = low["anomaly_map"]
+    assert (heatmap["format"], heatmap["height"], heatmap["width"]) == ("png", 80, 96)
+    image = Image.open(io.BytesIO(base64.b64decode(heatmap["data"])))
+    assert (image.format, image.mode, image.size) == ("PNG", "RGB", (96, 80))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_multipart_upload_scores_like_a_raw_body(server):
+    import httpx
+
+    product, name = CACHED_PRODUCTS[1], "rgb64.png"
+    response = httpx.post(
+        f"{server.url}/v1/products/{product}/detect",
+        files={"image": (name, server.images[name], "image/png")},
+        headers={"Authorization": f"Bearer {FILE_TOKEN}"},  # the token from auth_tokens_file
+        timeout=HTTP_TIMEOUT_S,
+    )
+    assert response.status_code == 200, response.text
+    _assert_answer(response.json(), product, server.expected[product, name])
+
+
+def _bomb() -> bytes:
+    """A 4000 x 4000 grayscale PNG of a few KB: its header alone exceeds MAX_PIXELS."""
+    return _encode(np.zeros((4000, 4000), dtype=np.uint8), "PNG")
+
+
+def _chunks(data: bytes, size: int = 8192) -> Iterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+ERROR_CASES = {
+    "unknown product": (404, "nope", "rgb64.png", {}, {}, "unknown product"),
+    "path traversal": (404, "..%2F..%2Fregistry", "rgb64.png", {}, {}, ""),
+    "invalid product id": (404, "bad$name", "rgb64.png", {}, {}, "product id"),
+    "dot product id": (404, ".hidden", "rgb64.png", {}, {}, "product id"),
+    "text body": (415, "bottle", "rgb64.png", {"Content-Type": "text/plain"}, {}, "unsupported content type"),
+    "no content type": (415, "bottle", "rgb64.png", {"Content-Type": ""}, {}, "unsupported content type"),
+    "undecodable image": (422, "bottle", "garbage", {}, {}, "not a PNG"),
+    "decompression bomb": (422, "bottle", "bomb", {}, {}, "refused before decoding"),
+    "threshold not a number": (422, "bottle", "rgb64.png", {}, {"threshold": "abc"}, "threshold"),
+    "threshold nan": (422, "bottle", "rgb64.png", {}, {"threshold": "nan"}, "finite"),
+    "unknown include": (422, "bottle", "rgb64.png", {}, {"include": "reconstruction"}, "include"),
+    "no token": (401, "bottle", "rgb64.png", {"Authorization": ""}, {}, "bearer"),
+    "wrong token": (403, "bottle", "rgb64.png", {"Authorization": "Bearer wrong"}, {}, "invalid token"),
+    "body over limit": (413, "bottle", "large", {}, {}, "exceeds the limit"),
+    "chunked body over limit": (413, "bottle", "large-chunked", {}, {}, "exceeds the limit"),
+}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ERROR_CASES, ids=list(ERROR_CASES))
+def test_errors_are_json_with_a_reason(server, case):
+    import httpx
+
+    status, product, body_name, extra_headers, params, reason = ERROR_CASES[case]
+    large = np.random.default_rng(1).integers(0, 256, (MAX_BODY + 1,), dtype=np.uint8).tobytes()
+    bodies = {"garbage": b"definitely not an image", "bomb": _bomb(), "large": large}
+    body = _chunks(large) if body_name == "large-chunked" else bodies.get(body_name) or server.images[body_name]
+    headers = {"Content-Type": "image/png", "Authorization": f"Bearer {TOKEN}", **extra_headers}
+    headers = {key: value for key, value in headers.items() if value}
+    response = httpx.post(
+        f"{server.url}/v1/products/{product}/detect",
+        content=body,
+        headers=headers,
+        params=params,
+        timeout=HTTP_TIMEOUT_S,
+    )
+    assert response.status_code == status, response.text
+    answer = response.json()
+    assert answer["status"] == status
+    assert reason.lower() in answer["reason"].lower()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_products_lists_versions_and_metrics(server):
+    import httpx
+
+    unauthorized = httpx.get(f"{server.url}/v1/products", timeout=HTTP_TIMEOUT_S)
+    assert unauthorized.status_code == 401
+    response = httpx.get(
+        f"{server.url}/v1/products", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=HTTP_TIMEOUT_S
+    )
+    assert response.status_code == 200, response.text
+    listed = {entry["product"]: entry for entry in response.json()["products"]}
+    assert set(CACHED_PRODUCTS) <= set(listed)
+    for seed, product in enumerate(CACHED_PRODUCTS):
+        version = server.expected[product, "rgb64.png"][0]
+        assert listed[product]["model_version"] == version
+        assert listed[product]["metrics"]["test"]["image_auroc"] == pytest.approx(0.5 + seed / 100)
+        assert "files" not in listed[product]["metrics"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_promotion_switches_the_served_version_without_a_restart(server):
+    from tsdn_platform.registry import Registry
+
+    name = "rgb64.png"
+    before = server.post(PROMOTED, server.images[name]).json()
+    _assert_answer(before, PROMOTED, server.expected[PROMOTED, name])
+
+    registry = Registry(server.store)
+    new_version = _register_tiny_model(registry, PROMOTED, seed=40)
+    expected = _expected(registry, PROMOTED, {name: server.images[name]})[PROMOTED, name]
+    assert expected[0] == new_version != before["model_version"]
+    # The ingress re-reads best.json every pointer_ttl_s (0.5 s); poll a bounded number of times.
+    answer = before
+    for _ in range(120):
+        answer = server.post(PROMOTED, server.images[name]).json()
+        if answer["model_version"] == new_version:
+            break
+        assert answer["model_version"] == before["model_version"]
+        time.sleep(0.25)
+    _assert_answer(answer, PROMOTED, expected)
+
+
+def test_batching_is_reconfigured_through_user_config():
+    from tsdn_platform.serve import TSDNModel
+
+    model = TSDNModel.func_or_class("unused-store", 2)
+    model.reconfigure({"max_batch_size": 1, "batch_wait_timeout_s": 0})
+    assert model.batch_settings() == {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
+    model.reconfigure({"batch_wait_timeout_s": 0.2})
+    assert model.batch_settings() == {"max_batch_size": 1, "batch_wait_timeout_s": 0.2}
+    for bad in ({"max_batch_size": 0}, {"batch_wait_timeout_s": -1}, {"models": 3}):
+        with pytest.raises(ValueError, match="user_config"):
+            model.reconfigure(bad)
