@@ -1,0 +1,781 @@
+"""Distributed TSDN training on Ray Train: one ``TorchTrainer`` per product line, then the registry.
+
+``tsdn train --store S --dataset D [--products a,b|all] [--config FILE] [--set key=value ...]``
+
+Per product line (each launched from its own zero-CPU Ray task, so the cluster's resources decide how many
+train at once: a trainer whose workers do not fit waits, and Ray Train retries its start until they do):
+
+1. The ingested shards (``tsdn_platform.ingest.read_split``) are split: ``validation: holdout`` trains on the
+   train rows whose ``fold`` is not in ``holdout_folds`` and validates on the rest; ``validation: test``
+   trains on every train row and validates on the labelled test split (the paper's protocol).
+2. Every worker streams its shard with ``iter_torch_batches``, SURF-fills the batch on its own device from
+   the precomputed superpixels, and steps Adam on the DDP-wrapped model (``prepare_model``); bf16 autocast
+   and channels_last on GPU. Each epoch reports every loss term (mean over all workers) and images/s.
+3. Every ``checkpoint_every`` epochs rank 0 validates, fits the calibration on held-out normal images, and
+   reports a checkpoint (weights + ``model.json`` via :mod:`tsdn.checkpoint`, Adam state, history) to
+   ``<store>/runs/<product>/<run>``; ``CheckpointConfig`` keeps the best ``keep_checkpoints`` by
+   ``checkpoint_metric``. ``FailureConfig(max_failures)`` restarts dead workers from the latest checkpoint.
+   The run name is a hash of the config and the dataset manifest, so the same command resumes.
+4. After the last epoch rank 0 evaluates the best checkpoint on the test split (image/pixel AUROC, AUPRO,
+   F1-max) with the serving predictor, ``metrics.json`` lands next to the run, and the version is
+   registered (:class:`tsdn_platform.registry.Registry`) and promoted per ``promote``.
+
+Holdout validation never touches the test split: held-out ``train/good`` images are SURF-distorted with a
+fixed seed (the same distortions every epoch, so epochs compare), pixel AUROC is measured on the distorted
+and clean copies together and image AUROC between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from tsdn._config_io import ConfigError, from_dict, to_dict
+from tsdn.config import TSDNConfig
+from tsdn_platform import store
+from tsdn_platform.config import config_to_yaml, load_config
+from tsdn_platform.registry import Registry, validate_name
+
+__all__ = [
+    "ProductResult",
+    "TrainConfig",
+    "build_trainer",
+    "load_datasets",
+    "main",
+    "run_product",
+    "run_training",
+    "train_loop_per_worker",
+]
+
+logger = logging.getLogger(__name__)
+
+LOSS_TERMS = ("l2", "ssim", "gms", "mask", "fne")
+CHECKPOINT_STATE = "training_state.json"
+CHECKPOINT_OPTIMIZER = "optimizer.safetensors"
+TRAIN_COLUMNS = ("image", "superpixels")
+TEST_COLUMNS = ("image", "mask", "label", "image_id")
+# Fields that change how a run is executed or published, not what it learns: left out of the run hash so
+# that re-running with a different products list, failure budget or promotion policy resumes the same run.
+_RUN_HASH_EXCLUDED = (
+    "products",
+    "run_name",
+    "max_failures",
+    "max_concurrent_products",
+    "inject_failure_at_epoch",
+    "promote",
+    "promote_metric",
+    "cache_data",
+)
+_FLOAT_METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
+
+
+@dataclass
+class TrainConfig:
+    """One ``tsdn train`` job. ``model`` is the full :class:`TSDNConfig` (its ``lr`` drives Adam).
+
+    Attributes:
+        store: store URI (``s3://bucket/prefix`` or a folder) with ``datasets/``; runs and registry go there.
+        dataset: ingested dataset name.
+        products: product lines to train, or ``"all"`` (every product of the dataset).
+        epochs: passes over the training rows.
+        batch_size: images per worker per step.
+        num_workers: Ray Train workers (DDP ranks) per product line.
+        use_gpu: one accelerator per worker (``gpus_per_worker``), bf16 autocast, channels_last.
+        cpus_per_worker, gpus_per_worker: Ray resources of each worker.
+        checkpoint_every: validate + checkpoint every N epochs (and always after the last).
+        keep_checkpoints: K, the best K checkpoints by ``checkpoint_metric`` are kept.
+        checkpoint_metric: ``val_pixel_auroc`` or ``val_image_auroc`` (higher is better).
+        max_failures: worker-group restarts (from the latest checkpoint) before a product line fails.
+        validation: ``holdout`` (held-out train/good folds, SURF-distorted) or ``test`` (the test split).
+        holdout_folds: ingest ``fold`` values held out for validation and calibration (``holdout`` only).
+        eval_batch_size: images per forward pass in validation and the final test evaluation.
+        promote: ``better`` (beat the current best on ``promote_metric``), ``always`` or ``never``.
+        promote_metric: dotted key into the version's metrics, e.g. ``test.image_auroc``.
+        seed: model initialisation, SURF draws and validation distortions.
+        run_name: run folder name; default ``<dataset>-<hash of config and dataset manifest>``, so the same
+            command resumes an interrupted run instead of starting over.
+        max_concurrent_products: cap on product lines training at once; 0 = as many as the cluster fits.
+        cache_data: materialise the decoded shards in the object store once instead of re-reading every
+            epoch (turn off for datasets larger than the object store).
+        inject_failure_at_epoch: test knob: in an attempt that started from scratch, the last rank's process
+            exits abruptly at the start of this (1-based, >= 2) epoch, after the previous checkpoint is safe.
+    """
+
+    store: str = ""
+    dataset: str = ""
+    products: list[str] | str = "all"
+    model: TSDNConfig = field(default_factory=TSDNConfig)
+    epochs: int = 20
+    batch_size: int = 8
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 2
+    checkpoint_metric: Literal["val_pixel_auroc", "val_image_auroc"] = "val_pixel_auroc"
+    max_failures: int = 2
+    validation: Literal["holdout", "test"] = "holdout"
+    holdout_folds: list[int] = field(default_factory=lambda: [0])
+    eval_batch_size: int = 16
+    promote: Literal["better", "always", "never"] = "better"
+    promote_metric: str = "test.image_auroc"
+    seed: int = 0
+    run_name: str | None = None
+    max_concurrent_products: int = 0
+    cache_data: bool = True
+    inject_failure_at_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = (
+            (bool(self.store.strip()), "store", "a store URI (--store)"),
+            (bool(self.dataset.strip()), "dataset", "a dataset name (--dataset)"),
+            (self.epochs >= 1, "epochs", ">= 1"),
+            (self.batch_size >= 2, "batch_size", ">= 2 (BatchNorm needs two samples)"),
+            (self.num_workers >= 1, "num_workers", ">= 1"),
+            (self.cpus_per_worker > 0, "cpus_per_worker", "> 0"),
+            (not self.use_gpu or self.gpus_per_worker > 0, "gpus_per_worker", "> 0 with use_gpu"),
+            (self.checkpoint_every >= 1, "checkpoint_every", ">= 1"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints", ">= 1"),
+            (self.max_failures >= -1, "max_failures", ">= -1 (-1 = unlimited)"),
+            (self.validation == "test" or len(self.holdout_folds) >= 1, "holdout_folds", "non-empty"),
+            (self.eval_batch_size >= 1, "eval_batch_size", ">= 1"),
+            (self.max_concurrent_products >= 0, "max_concurrent_products", ">= 0"),
+            (
+                self.inject_failure_at_epoch is None or 2 <= self.inject_failure_at_epoch <= self.epochs,
+                "inject_failure_at_epoch",
+                f"None or 2..epochs ({self.epochs})",
+            ),
+        )
+        for ok, name, expected in checks:
+            if not ok:
+                msg = f"TrainConfig.{name}: expected {expected}, got {getattr(self, name)!r}"
+                raise ConfigError(msg)
+        if isinstance(self.products, str):
+            names = [p.strip() for p in self.products.split(",") if p.strip()]
+            self.products = "all" if names in ([], ["all"]) else names
+        for product in self.products if isinstance(self.products, list) else ():
+            validate_name(product)
+
+    def run_id(self, manifest_hash: str) -> str:
+        """Default run name: the dataset plus a hash of everything that changes what is learnt."""
+        if self.run_name:
+            return validate_name(self.run_name, "run")
+        relevant = {k: v for k, v in to_dict(self).items() if k not in _RUN_HASH_EXCLUDED}
+        digest = hashlib.sha256(json.dumps([relevant, manifest_hash], sort_keys=True).encode()).hexdigest()
+        return validate_name(f"{self.dataset}-{digest[:12]}", "run")
+
+
+@dataclass
+class ProductResult:
+    """What training one product line produced (or why it failed)."""
+
+    product: str
+    ok: bool
+    run_name: str = ""
+    run_uri: str = ""
+    error: str | None = None
+    version: str | None = None
+    promoted: bool = False
+    best_epoch: int | None = None
+    resumed_from_epoch: int = 0
+    val: dict[str, float | None] = field(default_factory=dict)
+    test: dict[str, float | None] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    test_scores: dict[str, float] = field(default_factory=dict)
+
+
+# --- data --------------------------------------------------------------------------------------------
+
+
+def dataset_uri(cfg: TrainConfig, product: str | None = None) -> str:
+    base = store.join(cfg.store, "datasets", cfg.dataset)
+    return store.join(base, product) if product else base
+
+
+def discover_products(cfg: TrainConfig) -> list[str]:
+    """``cfg.products`` as a list; ``"all"`` = every product of the dataset that has a manifest."""
+    if isinstance(cfg.products, list):
+        return list(cfg.products)
+    import pyarrow.fs as pafs
+
+    root = dataset_uri(cfg)
+    fs, path = store.resolve(root)
+    selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
+    infos = store.retrying(root, lambda: fs.get_file_info(selector))
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+    products = [n for n in names if store.exists(store.join(root, n, "manifest.json"))]
+    if not products:
+        msg = f"{root}: no ingested products (no <product>/manifest.json); run `tsdn ingest` first"
+        raise ConfigError(msg)
+    return products
+
+
+def _manifest(cfg: TrainConfig, product: str) -> tuple[dict[str, Any], str]:
+    uri = store.join(dataset_uri(cfg, product), "manifest.json")
+    try:
+        data = store.read_bytes(uri)
+    except store.StoreError as exc:
+        if exc.kind == "not_found":
+            msg = f"{uri}: product {product!r} is not ingested in dataset {cfg.dataset!r}"
+            raise ConfigError(msg) from exc
+        raise
+    manifest = json.loads(data)
+    digest = manifest.get("content_hash") or hashlib.sha256(data).hexdigest()
+    return manifest, str(digest)
+
+
+def _as_images(images: Any) -> torch.Tensor:
+    """Shard images -> (B, 3, S, S) float32 in [0, 1] (uint8 shards are scaled)."""
+    tensor = torch.as_tensor(images)
+    if tensor.dtype == torch.uint8:
+        return tensor.float().div_(255.0)
+    return tensor.float()
+
+
+def _batches(shard: Any, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Numpy batches of a (non-split) validation/test shard; every row is kept."""
+    yield from shard.iter_batches(batch_size=batch_size, batch_format="numpy")
+
+
+# --- evaluation (rank 0) -----------------------------------------------------------------------------
+
+
+def _predict(model: Any, images: torch.Tensor, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """``model.predict`` in float32 -> scores (B,) and maps (B, S, S) as numpy float32."""
+    with torch.inference_mode():
+        pred = model.predict(images.to(device, torch.float32))
+    return pred.anomaly_score.float().cpu().numpy(), pred.anomaly_map[:, 0].float().cpu().numpy()
+
+
+def validate_holdout(
+    model: Any, batches: Iterable[Mapping[str, np.ndarray]], cfg: TSDNConfig, seed: int, device: torch.device
+) -> tuple[dict[str, float], np.ndarray]:
+    """Validation on held-out normal images and SURF-distorted copies of them (no test image involved).
+
+    Returns ``({"val_image_auroc", "val_pixel_auroc"}, clean scores (N,))``; the clean scores calibrate.
+    """
+    from tsdn.metrics import image_auroc, pixel_auroc
+    from tsdn.surf import surf_fill
+
+    generator = torch.Generator().manual_seed(seed + 7919)  # the same distortions at every validation
+    clean_scores, clean_maps, bad_scores, bad_maps, masks = [], [], [], [], []
+    for batch in batches:
+        images = _as_images(batch["image"])
+        distorted, mask = surf_fill(images, torch.as_tensor(batch["superpixels"]).long(), cfg.n_filled, generator)
+        for out_scores, out_maps, inputs in ((clean_scores, clean_maps, images), (bad_scores, bad_maps, distorted)):
+            scores, maps = _predict(model, inputs, device)
+            out_scores.append(scores)
+            out_maps.append(maps)
+        masks.append(mask[:, 0].numpy())
+    if not clean_scores:
+        msg = "validation: the held-out split is empty; ingest more train images or change holdout_folds"
+        raise ValueError(msg)
+    clean = np.concatenate(clean_scores)
+    labels = np.r_[np.zeros(len(clean)), np.ones(len(clean))]
+    all_masks = np.concatenate([np.zeros_like(np.concatenate(masks)), np.concatenate(masks)])
+    metrics = {
+        "val_image_auroc": image_auroc(labels, np.concatenate([clean, *bad_scores])),
+        "val_pixel_auroc": pixel_auroc(all_masks, np.concatenate([*clean_maps, *bad_maps])),
+    }
+    return metrics, clean
+
+
+def _collect_test(
+    predict: Any, batches: Iterable[Mapping[str, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Run ``predict(images) -> (scores, maps)`` over the test split; returns labels, scores, masks, maps, ids."""
+    labels, scores, masks, maps, ids = [], [], [], [], []
+    for batch in batches:
+        batch_scores, batch_maps = predict(_as_images(batch["image"]))
+        scores.append(batch_scores)
+        maps.append(batch_maps)
+        labels.append(np.asarray(batch["label"]).astype(np.int64))
+        masks.append((np.asarray(batch["mask"]).reshape(batch_maps.shape) > 0).astype(np.uint8))
+        ids.extend(str(i) for i in batch["image_id"])
+    if not scores:
+        msg = "test split is empty"
+        raise ValueError(msg)
+    return np.concatenate(labels), np.concatenate(scores), np.concatenate(masks), np.concatenate(maps), ids
+
+
+def validate_test(
+    model: Any, batches: Iterable[Mapping[str, np.ndarray]], device: torch.device
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """The paper's protocol: validate on the labelled test split. Returns metrics, scores (N,), labels (N,)."""
+    from tsdn.metrics import image_auroc, pixel_auroc
+
+    labels, scores, masks, maps, _ = _collect_test(lambda x: _predict(model, x, device), batches)
+    metrics = {"val_image_auroc": image_auroc(labels, scores), "val_pixel_auroc": pixel_auroc(masks, maps)}
+    return metrics, scores, labels
+
+
+def _clean_number(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# --- checkpoints -------------------------------------------------------------------------------------
+
+
+def _save_checkpoint(
+    directory: str, model: Any, optimizer: torch.optim.Optimizer, calibration: Any, state: dict[str, Any]
+) -> None:
+    """Weights + model.json (tsdn.checkpoint), Adam state (safetensors) and the JSON training state."""
+    import safetensors.torch
+
+    from tsdn.checkpoint import checkpoint_files
+
+    for name, data in checkpoint_files(model, calibration, extra={"training": state}).items():
+        with open(os.path.join(directory, name), "wb") as handle:
+            handle.write(data)
+    optim_state = optimizer.state_dict()
+    tensors = {
+        f"{index}.{name}": value.detach().cpu().contiguous()
+        for index, entry in optim_state["state"].items()
+        for name, value in entry.items()
+        if torch.is_tensor(value)
+    }
+    safetensors.torch.save_file(tensors, os.path.join(directory, CHECKPOINT_OPTIMIZER))
+    with open(os.path.join(directory, CHECKPOINT_STATE), "w") as handle:
+        json.dump({**state, "param_groups": optim_state["param_groups"]}, handle)
+
+
+def _load_checkpoint(directory: str, device: torch.device) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """-> (TSDN in train mode on ``device``, training state, Adam state dict for ``load_state_dict``)."""
+    import safetensors.torch
+
+    from tsdn.checkpoint import MODEL_JSON, MODEL_WEIGHTS, load_checkpoint
+
+    files = {}
+    for name in (MODEL_WEIGHTS, MODEL_JSON):
+        with open(os.path.join(directory, name), "rb") as handle:
+            files[name] = handle.read()
+    model, _, _ = load_checkpoint(files, device)
+    with open(os.path.join(directory, CHECKPOINT_STATE)) as handle:
+        state = json.load(handle)
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in safetensors.torch.load_file(os.path.join(directory, CHECKPOINT_OPTIMIZER)).items():
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = value
+    optimizer_state = {"state": per_param, "param_groups": state.pop("param_groups")}
+    return model.train(), state, optimizer_state
+
+
+def _checkpoint_dir_name(epoch: int) -> str:
+    return f"checkpoint_epoch{epoch:04d}"
+
+
+# --- the worker loop ---------------------------------------------------------------------------------
+
+
+def _reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum ``values`` over all workers (identity with one worker)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The Ray Train worker function. Rank 0 returns the final summary; other ranks return None."""
+    import ray.train
+    import ray.train.torch
+
+    from tsdn.losses import TSDNLoss
+    from tsdn.model import TSDN
+    from tsdn.predict import Predictor
+    from tsdn.scoring import fit_calibration
+    from tsdn.surf import surf_fill
+
+    cfg = from_dict(TrainConfig, loop_config["cfg"])
+    product, run_name = loop_config["product"], loop_config["run_name"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+
+    checkpoint = ray.train.get_checkpoint()
+    optimizer_state = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            model, state, optimizer_state = _load_checkpoint(directory, device)
+        start_epoch, history = state["epoch"], state["history"]
+    else:
+        model = TSDN(cfg.model, opener=store.read_bytes).to(device)
+        start_epoch, history = 0, []
+    if on_gpu:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.model.lr)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    ddp_model = ray.train.torch.prepare_model(model)
+    loss_fn = TSDNLoss(cfg.model)
+    shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    calibration = None
+
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        if cfg.inject_failure_at_epoch == epoch and start_epoch == 0 and rank == world - 1:
+            ray.train.get_all_reported_checkpoints()  # the previous checkpoint is registered before we die
+            print(f"[{product}] injected failure: rank {rank} exits at the start of epoch {epoch}", flush=True)
+            os._exit(1)
+        ddp_model.train()
+        generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + rank)
+        sums = torch.zeros(1 + len(LOSS_TERMS) + 1, device=device)  # images, each term, total (sums over images)
+        started = time.perf_counter()
+        for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, device=device, drop_last=True):
+            images = _as_images(batch["image"])
+            if cfg.model.surf:
+                inputs, mask = surf_fill(images, batch["superpixels"].long(), cfg.model.n_filled, generator)
+            else:
+                inputs, mask = images, torch.zeros_like(images[:, :1])
+            if on_gpu:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+                output = ddp_model(inputs)
+            total, terms = loss_fn(output, images, mask)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            n = images.shape[0]
+            sums += torch.stack([sums.new_tensor(float(n)), *(terms[t] * n for t in LOSS_TERMS), total.detach() * n])
+        sums = _reduce_sum(sums).cpu()
+        elapsed = time.perf_counter() - started
+        n_images = float(sums[0])
+        if n_images == 0:
+            msg = f"{product}: epoch {epoch} had no full batch of {cfg.batch_size} on rank {rank}"
+            raise RuntimeError(msg)
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "loss": float(sums[-1]) / n_images,
+            **{f"loss_{t}": float(sums[1 + i]) / n_images for i, t in enumerate(LOSS_TERMS)},
+            "images_per_s": n_images / elapsed,
+            "epoch_s": elapsed,
+        }
+        checkpoint_now = epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs
+        if checkpoint_now and rank == 0:
+            model.eval()
+            if cfg.validation == "holdout":
+                val, normal_scores = validate_holdout(
+                    model, _batches(val_shard, cfg.eval_batch_size), cfg.model, cfg.seed, device
+                )
+                calibration = fit_calibration(normal_scores)
+            else:
+                val, scores, labels = validate_test(model, _batches(val_shard, cfg.eval_batch_size), device)
+                calibration = fit_calibration(scores[labels == 0], scores, labels)
+            metrics.update(val)
+        if rank == 0:
+            history.append(metrics)
+            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith(("loss", "val_")))
+            print(f"[{product}] epoch {epoch}/{cfg.epochs} {shown} {metrics['images_per_s']:.1f} images/s", flush=True)
+        if checkpoint_now and rank == 0:
+            with tempfile.TemporaryDirectory() as directory:
+                state = {"epoch": epoch, "history": history, "product": product, "run": run_name}
+                _save_checkpoint(directory, model, optimizer, calibration, state)
+                ray.train.report(
+                    metrics,
+                    checkpoint=ray.train.Checkpoint.from_directory(directory),
+                    checkpoint_dir_name=_checkpoint_dir_name(epoch),
+                )
+        else:
+            ray.train.report(metrics)
+
+    if rank != 0:
+        return None
+    return _final_evaluation(cfg, product, start_epoch, history, Predictor)
+
+
+def _final_evaluation(
+    cfg: TrainConfig, product: str, start_epoch: int, history: list[dict[str, Any]], predictor_cls: Any
+) -> dict[str, Any]:
+    """Rank 0, after training: the best kept checkpoint, evaluated on the test split with the serving predictor."""
+    import ray.train
+    import ray.train.torch
+
+    from tsdn.checkpoint import MODEL_JSON, MODEL_WEIGHTS
+    from tsdn.metrics import evaluate
+
+    reported = ray.train.get_all_reported_checkpoints()
+    if not reported:
+        msg = f"{product}: no checkpoint was reported"
+        raise RuntimeError(msg)
+    best = max(reported, key=lambda r: (_metric_or_low(r.metrics, cfg.checkpoint_metric), r.metrics["epoch"]))
+    with best.checkpoint.as_directory() as directory:
+        files = {}
+        for name in (MODEL_WEIGHTS, MODEL_JSON):
+            with open(os.path.join(directory, name), "rb") as handle:
+                files[name] = handle.read()
+    predictor = predictor_cls.from_files(files, device=ray.train.torch.get_device(), batch_size=cfg.eval_batch_size)
+
+    def predict(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        pred = predictor.predict_tensor(images)
+        return pred.anomaly_score.numpy(), pred.anomaly_map[:, 0].numpy()
+
+    test_shard = ray.train.get_dataset_shard("test")
+    labels, scores, masks, maps, ids = _collect_test(predict, _batches(test_shard, cfg.eval_batch_size))
+    test = evaluate(labels, scores, masks, maps)
+    return {
+        "checkpoint_dir": os.path.basename(best.checkpoint.path.rstrip("/")),
+        "best_epoch": int(best.metrics["epoch"]),
+        "val": {k: _clean_number(v) for k, v in best.metrics.items() if k.startswith("val_")},
+        "test": {k: _clean_number(float(v)) for k, v in test.items()},
+        "history": history,
+        "resumed_from_epoch": start_epoch,
+        "test_scores": dict(zip(ids, scores.tolist())),
+    }
+
+
+def _metric_or_low(metrics: Mapping[str, Any], name: str) -> float:
+    value = metrics.get(name)
+    if value is None or not math.isfinite(float(value)):
+        return -math.inf
+    return float(value)
+
+
+# --- one product line (driver side, inside a Ray task) -----------------------------------------------
+
+
+def check_manifest(cfg: TrainConfig, product: str, manifest: Mapping[str, Any]) -> None:
+    """The shards were made for this model: same input size and the same SLIC settings."""
+    slic = manifest.get("slic", {})
+    pairs = (
+        ("image_size", manifest.get("image_size"), cfg.model.image_size),
+        ("n_segments", slic.get("n_segments"), cfg.model.n_segments),
+        ("slic_compactness", slic.get("compactness"), cfg.model.slic_compactness),
+    )
+    for name, ingested, configured in pairs:
+        if ingested is not None and float(ingested) != float(configured):
+            msg = (
+                f"{product}: model.{name}={configured} but dataset {cfg.dataset!r} was ingested with {ingested}; "
+                f"train with --set model.{name}={ingested} or re-ingest"
+            )
+            raise ConfigError(msg)
+
+
+def load_datasets(cfg: TrainConfig, product: str) -> dict[str, Any]:
+    """``{"train", "val", "test"}`` Ray Datasets of one product line (see the module docstring)."""
+    from ray.data.expressions import col
+
+    from tsdn_platform.ingest import read_split
+
+    train_all = read_split(
+        cfg.store, cfg.dataset, product, "train", columns=[*TRAIN_COLUMNS, "fold"], image_dtype="uint8"
+    )
+    test = read_split(cfg.store, cfg.dataset, product, "test", columns=list(TEST_COLUMNS), image_dtype="uint8")
+    if cfg.validation == "holdout":
+        held_out = col("fold").is_in(list(cfg.holdout_folds))
+        train = train_all.filter(expr=~held_out).select_columns(list(TRAIN_COLUMNS))
+        val = train_all.filter(expr=held_out).select_columns(list(TRAIN_COLUMNS))
+    else:
+        train, val = train_all.select_columns(list(TRAIN_COLUMNS)), test
+    datasets = {"train": train, "val": val, "test": test}
+    if cfg.cache_data:
+        datasets = {name: ds.materialize() for name, ds in datasets.items()}
+    return datasets
+
+
+def build_trainer(cfg: TrainConfig, product: str, run_name: str, runs_uri: str, datasets: Mapping[str, Any]) -> Any:
+    """The product line's ``TorchTrainer``: scaling, storage, checkpoint and failure policy from ``cfg``.
+
+    The run lives at ``<runs_uri>/<run_name>`` on the store's filesystem (S3 with any endpoint works, since
+    the filesystem comes from :func:`tsdn_platform.store.resolve`).
+    """
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    fs, runs_path = store.resolve(runs_uri)
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
+    resolved = dataclasses.replace(cfg, products=[product], run_name=run_name)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": to_dict(resolved), "product": product, "run_name": run_name},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=runs_path,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints,
+                checkpoint_score_attribute=cfg.checkpoint_metric,
+                checkpoint_score_order="max",
+            ),
+        ),
+        datasets=dict(datasets),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def run_product(cfg: TrainConfig, product: str) -> ProductResult:
+    """Train, evaluate and register one product line; raises on failure (the caller reports it)."""
+    validate_name(product)
+    manifest, manifest_hash = _manifest(cfg, product)
+    check_manifest(cfg, product, manifest)
+    run_name = cfg.run_id(manifest_hash)
+    runs_uri = store.join(cfg.store, "runs", product)
+    run_uri = store.join(runs_uri, run_name)
+    resolved = dataclasses.replace(cfg, products=[product], run_name=run_name)
+    store.replace_bytes(store.join(run_uri, "config.yaml"), config_to_yaml(resolved).encode())
+
+    datasets = load_datasets(cfg, product)
+    n_train = datasets["train"].count()
+    if n_train // cfg.num_workers < cfg.batch_size:
+        msg = (
+            f"{product}: {n_train} training images cannot give each of {cfg.num_workers} workers "
+            f"a batch of {cfg.batch_size}; lower batch_size or num_workers"
+        )
+        raise ConfigError(msg)
+    logger.info("%s: training run %s (%d images) -> %s", product, run_name, n_train, run_uri)
+    summary = build_trainer(cfg, product, run_name, runs_uri, datasets).fit().return_value
+    if summary is None:
+        msg = f"{product}: training finished without a result from rank 0"
+        raise RuntimeError(msg)
+
+    checkpoint_uri = store.join(run_uri, summary["checkpoint_dir"])
+    record = {
+        "run_id": run_name,
+        "run_uri": run_uri,
+        "checkpoint": checkpoint_uri,
+        "dataset": cfg.dataset,
+        "dataset_manifest_hash": manifest_hash,
+        "validation_protocol": cfg.validation,
+        "best_epoch": summary["best_epoch"],
+        "val": summary["val"],
+        "test": summary["test"],
+        "history": summary["history"],
+    }
+    store.replace_json(store.join(run_uri, "metrics.json"), record)
+    version, promoted = _register(cfg, product, checkpoint_uri, record)
+    return ProductResult(
+        product=product,
+        ok=True,
+        run_name=run_name,
+        run_uri=run_uri,
+        version=version,
+        promoted=promoted,
+        best_epoch=summary["best_epoch"],
+        resumed_from_epoch=summary["resumed_from_epoch"],
+        val=summary["val"],
+        test=summary["test"],
+        history=summary["history"],
+        test_scores=summary["test_scores"],
+    )
+
+
+def _register(cfg: TrainConfig, product: str, checkpoint_uri: str, record: dict[str, Any]) -> tuple[str, bool]:
+    """Register the best checkpoint once: a re-run of a finished run finds its version and reuses it."""
+    from tsdn.checkpoint import MODEL_JSON, MODEL_WEIGHTS
+
+    registry = Registry(cfg.store)
+    for version in reversed(registry.list_versions(product)):
+        existing = registry.metrics(product, version)
+        if existing.get("run_id") == record["run_id"] and existing.get("checkpoint") == record["checkpoint"]:
+            logger.info("%s: run %s is already registered as version %s", product, record["run_id"], version)
+            best = registry.best(product)
+            return version, bool(best and best["version"] == version)
+    files = {name: store.read_bytes(store.join(checkpoint_uri, name)) for name in (MODEL_WEIGHTS, MODEL_JSON)}
+    version = registry.register(product, files, record, promote=cfg.promote, metric=cfg.promote_metric)
+    best = registry.best(product)
+    return version, bool(best and best["version"] == version)
+
+
+# --- all product lines -------------------------------------------------------------------------------
+
+
+def _product_task(cfg_dict: dict[str, Any], product: str) -> ProductResult:
+    cfg = from_dict(TrainConfig, cfg_dict)
+    try:
+        return run_product(cfg, product)
+    except Exception as exc:
+        logger.exception("%s: training failed", product)
+        return ProductResult(product=product, ok=False, error=f"{type(exc).__name__}: {exc}")
+
+
+def run_training(cfg: TrainConfig) -> dict[str, ProductResult]:
+    """Train every product line of ``cfg``; each in its own zero-CPU Ray task so trainers queue on resources.
+
+    One product's failure is recorded in its :class:`ProductResult` and does not stop the others.
+    """
+    import ray
+
+    from tsdn_platform.ray_session import init_ray
+
+    init_ray()
+    products = discover_products(cfg)
+    task = ray.remote(num_cpus=0, max_retries=0)(_product_task)
+    limit = cfg.max_concurrent_products or len(products)
+    pending: dict[Any, str] = {}
+    queue = list(products)
+    results: dict[str, ProductResult] = {}
+    cfg_dict = to_dict(cfg)
+    while queue or pending:
+        while queue and len(pending) < limit:
+            product = queue.pop(0)
+            pending[task.options(name=f"train-{product}").remote(cfg_dict, product)] = product
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            product = pending.pop(ref)
+            try:
+                results[product] = ray.get(ref)
+            except Exception as exc:  # the task itself died (e.g. its node was lost)
+                results[product] = ProductResult(product=product, ok=False, error=f"{type(exc).__name__}: {exc}")
+    return {product: results[product] for product in products}
+
+
+def format_table(results: Mapping[str, ProductResult]) -> str:
+    """The per-product summary printed at the end of ``tsdn train``."""
+    header = f"{'product':<16} {'status':<7} {'best ep':>7} {'val pAUROC':>10} " + " ".join(
+        f"{name:>11}" for name in _FLOAT_METRICS
+    )
+    lines = [header + f"  {'version':<26} promoted", "-" * (len(header) + 36)]
+    for product, result in results.items():
+        if not result.ok:
+            lines.append(f"{product:<16} {'FAILED':<7} {result.error}")
+            continue
+        val = result.val.get("val_pixel_auroc")
+        cells = " ".join(f"{_fmt(result.test.get(name)):>11}" for name in _FLOAT_METRICS)
+        lines.append(
+            f"{product:<16} {'ok':<7} {result.best_epoch!s:>7} {_fmt(val):>10} {cells}  "
+            f"{result.version!s:<26} {'yes' if result.promoted else 'no'}"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def main(args: argparse.Namespace) -> int:
+    explicit = {"store": args.store, "dataset": args.dataset, "products": args.products, "promote": args.promote}
+    cfg = load_config(TrainConfig, args.config, args.overrides, explicit=explicit)
+    if args.address:
+        from tsdn_platform.ray_session import init_ray
+
+        init_ray(address=args.address)
+    results = run_training(cfg)
+    print(format_table(results))
+    failed = [p for p, r in results.items() if not r.ok]
+    if failed:
+        print(f"tsdn train: failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
