@@ -23,6 +23,17 @@ _EXPORTS = {
     "load_checkpoint": "tsdn.checkpoint",
     "Detection": "tsdn.predict",
     "Predictor": "tsdn.predict",
+    "SURF": "tsdn.surf",
+    "slic_labels": "tsdn.surf",
+    "surf_fill": "tsdn.surf",
+    "ImageDecodeError": "tsdn.image",
+    "decode_image": "tsdn.image",
+    "to_rgb": "tsdn.image",
+    "Calibration": "tsdn.scoring",
+    "fit_calibration": "tsdn.scoring",
+    "image_score": "tsdn.scoring",
+    "score_map": "tsdn.scoring",
+    "evaluate": "tsdn.metrics",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -26,7 +26,8 @@ def normality_target(features: torch.Tensor, mask: torch.Tensor, window_size: in
     inverted, so the channel most similar to M' gets 0 and the least similar gets 1. When all
     channels are equally similar, every weight is 1 (nothing is singled out).
 
-    Computed without gradient: W_gt is a target for the estimator, not a path into DCD_A.
+    Computed without gradient (a target for the estimator, not a path into DCD_A) and in float32
+    even under autocast (SSIM of near-equal values is precision-sensitive).
 
     Args:
         features: F(1/32), (B, C, h, w).
@@ -36,7 +37,7 @@ def normality_target(features: torch.Tensor, mask: torch.Tensor, window_size: in
     Returns:
         (B, C) float32 in [0, 1].
     """
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(features.device.type, enabled=False):
         feats = F.interpolate(features.detach().float(), size=mask.shape[-2:], mode="bilinear", align_corners=False)
         low = feats.amin(dim=(2, 3), keepdim=True)
         span = feats.amax(dim=(2, 3), keepdim=True) - low

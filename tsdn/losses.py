@@ -48,9 +48,15 @@ class TSDNLoss(nn.Module):
     def forward(
         self, output: TSDNOutput, image: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # The perceptual terms compare near-equal images: keep them in float32 under autocast.
+        with torch.autocast(image.device.type, enabled=False):
+            return self._terms(output, image.float(), mask.float())
+
+    def _terms(
+        self, output: TSDNOutput, image: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.cfg
         recon = output.reconstruction.float()
-        image = image.float()
         zero = recon.new_zeros(())
         terms = {
             "l2": F.mse_loss(recon, image),
@@ -60,9 +66,9 @@ class TSDNLoss(nn.Module):
             "fne": zero,
         }
         if output.mask_logits is not None:
-            terms["mask"] = F.mse_loss(torch.sigmoid(output.mask_logits.float()), mask.float())
+            terms["mask"] = F.mse_loss(torch.sigmoid(output.mask_logits.float()), mask)
         if output.weights_logits is not None and output.weights_gt is not None:
-            # The logits form is the same cross-entropy as BCE(sigmoid(.), W_gt), but safe under autocast.
+            # The logits form is the same cross-entropy as BCE(sigmoid(.), W_gt), stable for saturated logits.
             terms["fne"] = F.binary_cross_entropy_with_logits(output.weights_logits.float(), output.weights_gt)
         weights = {"l2": cfg.w_l2, "ssim": cfg.w_ssim, "gms": cfg.w_gms, "mask": cfg.w_mask, "fne": cfg.w_fne}
         total = sum(weights[name] * value for name, value in terms.items())

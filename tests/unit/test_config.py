@@ -1,6 +1,8 @@
 """TSDNConfig: paper defaults, validation, dict round trip, the ablation table."""
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 
@@ -77,3 +79,13 @@ def test_apply_ablation_keeps_other_fields_and_rejects_unknown_rows():
     assert dataclasses.replace(cfg, **{s: True for s in SWITCHES}) == base
     with pytest.raises(ValueError, match="t9z"):
         apply_ablation(base, "t9z")
+
+
+def test_package_exports_resolve_lazily():
+    code = (
+        "import sys, tsdn\n"
+        "assert 'torch' not in sys.modules, 'import tsdn must not import torch'\n"
+        "assert all(getattr(tsdn, name) is not None for name in tsdn.__all__)\n"
+        "assert tsdn.TSDNConfig is __import__('tsdn.config').config.TSDNConfig\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -130,3 +130,15 @@ def test_skip_switch_changes_the_decoder_inputs():
     width = with_skips.encoder.feature_info.channels()[-2]
     assert with_skips.dcd_n.blocks[0].conv[0].in_channels == 2 * width
     assert without.dcd_n.blocks[0].conv[0].in_channels == width
+
+
+def test_mixed_precision_training_step_keeps_targets_and_loss_in_float32():
+    torch.manual_seed(0)
+    model = TSDN(TINY).train()
+    image, distorted, mask = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(distorted)
+        total, _ = TSDNLoss(TINY)(out, image, mask)
+    assert out.weights_gt.dtype == torch.float32 and total.dtype == torch.float32
+    total.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
