@@ -375,7 +375,7 @@ class TSDNModel:
         groups: dict[tuple[str, float | None], list[int]] = {}
         for index, request in enumerate(requests):
             groups.setdefault((request.model_id, request.threshold), []).append(index)
-        results: list[DetectResult | Exception] = [ValueError("unanswered")] * len(requests)
+        results: dict[int, DetectResult | Exception] = {}
         for (mid, threshold), indices in groups.items():
             try:
                 predictor, ref = await self._get_model(mid)
@@ -385,8 +385,7 @@ class TSDNModel:
                 elapsed_ms = (time.perf_counter() - start) * 1000.0
             except Exception as exc:
                 logger.exception("inference failed for %s", mid)
-                for i in indices:
-                    results[i] = exc
+                results.update(dict.fromkeys(indices, exc))
                 continue
             for i, detection in zip(indices, detections):
                 results[i] = DetectResult(
@@ -399,7 +398,7 @@ class TSDNModel:
                     batch_size=len(indices),
                     anomaly_map=detection.anomaly_map if requests[i].include_map else None,
                 )
-        return results
+        return [results[i] for i in range(len(requests))]
 
 
 # --- the ingress --------------------------------------------------------------------------------
