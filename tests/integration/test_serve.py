@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,6 +115,44 @@ def test_model_ids_round_trip():
     assert split_model_id("bottle@20261129T051200Z-1a2b3c4d") == ("bottle", "20261129T051200Z-1a2b3c4d")
     with pytest.raises(ValueError, match="model id"):
         split_model_id("bottle")
+
+
+def test_batching_is_reconfigured_through_user_config():
+    from tsdn_platform.serve import TSDNModel
+
+    model = TSDNModel.func_or_class("unused-store", 2)
+    model.reconfigure({"max_batch_size": 1, "batch_wait_timeout_s": 0})
+    assert model.batch_settings() == {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
+    model.reconfigure({"batch_wait_timeout_s": 0.2})
+    assert model.batch_settings() == {"max_batch_size": 1, "batch_wait_timeout_s": 0.2}
+    for bad in ({"max_batch_size": 0}, {"batch_wait_timeout_s": -1}, {"models": 3}):
+        with pytest.raises(ValueError, match="user_config"):
+            model.reconfigure(bad)
+
+
+def test_app_builder_takes_serve_config_fields(monkeypatch):
+    from ray.serve import Application
+
+    from tsdn_platform.serve import app_builder
+
+    monkeypatch.setenv("TSDN_X_TOKENS", "t")
+    app = app_builder({"store": "s3://bucket/prefix", "max_batch_size": 4, "auth_tokens_env": "TSDN_X_TOKENS"})
+    assert isinstance(app, Application)
+    with pytest.raises(ConfigError, match="unknown config key"):
+        app_builder({"store": "s3://bucket/prefix", "batch": 4})
+
+
+def test_the_infra_serve_config_builds(monkeypatch):
+    import yaml
+    from ray.serve import Application
+
+    from tsdn_platform.serve import app_builder
+
+    path = Path(__file__).resolve().parents[2] / "infra" / "serve.yaml"
+    (spec,) = [app for app in yaml.safe_load(path.read_text())["applications"] if app["name"] == "tsdn"]
+    assert spec["import_path"] == "tsdn_platform.serve:app_builder"
+    monkeypatch.setenv(spec["args"].get("auth_tokens_env", "TSDN_SERVE_TOKENS"), "t")
+    assert isinstance(app_builder(spec["args"]), Application)
 
 
 # --- the live application -------------------------------------------------------------------------
@@ -407,16 +446,3 @@ def test_promotion_switches_the_served_version_without_a_restart(server):
         assert answer["model_version"] == before["model_version"]
         time.sleep(0.25)
     _assert_answer(answer, PROMOTED, expected)
-
-
-def test_batching_is_reconfigured_through_user_config():
-    from tsdn_platform.serve import TSDNModel
-
-    model = TSDNModel.func_or_class("unused-store", 2)
-    model.reconfigure({"max_batch_size": 1, "batch_wait_timeout_s": 0})
-    assert model.batch_settings() == {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
-    model.reconfigure({"batch_wait_timeout_s": 0.2})
-    assert model.batch_settings() == {"max_batch_size": 1, "batch_wait_timeout_s": 0.2}
-    for bad in ({"max_batch_size": 0}, {"batch_wait_timeout_s": -1}, {"models": 3}):
-        with pytest.raises(ValueError, match="user_config"):
-            model.reconfigure(bad)
