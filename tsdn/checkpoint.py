@@ -48,7 +48,10 @@ def checkpoint_files(model: TSDN, calibration: Calibration, extra: dict[str, Any
 def load_checkpoint(
     files: Mapping[str, bytes], device: torch.device | str | None = None
 ) -> tuple[TSDN, Calibration, dict[str, Any]]:
-    """Rebuild the model (weights "none", then the saved state, strictly) in eval mode on ``device``."""
+    """Rebuild the model (weights "none", then the saved state, strictly) in eval mode on ``device``.
+
+    Returns ``(model, calibration, model_json)``; ``model.cfg`` is the saved config, weights spec included.
+    """
     for name in (MODEL_WEIGHTS, MODEL_JSON):
         if name not in files:
             msg = f"checkpoint: {name} missing (got {', '.join(sorted(files)) or 'nothing'})"
@@ -62,14 +65,16 @@ def load_checkpoint(
     if version != FORMAT_VERSION:
         msg = f"checkpoint {MODEL_JSON}: format_version {version!r}, this code reads {FORMAT_VERSION}"
         raise ValueError(msg)
-    cfg = dataclasses.replace(TSDNConfig.from_dict(meta["config"]), weights="none")
+    cfg = TSDNConfig.from_dict(meta["config"])
     calibration = Calibration.from_dict(meta["calibration"])
     try:
         state = safetensors.torch.load(files[MODEL_WEIGHTS])
     except Exception as exc:  # safetensors raises its own error types on corrupt input
         msg = f"checkpoint {MODEL_WEIGHTS}: unreadable ({type(exc).__name__}: {exc})"
         raise ValueError(msg) from exc
-    model = TSDN(cfg)
+    # The saved state replaces every tensor, so the encoder is built without fetching its weights.
+    model = TSDN(dataclasses.replace(cfg, weights="none"))
+    model.cfg = cfg  # the config the model was trained with, so a re-saved checkpoint keeps it
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

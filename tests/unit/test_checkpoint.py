@@ -5,6 +5,7 @@ import json
 import struct
 
 import pytest
+import safetensors.torch
 import torch
 
 from tsdn.checkpoint import FORMAT_VERSION, checkpoint_files, load_checkpoint
@@ -40,6 +41,7 @@ def test_round_trip_is_bit_identical(trained):
     assert not loaded.training
     assert loaded_calibration == calibration
     assert meta["extra"] == {"manifest_sha256": "abc"}
+    assert loaded.cfg == CFG
     image = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected, actual = model.predict(image), loaded.predict(image)
@@ -97,3 +99,18 @@ def test_bad_checkpoints_are_named(trained):
         load_checkpoint({**files, "model.safetensors": b"\x00" * 16})
     with pytest.raises(ValueError, match="not JSON"):
         load_checkpoint({**files, "model.json": b"{"})
+
+
+def test_loading_never_fetches_the_backbone_weights_and_keeps_the_spec(tmp_path, trained):
+    model, calibration = trained
+    weights = tmp_path / "encoder.safetensors"
+    safetensors.torch.save_file(model.encoder.state_dict(), weights)
+    cfg = dataclasses.replace(CFG, weights=str(weights))
+    pretrained = TSDN(cfg).eval()
+    files = checkpoint_files(pretrained, calibration)
+    weights.unlink()  # a server has the checkpoint, not the training-time weights source
+    loaded, _, meta = load_checkpoint(files)
+    assert loaded.cfg == cfg and meta["config"]["weights"] == str(weights)
+    assert json.loads(checkpoint_files(loaded, calibration)["model.json"])["config"] == meta["config"]
+    for key, value in pretrained.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
