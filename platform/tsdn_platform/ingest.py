@@ -1,0 +1,714 @@
+"""Ingest an MVTec-style tree into the shard contract, and read it back for training.
+
+Source layout (a local folder or an ``s3://`` prefix)::
+
+    <source>/<product>/train/good/*.png
+    <source>/<product>/test/<defect or good>/*.png
+    <source>/<product>/ground_truth/<defect>/<stem>_mask.png     (or <stem>.png)
+
+Products are the folders with a ``train/good`` folder. A Ray Data pipeline decodes and validates every
+image (:mod:`tsdn.image`), pairs and normalises its mask, and precomputes the SLIC label map of every
+train image at the training resolution (:mod:`tsdn.surf`), so SURF costs nothing per training step.
+
+Output, per product (``<dataset> = <store>/datasets/<name>``)::
+
+    <dataset>/<product>/train/part-00000.parquet ...   zstd; rows sorted by image_id
+    <dataset>/<product>/test/part-00000.parquet ...
+    <dataset>/<product>/manifest.json                  written last: counts, files, settings, content_hash
+    <dataset>/<product>/ingest_report.json             every skipped or converted file, with its reason
+    <dataset>/manifest.json                            one entry per product (content hashes, counts)
+    <dataset>/ingest_config.yaml                       the resolved IngestConfig
+
+Shard rows: ``image_id`` (the source path relative to the root, ``<product>/<split>/<defect>/<file>``),
+``product``, ``split``, ``label`` (int8: 0 normal, 1 anomalous), ``defect_type``, ``image`` (the original
+encoded bytes), ``mask`` (binary 0/255 PNG, null for good images), ``height``, ``width`` (original),
+``sha256`` (of ``image``), ``source_mode`` (the original PIL mode), ``superpixels``
+(:func:`tsdn.surf.encode_labels` of the (S, S) SLIC map, train split; null on test), ``fold`` (uint8 0..9
+from the image_id hash, for a stable validation hold-out) and ``notes`` (conversions, e.g.
+``"mask thresholded at 128"``; empty when none).
+
+A re-run over the same source writes the same rows and the same ``content_hash``. A product's shards are
+replaced so that a reader never sees a mix: new shards are staged under ``<product>/_staging-<id>/``, the old
+manifest is removed, the old shards deleted, the staged ones moved in, and the new manifest written last.
+Readers go through the manifest (:func:`read_split`), so they see either a complete product or a clear
+"not ingested" error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import re
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+
+from tsdn_platform import store
+from tsdn_platform.config import ConfigError, config_to_yaml, load_config
+
+__all__ = [
+    "FORMAT",
+    "IMAGE_EXTENSIONS",
+    "IngestConfig",
+    "IngestError",
+    "main",
+    "read_manifest",
+    "read_split",
+    "resize_image",
+    "run_ingest",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "tsdn-shards/1"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+SPLITS = ("train", "test")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_TARGET_FILE_BYTES = 128 * 1024 * 1024
+_ROWS_PER_FILE_RANGE = (16, 4096)
+# What the driver pulls back after processing (no pixel bytes): counts, hashes, the report, timings.
+_META_COLUMNS = [
+    *("image_id", "split", "label", "defect_type", "sha256", "mask_sha256", "notes"),
+    *("product", "error", "source_uri", "decode_s", "slic_s"),
+]
+
+
+class IngestError(ValueError):
+    """The source or the settings cannot produce a dataset; the message names the input. Picklable."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.where = where
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[IngestError], tuple[str, str]]:
+        return (type(self), (self.where, self.reason))
+
+
+@dataclass
+class IngestConfig:
+    """``tsdn ingest``: what to read, where to write, and the training resolution of the superpixel maps.
+
+    ``image_size``, ``n_segments`` and ``slic_compactness`` must match the training config (``TSDNConfig``:
+    ``image_size``, ``n_segments``, ``slic_compactness``); the training job checks the manifest against it.
+    ``rows_per_file`` defaults to about 128 MiB of images per file (16..4096 rows).
+    """
+
+    source: str = ""
+    store: str = ""
+    dataset: str = ""
+    products: list[str] | None = None
+    image_size: int = 352
+    n_segments: int = 400
+    slic_compactness: float = 10.0
+    mask_threshold: int = 128
+    rows_per_file: int | None = None
+    max_pixels: int = 64_000_000
+    address: str | None = None
+    ray_remote_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("source", "store", "dataset"):
+            if not getattr(self, name):
+                msg = f"{name} is required"
+                raise ConfigError(msg)
+        if not _NAME.match(self.dataset):
+            msg = f"dataset {self.dataset!r}: use letters, digits, '.', '_' and '-' only"
+            raise ConfigError(msg)
+        for product in self.products or ():
+            if not _NAME.match(product):
+                msg = f"product {product!r}: use letters, digits, '.', '_' and '-' only"
+                raise ConfigError(msg)
+        if self.image_size < 16:
+            msg = f"image_size={self.image_size}: must be >= 16"
+            raise ConfigError(msg)
+        if self.n_segments < 1 or self.slic_compactness <= 0:
+            msg = f"n_segments={self.n_segments}, slic_compactness={self.slic_compactness}: must be positive"
+            raise ConfigError(msg)
+        if not 0 < self.mask_threshold < 256:
+            msg = f"mask_threshold={self.mask_threshold}: must lie in 1..255"
+            raise ConfigError(msg)
+        if self.rows_per_file is not None and self.rows_per_file < 1:
+            msg = f"rows_per_file={self.rows_per_file}: must be >= 1"
+            raise ConfigError(msg)
+
+    def slic_settings(self) -> dict[str, Any]:
+        return {
+            "n_segments": self.n_segments,
+            "compactness": self.slic_compactness,
+            "resize": "bilinear+antialias",
+            "image_size": self.image_size,
+        }
+
+
+# --- pixels: one resize for ingest (SLIC input) and the training reader ------------------------------
+
+
+def resize_image(rgb: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (3, S, S) float32 in [0, 1]: bilinear with antialiasing, as ``tsdn.predict`` does."""
+    import torch
+    import torch.nn.functional as F
+
+    pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)[None].float().div_(255.0)
+    resized = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return resized[0].clamp_(0.0, 1.0).numpy()
+
+
+def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """(H, W) uint8 0/255 -> (1, S, S) float32 in {0, 1} (nearest neighbour keeps it binary)."""
+    import torch
+    import torch.nn.functional as F
+
+    binary = torch.from_numpy((mask > 0).astype(np.float32))[None, None]
+    return F.interpolate(binary, size=(size, size), mode="nearest")[0].numpy()
+
+
+def _fold(image_id: str) -> int:
+    return int(hashlib.sha1(image_id.encode()).hexdigest()[:8], 16) % 10
+
+
+# --- discovery (driver) ---------------------------------------------------------------------------
+
+
+def _relative(root: str, uri: str) -> str:
+    return uri[len(root.rstrip("/")) :].lstrip("/")
+
+
+def discover(source: str, products: list[str] | None = None) -> dict[str, list[str]]:
+    """Product -> every file under ``<source>/<product>/`` (full URIs, sorted). Products have ``train/good``."""
+    files = store.list_files(source)
+    by_product: dict[str, list[str]] = {}
+    for uri in files:
+        parts = _relative(source, uri).split("/")
+        if len(parts) >= 2:
+            by_product.setdefault(parts[0], []).append(uri)
+    found = {
+        product: uris
+        for product, uris in sorted(by_product.items())
+        if any(_relative(source, u).split("/")[1:3] == ["train", "good"] for u in uris)
+    }
+    if not found:
+        reason = (
+            "no product folders found: expected an MVTec-style tree <source>/<product>/train/good/*.png "
+            f"({len(files)} files under the source)"
+        )
+        raise IngestError(source, reason)
+    if products:
+        missing = sorted(set(products) - set(found))
+        if missing:
+            reason = f"product(s) {', '.join(missing)} not found; products with train/good: {', '.join(found)}"
+            raise IngestError(source, reason)
+        found = {p: found[p] for p in products}
+    return found
+
+
+def _plan_product(source: str, product: str, uris: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Files of one product -> (items to process, files skipped at planning time with their reason)."""
+    masks: dict[tuple[str, str], str] = {}
+    for uri in uris:
+        parts = _relative(source, uri).split("/")
+        if len(parts) == 4 and parts[1] == "ground_truth" and parts[3].lower().endswith(IMAGE_EXTENSIONS):
+            stem = posixpath.splitext(parts[3])[0]
+            key = (parts[2], stem.removesuffix("_mask"))
+            if stem.endswith("_mask") or key not in masks:
+                masks[key] = uri
+    items: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    used_masks = set()
+    for uri in uris:
+        rel = _relative(source, uri)
+        parts = rel.split("/")
+        if parts[1] == "ground_truth":
+            continue
+        if parts[1] not in SPLITS:
+            skipped.append({"file": uri, "reason": f"not under {product}/train or {product}/test"})
+            continue
+        if len(parts) != 4:
+            skipped.append({"file": uri, "reason": f"expected {product}/{parts[1]}/<defect type>/<file>"})
+            continue
+        _, split, defect, filename = parts
+        if not filename.lower().endswith(IMAGE_EXTENSIONS):
+            skipped.append({"file": uri, "reason": f"not an image file (expected {', '.join(IMAGE_EXTENSIONS)})"})
+            continue
+        if split == "train" and defect != "good":
+            skipped.append({"file": uri, "reason": "train images must be normal (train/good)"})
+            continue
+        mask_uri = masks.get((defect, posixpath.splitext(filename)[0])) if defect != "good" else None
+        if mask_uri:
+            used_masks.add(mask_uri)
+        items.append(
+            {
+                "image_id": rel,
+                "product": product,
+                "split": split,
+                "label": 0 if defect == "good" else 1,
+                "defect_type": defect,
+                "source_uri": uri,
+                "mask_uri": mask_uri or "",
+            }
+        )
+    for uri in sorted(set(masks.values()) - used_masks):
+        skipped.append({"file": uri, "reason": "mask without a matching test image"})
+    for uri in uris:
+        parts = _relative(source, uri).split("/")
+        if parts[1] == "ground_truth" and uri not in masks.values():
+            skipped.append({"file": uri, "reason": "not a mask file (expected ground_truth/<defect>/<stem>_mask.png)"})
+    items.sort(key=lambda item: item["image_id"])
+    return items, skipped
+
+
+# --- per-image work (Ray Data workers) -----------------------------------------------------------------
+
+
+def _decode_mask(data: bytes, uri: str, size: tuple[int, int], threshold: int, max_pixels: int):
+    """Mask bytes -> ((H, W) uint8 in {0, 255}, notes). Raises ValueError naming ``uri`` when unusable."""
+    from tsdn.image import decode_image, to_rgb
+
+    gray = to_rgb(decode_image(data, uri, max_pixels))[0].max(axis=2)
+    if gray.shape != size:
+        msg = f"{uri}: mask is {gray.shape[1]}x{gray.shape[0]}, image is {size[1]}x{size[0]}"
+        raise ValueError(msg)
+    notes = []
+    values = np.unique(gray)
+    if set(values.tolist()) <= {0, 255}:
+        binary = gray
+    elif set(values.tolist()) <= {0, 1}:
+        binary = gray * np.uint8(255)
+        notes.append("mask scaled from 0/1 to 0/255")
+    else:
+        binary = np.where(gray >= threshold, 255, 0).astype(np.uint8)
+        notes.append(f"mask thresholded at {threshold} ({len(values)} distinct values)")
+    if not binary.any():
+        notes.append("mask is empty")
+    return binary, notes
+
+
+def _encode_png(gray: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(gray, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _process_item(item: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """One source file -> one shard row (with ``error`` set, and nothing else, when it cannot be used)."""
+    from tsdn.image import decode_image, to_rgb
+    from tsdn.surf import encode_labels, slic_labels
+
+    row: dict[str, Any] = {key: str(item[key]) for key in ("image_id", "product", "split", "defect_type")}
+    row["label"] = int(item["label"])
+    row.update(
+        source_uri=str(item["source_uri"]),
+        image=None,
+        mask=None,
+        mask_sha256=None,
+        height=0,
+        width=0,
+        sha256="",
+        source_mode="",
+        superpixels=None,
+        fold=_fold(item["image_id"]),
+        notes="",
+        error=None,
+        decode_s=0.0,
+        slic_s=0.0,
+    )
+    uri = str(item["source_uri"])
+    start = time.perf_counter()
+    try:
+        data = store.read_bytes(uri)
+        rgb, mode = to_rgb(decode_image(data, uri, settings["max_pixels"]))
+        notes = [] if mode == "RGB" else [f"converted {mode} to RGB"]
+        if item["mask_uri"]:
+            try:
+                mask_data = store.read_bytes(item["mask_uri"])
+                mask, mask_notes = _decode_mask(
+                    mask_data, item["mask_uri"], rgb.shape[:2], settings["mask_threshold"], settings["max_pixels"]
+                )
+            except (ValueError, store.StoreError) as exc:
+                row["error"] = f"unusable mask: {exc}"
+                return row
+            row["mask"] = _encode_png(mask)
+            row["mask_sha256"] = hashlib.sha256(row["mask"]).hexdigest()
+            notes.extend(mask_notes)
+        elif item["label"]:
+            notes.append("no mask found")
+    except (ValueError, store.StoreError) as exc:
+        row["error"] = str(exc)
+        return row
+    row.update(
+        image=data,
+        height=int(rgb.shape[0]),
+        width=int(rgb.shape[1]),
+        sha256=hashlib.sha256(data).hexdigest(),
+        source_mode=mode,
+        notes="; ".join(notes),
+        decode_s=time.perf_counter() - start,
+    )
+    if item["split"] == "train":
+        start = time.perf_counter()
+        resized = np.round(resize_image(rgb, settings["image_size"]).transpose(1, 2, 0) * 255.0).astype(np.uint8)
+        labels = slic_labels(resized, settings["n_segments"], settings["compactness"])
+        row["superpixels"] = encode_labels(labels)
+        row["slic_s"] = time.perf_counter() - start
+    return row
+
+
+def _shard_schema() -> pa.Schema:
+    return pa.schema(
+        [
+            ("image_id", pa.string()),
+            ("product", pa.string()),
+            ("split", pa.string()),
+            ("label", pa.int8()),
+            ("defect_type", pa.string()),
+            ("image", pa.binary()),
+            ("mask", pa.binary()),
+            ("height", pa.int32()),
+            ("width", pa.int32()),
+            ("sha256", pa.string()),
+            ("source_mode", pa.string()),
+            ("superpixels", pa.binary()),
+            ("fold", pa.uint8()),
+            ("notes", pa.string()),
+        ]
+    )
+
+
+# --- planning and writing (driver + Ray Data) ---------------------------------------------------------
+
+
+def _file_sizes(uris: list[str]) -> dict[str, int]:
+    """Sizes in bytes of source files (one listing call per filesystem)."""
+    sizes: dict[str, int] = {}
+    groups: dict[int, tuple[Any, list[tuple[str, str]]]] = {}
+    for uri in uris:
+        fs, path = store.resolve(uri)
+        groups.setdefault(id(fs), (fs, []))[1].append((uri, path))
+    for fs, pairs in groups.values():
+        infos = fs.get_file_info([path for _, path in pairs])
+        sizes.update({uri: info.size or 0 for (uri, _), info in zip(pairs, infos)})
+    return sizes
+
+
+def _rows_per_file(cfg: IngestConfig, split_items: list[dict[str, Any]], sizes: dict[str, int]) -> int:
+    if cfg.rows_per_file:
+        return cfg.rows_per_file
+    mean_bytes = max(1, sum(sizes[item["source_uri"]] for item in split_items) // max(1, len(split_items)))
+    low, high = _ROWS_PER_FILE_RANGE
+    return int(min(high, max(low, _TARGET_FILE_BYTES // mean_bytes)))
+
+
+def _plan(cfg: IngestConfig, products: dict[str, list[str]]) -> tuple[list[dict[str, Any]], dict[str, list]]:
+    """Every item to process, each assigned to the shard file (``chunk``) it lands in; plus planning skips.
+
+    Chunks are consecutive runs of the sorted image_ids of one split, so shard files and their rows are the
+    same on every run, whatever the cluster size.
+    """
+    items: list[dict[str, Any]] = []
+    skipped: dict[str, list[dict[str, str]]] = {}
+    for product, uris in products.items():
+        product_items, skipped[product] = _plan_product(cfg.source, product, uris)
+        if not any(item["split"] == "train" for item in product_items):
+            raise IngestError(store.join(cfg.source, product), "no train/good images")
+        sizes = _file_sizes([item["source_uri"] for item in product_items])
+        for split in SPLITS:
+            split_items = [item for item in product_items if item["split"] == split]
+            per_file = _rows_per_file(cfg, split_items, sizes) if split_items else 1
+            for index, item in enumerate(split_items):
+                item["chunk"] = f"{product}/{split}/part-{index // per_file:05d}.parquet"
+        items.extend(product_items)
+    return items, skipped
+
+
+def _process_chunk(batch: dict[str, np.ndarray], settings: dict[str, Any], staging: str) -> pa.Table:
+    """Ray Data ``map_batches`` UDF (``batch_size=1``): one chunk of planned items -> one staged Parquet file.
+
+    Reads, decodes, validates and SLIC-labels each item (:func:`_process_item`), writes the valid rows sorted by
+    image_id (zstd) to ``<staging>/<chunk>``, and returns every item's metadata (``_META_COLUMNS``, no pixels).
+    """
+    chunk = str(batch["chunk"][0])
+    rows = [_process_item(item, settings) for item in json.loads(str(batch["items"][0]))]
+    valid = sorted((row for row in rows if row["error"] is None), key=lambda row: row["image_id"])
+    if valid:
+        shard = pa.Table.from_pylist(valid, schema=_shard_schema())
+        uri = store.join(staging, chunk)
+        fs, path = store.resolve(uri)
+        if isinstance(fs, pafs.LocalFileSystem):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        store.retrying(uri, lambda: pq.write_table(shard, path, filesystem=fs, compression="zstd"))
+    return pa.Table.from_pylist([{key: row[key] for key in _META_COLUMNS} for row in rows], schema=_meta_schema())
+
+
+def _meta_schema() -> pa.Schema:
+    extra = {
+        "mask_sha256": pa.string(),
+        "error": pa.string(),
+        "source_uri": pa.string(),
+        "decode_s": pa.float64(),
+        "slic_s": pa.float64(),
+    }
+    shard = _shard_schema()
+    return pa.schema([(name, shard.field(name).type if name in shard.names else extra[name]) for name in _META_COLUMNS])
+
+
+def _commit(product_uri: str, staged_uri: str) -> dict[str, list[dict[str, Any]]]:
+    """Swap a product's staged shards in; return the manifest's ``files`` section. The manifest goes first."""
+    store.delete(store.join(product_uri, "manifest.json"))
+    files: dict[str, list[dict[str, Any]]] = {}
+    for split in SPLITS:
+        store.delete(store.join(product_uri, split), recursive=True)
+        files[split] = []
+        for index, uri in enumerate(store.list_files(store.join(staged_uri, split), suffixes=(".parquet",))):
+            fs, path = store.resolve(uri)
+            rows = store.retrying(uri, lambda fs=fs, path=path: pq.read_metadata(path, filesystem=fs).num_rows)
+            relative = f"{split}/part-{index:05d}.parquet"
+            store.move(uri, store.join(product_uri, relative))
+            files[split].append({"path": relative, "rows": rows})
+    return files
+
+
+def _content_hash(cfg: IngestConfig, rows: list[dict[str, Any]], skipped: list[dict[str, str]]) -> str:
+    """Hash of the settings, every row's identity and content digests, and the skipped files' relative paths."""
+    digest = hashlib.sha256()
+    header = {"format": FORMAT, "slic": cfg.slic_settings(), "mask_threshold": cfg.mask_threshold}
+    digest.update(json.dumps(header, sort_keys=True).encode())
+    for row in sorted(rows, key=lambda r: r["image_id"]):
+        fields = (row["image_id"], row["label"], row["defect_type"], row["sha256"], row["mask_sha256"], row["notes"])
+        digest.update(json.dumps(fields).encode())
+    for entry in sorted(_relative(cfg.source, s["file"]) for s in skipped):
+        digest.update(entry.encode())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _finish_product(
+    cfg: IngestConfig, product: str, meta: list[dict[str, Any]], skipped: list[dict[str, str]], staging: str
+) -> dict[str, Any]:
+    """Commit one product's staged shards, then write its report and (last) its manifest."""
+    good = [row for row in meta if row["error"] is None]
+    skipped = sorted(
+        skipped + [{"file": row["source_uri"], "reason": row["error"]} for row in meta if row["error"] is not None],
+        key=lambda entry: entry["file"],
+    )
+    product_uri = store.join(cfg.store, "datasets", cfg.dataset, product)
+    files = _commit(product_uri, store.join(staging, product))
+    counts: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
+    for (split, defect), n in sorted(Counter((row["split"], row["defect_type"]) for row in good).items()):
+        counts[split][defect] = n
+    manifest = {
+        "format": FORMAT,
+        "dataset": cfg.dataset,
+        "product": product,
+        "source": store.join(cfg.source, product),
+        "image_size": cfg.image_size,
+        "slic": cfg.slic_settings(),
+        "counts": counts,
+        "n_rows": {split: sum(f["rows"] for f in files[split]) for split in SPLITS},
+        "files": files,
+        "n_skipped": len(skipped),
+        "content_hash": _content_hash(cfg, good, skipped),
+    }
+    report = {
+        "product": product,
+        "source": manifest["source"],
+        "skipped": skipped,
+        "converted": [{"file": row["source_uri"], "notes": row["notes"]} for row in good if row["notes"]],
+        "timing": {
+            "images": len(good),
+            "decode_s": round(sum(row["decode_s"] for row in good), 3),
+            "slic_s": round(sum(row["slic_s"] for row in good), 3),
+        },
+    }
+    store.replace_json(store.join(product_uri, "ingest_report.json"), report)
+    store.replace_json(store.join(product_uri, "manifest.json"), manifest)
+    rows = manifest["n_rows"]
+    logger.info(
+        "%s: %d train, %d test rows, %d skipped -> %s", product, rows["train"], rows["test"], len(skipped), product_uri
+    )
+    return manifest
+
+
+def run_ingest(cfg: IngestConfig) -> dict[str, Any]:
+    """Ingest every product of ``cfg.source``; return the dataset index (also written to the store).
+
+    One Ray Data pipeline for all products: ``from_items`` (one row per planned shard file) -> ``map_batches``
+    (read, decode, validate, pair masks, SLIC, write one staged Parquet file). Only metadata comes back to the
+    driver, which then swaps each product's shards in and writes its manifest.
+    """
+    from tsdn_platform.ray_session import init_ray
+
+    products = discover(cfg.source, cfg.products)
+    dataset_uri = store.join(cfg.store, "datasets", cfg.dataset)
+    store.list_files(dataset_uri, recursive=False)  # fail fast (a clear StoreError) if the store is unusable
+    items, planned_skips = _plan(cfg, products)
+    init_ray(cfg.address)
+    settings = {
+        "image_size": cfg.image_size,
+        "n_segments": cfg.n_segments,
+        "compactness": cfg.slic_compactness,
+        "mask_threshold": cfg.mask_threshold,
+        "max_pixels": cfg.max_pixels,
+    }
+    staging = store.join(dataset_uri, f"_staging-{uuid.uuid4().hex[:12]}")
+    chunks: dict[str, list[dict[str, Any]]] = {}
+    for item in items:
+        chunks.setdefault(item.pop("chunk"), []).append(item)
+    planned = [{"chunk": name, "items": json.dumps(chunk)} for name, chunk in sorted(chunks.items())]
+    ds = ray.data.from_items(planned, override_num_blocks=len(planned)).map_batches(
+        _process_chunk, fn_kwargs={"settings": settings, "staging": staging}, batch_size=1, **cfg.ray_remote_args
+    )
+    try:
+        meta = ds.take_all()
+        by_product: dict[str, list[dict[str, Any]]] = {product: [] for product in products}
+        for row in meta:
+            by_product[row["product"]].append(row)
+        for product, rows in by_product.items():
+            if not any(row["split"] == "train" and row["error"] is None for row in rows):
+                reasons = "; ".join(sorted({row["error"] for row in rows if row["error"]})[:3])
+                raise IngestError(store.join(cfg.source, product), f"every train image was rejected ({reasons})")
+        manifests = {p: _finish_product(cfg, p, by_product[p], planned_skips[p], staging) for p in products}
+    finally:
+        store.delete(staging, recursive=True)
+
+    index_uri = store.join(dataset_uri, "manifest.json")
+    entries = store.read_json(index_uri)["products"] if store.exists(index_uri) else {}
+    for product, manifest in manifests.items():
+        entries[product] = {key: manifest[key] for key in ("content_hash", "counts", "n_rows", "source")}
+    combined = hashlib.sha256(json.dumps({p: e["content_hash"] for p, e in sorted(entries.items())}).encode())
+    index = {
+        "format": FORMAT,
+        "dataset": cfg.dataset,
+        "image_size": cfg.image_size,
+        "slic": cfg.slic_settings(),
+        "products": dict(sorted(entries.items())),
+        "content_hash": f"sha256:{combined.hexdigest()}",
+    }
+    store.replace_bytes(store.join(dataset_uri, "ingest_config.yaml"), config_to_yaml(cfg).encode())
+    store.replace_json(index_uri, index)
+    return index
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+def read_manifest(store_uri: str, dataset: str, product: str | None = None) -> dict[str, Any]:
+    """The product's ``manifest.json`` (or the dataset's index when ``product`` is None)."""
+    parts = ("datasets", dataset, product, "manifest.json") if product else ("datasets", dataset, "manifest.json")
+    uri = store.join(store_uri, *parts)
+    try:
+        return store.read_json(uri)
+    except store.StoreError as exc:
+        if exc.kind == "not_found":
+            what = f"product {product!r} of dataset {dataset!r}" if product else f"dataset {dataset!r}"
+            raise IngestError(uri, f"{what} is not ingested (or is being re-ingested); run `tsdn ingest`") from exc
+        raise
+
+
+def _decode_batch(batch: dict[str, np.ndarray], image_size: int, image_dtype: str, superpixels: bool):
+    """Ray Data UDF: shard rows -> decoded, resized arrays (see :func:`read_split`)."""
+    from tsdn.image import decode_image, to_rgb
+    from tsdn.surf import decode_labels
+
+    n = len(batch["image_id"])
+    images = np.empty((n, 3, image_size, image_size), dtype=np.float32)
+    masks = np.zeros((n, 1, image_size, image_size), dtype=np.float32)
+    for i in range(n):
+        name = str(batch["image_id"][i])
+        images[i] = resize_image(to_rgb(decode_image(batch["image"][i], name))[0], image_size)
+        if batch["mask"][i] is not None:
+            mask = np.asarray(decode_image(batch["mask"][i], f"{name} (mask)").convert("L"))
+            masks[i] = _resize_mask(mask, image_size)
+    out = {
+        "image": np.round(images * 255.0).astype(np.uint8) if image_dtype == "uint8" else images,
+        "mask": masks,
+        "label": batch["label"].astype(np.int64),
+        "fold": batch["fold"].astype(np.int64),
+        "image_id": batch["image_id"],
+        "defect_type": batch["defect_type"],
+    }
+    if superpixels:
+        shape = (image_size, image_size)
+        out["superpixels"] = np.stack([decode_labels(data, shape).astype(np.int32) for data in batch["superpixels"]])
+    return out
+
+
+def read_split(
+    store_uri: str,
+    dataset: str,
+    product: str,
+    split: str,
+    columns: list[str] | None = None,
+    image_dtype: str = "float32",
+):
+    """A Ray Dataset of one ingested split, decoded and resized to the manifest's ``image_size`` S.
+
+    Rows (numpy per batch; ``iter_torch_batches`` turns the numeric ones into tensors):
+        image:       (3, S, S) float32 in [0, 1] (``image_dtype="float32"``) or uint8 (``"uint8"``)
+        mask:        (1, S, S) float32 in {0, 1}; zeros for good images
+        superpixels: (S, S) int32 SLIC labels 0..K-1 (train split only)
+        label:       int64, 0 normal / 1 anomalous
+        fold:        int64 0..9, stable per image (validation hold-out)
+        image_id, defect_type: str (drop them with ``columns=`` before ``iter_torch_batches``)
+
+    ``columns`` keeps only those output columns. Decoding runs in ``map_batches`` on CPU workers.
+    """
+    if split not in SPLITS:
+        msg = f"split {split!r}: expected one of {', '.join(SPLITS)}"
+        raise ValueError(msg)
+    if image_dtype not in ("float32", "uint8"):
+        msg = f"image_dtype {image_dtype!r}: expected 'float32' or 'uint8'"
+        raise ValueError(msg)
+    manifest = read_manifest(store_uri, dataset, product)
+    product_uri = store.join(store_uri, "datasets", dataset, product)
+    files = [store.join(product_uri, f["path"]) for f in manifest["files"][split]]
+    if not files:
+        raise IngestError(product_uri, f"no {split} rows in this dataset")
+    fs, _ = store.resolve(product_uri)
+    paths = [store.resolve(uri)[1] for uri in files]
+    superpixels = split == "train"
+    needed = ["image_id", "label", "defect_type", "image", "mask", "fold"] + (["superpixels"] if superpixels else [])
+    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(needed)
+    kwargs = {"image_size": manifest["image_size"], "image_dtype": image_dtype, "superpixels": superpixels}
+    ds = ds.map_batches(_decode_batch, fn_kwargs=kwargs, batch_size=16, batch_format="numpy")
+    if columns is not None:
+        ds = ds.select_columns(list(columns))
+    return ds
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> int:
+    """``tsdn ingest SOURCE --store STORE --dataset NAME [--products a,b] [--image-size N]``"""
+    products = None if not args.products or args.products == "all" else args.products.split(",")
+    explicit = {
+        "source": args.source,
+        "store": args.store,
+        "dataset": args.dataset,
+        "products": products,
+        "image_size": args.image_size,
+        "address": args.address,
+    }
+    cfg = load_config(IngestConfig, args.config, args.overrides, explicit=explicit)
+    index = run_ingest(cfg)
+    dataset_uri = store.join(cfg.store, "datasets", cfg.dataset)
+    for product, entry in index["products"].items():
+        print(
+            f"{product}: {entry['n_rows']['train']} train, {entry['n_rows']['test']} test rows, {entry['content_hash']}"
+        )
+    print(f"dataset {cfg.dataset}: {dataset_uri} ({index['content_hash']})")
+    return 0
