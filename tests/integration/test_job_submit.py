@@ -29,6 +29,8 @@ import pytest
 import yaml
 
 from tsdn_platform import store
+from tsdn_platform.config import preset_path
+from tsdn_platform.registry import METRICS_FILE, MODEL_FILES, Registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -39,6 +41,7 @@ START_ATTEMPTS = 3
 HEAD_READY_TIMEOUT_S = 180.0
 JOB_TIMEOUT_S = 1500.0
 STOP_TIMEOUT_S = 60.0
+TRAIN_PRESET = "tiny"  # timm test_efficientnet, 64 px: seconds per epoch on CPU
 _HEAD_PORTS = (
     "--port",
     "--dashboard-port",
@@ -55,6 +58,8 @@ PROBE = """
 import os, platform, sys
 import ray
 from tsdn_platform import store
+from tsdn_platform.config import preset_path
+from tsdn_platform.registry import METRICS_FILE, MODEL_FILES, Registry
 
 def origin():
     import platform, tsdn_platform
@@ -242,25 +247,65 @@ def test_failed_job_fails_ray_job_submit(ray_head, runtime_env):
     assert ray_head.api("/api/jobs/tsdn-failing")["status"] == "FAILED"
 
 
-def test_ingest_job_writes_shards_to_s3(ray_head, runtime_env, s3, demo_root):
+@dataclass(frozen=True)
+class Ingested:
+    store_uri: str
+    products: list[str]
+
+
+@pytest.fixture(scope="module")
+def ingested(ray_head, runtime_env, s3, demo_root) -> Ingested:
+    """The demo dataset uploaded to S3 and ingested there by a submitted ``jobs.ingest``."""
     source = s3.uri("mvtec-src")
     for path in sorted(p for p in demo_root.rglob("*") if p.is_file()):
         store.copy(str(path), store.join(source, path.relative_to(demo_root).as_posix()))
     store_uri = s3.uri("store")
-    products = sorted(p.name for p in demo_root.iterdir() if (p / "train" / "good").is_dir())
+    # Superpixel maps at the training resolution and segment count of the `tiny` preset the train job uses.
+    model = yaml.safe_load(preset_path(TRAIN_PRESET).read_text())["model"]
     result = ray_head.submit(
         "tsdn-ingest",
         runtime_env,
-        *("python", "-m", "jobs.ingest", source, "--store", store_uri, "--dataset", "demo", "--image-size", "64"),
+        *("python", "-m", "jobs.ingest", source, "--store", store_uri, "--dataset", "demo"),
+        *("--image-size", str(model["image_size"]), "--set", f"n_segments={model['n_segments']}"),
     )
     _assert_succeeded(ray_head, "tsdn-ingest", result)
-    for product in products:
-        manifest = store.read_json(store.join(store_uri, "datasets", "demo", product, "manifest.json"))
+    return Ingested(store_uri, sorted(p.name for p in demo_root.iterdir() if (p / "train" / "good").is_dir()))
+
+
+@pytest.fixture(scope="module")
+def trained(ray_head, runtime_env, ingested) -> str:
+    """One product line trained by a submitted ``jobs.train`` with the :data:`TRAIN_PRESET` config."""
+    product = ingested.products[0]
+    result = ray_head.submit(
+        "tsdn-train",
+        runtime_env,
+        *("python", "-m", "jobs.train", "--store", ingested.store_uri, "--dataset", "demo"),
+        *("--products", product, "--config", TRAIN_PRESET, "--promote", "always"),
+    )
+    _assert_succeeded(ray_head, "tsdn-train", result)
+    return product
+
+
+def test_ingest_job_writes_shards_to_s3(ingested, demo_root):
+    for product in ingested.products:
+        manifest = store.read_json(store.join(ingested.store_uri, "datasets", "demo", product, "manifest.json"))
         expected = {
             split: sum(1 for p in (demo_root / product / split).rglob("*") if p.is_file())
             for split in ("train", "test")
         }
         assert manifest["n_rows"] == expected
         for split in ("train", "test"):
-            shards = store.list_files(store.join(store_uri, "datasets", "demo", product, split), suffixes=[".parquet"])
+            split_uri = store.join(ingested.store_uri, "datasets", "demo", product, split)
+            shards = store.list_files(split_uri, suffixes=[".parquet"])
             assert len(shards) == len(manifest["files"][split]) > 0
+
+
+def test_train_job_registers_a_best_model(ingested, trained):
+    registry = Registry(ingested.store_uri)
+    (version,) = registry.list_versions(trained)
+    assert registry.best(trained)["version"] == version
+    version_uri = registry.version_uri(trained, version)
+    for name in (*MODEL_FILES, METRICS_FILE):
+        assert store.exists(store.join(version_uri, name)), name
+    # Only the requested product line was trained.
+    assert all(registry.list_versions(p) == [] for p in ingested.products if p != trained)
