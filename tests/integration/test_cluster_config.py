@@ -1,7 +1,9 @@
 """Deployment files: validated with Ray's own schemas and parsers, no cloud call."""
 
+import argparse
 import copy
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.schema import ServeDeploySchema
 
 from tsdn._config_io import from_dict
+from tsdn_platform.cli import build_parser
 from tsdn_platform.config import preset_path
 from tsdn_platform.serve import ServeConfig
 
@@ -19,6 +22,14 @@ INFRA = ROOT / "infra"
 
 def _load(path: Path):
     return yaml.safe_load(path.read_text())
+
+
+def _job_args(command: str) -> argparse.Namespace:
+    """``[ray job submit ... --] python -m jobs.<name> ARGS`` -> ARGS parsed by the ``tsdn <name>`` parser."""
+    words = shlex.split(re.sub(r"\$\{?\w+\}?", "x", command))
+    words = words[words.index("--") + 1 :] if "--" in words else words
+    assert words[:2] == ["python", "-m"] and words[2].startswith("jobs."), command
+    return build_parser().parse_args([words[2].removeprefix("jobs."), *words[3:]])
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +124,9 @@ def test_kuberay_manifests_parse_with_expected_kinds():
     (service,) = docs["rayservice.yaml"]
     (account,) = docs["serviceaccount.yaml"]
     assert job["apiVersion"] == service["apiVersion"] == "ray.io/v1"
-    entrypoint = job["spec"]["entrypoint"].split()
-    assert entrypoint[:3] == ["python", "-m", "jobs.train"]
-    assert preset_path(entrypoint[entrypoint.index("--config") + 1]).is_file()
+    train = _job_args(job["spec"]["entrypoint"])
+    assert train.command == "train"
+    assert preset_path(train.config).is_file()
     for cluster_spec in (job["spec"]["rayClusterSpec"], service["spec"]["rayClusterConfig"]):
         assert cluster_spec["rayVersion"] == "2.60.0"
         assert cluster_spec["authOptions"] == {"mode": "token"}
@@ -148,8 +159,9 @@ def test_ci_workflow_submits_train_then_score_and_fails_with_the_job():
         assert "--working-dir . --runtime-env infra/runtime_env.yaml" in command
         assert '--address "$RAY_ADDRESS"' in command
         assert "--no-wait" not in command  # waiting is what makes a failed job fail the step
-    assert "-- python -m jobs.train " in train
-    assert "-- python -m jobs.score " in score
+    # The job commands parse with the real CLI (shell variables replaced by a placeholder value).
+    assert _job_args(train).command == "train"
+    assert _job_args(score).command == "score"
     assert workflow["jobs"]["submit"]["env"]["RAY_AUTH_MODE"] == "token"
     # YAML 1.1 (PyYAML) reads the workflow's `on:` key as the boolean True.
     assert preset_path(workflow[True]["workflow_dispatch"]["inputs"]["config"]["default"]).is_file()
