@@ -64,8 +64,8 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3, num_thres
     at the limit) and divided by ``fpr_limit``, so a perfect map scores 1.
 
     Args:
-        masks: (N, H, W) ground-truth defect masks (bool or 0/1).
-        maps: (N, H, W) anomaly maps.
+        masks: (N, H, W) or (N, 1, H, W) ground-truth defect masks (bool or 0/1).
+        maps: anomaly maps of the masks' shape.
         fpr_limit: upper FPR integration limit in (0, 1].
         num_thresholds: ``None`` uses every distinct score as a threshold (exact); an integer uses that many
             thresholds evenly spaced between the smallest and the largest score (as anomalib does).
@@ -78,8 +78,10 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3, num_thres
         raise ValueError(msg)
     positive = _as_labels("masks", masks)
     values = _as_scores("maps", maps, positive.shape)
+    if positive.ndim == 4 and positive.shape[1] == 1:  # (N, 1, H, W) model-output layout
+        positive, values = positive[:, 0], values[:, 0]
     if positive.ndim != 3:
-        msg = f"aupro: masks must be (N, H, W), got shape {positive.shape}"
+        msg = f"aupro: masks must be (N, H, W) or (N, 1, H, W), got shape {positive.shape}"
         raise ValueError(msg)
 
     regions = np.zeros(positive.shape, dtype=np.int32)

@@ -74,6 +74,7 @@ def test_aupro_perfect_and_sampled_thresholds():
     exact = aupro(masks, noisy)
     assert 0 < exact < 1
     assert aupro(masks, noisy, num_thresholds=2000) == pytest.approx(exact, abs=0.01)
+    assert aupro(masks[:, None], noisy[:, None]) == exact
 
 
 def test_aupro_undefined_without_defects():
