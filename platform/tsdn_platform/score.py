@@ -81,25 +81,14 @@ from ray.data import Datasink
 from ray.data.datasource.datasink import WriteResult
 
 from tsdn._config_io import to_dict
-from tsdn.image import ImageDecodeError, decode_image, to_rgb
+from tsdn.image import decode_image, to_rgb
 from tsdn_platform import store
 from tsdn_platform.config import load_config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SCORE_COLUMNS", "ScoreConfig", "ScoreDatasink", "main", "output_schema", "resize_map", "run_scoring"]
+__all__ = ["MANIFEST", "ScoreConfig", "ScoreDatasink", "main", "output_schema", "resize_map", "run_scoring"]
 
-SCORE_COLUMNS = (
-    "image_id",
-    "source_uri",
-    "product",
-    "model_version",
-    "anomaly_score",
-    "is_anomalous",
-    "threshold",
-    "score_map",
-    "error",
-)
 MANIFEST = "_manifest.json"
 STAGING = "_staging"
 _SHARD_PATTERN = re.compile(r"(^|/)part-[^/]*\.parquet$")
@@ -285,11 +274,16 @@ class _Models:
 
 
 def _resolve_models(cfg: ScoreConfig, products: Iterable[str]) -> _Models:
-    from tsdn_platform.registry import Registry, UnknownProductError
+    from tsdn_platform.registry import Registry, UnknownProductError, validate_name
 
     registry = Registry(cfg.store)
     models = _Models({}, {}, {})
     for product in sorted(set(products)):
+        try:
+            validate_name(product)  # a folder name from product_from_path may not be a product id
+        except ValueError as exc:
+            models.unavailable[product] = str(exc)
+            continue
         # A pinned version that does not exist fails the job (UnknownVersionError): the user asked for it.
         try:
             predictor, ref = registry.load_predictor(product, cfg.versions.get(product, cfg.version))
@@ -371,7 +365,7 @@ def _decode_batch(batch: pa.Table, unavailable: Mapping[str, str], max_pixels: i
                 rgb, _ = to_rgb(decode_image(data, uri, max_pixels))
                 height, width = rgb.shape[:2]
                 pixels = np.ascontiguousarray(rgb).tobytes()
-            except (ImageDecodeError, store.StoreError, OSError) as exc:
+            except (ValueError, store.StoreError, OSError) as exc:  # ImageDecodeError is a ValueError
                 error = str(exc)
         for name, value in zip(
             _DECODED_SCHEMA.names, (row["image_id"], uri, product, pixels, height, width, error), strict=True
@@ -544,13 +538,15 @@ def _build_dataset(cfg: ScoreConfig, inputs: _Inputs, models: _Models) -> ray.da
         fs, _ = store.resolve(inputs.shard_files[0])
         paths = {store.resolve(uri)[1]: uri for uri in inputs.shard_files}
         columns = _SHARD_COLUMNS + (["split"] if cfg.split is not None else [])
-        ds = ray.data.read_parquet(
-            list(paths), filesystem=fs, columns=columns, include_paths=True, partitioning=None
-        ).map_batches(
-            _select_shard_rows,
-            fn_kwargs={"uris": paths, "split": cfg.split, "product": cfg.product},
-            batch_format="pyarrow",
-            batch_size=cfg.batch_size,
+        ds = (
+            ray.data.read_parquet(list(paths), filesystem=fs, include_paths=True, partitioning=None)
+            .select_columns([*columns, "path"])
+            .map_batches(
+                _select_shard_rows,
+                fn_kwargs={"uris": paths, "split": cfg.split, "product": cfg.product},
+                batch_format="pyarrow",
+                batch_size=cfg.batch_size,
+            )
         )
     else:
         blocks = max(1, min(len(inputs.items) // cfg.batch_size, 1000))

@@ -1,0 +1,164 @@
+"""Batch-scoring throughput: the Ray Data score job against a plain PyTorch loop, same model, same run.
+
+The plain loop gets the images already decoded and calls ``Predictor.predict`` batch by batch with all
+of torch's threads; the Ray job lists, reads, decodes, scores (an actor pool splitting the same cores) and
+writes Parquet, so it pays for everything a real job does. Both alternate ``--repeats`` times and the
+best of each is compared (this machine is shared and noisy). Also measured: bytes per output row and the
+peak RSS of a scorer actor (read from /proc while the job runs).
+
+    .venv/bin/python benchmarks/bench_score.py --images 256 --image-size 128 --actors 2
+
+Prints a Markdown table for the "Scoring" section of BENCHMARKS.md. Everything stays on this machine: a
+local-folder store and a local Ray cluster on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import re
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tsdn.checkpoint import checkpoint_files
+from tsdn.config import TSDNConfig
+from tsdn.image import decode_image, to_rgb
+from tsdn.model import TSDN
+from tsdn.scoring import fit_calibration
+from tsdn_platform import store
+from tsdn_platform.ray_session import init_ray
+from tsdn_platform.registry import Registry
+from tsdn_platform.score import ScoreConfig, run_scoring
+
+PRODUCT = "bench"
+
+
+def _texture(seed: int, size: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    base = 128 + 60 * np.sin(xx / 6.0 + seed)[..., None] * np.cos(yy / 9.0)[..., None]
+    pixels = np.clip(base + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class _ActorMemory:
+    """Samples the peak RSS (``VmHWM`` in ``/proc/<pid>/status``, Linux) of Ray's scorer worker processes
+    (their title names ``_Scorer``) in a thread while the job runs."""
+
+    def __init__(self, period_s: float = 0.2) -> None:
+        self.peak_bytes = 0
+        self._period_s = period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _ActorMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for proc in Path("/proc").glob("[0-9]*"):
+                try:
+                    if b"_Scorer" not in (proc / "cmdline").read_bytes():
+                        continue
+                    status = (proc / "status").read_text()
+                except OSError:  # the process ended meanwhile
+                    continue
+                match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+                if match:
+                    self.peak_bytes = max(self.peak_bytes, int(match.group(1)) * 1024)
+            self._stop.wait(self._period_s)
+
+
+def _plain_loop(predictor, images: list[np.ndarray], batch_size: int) -> float:
+    """Images/s of ``Predictor.predict`` over already decoded images (after one warm-up batch)."""
+    predictor.predict(images[:batch_size])
+    start = time.perf_counter()
+    for i in range(0, len(images), batch_size):
+        predictor.predict(images[i : i + batch_size])
+    return len(images) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=128, help="side of the input images and the model")
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm encoder (random weights)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--actors", type=int, default=2, help="scorer actors; each gets cores/actors CPUs")
+    parser.add_argument("--map-size", type=int, default=64, help="output_map_size of the job")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--workdir", help="default: a temporary folder")
+    args = parser.parse_args()
+
+    cores = os.cpu_count() or 1
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-score-"))
+    store_uri, input_uri, output_uri = (str(workdir / name) for name in ("store", "images", "scores"))
+    model = TSDN(TSDNConfig(backbone=args.backbone, weights="none", image_size=args.image_size))
+    calibration = fit_calibration(np.linspace(0.05, 0.15, 16))
+    registry = Registry(store_uri)
+    registry.register(PRODUCT, checkpoint_files(model, calibration), {"test": {"image_auroc": 0.5}}, promote="always")
+    encoded = [_texture(i, args.image_size) for i in range(args.images)]
+    for i, data in enumerate(encoded):
+        store.write_bytes(store.join(input_uri, PRODUCT, f"{i:05d}.png"), data)
+    decoded = [to_rgb(decode_image(data, f"{i:05d}.png"))[0] for i, data in enumerate(encoded)]
+    predictor, _ = registry.load_predictor(PRODUCT)
+    predictor.batch_size = args.batch_size
+
+    cfg = ScoreConfig(
+        store=store_uri,
+        input=input_uri,
+        output=output_uri,
+        product=PRODUCT,
+        batch_size=args.batch_size,
+        num_actors=(args.actors, args.actors),
+        num_cpus_per_actor=cores / args.actors,
+        output_map_size=args.map_size,
+    )
+    init_ray()  # Ray's own start-up is not the job's; the actors' start-up (model load) is
+    loop_rates, job_rates, peaks = [], [], []
+    manifest: dict = {}
+    for _ in range(args.repeats):
+        torch.set_num_threads(cores)
+        loop_rates.append(_plain_loop(predictor, decoded, args.batch_size))
+        with _ActorMemory() as memory:
+            manifest = run_scoring(cfg)
+        job_rates.append(manifest["timings"]["images_per_s"])
+        peaks.append(memory.peak_bytes)
+    parts = [store.join(output_uri, f) for product in manifest["products"].values() for f in product["files"]]
+    part_bytes = sum(Path(p).stat().st_size for p in parts)
+
+    loop, job = max(loop_rates), max(job_rates)
+    print(f"machine: {platform.machine()}, {cores} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"workload: {args.images} PNG images {args.image_size}x{args.image_size}, {args.backbone} TSDN at "
+        f"{args.image_size} px, batch {args.batch_size}, {args.actors} actors x {cores / args.actors:g} CPU, "
+        f"maps {args.map_size}x{args.map_size}, best of {args.repeats}"
+    )
+    print()
+    print("| measure | value |")
+    print("|---|---|")
+    print(f"| plain PyTorch loop (decoded images, {cores} threads) | {loop:.1f} images/s |")
+    print(f"| Ray Data job (read + decode + score + write) | {job:.1f} images/s |")
+    print(f"| ratio job / loop | {job / loop:.2f} |")
+    print(f"| bytes per output row (Parquet, zstd, incl. score map) | {part_bytes / manifest['rows_written']:.0f} |")
+    print(f"| peak RSS of a scorer actor | {max(peaks) / 2**20:.0f} MiB |")
+    print(f"| all runs, images/s: loop / job | {[round(r, 1) for r in loop_rates]} / {job_rates} |")
+
+
+if __name__ == "__main__":
+    main()
