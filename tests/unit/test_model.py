@@ -142,3 +142,21 @@ def test_mixed_precision_training_step_keeps_targets_and_loss_in_float32():
     assert out.weights_gt.dtype == torch.float32 and total.dtype == torch.float32
     total.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_training_reduces_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY, lr=3e-3)
+    model = TSDN(cfg).train()
+    image, distorted, mask = _batch(n=4)
+    loss_fn = TSDNLoss(cfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    history = []
+    for _ in range(15):
+        total, terms = loss_fn(model(distorted), image, mask)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        history.append((float(total.detach()), float(terms["mask"])))
+    assert history[-1][0] < 0.75 * history[0][0]
+    assert history[-1][1] < 0.5 * history[0][1]  # DCD_A learns the SURF mask
