@@ -6,6 +6,9 @@ the Serve application on 127.0.0.1 and drives ``POST /v1/products/<p>/detect`` w
 generator (N threads, one keep-alive connection each, bounded in requests and in seconds) at each
 concurrency, with dynamic batching on (``max_batch_size=--batch``) and off (``max_batch_size=1``).
 
+The machines this runs on are shared, so every level is divided by a reference taken just before it:
+``direct req/s`` = one-image ``predict`` calls per second in this process, 1 thread like the replica.
+
     .venv/bin/python benchmarks/bench_serve.py                       # prints a Markdown table + JSON
     .venv/bin/python benchmarks/bench_serve.py --write BENCHMARKS.md # also replaces its "## Serving" body
 """
@@ -45,7 +48,9 @@ class Level:
     p50_ms: float
     p99_ms: float
     rps: float
-    mean_batch: float | None = None
+    baseline_rps: float
+    """Direct one-image ``predict`` calls per second, measured just before this level (the machine is shared)."""
+    mean_batch: float
     errors: int = 0
 
 
@@ -80,40 +85,49 @@ def register_model(store: str, backbone: str, image_size: int) -> None:
     Registry(store).register(PRODUCT, files, {"test": {"image_auroc": 0.5}}, promote="always")
 
 
-def bench_direct(store: str, image: bytes, batch: int, requests: int, max_seconds: float) -> list[Level]:
-    """``Predictor.predict`` in this process: one image per call, then ``batch`` images per call."""
-    import torch
+class Direct:
+    """``Predictor.predict`` in this process, on the same decoded image the server gets."""
 
-    from tsdn.image import decode_image
-    from tsdn_platform.registry import Registry
+    def __init__(self, store: str, image: bytes) -> None:
+        import torch
 
-    # A model replica has 1 CPU and Ray sets OMP_NUM_THREADS=1 in it: give the baseline the same.
-    torch.set_num_threads(1)
-    predictor, _ = Registry(store).load_predictor(PRODUCT)
-    decoded = decode_image(image, "bench image")
-    levels = []
-    for size in (1, batch):
-        predictor.predict([decoded] * size)  # warm-up
+        from tsdn.image import decode_image
+        from tsdn_platform.registry import Registry
+
+        # A model replica has 1 CPU and Ray sets OMP_NUM_THREADS=1 in it: give the baseline the same.
+        torch.set_num_threads(1)
+        self.predictor, _ = Registry(store).load_predictor(PRODUCT)
+        self.image = decode_image(image, "bench image")
+        self.predictor.predict([self.image])  # warm-up
+
+    def measure(self, size: int, requests: int, max_seconds: float) -> tuple[list[float], float]:
+        """Calls of ``size`` images until ``requests`` images or ``max_seconds`` -> (latencies ms, images/s)."""
         latencies: list[float] = []
         deadline = time.perf_counter() + max_seconds
         start = time.perf_counter()
         while len(latencies) * size < requests and time.perf_counter() < deadline:
             t0 = time.perf_counter()
-            predictor.predict([decoded] * size)
+            self.predictor.predict([self.image] * size)
             latencies.append((time.perf_counter() - t0) * 1000.0)
-        elapsed = time.perf_counter() - start
-        levels.append(
-            Level(
-                mode=f"direct predict, {size} image(s)/call",
-                concurrency=1,
-                requests=len(latencies) * size,
-                p50_ms=percentile(latencies, 50),
-                p99_ms=percentile(latencies, 99),
-                rps=len(latencies) * size / elapsed,
-                mean_batch=float(size),
-            )
+        return latencies, len(latencies) * size / (time.perf_counter() - start)
+
+    def baseline(self, probe: int, max_seconds: float) -> float:
+        """Images/s of one-image calls right now: the reference each measured level is divided by."""
+        return self.measure(1, probe, max_seconds)[1]
+
+    def level(self, size: int, requests: int, max_seconds: float, probe: int) -> Level:
+        baseline = self.baseline(probe, max_seconds)
+        latencies, rps = self.measure(size, requests, max_seconds)
+        return Level(
+            mode=f"direct predict, {size} image(s)/call",
+            concurrency=1,
+            requests=len(latencies) * size,
+            p50_ms=percentile(latencies, 50),
+            p99_ms=percentile(latencies, 99),
+            rps=rps,
+            baseline_rps=baseline,
+            mean_batch=float(size),
         )
-    return levels
 
 
 def load(
@@ -159,9 +173,7 @@ def load(
     return latencies, batches, errors[0], time.perf_counter() - start
 
 
-def bench_http(
-    store: str, image: bytes, batch: int, concurrencies: list[int], requests: int, max_seconds: float
-) -> list[Level]:
+def bench_http(direct: Direct, store: str, image: bytes, args: argparse.Namespace) -> list[Level]:
     from ray import serve
 
     from tsdn_platform.serve import ServeConfig, start_server
@@ -173,20 +185,24 @@ def bench_http(
     path = f"/v1/products/{PRODUCT}/detect"
     levels = []
     try:
-        for mode, size in ((f"HTTP, batching on (max {batch})", batch), ("HTTP, batching off", 1)):
+        batching = ((f"HTTP, batching on (max {args.batch}, wait {args.wait * 1000:g} ms)", args.batch),)
+        for mode, size in (*batching, ("HTTP, batching off", 1)):
             cfg = ServeConfig(
                 store=store,
                 port=port,
                 max_batch_size=size,
-                batch_wait_timeout_s=0.005,
+                batch_wait_timeout_s=args.wait,
                 max_ongoing_requests=64,
                 auth_tokens_env="TSDN_BENCH_TOKENS",
             )
             with _env("TSDN_BENCH_TOKENS", token):
                 start_server(cfg)
-            load(port, path, image, token, 4, 16, max_seconds)  # warm-up: model load, connections
-            for concurrency in concurrencies:
-                latencies, batches, errors, elapsed = load(port, path, image, token, concurrency, requests, max_seconds)
+            load(port, path, image, token, 4, 16, args.max_seconds)  # warm-up: model load, connections
+            for concurrency in args.concurrency:
+                baseline = direct.baseline(args.probe, args.max_seconds)
+                latencies, batches, errors, elapsed = load(
+                    port, path, image, token, concurrency, args.requests, args.max_seconds
+                )
                 levels.append(
                     Level(
                         mode=mode,
@@ -195,6 +211,7 @@ def bench_http(
                         p50_ms=percentile(latencies, 50),
                         p99_ms=percentile(latencies, 99),
                         rps=len(latencies) / elapsed,
+                        baseline_rps=baseline,
                         mean_batch=statistics.fmean(batches),
                         errors=errors,
                     )
@@ -220,16 +237,15 @@ def _env(name: str, value: str) -> Iterator[None]:
 
 
 def markdown(levels: list[Level], args: argparse.Namespace, command: str) -> str:
-    direct = levels[0].rps
     rows = [
-        "| mode | concurrency | requests | p50 ms | p99 ms | req/s | x direct 1/call | mean batch | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | concurrency | requests | p50 ms | p99 ms | req/s | direct req/s | ratio | mean batch | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for level in levels:
-        batch = "" if level.mean_batch is None else f"{level.mean_batch:.2f}"
         rows.append(
             f"| {level.mode} | {level.concurrency} | {level.requests} | {level.p50_ms:.1f} | {level.p99_ms:.1f} "
-            f"| {level.rps:.1f} | {level.rps / direct:.2f} | {batch} | {level.errors} |"
+            f"| {level.rps:.1f} | {level.baseline_rps:.1f} | {level.rps / level.baseline_rps:.2f} "
+            f"| {level.mean_batch:.2f} | {level.errors} |"
         )
     machine = f"{platform.machine()}, {_cpus()} CPU cores visible, Python {platform.python_version()}, no GPU"
     return "\n".join(
@@ -243,6 +259,13 @@ def markdown(levels: list[Level], args: argparse.Namespace, command: str) -> str
             "```",
             "",
             *rows,
+            "",
+            "- `req/s`: images answered per second (HTTP: closed loop, `concurrency` clients with keep-alive "
+            "connections, each level bounded by `--requests` and `--max-seconds`); latencies are per request "
+            "(HTTP: client-side, including decode, auth, routing and JSON).",
+            "- `direct req/s`: one-image `Predictor.predict` calls per second in the benchmark process (1 torch "
+            "thread, like the replica) measured just before the level; `ratio` = req/s / direct req/s.",
+            "- `mean batch`: images per `Predictor.predict` call in the replica, from the responses' `batch_size`.",
         ]
     )
 
@@ -266,6 +289,8 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=128, help="model input side")
     parser.add_argument("--request-size", type=int, default=128, help="side of the PNG sent")
     parser.add_argument("--batch", type=int, default=8, help="max_batch_size with batching on")
+    parser.add_argument("--wait", type=float, default=0.02, help="batch_wait_timeout_s with batching on")
+    parser.add_argument("--probe", type=int, default=16, help="direct calls measured before each level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=96, help="requests per level (upper bound)")
     parser.add_argument("--max-seconds", type=float, default=60.0, help="time bound per level")
@@ -280,10 +305,11 @@ def main() -> int:
     image = make_image(args.request_size)
     with tempfile.TemporaryDirectory(prefix="tsdn-bench-serve-") as store:
         register_model(store, args.backbone, args.image_size)
-        levels = bench_direct(store, image, args.batch, args.requests, args.max_seconds)
+        direct = Direct(store, image)
+        levels = [direct.level(size, args.requests, args.max_seconds, args.probe) for size in (1, args.batch)]
         init_ray(num_cpus=args.num_cpus)
         try:
-            levels += bench_http(store, image, args.batch, args.concurrency, args.requests, args.max_seconds)
+            levels += bench_http(direct, store, image, args)
         finally:
             import ray
 
