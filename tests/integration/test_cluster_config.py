@@ -4,6 +4,7 @@ import argparse
 import copy
 import re
 import shlex
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,19 @@ def test_readme_documents_every_infra_file():
     assert missing == []
     for top_level in ("ray_cluster.yaml", ".rayignore"):
         assert top_level in readme
+
+
+def test_rayignore_keeps_the_working_dir_upload_to_the_code(tmp_path):
+    # Ray's own packaging, as `ray job submit --working-dir .` runs it (it honours .gitignore and .rayignore).
+    from ray._private.runtime_env.packaging import create_package
+
+    package = tmp_path / "working_dir.zip"
+    create_package(str(ROOT), package, include_gitignore=True)
+    names = zipfile.ZipFile(package).namelist()
+    for needed in ("platform/tsdn_platform/__init__.py", "tsdn/__init__.py", "jobs/train.py", "infra/runtime_env.yaml"):
+        assert needed in names
+    assert any(name.startswith("jobs/configs/") and name.endswith(".yaml") for name in names)
+    unwanted = (".venv/", ".git/", "tests/", ".tsdn/", "demo_store/")
+    assert [n for n in names if n.startswith(unwanted) or "__pycache__" in n or n.endswith(".parquet")] == []
+    assert "platform/__init__.py" not in names
+    assert package.stat().st_size < 5 * 2**20  # Ray caps uploads at 100 MiB; the code is well under 1 MiB
