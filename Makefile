@@ -29,8 +29,10 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# One intra-op thread per process: the suite runs a driver plus Ray workers on two cores, and spinning
+# OpenMP threads of several processes fighting for the same cores cost more than they gain.
 test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/tsdn demo --workdir $(DEMO_DIR)
