@@ -8,6 +8,21 @@ One application, two deployments:
   replica) and dynamic batching (``@serve.batch``; size and wait time from ``user_config``). Inference
   is :meth:`tsdn.predict.Predictor.predict`, the same function batch scoring calls.
 
+API (JSON; errors are ``{"status": <code>, "reason": "..."}``, never a 500 for bad input):
+
+- ``POST /v1/products/{product}/detect``: body = the image (``image/png``, ``image/jpeg``) or a
+  ``multipart/form-data`` upload with one file part. Query: ``threshold`` (raw anomaly-score units,
+  overrides the calibrated one), ``include=anomaly_map``. Answer: ``product``, ``model_version``,
+  ``anomaly_score``, ``is_anomalous``, ``threshold``, ``inference_ms`` (the ``predict`` call of the batch
+  the image was in), ``batch_size`` (images in that call) and, when asked, ``anomaly_map``: a base64 PNG
+  heatmap at the image's resolution whose colour scale tops out at ``vmax`` = 2 x threshold. Errors: 401
+  no bearer token, 403 wrong token, 404 unknown or invalid product id, 413 body over ``max_body_bytes``
+  (by Content-Length, and by the bytes read), 415 other content types, 422 undecodable image, more than
+  ``max_image_pixels`` pixels (refused from the header, before decoding) or a bad query value, 503 store
+  unreachable.
+- ``GET /v1/products``: products with a promoted model, their ``model_version`` and ``metrics``.
+- ``GET /healthz``: no auth.
+
 Version switching: the multiplexed model id is ``"<product>@<version>"``. The ingress re-reads a
 product's ``best.json`` at most every ``pointer_ttl_s`` seconds, so ``pointer_ttl_s`` after a
 promotion every new request is routed to the new version's model id; the model deployment loads it on
@@ -557,6 +572,7 @@ class TSDNIngress:
         if media_type not in IMAGE_TYPES and media_type != MULTIPART:
             allowed = ", ".join(sorted(IMAGE_TYPES | {MULTIPART}))
             raise ApiError(415, f"unsupported content type {media_type or '(none)'!r}; expected one of {allowed}")
+        self._check_declared_length(request)
         try:
             pointer = await self._pointers.best(product)
         except (RegistryError, StoreError) as exc:
@@ -603,15 +619,20 @@ class TSDNIngress:
             }
         return answer
 
-    async def _read_body(self, request: Request) -> bytes:
-        """The body, refused with 413 above ``max_body_bytes`` by Content-Length or by the bytes read."""
-        limit = self._cfg.max_body_bytes
+    def _check_declared_length(self, request: Request) -> None:
+        """413 when Content-Length already announces more than ``max_body_bytes`` (nothing is read)."""
         declared = request.headers.get("content-length")
-        if declared is not None:
-            if not declared.strip().isdigit():
-                raise ApiError(400, f"invalid Content-Length {declared!r}")
-            if int(declared) > limit:
-                raise ApiError(413, f"body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+        if declared is None:
+            return
+        if not declared.strip().isdigit():
+            raise ApiError(400, f"invalid Content-Length {declared!r}")
+        if int(declared) > self._cfg.max_body_bytes:
+            limit = self._cfg.max_body_bytes
+            raise ApiError(413, f"body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 as soon as the bytes read pass ``max_body_bytes`` (chunked uploads too)."""
+        limit = self._cfg.max_body_bytes
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.stream():

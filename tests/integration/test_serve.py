@@ -446,3 +446,51 @@ def test_promotion_switches_the_served_version_without_a_restart(server):
         assert answer["model_version"] == before["model_version"]
         time.sleep(0.25)
     _assert_answer(answer, PROMOTED, expected)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_tsdn_serve_command_serves_until_interrupted(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tsdn_platform.registry import Registry
+
+    store = str(tmp_path / "store")
+    version = _register_tiny_model(Registry(store), "bottle", seed=7)
+    port = _free_port()
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env["TSDN_SERVE_TOKENS"] = TOKEN
+    command = [sys.executable, "-m", "tsdn_platform.cli", "serve", "--store", store, "--port", str(port)]
+    with open(tmp_path / "serve.log", "wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):  # bounded: Ray + Serve start-up on a loaded machine
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        headers = {"Content-Type": "image/png", "Authorization": f"Bearer {TOKEN}"}
+        image = _test_images()["rgb64.png"]
+        response = httpx.post(f"{url}/v1/products/bottle/detect", content=image, headers=headers, timeout=120)
+        assert response.status_code == 200, response.text
+        assert response.json()["model_version"] == version
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+    output = (tmp_path / "serve.log").read_text()
+    assert proc.returncode == 0, output
+    assert f"at {url}/v1/products" in output
+    assert 'curl -s -H "Authorization: Bearer $TOKEN"' in output
