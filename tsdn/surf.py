@@ -54,7 +54,7 @@ def slic_labels(image: np.ndarray, n_segments: int, compactness: float = 10.0) -
 
 
 def encode_labels(labels: np.ndarray) -> bytes:
-    """Compact, pickle-free encoding of a label map (about 1.5 % of the raw int64 size for SLIC maps).
+    """Compact, pickle-free encoding of a label map (about 1 % of the raw int64 size for SLIC maps).
 
     Args:
         labels: (H, W) integer labels in ``[0, 65535]``.
