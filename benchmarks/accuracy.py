@@ -126,7 +126,9 @@ def _split_arrays(cfg: TrainConfig, product: str, split: str) -> dict[str, np.nd
     return {c: np.concatenate([b[c] for b in batches]) for c in columns}
 
 
-def baseline_run(cfg: TrainConfig, products: Sequence[str], pc_module: Any) -> dict[str, dict[str, Any]]:
+def baseline_run(
+    cfg: TrainConfig, products: Sequence[str], pc_module: Any, reductions: tuple[int, ...], coreset: float
+) -> dict[str, dict[str, Any]]:
     """PatchCore on the same images TSDN trained on (train rows outside the hold-out folds) and the same test split."""
     from tsdn.backbone import create_encoder
 
@@ -136,7 +138,13 @@ def baseline_run(cfg: TrainConfig, products: Sequence[str], pc_module: Any) -> d
         if cfg.validation == "holdout":
             train = {k: v[~np.isin(train["fold"], cfg.holdout_folds)] for k, v in train.items()}
         test = _split_arrays(cfg, product, "test")
-        pc_cfg = pc_module.PatchCoreConfig(backbone=cfg.model.backbone, weights=cfg.model.weights)
+        pc_cfg = pc_module.PatchCoreConfig(
+            backbone=cfg.model.backbone,
+            weights=cfg.model.weights,
+            reductions=reductions,
+            coreset_fraction=coreset,
+            seed=cfg.seed,
+        )
         torch.manual_seed(cfg.seed)
         start = time.perf_counter()
         model = pc_module.PatchCore(create_encoder(pc_cfg.backbone, pc_cfg.weights), pc_cfg)
@@ -235,6 +243,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--ablations", help="'all' or comma-separated names of tsdn.config.ABLATIONS")
     parser.add_argument("--baseline", choices=["patchcore"], help="also run this baseline on the same data")
+    parser.add_argument("--patchcore-reductions", default="8,16", help="encoder strides of the baseline's features")
+    parser.add_argument("--patchcore-coreset", type=float, default=1.0, help="fraction of patches kept in the bank")
     parser.add_argument("--no-score-job", action="store_true", help="skip the Ray Data scoring job per run")
     parser.add_argument("--workdir", help="store, demo data and scores (default: a new .tsdn/accuracy/<time>)")
     parser.add_argument("--seed", type=int, default=0, help="demo data seed")
@@ -289,7 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         baseline: dict[str, dict[str, Any]] = {}
         if args.baseline == "patchcore":
-            baseline = baseline_run(base, products, _load_patchcore())
+            reductions = tuple(int(r) for r in args.patchcore_reductions.split(","))
+            baseline = baseline_run(base, products, _load_patchcore(), reductions, args.patchcore_coreset)
             for product, metrics in baseline.items():
                 rows.append({"product": product, "run": BASELINE_RUN, "ablation": BASELINE_RUN, **metrics})
     finally:
