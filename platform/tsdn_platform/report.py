@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from tsdn.image import ImageDecodeError, decode_image, to_rgb
+from tsdn.image import decode_image, to_rgb
 from tsdn_platform import store
 
 logger = logging.getLogger(__name__)
@@ -207,7 +207,9 @@ def _load_image(source_uri: str | None) -> np.ndarray:
         raise ValueError(msg)
     base, _, image_id = source_uri.partition("#")
     if image_id and base.endswith(".parquet"):
-        table = _read(base, ["image_id", "image"]).filter(pc.field("image_id") == image_id)
+        fs, path = store.resolve(base)
+        # the filter skips row groups whose statistics exclude the id: no need to read the whole shard
+        table = pq.read_table(path, filesystem=fs, columns=["image"], filters=[("image_id", "=", image_id)])
         if table.num_rows == 0:
             msg = f"{source_uri}: image_id not found in the shard"
             raise ValueError(msg)
@@ -237,7 +239,7 @@ def _card(row: Mapping[str, Any], score_map: np.ndarray | None, vmax: float) -> 
     try:
         image = _display(_load_image(row.get("source_uri")))
         original = f'<img src="{_png(image)}" alt="original">'
-    except (ImageDecodeError, store.StoreError, OSError, ValueError) as exc:
+    except (store.StoreError, OSError, ValueError) as exc:  # ImageDecodeError is a ValueError
         image = None
         original = f'<div class="missing">original unavailable: {html.escape(str(exc))}</div>'
     if score_map is None:

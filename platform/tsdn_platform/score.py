@@ -3,7 +3,7 @@
 Pipeline (one Ray Data job)::
 
     list inputs (driver)  ->  read bytes + decode (CPU tasks)  ->  Scorer actors (ActorPoolStrategy,
-    Predictor loaded once in __init__)  ->  _ScoreDatasink (Parquet, zstd, one folder per product)
+    Predictor loaded once in __init__)  ->  ScoreDatasink (Parquet, zstd, one folder per product)
 
 Input is a folder / S3 prefix of raw images (any nesting; the product comes from ``product`` or from a
 path pattern such as ``{product}/**``), or ingested dataset shards (``part-*.parquet``, e.g.
@@ -33,8 +33,10 @@ that is null). Reading it needs pyarrow only::
 
 Rows whose path matches no ``product_from_path`` pattern have a null product and land in
 ``product=__HIVE_DEFAULT_PARTITION__`` (Hive's name for a null partition), with ``error`` set.
-Maps of different products may differ in shape, so read one ``product=<p>`` folder at a time (or
-set ``output_map_size`` so that all share one shape). A product with no registered model has a 1×1
+Maps of different products may differ in shape, so read one ``product=<p>`` folder at a time; when
+all share one shape (``output_map_size`` set, the default) the whole output reads as one table with
+``pq.read_table("<output>", partitioning=None)`` (the files carry ``product`` themselves, and Hive
+partitioning would add a clashing dictionary column). A product with no registered model has a 1×1
 placeholder map type when ``output_map_size`` is null (all its rows are errors); so has that folder.
 
 Why a custom datasink instead of ``write_parquet(partition_cols=["product"])``: Arrow's partitioned
@@ -708,6 +710,9 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         manifest["metrics"] = metrics
     store.write_json(store.join(cfg.output, MANIFEST), manifest)  # last: this commits the job
     store.delete(staging, recursive=True)
+    staging_root = store.join(cfg.output, STAGING)
+    if not store.list_files(staging_root):  # a local folder outlives its last file; S3 prefixes do not
+        store.delete(staging_root, recursive=True)
     logger.info("committed %d rows (%d errors) to %s", rows, manifest["errors"], cfg.output)
     if cfg.report_dir:
         from tsdn_platform.report import write_report
