@@ -6,7 +6,8 @@ the Serve application on 127.0.0.1 and drives ``POST /v1/products/<p>/detect`` w
 generator (N threads, one keep-alive connection each, bounded in requests and in seconds) at each
 concurrency, with dynamic batching on (``max_batch_size=--batch``) and off (``max_batch_size=1``).
 
-The machines this runs on are shared, so every level is divided by a reference taken just before it:
+The machines this runs on are shared, so every level is divided by a reference taken around it (the mean
+of a probe just before and one just after):
 ``direct req/s`` = one-image ``predict`` calls per second in this process, 1 thread like the replica.
 
     .venv/bin/python benchmarks/bench_serve.py                       # prints a Markdown table + JSON
@@ -49,7 +50,7 @@ class Level:
     p99_ms: float
     rps: float
     baseline_rps: float
-    """Direct one-image ``predict`` calls per second, measured just before this level (the machine is shared)."""
+    """Direct one-image ``predict`` calls per second, the mean of a probe just before and just after this level."""
     mean_batch: float
     errors: int = 0
 
@@ -116,8 +117,9 @@ class Direct:
         return self.measure(1, probe, max_seconds)[1]
 
     def level(self, size: int, requests: int, max_seconds: float, probe: int) -> Level:
-        baseline = self.baseline(probe, max_seconds)
+        before = self.baseline(probe, max_seconds)
         latencies, rps = self.measure(size, requests, max_seconds)
+        baseline = (before + self.baseline(probe, max_seconds)) / 2
         return Level(
             mode=f"direct predict, {size} image(s)/call",
             concurrency=1,
@@ -199,10 +201,11 @@ def bench_http(direct: Direct, store: str, image: bytes, args: argparse.Namespac
                 start_server(cfg)
             load(port, path, image, token, 4, 16, args.max_seconds)  # warm-up: model load, connections
             for concurrency in args.concurrency:
-                baseline = direct.baseline(args.probe, args.max_seconds)
+                before = direct.baseline(args.probe, args.max_seconds)
                 latencies, batches, errors, elapsed = load(
                     port, path, image, token, concurrency, args.requests, args.max_seconds
                 )
+                baseline = (before + direct.baseline(args.probe, args.max_seconds)) / 2
                 levels.append(
                     Level(
                         mode=mode,
@@ -264,7 +267,8 @@ def markdown(levels: list[Level], args: argparse.Namespace, command: str) -> str
             "connections, each level bounded by `--requests` and `--max-seconds`); latencies are per request "
             "(HTTP: client-side, including decode, auth, routing and JSON).",
             "- `direct req/s`: one-image `Predictor.predict` calls per second in the benchmark process (1 torch "
-            "thread, like the replica) measured just before the level; `ratio` = req/s / direct req/s.",
+            "thread, like the replica): mean of probes just before and just after the level; "
+            "`ratio` = req/s / direct req/s.",
             "- `mean batch`: images per `Predictor.predict` call in the replica, from the responses' `batch_size`.",
         ]
     )
