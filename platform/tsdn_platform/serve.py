@@ -99,7 +99,11 @@ BATCH_WAIT_S = 0.01
 
 @dataclass
 class ServeConfig:
-    """``tsdn serve`` / ``serve deploy`` settings (YAML + ``--set`` overrides, validated)."""
+    """``tsdn serve`` / ``serve deploy`` settings (YAML + ``--set`` overrides, validated).
+
+    ``host``, ``port``, ``app_name`` and ``route_prefix`` are used by ``tsdn serve`` only; under
+    ``serve deploy`` the Serve config file's ``http_options`` and application entry decide them.
+    """
 
     store: str = ""
     """Store URI holding ``registry/`` (a local folder or ``s3://bucket/prefix``)."""
