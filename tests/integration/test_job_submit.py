@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -32,14 +34,15 @@ from tsdn_platform import store
 from tsdn_platform.config import preset_path
 from tsdn_platform.registry import METRICS_FILE, MODEL_FILES, Registry
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# The module's jobs run one after another on a shared 2-core machine: a generous hang guard for the whole chain.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 START_ATTEMPTS = 3
 # Hang guards only (a wedged head or job fails the test instead of blocking the suite); nothing asserts on time.
 HEAD_READY_TIMEOUT_S = 180.0
-JOB_TIMEOUT_S = 1500.0
+JOB_TIMEOUT_S = 1200.0
 STOP_TIMEOUT_S = 60.0
 TRAIN_PRESET = "tiny"  # timm test_efficientnet, 64 px: seconds per epoch on CPU
 _HEAD_PORTS = (
@@ -102,9 +105,15 @@ class Head:
             "--",
             *entrypoint,
         ]
-        return subprocess.run(
-            command, cwd=ROOT, env=self.client_env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S
-        )
+        try:
+            return subprocess.run(
+                command, cwd=ROOT, env=self.client_env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S
+            )
+        except subprocess.TimeoutExpired as exc:
+            status = self.api(f"/api/jobs/{submission_id}")["status"]
+            logs = self.api(f"/api/jobs/{submission_id}/logs")["logs"]
+            msg = f"job {submission_id}: still {status} after {JOB_TIMEOUT_S:.0f} s; its logs:\n{logs[-8000:]}"
+            raise AssertionError(msg) from exc
 
 
 def _free_ports(count: int) -> list[int]:
@@ -309,3 +318,27 @@ def test_train_job_registers_a_best_model(ingested, trained):
         assert store.exists(store.join(version_uri, name)), name
     # Only the requested product line was trained.
     assert all(registry.list_versions(p) == [] for p in ingested.products if p != trained)
+
+
+def test_score_job_writes_parquet_with_the_best_model(ray_head, runtime_env, ingested, trained, demo_root):
+    best = Registry(ingested.store_uri).best(trained)["version"]
+    output = store.join(ingested.store_uri, "scores", "job-submit")
+    result = ray_head.submit(
+        "tsdn-score",
+        runtime_env,
+        *("python", "-m", "jobs.score", "--store", ingested.store_uri, "--output", output, "--product", trained),
+        *("--input", store.join(ingested.store_uri, "datasets", "demo", trained, "test")),
+    )
+    _assert_succeeded(ray_head, "tsdn-score", result)
+    manifest = store.read_json(store.join(output, "_manifest.json"))
+    fs, _ = store.resolve(output)
+    parts = store.list_files(store.join(output, f"product={trained}"), suffixes=[".parquet"])
+    table = pa.concat_tables([pq.read_table(store.resolve(part)[1], filesystem=fs) for part in parts])
+    n_test = sum(1 for p in (demo_root / trained / "test").rglob("*") if p.is_file())
+    assert table.num_rows == manifest["rows_written"] == n_test
+    assert manifest["errors"] == 0 and manifest["model_versions"] == {trained: best}
+    rows = table.select(["product", "model_version", "anomaly_score", "threshold", "is_anomalous", "error"]).to_pylist()
+    assert {(r["product"], r["model_version"], r["error"]) for r in rows} == {(trained, best, None)}
+    assert all(r["is_anomalous"] == (r["anomaly_score"] >= r["threshold"]) for r in rows)
+    assert table.schema.field("score_map").type.shape == [manifest["config"]["output_map_size"]] * 2
+    assert not store.list_files(store.join(output, "_staging"))  # committed: nothing left half-written
