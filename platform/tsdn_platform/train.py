@@ -663,6 +663,7 @@ def run_product(cfg: TrainConfig, product: str) -> ProductResult:
         "val": summary["val"],
         "test": summary["test"],
         "history": summary["history"],
+        "test_scores": summary["test_scores"],
     }
     store.replace_json(store.join(run_uri, "metrics.json"), record)
     version, promoted = _register(cfg, product, checkpoint_uri, record)
