@@ -4,19 +4,27 @@ are grouped into as few fits as possible."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from tsdn._config_io import ConfigError
 from tsdn_platform import store
 from tsdn_platform.cli import main as cli_main
 from tsdn_platform.config import load_config
 from tsdn_platform.registry import Registry
-from tsdn_platform.train import TrainConfig, run_training
-
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+from tsdn_platform.train import (
+    TrainConfig,
+    _load_checkpoint,
+    _save_checkpoint,
+    check_manifest,
+    run_training,
+    validate_holdout,
+    validate_test,
+)
 
 PRODUCTS = ("brick", "grass")
 # Folds 0-3 of the ingest's 10 hold out ~40 % of the 12 train images: >= 3 for validation, >= 4 to train.
@@ -47,6 +55,8 @@ def _test_images(uri: str, product: str) -> tuple[list[str], torch.Tensor]:
     return [str(r["image_id"]) for r in rows], torch.stack([torch.from_numpy(r["image"]) for r in rows])
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_two_products_train_checkpoint_register_and_reproduce(ingested, capsys):
     args = ["--store", ingested, "--dataset", "demo", "--products", ",".join(PRODUCTS), "--config", "tiny"]
     # One worker per product line here (two trainers at once on two cores); the tests below use two (DDP).
@@ -89,6 +99,8 @@ def test_two_products_train_checkpoint_register_and_reproduce(ingested, capsys):
         np.testing.assert_allclose([d.anomaly_score for d in detections], expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_a_killed_worker_restarts_from_the_checkpoint(ingested):
     cfg = _config(ingested, "epochs=3", "seed=1", "inject_failure_at_epoch=2", "max_failures=1")
     (result,) = run_training(cfg).values()
@@ -99,6 +111,8 @@ def test_a_killed_worker_restarts_from_the_checkpoint(ingested):
     assert all(math.isfinite(epoch["loss"]) for epoch in result.history)
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_rerunning_an_interrupted_run_resumes_it(ingested):
     interrupted = run_training(_config(ingested, "epochs=3", "seed=2", "inject_failure_at_epoch=2", "max_failures=0"))
     (failed,) = interrupted.values()
@@ -109,3 +123,90 @@ def test_rerunning_an_interrupted_run_resumes_it(ingested):
     assert [epoch["epoch"] for epoch in result.history] == [1, 2, 3]
     run_uri = store.join(ingested, "runs", PRODUCTS[0], result.run_name)
     assert store.read_json(store.join(run_uri, "metrics.json"))["run_id"] == result.run_name
+
+
+# --- the pieces of the loop, without Ray ---------------------------------------------------------------
+
+
+def test_config_products_validation_and_run_name():
+    cfg = _config("/tmp/store")
+    assert cfg.products == ["brick"]
+    assert load_config(TrainConfig, "tiny", [], explicit={"store": "s", "dataset": "d"}).products == "all"
+    same = dataclasses.replace(cfg, products=["grass"], inject_failure_at_epoch=2, max_failures=0, promote="always")
+    assert same.run_id("sha256:x") == cfg.run_id("sha256:x")  # re-running the same command resumes
+    assert dataclasses.replace(cfg, epochs=5).run_id("sha256:x") != cfg.run_id("sha256:x")
+    assert cfg.run_id("sha256:y") != cfg.run_id("sha256:x")  # new data, new run
+    assert dataclasses.replace(cfg, run_name="mine").run_id("sha256:x") == "mine"
+    for override, field_name in (
+        ("batch_size=1", "batch_size"),
+        ("inject_failure_at_epoch=1", "inject_failure_at_epoch"),
+    ):
+        with pytest.raises(ConfigError, match=field_name):
+            _config("/tmp/store", override)
+    with pytest.raises(ValueError, match="expected 1-64"):
+        _config("/tmp/store", "products=[../x]")
+    with pytest.raises(ConfigError, match=r"image_size=64 but .* ingested with 128"):
+        check_manifest(cfg, "brick", {"image_size": 128, "slic": {"n_segments": 50, "compactness": 10.0}})
+    check_manifest(cfg, "brick", {"image_size": 64, "slic": {"n_segments": 50, "compactness": 10.0}})
+
+
+@pytest.fixture
+def tiny_model():
+    from tsdn.model import TSDN
+
+    torch.manual_seed(0)
+    return TSDN(_config("/tmp/store").model)
+
+
+def _batch(n: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.repeat(rng.integers(0, 16, (n, 8, 8)), 8, axis=1), 8, axis=2)  # 16 blocky superpixels
+    return {"image": rng.integers(0, 256, (n, 3, 64, 64), dtype=np.uint8), "superpixels": labels.astype(np.int32)}
+
+
+def test_holdout_validation_is_repeatable_and_bounded(tiny_model):
+    cfg = _config("/tmp/store").model
+    batches = [_batch(3, 0), _batch(2, 1)]
+    first, clean = validate_holdout(tiny_model.eval(), batches, cfg, seed=0, device=torch.device("cpu"))
+    again, clean_again = validate_holdout(tiny_model, batches, cfg, seed=0, device=torch.device("cpu"))
+    assert first == again and np.array_equal(clean, clean_again)  # the same distortions every epoch
+    assert set(first) == {"val_image_auroc", "val_pixel_auroc"}
+    assert all(0 <= v <= 1 for v in first.values()) and clean.shape == (5,)
+    with pytest.raises(ValueError, match="held-out split is empty"):
+        validate_holdout(tiny_model, [], cfg, seed=0, device=torch.device("cpu"))
+
+
+def test_test_split_validation_matches_the_model(tiny_model):
+    batch = _batch(4, 2)
+    masks = np.zeros((4, 1, 64, 64), np.float32)
+    masks[2:, :, 8:24, 8:24] = 1.0
+    batch.update(mask=masks, label=np.array([0, 0, 1, 1]), image_id=np.array(["a", "b", "c", "d"]))
+    metrics, scores, labels = validate_test(tiny_model.eval(), [batch], torch.device("cpu"))
+    with torch.inference_mode():
+        expected = tiny_model.predict(torch.from_numpy(batch["image"]).float() / 255.0).anomaly_score.numpy()
+    np.testing.assert_allclose(scores, expected, rtol=1e-6)
+    assert labels.tolist() == [0, 0, 1, 1] and 0 <= metrics["val_image_auroc"] <= 1
+
+
+def test_checkpoint_round_trip_restores_weights_adam_and_state(tiny_model, tmp_path):
+    from tsdn.losses import TSDNLoss
+    from tsdn.scoring import fit_calibration
+
+    cfg = _config("/tmp/store").model
+    optimizer = torch.optim.Adam(tiny_model.parameters(), lr=cfg.lr)
+    images = torch.rand(2, 3, 64, 64)
+    total, _ = TSDNLoss(cfg)(tiny_model.train()(images), images, torch.zeros(2, 1, 64, 64))
+    total.backward()
+    optimizer.step()
+    state = {"epoch": 3, "history": [{"epoch": 3, "loss": 0.5}]}
+    _save_checkpoint(str(tmp_path), tiny_model, optimizer, fit_calibration(np.array([0.1, 0.2, 0.3])), state)
+    model, restored, optimizer_state = _load_checkpoint(str(tmp_path), torch.device("cpu"))
+    assert restored == state and model.training
+    for (name, a), b in zip(tiny_model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    again = torch.optim.Adam(model.parameters(), lr=1.0)
+    again.load_state_dict(optimizer_state)
+    assert again.param_groups[0]["lr"] == cfg.lr
+    for index, entry in optimizer.state_dict()["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(value, again.state_dict()["state"][index][key]), (index, key)
