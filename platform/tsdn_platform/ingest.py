@@ -618,6 +618,13 @@ def read_manifest(store_uri: str, dataset: str, product: str | None = None) -> d
         raise
 
 
+def _read_shard(batch: dict[str, np.ndarray], columns: list[str]) -> pa.Table:
+    """Ray Data UDF (``batch_size=1``): one shard file URI -> its rows (``columns`` only)."""
+    uri = str(batch["uri"][0])
+    fs, path = store.resolve(uri)
+    return store.retrying(uri, lambda: pq.read_table(path, filesystem=fs, columns=columns))
+
+
 def _decode_batch(batch: dict[str, np.ndarray], image_size: int, image_dtype: str, superpixels: bool):
     """Ray Data UDF: shard rows -> decoded, resized arrays (see :func:`read_split`)."""
     from tsdn.image import decode_image, to_rgb
@@ -677,11 +684,12 @@ def read_split(
     files = [store.join(product_uri, f["path"]) for f in manifest["files"][split]]
     if not files:
         raise IngestError(product_uri, f"no {split} rows in this dataset")
-    fs, _ = store.resolve(product_uri)
-    paths = [store.resolve(uri)[1] for uri in files]
     superpixels = split == "train"
     needed = ["image_id", "label", "defect_type", "image", "mask", "fold"] + (["superpixels"] if superpixels else [])
-    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(needed)
+    # One read task per shard file listed in the manifest (never a directory listing, so never a file of another
+    # ingest run); ``ray.data.read_parquet`` would add a metadata pass that costs more than these small reads.
+    ds = ray.data.from_items([{"uri": uri} for uri in files], override_num_blocks=len(files))
+    ds = ds.map_batches(_read_shard, fn_kwargs={"columns": needed}, batch_size=1, batch_format="numpy")
     kwargs = {"image_size": manifest["image_size"], "image_dtype": image_dtype, "superpixels": superpixels}
     ds = ds.map_batches(_decode_batch, fn_kwargs=kwargs, batch_size=16, batch_format="numpy")
     if columns is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 import shutil
 import socket
 from collections import Counter
@@ -22,7 +23,7 @@ from tsdn_platform import store
 from tsdn_platform.cli import main as cli_main
 from tsdn_platform.ingest import IngestConfig, IngestError, read_manifest, read_split, resize_image, run_ingest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SIZE = 64
 SEGMENTS = 40
@@ -220,8 +221,10 @@ def test_bad_files_are_reported_not_fatal(demo_root, ray_local, tmp_path):
 
 def test_empty_or_non_mvtec_trees_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(IngestError, match="no product folders found"):
+    with pytest.raises(IngestError, match="no product folders found") as info:
         run_ingest(_config(str(tmp_path / "empty"), str(tmp_path / "store")))
+    assert str(pickle.loads(pickle.dumps(info.value))) == str(info.value)
+    assert str(info.value).startswith(str(tmp_path / "empty"))
     (tmp_path / "flat" / "images").mkdir(parents=True)
     (tmp_path / "flat" / "images" / "a.png").write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
     with pytest.raises(IngestError, match="expected an MVTec-style tree"):
@@ -271,19 +274,6 @@ def test_read_split_for_training(ingested, demo_root):
     assert by_id["brick/test/good/000.png"]["mask"].sum() == 0
 
 
-def test_read_split_resizes_to_the_manifest_size(demo_root, ray_local, tmp_path):
-    store_uri = str(tmp_path / "store")
-    run_ingest(_config(str(demo_root), store_uri, image_size=32, products=["grass"]))
-    rows = read_split(store_uri, "demo", "grass", "test").take_all()
-    row = next(r for r in rows if r["image_id"] == "grass/test/crack/000.png")
-    assert row["image"].shape == (3, 32, 32) and row["mask"].shape == (1, 32, 32)
-    source = np.asarray(Image.open(demo_root / "grass" / "ground_truth" / "crack" / "000_mask.png")) > 0
-    expected = F.interpolate(torch.from_numpy(source.astype(np.float32))[None, None], size=(32, 32), mode="nearest")
-    np.testing.assert_array_equal(row["mask"], expected[0].numpy())
-    with pytest.raises(IngestError, match="not ingested"):
-        read_split(store_uri, "demo", "brick", "train")
-
-
 def test_cli_ingest(demo_root, ray_local, tmp_path, capsys):
     store_uri = str(tmp_path / "store")
     argv = ["ingest", str(demo_root), "--store", store_uri, "--dataset", "cli", "--products", "gravel"]
@@ -293,3 +283,12 @@ def test_cli_ingest(demo_root, ray_local, tmp_path, capsys):
     assert manifest["image_size"] == 32 and manifest["slic"]["n_segments"] == 20
     assert "gravel: 6 train, 7 test rows" in capsys.readouterr().out
     assert (tmp_path / "store" / "datasets" / "cli" / "ingest_config.yaml").read_text().startswith("source:")
+
+    rows = read_split(store_uri, "cli", "gravel", "test").take_all()  # decoded at the manifest's 32 px
+    row = next(r for r in rows if r["image_id"] == "gravel/test/crack/000.png")
+    assert row["image"].shape == (3, 32, 32) and row["mask"].shape == (1, 32, 32)
+    source = np.asarray(Image.open(demo_root / "gravel" / "ground_truth" / "crack" / "000_mask.png")) > 0
+    expected = F.interpolate(torch.from_numpy(source.astype(np.float32))[None, None], size=(32, 32), mode="nearest")
+    np.testing.assert_array_equal(row["mask"], expected[0].numpy())
+    with pytest.raises(IngestError, match="not ingested"):
+        read_split(store_uri, "cli", "brick", "train")

@@ -219,6 +219,7 @@ def test_s3_wrong_credentials_are_access_denied(s3, monkeypatch):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_s3_endpoint_down_is_a_clear_error(s3, monkeypatch):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
