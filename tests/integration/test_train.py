@@ -52,7 +52,7 @@ def _test_images(uri: str, product: str) -> tuple[list[str], torch.Tensor]:
     from tsdn_platform.ingest import read_split
 
     rows = read_split(uri, "demo", product, "test", columns=["image_id", "image"], image_dtype="uint8").take_all()
-    return [str(r["image_id"]) for r in rows], torch.stack([torch.from_numpy(r["image"]) for r in rows])
+    return [str(r["image_id"]) for r in rows], torch.stack([torch.from_numpy(np.array(r["image"])) for r in rows])
 
 
 @pytest.mark.integration
