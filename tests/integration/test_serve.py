@@ -404,6 +404,42 @@ def test_errors_are_json_with_a_reason(server, case):
     assert reason.lower() in answer["reason"].lower()
 
 
+def _multipart(parts: list[tuple[str, str | None, str | None, bytes]]) -> tuple[bytes, str]:
+    """(field, filename, content type, data) parts -> (body, Content-Type header)."""
+    boundary = "tsdn-test-boundary"
+    chunks = []
+    for field, filename, part_type, data in parts:
+        disposition = f'form-data; name="{field}"' + (f'; filename="{filename}"' if filename else "")
+        head = f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
+        head += f"Content-Type: {part_type}\r\n" if part_type else ""
+        chunks.append(head.encode() + b"\r\n" + data + b"\r\n")
+    return b"".join(chunks) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+MULTIPART_CASES = {
+    "two files": (400, [("a", "a.png", "image/png", "rgb64.png"), ("b", "b.png", "image/png", "rgb64.png")], "files"),
+    "no file": (422, [("note", None, None, "text")], "exactly one file part"),
+    "text part": (415, [("image", "notes.txt", "text/plain", "rgb64.png")], "unsupported content type"),
+    "undecodable part": (422, [("image", "x.png", "image/png", "garbage")], "not a PNG"),
+    "malformed": (400, [], "malformed multipart"),
+}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("case", MULTIPART_CASES, ids=list(MULTIPART_CASES))
+def test_multipart_errors(server, case):
+    status, parts, reason = MULTIPART_CASES[case]
+    payloads = {"text": b"a note", "garbage": b"definitely not an image", **server.images}
+    if parts:
+        body, content_type = _multipart([(f, n, t, payloads[key]) for f, n, t, key in parts])
+    else:
+        body, content_type = b"no boundary in sight", "multipart/form-data; boundary=tsdn-test-boundary"
+    response = server.post("bottle", body, content_type)
+    assert response.status_code == status, response.text
+    assert reason.lower() in response.json()["reason"].lower()
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_products_lists_versions_and_metrics(server):
