@@ -18,8 +18,8 @@ API (JSON; errors are ``{"status": <code>, "reason": "..."}``, never a 500 for b
   heatmap at the image's resolution whose colour scale tops out at ``vmax`` = 2 x threshold. Errors: 401
   no bearer token, 403 wrong token, 404 unknown or invalid product id, 413 body over ``max_body_bytes``
   (by Content-Length, and by the bytes read), 415 other content types, 422 undecodable image, more than
-  ``max_image_pixels`` pixels (refused from the header, before decoding) or a bad query value, 503 store
-  unreachable.
+  ``max_image_pixels`` pixels (refused from the header, before decoding) or a bad query value, 400 a
+  malformed multipart body (or more than one file) or Content-Length, 503 store unreachable.
 - ``GET /v1/products``: products with a promoted model, their ``model_version`` and ``metrics``.
 - ``GET /healthz``: no auth.
 
