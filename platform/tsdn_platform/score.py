@@ -80,6 +80,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from ray.data import Datasink
+from ray.data.block import BlockAccessor
 from ray.data.datasource.datasink import WriteResult
 
 from tsdn._config_io import to_dict
@@ -446,7 +447,7 @@ def score_map_type(shape: tuple[int, int]) -> pa.DataType:
 
 def output_schema(shape: tuple[int, int]) -> pa.Schema:
     """The score-row schema for a product whose maps are ``shape`` (H, W)."""
-    fields = [f for f in _SCORED_SCHEMA]
+    fields = list(_SCORED_SCHEMA)
     index = _SCORED_SCHEMA.get_field_index("score_map")
     fields[index] = pa.field("score_map", score_map_type(shape))
     return pa.schema(fields)
@@ -483,8 +484,8 @@ class ScoreDatasink(Datasink):
     def min_rows_per_write(self) -> int:
         return self._min_rows
 
-    def write(self, blocks: Iterable[pa.Table], ctx: Any) -> list[dict[str, Any]]:
-        tables = [b for b in blocks if b.num_rows]
+    def write(self, blocks: Iterable[Any], ctx: Any) -> list[dict[str, Any]]:
+        tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
         if not tables:
             return []
         table = pa.concat_tables(tables)

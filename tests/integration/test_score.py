@@ -97,9 +97,11 @@ def routed(world):
         min_rows_per_file=1,
     )
     first = run_scoring(cfg)
-    files_after_first = store.list_files(cfg.output)
+    # A leftover part from an earlier job in the same output must not survive the rerun either.
+    stale = store.join(cfg.output, "product=alpha", "part-stale-00099.parquet")
+    store.copy(store.join(cfg.output, first["products"]["alpha"]["files"][0]), stale)
     second = run_scoring(cfg)
-    return {"cfg": cfg, "first": first, "second": second, "files_after_first": files_after_first}
+    return {"cfg": cfg, "first": first, "second": second, "stale": stale}
 
 
 def _read_output(output: str) -> pa.Table:
@@ -208,7 +210,10 @@ def test_score_maps_round_trip_through_pyarrow_alone(world, routed, tmp_path):
 def test_rerun_replaces_instead_of_appending(routed):
     first, second, cfg = routed["first"], routed["second"], routed["cfg"]
     assert second["job_id"] == first["job_id"]
-    assert store.list_files(cfg.output) == routed["files_after_first"]
+    # Exactly the second run's parts remain (write task numbering may differ between runs) + the manifest.
+    committed = {store.join(cfg.output, f) for product in second["products"].values() for f in product["files"]}
+    assert set(store.list_files(cfg.output)) == committed | {store.join(cfg.output, MANIFEST)}
+    assert routed["stale"] not in committed
     assert _read_output(cfg.output).num_rows == first["rows_written"]
     assert store.read_json(store.join(cfg.output, MANIFEST))["job_id"] == first["job_id"]
     assert not store.exists(store.join(cfg.output, STAGING))
