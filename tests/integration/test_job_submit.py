@@ -61,8 +61,6 @@ PROBE = """
 import os, platform, sys
 import ray
 from tsdn_platform import store
-from tsdn_platform.config import preset_path
-from tsdn_platform.registry import METRICS_FILE, MODEL_FILES, Registry
 
 def origin():
     import platform, tsdn_platform
@@ -254,6 +252,8 @@ def test_failed_job_fails_ray_job_submit(ray_head, runtime_env):
     result = ray_head.submit("tsdn-failing", runtime_env, "python", "-m", "jobs.ingest", "--config", "no-such-preset")
     assert result.returncode != 0
     assert ray_head.api("/api/jobs/tsdn-failing")["status"] == "FAILED"
+    # It failed for the reason given, inside the job: the preset lookup ran on the cluster.
+    assert "'no-such-preset': no such file, and not a preset" in ray_head.api("/api/jobs/tsdn-failing/logs")["logs"]
 
 
 @dataclass(frozen=True)
