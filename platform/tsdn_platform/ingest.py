@@ -64,6 +64,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "IngestConfig",
     "IngestError",
+    "discover",
     "main",
     "read_manifest",
     "read_split",
@@ -260,11 +261,12 @@ def _plan_product(source: str, product: str, uris: list[str]) -> tuple[list[dict
                 "mask_uri": mask_uri or "",
             }
         )
-    for uri in sorted(set(masks.values()) - used_masks):
+    mask_uris = set(masks.values())
+    for uri in sorted(mask_uris - used_masks):
         skipped.append({"file": uri, "reason": "mask without a matching test image"})
     for uri in uris:
         parts = _relative(source, uri).split("/")
-        if parts[1] == "ground_truth" and uri not in masks.values():
+        if parts[1] == "ground_truth" and uri not in mask_uris:
             skipped.append({"file": uri, "reason": "not a mask file (expected ground_truth/<defect>/<stem>_mask.png)"})
     items.sort(key=lambda item: item["image_id"])
     return items, skipped
@@ -273,7 +275,9 @@ def _plan_product(source: str, product: str, uris: list[str]) -> tuple[list[dict
 # --- per-image work (Ray Data workers) -----------------------------------------------------------------
 
 
-def _decode_mask(data: bytes, uri: str, size: tuple[int, int], threshold: int, max_pixels: int):
+def _decode_mask(
+    data: bytes, uri: str, size: tuple[int, int], threshold: int, max_pixels: int
+) -> tuple[np.ndarray, list[str]]:
     """Mask bytes -> ((H, W) uint8 in {0, 255}, notes). Raises ValueError naming ``uri`` when unusable."""
     from tsdn.image import decode_image, to_rgb
 
@@ -309,10 +313,10 @@ def _process_item(item: dict[str, Any], settings: dict[str, Any]) -> dict[str, A
     from tsdn.image import decode_image, to_rgb
     from tsdn.surf import encode_labels, slic_labels
 
-    row: dict[str, Any] = {key: str(item[key]) for key in ("image_id", "product", "split", "defect_type")}
-    row["label"] = int(item["label"])
+    uri = item["source_uri"]
+    row: dict[str, Any] = {key: item[key] for key in ("image_id", "product", "split", "label", "defect_type")}
     row.update(
-        source_uri=str(item["source_uri"]),
+        source_uri=uri,
         image=None,
         mask=None,
         mask_sha256=None,
@@ -327,7 +331,6 @@ def _process_item(item: dict[str, Any], settings: dict[str, Any]) -> dict[str, A
         decode_s=0.0,
         slic_s=0.0,
     )
-    uri = str(item["source_uri"])
     start = time.perf_counter()
     try:
         data = store.read_bytes(uri)
@@ -400,7 +403,7 @@ def _file_sizes(uris: list[str]) -> dict[str, int]:
         fs, path = store.resolve(uri)
         groups.setdefault(id(fs), (fs, []))[1].append((uri, path))
     for fs, pairs in groups.values():
-        infos = fs.get_file_info([path for _, path in pairs])
+        infos = store.retrying(pairs[0][0], lambda fs=fs, pairs=pairs: fs.get_file_info([p for _, p in pairs]))
         sizes.update({uri: info.size or 0 for (uri, _), info in zip(pairs, infos)})
     return sizes
 
