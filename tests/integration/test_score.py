@@ -76,6 +76,7 @@ def world(s3, ray_local):
         "alpha/corrupt.png": np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes(),
         "alpha/truncated.png": truncated[: len(truncated) // 2],
         "beta/notes.txt": b"operator notes, not an image",
+        "alpha/huge.png": _png(_texture(8, 160, 160)),  # over max_image_pixels
         "gamma/g0.png": _png(_texture(6, 64, 64)),  # no model for gamma
         "loose.png": _png(_texture(7, 64, 64)),  # matches no {product}/** path
     }
@@ -93,6 +94,7 @@ def routed(world):
         output=store.join(world["root"], "scores"),
         product_from_path="{product}/**",
         output_map_size=MAP,
+        max_image_pixels=120 * 120,
         batch_size=4,
         min_rows_per_file=1,
     )
@@ -150,7 +152,7 @@ def test_rows_equal_inputs_and_scores_equal_the_in_process_predictor(world, rout
     manifest = routed["first"]
     assert manifest["rows_written"] == manifest["input"]["inputs_seen"] == len(rows)
     assert manifest["model_versions"] == versions
-    assert manifest["products"]["alpha"]["rows"] == 5
+    assert manifest["products"]["alpha"]["rows"] == 6
     assert manifest["config"]["product_from_path"] == "{product}/**"
 
 
@@ -165,6 +167,7 @@ def test_corrupt_wrong_type_and_unroutable_files_become_error_rows(world, routed
         assert name in row["error"]  # the message names the input
     assert "gamma" in rows["gamma/g0.png"]["error"] and rows["gamma/g0.png"]["model_version"] is None
     assert "pattern" in rows["loose.png"]["error"]
+    assert "max_pixels" in rows["alpha/huge.png"]["error"]
     manifest = routed["first"]
     assert manifest["errors"] == len(world["bad"])
     assert set(manifest["unavailable_products"]) == {"gamma"}
