@@ -47,6 +47,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         logger.info("connecting to Ray at %s", address)
         ray.init(address=address, **kwargs)
         return
+    _keep_local_cluster_on_loopback()
     logger.info("starting a local Ray cluster on 127.0.0.1")
     ray.init(
         _node_ip_address="127.0.0.1",
@@ -55,3 +56,19 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         runtime_env={"env_vars": forwarded_env()},
         **kwargs,
     )
+
+
+def _keep_local_cluster_on_loopback() -> None:
+    """Make a local cluster listen on 127.0.0.1 only.
+
+    Ray 2.60 replaces ``_node_ip_address="127.0.0.1"`` by the machine's routable address
+    (``services.resolve_ip_for_localhost``) and then binds GCS and raylet on every interface. Its single-host
+    mode, the one it uses on macOS and Windows, keeps the loopback address; it is chosen by
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which Ray reads when it is imported, so the already-imported
+    constant is switched too. Only for a cluster this process starts: a multi-node cluster needs routable
+    addresses, and ``init_ray(address=...)`` leaves it alone.
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # processes the cluster starts
+    ray_constants.ENABLE_RAY_CLUSTER = False

@@ -1,0 +1,70 @@
+"""The local Ray cluster listens on the loopback interface only."""
+
+import ipaddress
+import os
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+_LISTEN = "0A"
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, stack = set(), [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def _socket_inodes(pids: set[int]) -> set[str]:
+    inodes = set()
+    for pid in pids:
+        try:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:  # the process ended, or is not ours to inspect
+            continue
+        inodes.update(link[len("socket:[") : -1] for link in links if link.startswith("socket:["))
+    return inodes
+
+
+def _listening_addresses(inodes: set[str]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    addresses = []
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != _LISTEN or inode not in inodes:
+                continue
+            raw = bytes.fromhex(local.split(":")[0])
+            # /proc prints each 32-bit word in host (little-endian) order
+            words = b"".join(raw[i : i + 4][::-1] for i in range(0, width // 2, 4))
+            address = ipaddress.ip_address(words)
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                address = address.ipv4_mapped
+            addresses.append(address)
+    return addresses
+
+
+def test_local_cluster_binds_loopback_only(ray_local):
+    import ray
+
+    @ray.remote
+    def node_ip() -> str:
+        return ray.util.get_node_ip_address()
+
+    assert ray.get(node_ip.remote()) == "127.0.0.1"
+    addresses = _listening_addresses(_socket_inodes(_descendants(os.getpid())))
+    assert addresses, "found no listening socket of the Ray cluster"
+    assert all(address.is_loopback for address in addresses), addresses
