@@ -117,7 +117,7 @@ def _ingest(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="store URI (s3://bucket/prefix or a folder); shards go to <store>/datasets/<name>")
     p.add_argument("--dataset", help="dataset name")
     p.add_argument("--products", help="comma-separated product lines (default: every folder with train/good)")
-    p.add_argument("--image-size", type=int, help="training resolution of the superpixel maps (default 256)")
+    p.add_argument("--image-size", type=int, help="training resolution of the superpixel maps (default 352)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     _config_args(p)
 
