@@ -19,7 +19,7 @@ from tsdn.image import to_rgb
 from tsdn.model import TSDN, TSDNPrediction
 from tsdn.scoring import Calibration
 
-__all__ = ["Detection", "ImageInput", "Predictor"]
+__all__ = ["Detection", "ImageInput", "Predictor", "resize_rgb"]
 
 ImageInput = Image.Image | np.ndarray
 
@@ -121,13 +121,22 @@ class Predictor:
         return detections
 
     def _prepare(self, images: Sequence[ImageInput]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        size = (self.image_size, self.image_size)
         tensors, sizes = [], []
         for image in images:
             rgb, _ = to_rgb(image)
             sizes.append(rgb.shape[:2])
-            pixels = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div_(255.0)
-            tensors.append(F.interpolate(pixels, size=size, mode="bilinear", antialias=True, align_corners=False))
+            tensors.append(resize_rgb(rgb, self.image_size))
         if not tensors:
-            return torch.empty(0, 3, *size), sizes
-        return torch.cat(tensors).clamp_(0.0, 1.0), sizes
+            return torch.empty(0, 3, self.image_size, self.image_size), sizes
+        return torch.stack(tensors), sizes
+
+
+def resize_rgb(rgb: np.ndarray, size: int) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, S, S) float32 in [0, 1]: bilinear with antialiasing.
+
+    The project's one resize to the network input: the ingested training shards, batch scoring and serving
+    all go through it, so a model sees in production the pixels it was trained on.
+    """
+    pixels = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.uint8)).permute(2, 0, 1)[None].float().div_(255.0)
+    resized = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return resized[0].clamp_(0.0, 1.0)

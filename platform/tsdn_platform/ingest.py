@@ -159,13 +159,10 @@ class IngestConfig:
 
 
 def resize_image(rgb: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (3, S, S) float32 in [0, 1]: bilinear with antialiasing, as ``tsdn.predict`` does."""
-    import torch
-    import torch.nn.functional as F
+    """(H, W, 3) uint8 -> (3, S, S) float32 in [0, 1], by :func:`tsdn.predict.resize_rgb` (what serving does)."""
+    from tsdn.predict import resize_rgb
 
-    pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)[None].float().div_(255.0)
-    resized = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return resized[0].clamp_(0.0, 1.0).numpy()
+    return resize_rgb(rgb, size).numpy()
 
 
 def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
