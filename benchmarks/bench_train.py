@@ -12,16 +12,19 @@ Also measured: Ray start-up (``ray.init`` of a local cluster) and the fixed cost
 
     .venv/bin/python benchmarks/bench_train.py [--config demo] [--images 48] [--epochs 4] [--set key=value]
 
-The plain loop uses as many torch threads as the Ray worker has CPUs (Ray sets OMP_NUM_THREADS from
-``cpus_per_worker``), so both sides get the same cores.
+The plain loop runs in a fresh process with ``OMP_NUM_THREADS`` and torch threads set to the Ray worker's
+CPUs (Ray sets ``OMP_NUM_THREADS`` from ``cpus_per_worker``), so both sides get the same threading setup.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -82,10 +85,21 @@ def plain_loop(cfg: TrainConfig, rows: list[dict[str, np.ndarray]], threads: int
     return rates
 
 
+def plain_loop_subprocess(argv: list[str], threads: int) -> list[float]:
+    """:func:`plain_loop` in a fresh interpreter with the Ray worker's ``OMP_NUM_THREADS``."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, __file__, *argv, "--plain"], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        msg = f"plain loop subprocess failed ({out.returncode}):\n{out.stderr[-3000:]}"
+        raise RuntimeError(msg)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def ray_loop(cfg: TrainConfig, rows: list[dict[str, np.ndarray]], workdir: str) -> tuple[list[float], float, float]:
     """-> (images/s of each epoch, fit wall seconds, seconds of the fit outside the timed epochs)."""
     import ray.data
 
+    ray.data.DataContext.get_current().enable_progress_bars = False  # keep the output readable
     train = ray.data.from_items(rows).materialize()
     val = ray.data.from_items(rows[: cfg.batch_size]).materialize()
     test_rows = [
@@ -134,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=48, help="training images (default: 48)")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per loop (default: 4)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)  # the subprocess side
     args = parser.parse_args(argv)
+    forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--plain"]
 
     with tempfile.TemporaryDirectory() as workdir:
         cfg = load_config(
@@ -151,8 +167,11 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         rows = make_rows(args.images, cfg.model.image_size, cfg.model.n_segments, cfg.model.slic_compactness, 0)
+        if args.plain:
+            print(json.dumps(plain_loop(cfg, rows, threads)))
+            return 0
 
-        plain_before = plain_loop(cfg, rows, threads)
+        plain_before = plain_loop_subprocess(forwarded, threads)
         print(f"plain (before): {[round(r, 2) for r in plain_before]} images/s", flush=True)
 
         import ray
@@ -167,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
         print(f"ray train: {[round(r, 2) for r in ray_rates]} images/s", flush=True)
 
-        plain_after = plain_loop(cfg, rows, threads)
+        plain_after = plain_loop_subprocess(forwarded, threads)
         print(f"plain (after): {[round(r, 2) for r in plain_after]} images/s", flush=True)
 
     baseline = (steady(plain_before) + steady(plain_after)) / 2
