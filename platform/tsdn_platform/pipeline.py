@@ -152,7 +152,8 @@ def format_summary(result: PipelineResult) -> str:
     lines = [header, "-" * (len(header) + 20)]
     for product, trained in result.train.items():
         if not trained.ok:
-            lines.append(f"{product:<12} training failed: {trained.error}")
+            first_line = (trained.error or "").strip().splitlines()[:1] or ["unknown error"]
+            lines.append(f"{product:<12} training failed: {first_line[0]}")
             continue
         m = metrics.get(product, {})
         cells = [_fmt(m.get(k)) for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")]
