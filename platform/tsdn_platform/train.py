@@ -418,6 +418,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             model, state, optimizer_state = _load_checkpoint(directory, device)
+        model.cfg = cfg.model  # loading reset the weights spec to "none"; later checkpoints record the run's own
         start_epoch, history = state["epoch"], state["history"]
     else:
         model = TSDN(cfg.model, opener=store.read_bytes).to(device)
