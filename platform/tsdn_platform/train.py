@@ -111,6 +111,8 @@ class TrainConfig:
         max_concurrent_products: cap on product lines training at once; 0 = as many as the cluster fits.
         cache_data: materialise the decoded shards in the object store once instead of re-reading every
             epoch (turn off for datasets larger than the object store).
+        shuffle_buffer_size: rows each worker shuffles per epoch before batching (Ray Data's local shuffle,
+            seeded by ``seed``, epoch and rank); 0 keeps the shard order.
         inject_failure_at_epoch: test knob: in an attempt that started from scratch, the last rank's process
             exits abruptly at the start of this (1-based, >= 2) epoch, after the previous checkpoint is safe.
     """
@@ -138,6 +140,7 @@ class TrainConfig:
     run_name: str | None = None
     max_concurrent_products: int = 0
     cache_data: bool = True
+    shuffle_buffer_size: int = 256
     inject_failure_at_epoch: int | None = None
 
     def __post_init__(self) -> None:
@@ -155,6 +158,7 @@ class TrainConfig:
             (self.validation == "test" or len(self.holdout_folds) >= 1, "holdout_folds", "non-empty"),
             (self.eval_batch_size >= 1, "eval_batch_size", ">= 1"),
             (self.max_concurrent_products >= 0, "max_concurrent_products", ">= 0"),
+            (self.shuffle_buffer_size >= 0, "shuffle_buffer_size", ">= 0 (0 = no shuffle)"),
             (
                 self.inject_failure_at_epoch is None or 2 <= self.inject_failure_at_epoch <= self.epochs,
                 "inject_failure_at_epoch",
@@ -443,7 +447,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + rank)
         sums = torch.zeros(1 + len(LOSS_TERMS) + 1, device=device)  # images, each term, total (sums over images)
         started = time.perf_counter()
-        for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, device=device, drop_last=True):
+        batches = shard.iter_torch_batches(
+            batch_size=cfg.batch_size,
+            device=device,
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.shuffle_buffer_size or None,
+            local_shuffle_seed=cfg.seed * 1_000_003 + epoch * 1_009 + rank if cfg.shuffle_buffer_size else None,
+        )
+        for batch in batches:
             images = _as_images(batch["image"])
             if cfg.model.surf:
                 inputs, mask = surf_fill(images, batch["superpixels"].long(), cfg.model.n_filled, generator)

@@ -140,6 +140,7 @@ def test_config_products_validation_and_run_name():
     for override, field_name in (
         ("batch_size=1", "batch_size"),
         ("inject_failure_at_epoch=1", "inject_failure_at_epoch"),
+        ("shuffle_buffer_size=-1", "shuffle_buffer_size"),
     ):
         with pytest.raises(ConfigError, match=field_name):
             _config("/tmp/store", override)
