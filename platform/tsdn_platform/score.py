@@ -664,7 +664,9 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     logger.info("scoring %d %s inputs, job %s, models %s", len(inputs.items), inputs.kind, job_id, models.versions)
 
     sink = ScoreDatasink(staging, job_id, models.shapes, cfg.min_rows_per_file)
-    _build_dataset(cfg, inputs, models).write_datasink(sink)
+    # Writes reserve no CPU: they are short (encode + upload), and a scorer pool that holds every CPU would
+    # otherwise hold them back until the last batch, buffering all output in the object store.
+    _build_dataset(cfg, inputs, models).write_datasink(sink, ray_remote_args={"num_cpus": 0})
     scored = time.perf_counter()
     results = sorted(sink.results, key=lambda r: r["file"])
     rows = sum(r["rows"] for r in results)
