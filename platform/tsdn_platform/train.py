@@ -37,7 +37,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from tsdn._config_io import ConfigError, from_dict, to_dict
+from tsdn.checkpoint import MODEL_JSON, MODEL_WEIGHTS
 from tsdn.config import TSDNConfig
 from tsdn_platform import store
 from tsdn_platform.config import config_to_yaml, load_config
@@ -360,25 +361,35 @@ def _save_checkpoint(
         json.dump({**state, "param_groups": optim_state["param_groups"]}, handle)
 
 
-def _load_checkpoint(directory: str, device: torch.device) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """-> (TSDN in train mode on ``device``, training state, Adam state dict for ``load_state_dict``)."""
+def _load_checkpoint(files: Mapping[str, bytes], device: torch.device) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Checkpoint files -> (TSDN in train mode on ``device``, training state, Adam state for ``load_state_dict``)."""
     import safetensors.torch
 
-    from tsdn.checkpoint import MODEL_JSON, MODEL_WEIGHTS, load_checkpoint
+    from tsdn.checkpoint import load_checkpoint
 
-    files = {}
-    for name in (MODEL_WEIGHTS, MODEL_JSON):
-        with open(os.path.join(directory, name), "rb") as handle:
-            files[name] = handle.read()
-    model, _, _ = load_checkpoint(files, device)
-    with open(os.path.join(directory, CHECKPOINT_STATE)) as handle:
-        state = json.load(handle)
+    model, _, _ = load_checkpoint({name: files[name] for name in (MODEL_WEIGHTS, MODEL_JSON)}, device)
+    state = json.loads(files[CHECKPOINT_STATE])
     per_param: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in safetensors.torch.load_file(os.path.join(directory, CHECKPOINT_OPTIMIZER)).items():
+    for key, value in safetensors.torch.load(files[CHECKPOINT_OPTIMIZER]).items():
         index, name = key.split(".", 1)
         per_param.setdefault(int(index), {})[name] = value
     optimizer_state = {"state": per_param, "param_groups": state.pop("param_groups")}
     return model.train(), state, optimizer_state
+
+
+def _read_checkpoint(checkpoint: Any, names: Sequence[str]) -> dict[str, bytes]:
+    """The named files of a reported ``ray.train.Checkpoint``, read straight from its filesystem (S3 or local).
+
+    Not through ``Checkpoint.as_directory()``: the workers of one node share its download folder, and a worker
+    that arrives after another's download finished downloads again into it while the first is still reading
+    (seen as a truncated optimizer file on restart after a worker failure).
+    """
+    root = checkpoint.path.rstrip("/")
+    files = {}
+    for name in names:
+        with checkpoint.filesystem.open_input_stream(f"{root}/{name}") as handle:
+            files[name] = handle.read()
+    return files
 
 
 def _checkpoint_dir_name(epoch: int) -> str:
@@ -420,8 +431,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     checkpoint = ray.train.get_checkpoint()
     optimizer_state = None
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            model, state, optimizer_state = _load_checkpoint(directory, device)
+        names = (MODEL_WEIGHTS, MODEL_JSON, CHECKPOINT_STATE, CHECKPOINT_OPTIMIZER)
+        model, state, optimizer_state = _load_checkpoint(_read_checkpoint(checkpoint, names), device)
         model.cfg = cfg.model  # loading reset the weights spec to "none"; later checkpoints record the run's own
         start_epoch, history = state["epoch"], state["history"]
     else:
@@ -523,7 +534,6 @@ def _final_evaluation(
     import ray.train
     import ray.train.torch
 
-    from tsdn.checkpoint import MODEL_JSON, MODEL_WEIGHTS
     from tsdn.metrics import evaluate
 
     reported = ray.train.get_all_reported_checkpoints()
@@ -531,11 +541,7 @@ def _final_evaluation(
         msg = f"{product}: no checkpoint was reported"
         raise RuntimeError(msg)
     best = max(reported, key=lambda r: (_metric_or_low(r.metrics, cfg.checkpoint_metric), r.metrics["epoch"]))
-    with best.checkpoint.as_directory() as directory:
-        files = {}
-        for name in (MODEL_WEIGHTS, MODEL_JSON):
-            with open(os.path.join(directory, name), "rb") as handle:
-                files[name] = handle.read()
+    files = _read_checkpoint(best.checkpoint, (MODEL_WEIGHTS, MODEL_JSON))
     predictor = predictor_cls.from_files(files, device=ray.train.torch.get_device(), batch_size=cfg.eval_batch_size)
 
     def predict(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -697,7 +703,6 @@ def run_product(cfg: TrainConfig, product: str) -> ProductResult:
 
 def _register(cfg: TrainConfig, product: str, checkpoint_uri: str, record: dict[str, Any]) -> tuple[str, bool]:
     """Register the best checkpoint once: a re-run of a finished run finds its version and reuses it."""
-    from tsdn.checkpoint import MODEL_JSON, MODEL_WEIGHTS
 
     registry = Registry(cfg.store)
     for version in reversed(registry.list_versions(product)):

@@ -201,7 +201,8 @@ def test_checkpoint_round_trip_restores_weights_adam_and_state(tiny_model, tmp_p
     optimizer.step()
     state = {"epoch": 3, "history": [{"epoch": 3, "loss": 0.5}]}
     _save_checkpoint(str(tmp_path), tiny_model, optimizer, fit_calibration(np.array([0.1, 0.2, 0.3])), state)
-    model, restored, optimizer_state = _load_checkpoint(str(tmp_path), torch.device("cpu"))
+    files = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    model, restored, optimizer_state = _load_checkpoint(files, torch.device("cpu"))
     assert restored == state and model.training
     for (name, a), b in zip(tiny_model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
