@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from _ports import free_ports
 
 ACCESS_KEY = "tsdn-test-access"
 SECRET_KEY = "tsdn-test-secret-key"
@@ -70,19 +70,6 @@ def _weed_binary() -> str:
     return found
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def _s3_answers(endpoint: str) -> bool:
     try:
         urllib.request.urlopen(endpoint, timeout=1)
@@ -124,7 +111,7 @@ def _start_weed(workdir: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
     for attempt in range(START_ATTEMPTS):
         run_dir = workdir / f"run{attempt}"
         (run_dir / "data").mkdir(parents=True)
-        ports = dict(zip(_WEED_PORTS, _free_ports(len(_WEED_PORTS))))
+        ports = dict(zip(_WEED_PORTS, free_ports(len(_WEED_PORTS))))
         args = [
             binary,
             "mini",

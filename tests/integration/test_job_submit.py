@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from _ports import free_ports
 
 from tsdn_platform import store
 from tsdn_platform.config import preset_path
@@ -114,19 +114,6 @@ class Head:
             raise AssertionError(msg) from exc
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def _base_env(token_path: Path) -> dict[str, str]:
     """This environment without Ray, AWS or PYTHONPATH settings, plus token auth and the venv first on PATH."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_")) and k != "PYTHONPATH"}
@@ -177,7 +164,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
     head_env = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     failures = []
     for attempt in range(START_ATTEMPTS):
-        ports = dict(zip(_HEAD_PORTS, _free_ports(len(_HEAD_PORTS))))
+        ports = dict(zip(_HEAD_PORTS, free_ports(len(_HEAD_PORTS))))
         # Short on purpose: Ray puts Unix sockets under it and socket paths are limited to 107 bytes.
         temp_dir = tempfile.mkdtemp(prefix="tsdn-rj-")
         log_path = workdir / f"head{attempt}.log"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _ports import free_ports
 from PIL import Image
 
 from tsdn._config_io import ConfigError
@@ -175,12 +175,6 @@ class Server:
         return httpx.post(url, content=body, headers=headers, params=params, timeout=HTTP_TIMEOUT_S)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _encode(array: np.ndarray, fmt: str) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format=fmt)
@@ -239,7 +233,7 @@ def server(s3, ray_local, tmp_path_factory) -> Iterator[Server]:
     token_file.write_text(f"{FILE_TOKEN}\n")
     cfg = ServeConfig(
         store=store,
-        port=_free_port(),
+        port=free_ports(1)[0],
         app_name="tsdn-test",
         max_body_bytes=MAX_BODY,
         max_image_pixels=MAX_PIXELS,
@@ -498,7 +492,7 @@ def test_tsdn_serve_command_serves_until_interrupted(tmp_path):
 
     store = str(tmp_path / "store")
     version = _register_tiny_model(Registry(store), "bottle", seed=7)
-    port = _free_port()
+    port = free_ports(1)[0]
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     env["TSDN_SERVE_TOKENS"] = TOKEN
     command = [sys.executable, "-m", "tsdn_platform.cli", "serve", "--store", store, "--port", str(port)]
