@@ -560,6 +560,9 @@ def _build_dataset(cfg: ScoreConfig, inputs: _Inputs, models: _Models) -> ray.da
         fn_kwargs={"unavailable": models.unavailable, "max_pixels": cfg.max_image_pixels},
         batch_format="pyarrow",
         batch_size=cfg.batch_size,
+        # CPU-only pools: the same CPU request as the actors makes Ray fuse decoding into them. Unfused, decode
+        # tasks would wait for CPUs that a pool sized to the node holds for the whole job.
+        num_cpus=cfg.num_cpus_per_actor if cfg.num_gpus_per_actor == 0 else 1,
     ).map_batches(
         _Scorer,
         fn_constructor_kwargs={
