@@ -36,8 +36,8 @@ Rows whose path matches no ``product_from_path`` pattern have a null product and
 Maps of different products may differ in shape, so read one ``product=<p>`` folder at a time; when
 all share one shape (``output_map_size`` set, the default) the whole output reads as one table with
 ``pq.read_table("<output>", partitioning=None)`` (the files carry ``product`` themselves, and Hive
-partitioning would add a clashing dictionary column). A product with no registered model has a 1×1
-placeholder map type when ``output_map_size`` is null (all its rows are errors); so has that folder.
+partitioning would add a clashing dictionary column). A product with no registered model gets a 1×1
+map type when ``output_map_size`` is null (all its rows are errors, with null maps); so does that folder.
 
 Why a custom datasink instead of ``write_parquet(partition_cols=["product"])``: Arrow's partitioned
 writer drops the partition column from the files (a single file would no longer say its product) and
@@ -296,9 +296,9 @@ def _resolve_models(cfg: ScoreConfig, products: Iterable[str]) -> _Models:
         size = cfg.output_map_size or predictor.image_size
         models.versions[product] = ref.version
         models.shapes[product] = (size, size)
-    placeholder = (cfg.output_map_size or 1,) * 2
+    error_rows_shape = (cfg.output_map_size or 1,) * 2  # these rows hold null maps; the type only has to exist
     for product in [*models.unavailable, UNROUTED]:
-        models.shapes[product] = placeholder
+        models.shapes[product] = error_rows_shape
     return models
 
 
