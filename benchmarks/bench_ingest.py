@@ -38,13 +38,7 @@ def plain_loop(cfg: IngestConfig, out: Path) -> tuple[float, int]:
     """The same per-image work in one process, no Ray. Returns (wall seconds, rows written)."""
     start = time.perf_counter()
     items, _ = _plan(cfg, discover(cfg.source, cfg.products))
-    settings = {
-        "image_size": cfg.image_size,
-        "n_segments": cfg.n_segments,
-        "compactness": cfg.slic_compactness,
-        "mask_threshold": cfg.mask_threshold,
-        "max_pixels": cfg.max_pixels,
-    }
+    settings = cfg.item_settings()
     groups: dict[tuple[str, str], list[dict]] = {}
     for item in items:
         row = _process_item(item, settings)

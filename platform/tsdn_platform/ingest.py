@@ -146,6 +146,16 @@ class IngestConfig:
             msg = f"rows_per_file={self.rows_per_file}: must be >= 1"
             raise ConfigError(msg)
 
+    def item_settings(self) -> dict[str, Any]:
+        """What the per-image work (decode, masks, SLIC) needs, as plain values for Ray tasks."""
+        return {
+            "image_size": self.image_size,
+            "n_segments": self.n_segments,
+            "compactness": self.slic_compactness,
+            "mask_threshold": self.mask_threshold,
+            "max_pixels": self.max_pixels,
+        }
+
     def slic_settings(self) -> dict[str, Any]:
         return {
             "n_segments": self.n_segments,
@@ -556,13 +566,7 @@ def run_ingest(cfg: IngestConfig) -> dict[str, Any]:
     store.list_files(dataset_uri, recursive=False)  # fail fast (a clear StoreError) if the store is unusable
     items, planned_skips = _plan(cfg, products)
     init_ray(cfg.address)
-    settings = {
-        "image_size": cfg.image_size,
-        "n_segments": cfg.n_segments,
-        "compactness": cfg.slic_compactness,
-        "mask_threshold": cfg.mask_threshold,
-        "max_pixels": cfg.max_pixels,
-    }
+    settings = cfg.item_settings()
     staging = store.join(dataset_uri, f"_staging-{uuid.uuid4().hex[:12]}")
     chunks: dict[str, list[dict[str, Any]]] = {}
     for item in items:
@@ -702,7 +706,9 @@ def read_split(
 
 def main(args: argparse.Namespace) -> int:
     """``tsdn ingest SOURCE --store STORE --dataset NAME [--products a,b] [--image-size N]``"""
-    products = None if not args.products or args.products == "all" else args.products.split(",")
+    from tsdn_platform.cli import parse_products
+
+    products = parse_products(args.products)
     explicit = {
         "source": args.source,
         "store": args.store,

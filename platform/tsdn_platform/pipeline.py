@@ -169,7 +169,9 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    products = None if not args.products or args.products == "all" else args.products.split(",")
+    from tsdn_platform.cli import parse_products
+
+    products = parse_products(args.products)
     explicit = {
         "source": args.source,
         "store": args.store,

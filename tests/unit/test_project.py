@@ -73,3 +73,10 @@ def test_load_config_precedence_and_unknown_keys(tmp_path):
         load_config(Job, overrides=["inner.bogus=1"])
     with pytest.raises(ConfigError, match=r"inner\.size"):
         load_config(Job, overrides=["inner.size=big"])
+
+
+def test_products_flag_parsing():
+    from tsdn_platform.cli import parse_products
+
+    assert parse_products(None) is None and parse_products("") is None and parse_products("all") is None
+    assert parse_products("brick, grass,") == ["brick", "grass"]
