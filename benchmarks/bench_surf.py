@@ -4,7 +4,9 @@
 
 (a) what a loader without precomputation does for every training sample: ``slic_labels`` (N_s = 400) on the
     352 x 352 image, then fill S_s = 50 random superpixels in numpy.
-(b) the platform's path: labels computed once at ingest; per step ``surf_fill`` on a (16, 3, 352, 352) batch.
+(b) the platform's path: labels computed once at ingest; per step ``surf_fill`` on a (16, 3, 352, 352) batch
+    exactly as the training loop calls it: a contiguous float32 NCHW batch and the shard's int32 labels, with
+    ``contiguous=True`` (ingest stores SLIC labels 0..K-1).
 (b') as (b), also counting the per-step decoding of the stored label maps (``decode_labels``) and stacking.
 
 Images are 352 x 352 crops of real photographs/textures from ``skimage.data``. Prints images/s of each and
@@ -72,8 +74,9 @@ def main() -> None:
     images = crops(BATCH, rng)
     labels = [slic_labels(image, N_SEGMENTS) for image in images]
     encoded = [encode_labels(lab) for lab in labels]
-    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255.0)
-    label_batch = torch.from_numpy(np.stack(labels).astype(np.int64))
+    # What the training loop receives from its shard: contiguous (B, 3, S, S) float32 and (B, S, S) int32 labels.
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255.0).contiguous()
+    label_batch = torch.from_numpy(np.stack(labels).astype(np.int32))
     generator = torch.Generator().manual_seed(0)
 
     def naive() -> None:
@@ -82,12 +85,12 @@ def main() -> None:
 
     def fill() -> None:
         for _ in range(args.batches):
-            surf_fill(batch, label_batch, N_FILLED, generator)
+            surf_fill(batch, label_batch, N_FILLED, generator, contiguous=True)
 
     def decode_and_fill() -> None:
         for _ in range(args.batches):
             stacked = torch.from_numpy(np.stack([decode_labels(blob) for blob in encoded]))
-            surf_fill(batch, stacked, N_FILLED, generator)
+            surf_fill(batch, stacked, N_FILLED, generator, contiguous=True)
 
     decode_and_fill()  # warm-up
     # Interleaved rounds: the machine is shared, so each round's three rates see similar load.

@@ -76,7 +76,7 @@ def plain_loop(cfg: TrainConfig, rows: list[dict[str, np.ndarray]], threads: int
         for b in range(n_batches):
             chunk = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
             images = images_u8[chunk].float().div_(255.0)
-            inputs, mask = surf_fill(images, labels_all[chunk].long(), cfg.model.n_filled, generator)
+            inputs, mask = surf_fill(images, labels_all[chunk].long(), cfg.model.n_filled, generator, contiguous=True)
             total, _ = loss_fn(model(inputs), images, mask)
             optimizer.zero_grad(set_to_none=True)
             total.backward()

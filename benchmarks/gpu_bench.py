@@ -107,7 +107,7 @@ def _measure_training(
     images = images.contiguous(memory_format=memory_format)
 
     def step() -> None:
-        distorted, mask = surf_fill(images, labels, cfg.n_filled, generator)
+        distorted, mask = surf_fill(images, labels, cfg.n_filled, generator, contiguous=True)
         with _autocast(device, bf16):
             output = model(distorted.contiguous(memory_format=memory_format))
             total, _ = loss_fn(output, images, mask)

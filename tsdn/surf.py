@@ -109,19 +109,25 @@ def surf_fill(
     labels: torch.Tensor,
     n_filled: int,
     generator: torch.Generator | None = None,
+    *,
+    contiguous: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fill ``n_filled`` random superpixels of every image with one random colour each.
 
     Per sample ``b`` exactly ``min(n_filled, K_b)`` distinct superpixels are chosen uniformly at random,
-    where ``K_b`` is the number of distinct labels present in ``labels[b]`` (labels need not be contiguous,
-    e.g. after a nearest-neighbour resize). Unfilled pixels are returned unchanged.
+    where ``K_b`` is the number of distinct labels present in ``labels[b]``. Unfilled pixels are returned
+    unchanged.
 
     Args:
         images: (B, 3, H, W) float in [0, 1].
-        labels: (B, H, W) int64 superpixel labels, ``>= 0``, on the images' device.
+        labels: (B, H, W) integer superpixel labels, ``>= 0`` (int32 or int64 avoid a copy).
         n_filled: the paper's ``S_s`` (50).
         generator: random source; on the images' device or the CPU (random numbers are drawn on the
             generator's device and moved), ``None`` for the global one.
+        contiguous: promise that every sample's labels are exactly ``0 .. K_b - 1``, as :func:`slic_labels`
+            and the ingested shards guarantee. Skips the per-pixel scan for absent labels (about a fifth of
+            the fill's time on CPU). Without it, labels may have gaps, e.g. after a nearest-neighbour resize;
+            with it and gaps, fewer than ``n_filled`` superpixels may be filled.
 
     Returns:
         ``(distorted, mask)``: distorted (B, 3, H, W) like ``images``; mask (B, 1, H, W) in {0, 1}, same
@@ -137,32 +143,48 @@ def surf_fill(
     if n_filled < 0:
         msg = f"surf_fill: n_filled must be >= 0, got {n_filled}"
         raise ValueError(msg)
-    flat = labels.reshape(batch, height * width).to(device=images.device, dtype=torch.int64)
-    low, high = (int(v) for v in torch.aminmax(flat)) if flat.numel() else (0, 0)
+    device, dtype = images.device, images.dtype
+    flat = labels.reshape(batch, height * width).to(device)
+    if flat.dtype not in (torch.int32, torch.int64):
+        flat = flat.to(torch.int64)
+    if flat.numel() == 0:
+        return images.clone(), torch.zeros_like(images[:, :1])
+    if contiguous:
+        # Per-sample label ranges; label k is present iff k <= max_b.
+        lows, highs = torch.aminmax(flat, dim=1)
+        low, n_labels = int(lows.min()), int(highs.max()) + 1
+        present = torch.arange(n_labels, device=device) <= highs.unsqueeze(1)
+    else:
+        low, high = (int(v) for v in torch.aminmax(flat))
+        n_labels = high + 1
+        present = torch.zeros(batch, n_labels, dtype=torch.bool, device=device)
+        present.scatter_(1, flat.to(torch.int64), True)
     if low < 0:
         msg = f"surf_fill: labels must be >= 0, got {low}"
         raise ValueError(msg)
-    n_labels = high + 1
 
-    present = torch.zeros(batch, n_labels, dtype=torch.bool, device=images.device)
-    present.scatter_(1, flat, True)
     # A uniformly random subset = the top-k of i.i.d. uniform scores; absent labels score -1 and are never
     # among the top k while enough present labels remain, the final `& present` drops them otherwise.
-    rand_device = generator.device if generator is not None else images.device
-    scores = torch.rand(batch, n_labels, generator=generator, device=rand_device).to(images.device)
-    colours = torch.rand(batch, n_labels, 3, generator=generator, device=rand_device).to(images.device, images.dtype)
+    rand_device = generator.device if generator is not None else device
+    scores = torch.rand(batch, n_labels, generator=generator, device=rand_device).to(device)
+    colours = torch.rand(batch, 3, n_labels, generator=generator, device=rand_device).to(device, dtype)
     scores = scores.masked_fill(~present, -1.0)
     chosen_idx = scores.topk(min(n_filled, n_labels), dim=1).indices
     chosen = torch.zeros_like(present).scatter_(1, chosen_idx, True) & present
 
-    # One row per (sample, label): its colour and whether it is filled. A single index_select gathers the four
-    # values of every pixel: 1.6x faster on CPU than a gather per channel plus one for the mask.
-    table = torch.cat([colours, chosen.unsqueeze(-1).to(images.dtype)], dim=-1).reshape(batch * n_labels, 4)
-    rows = flat + torch.arange(batch, device=images.device).unsqueeze(1) * n_labels
-    pixels = table.index_select(0, rows.reshape(-1)).reshape(batch, height, width, 4).permute(0, 3, 1, 2)
-    mask = pixels[:, 3:].contiguous()
-    # lerp with a {0, 1} weight returns exactly `images` or the fill colour (about 2x faster than a broadcast where)
-    return torch.lerp(images, pixels[:, :3], mask), mask
+    # Per sample, one index_select of a planar (4, K) table [r, g, b, filled] gives every pixel's fill colour
+    # and mask as contiguous planes: the labels are read once, need no per-sample offsets or int64 copy, and
+    # one sample's planes stay in cache for the lerp (about 2.5x faster on CPU than a batched gather per
+    # channel through a channels-last view).
+    table = torch.cat([colours, chosen.unsqueeze(1).to(dtype)], dim=1)
+    distorted = torch.empty_like(images, memory_format=torch.contiguous_format)
+    mask = torch.empty(batch, 1, height, width, dtype=dtype, device=device)
+    for b in range(batch):
+        planes = table[b].index_select(1, flat[b]).view(4, height, width)
+        mask[b] = planes[3:]
+        # lerp with a {0, 1} weight returns exactly `images` or the fill colour (about 2x faster than a where)
+        torch.lerp(images[b], planes[:3], planes[3:], out=distorted[b])
+    return distorted, mask
 
 
 class SURF(nn.Module):
@@ -181,9 +203,14 @@ class SURF(nn.Module):
         self.n_filled = n_filled
 
     def forward(
-        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        contiguous: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return surf_fill(images, labels, self.n_filled, generator)
+        return surf_fill(images, labels, self.n_filled, generator, contiguous=contiguous)
 
     def extra_repr(self) -> str:
         return f"n_filled={self.n_filled}"

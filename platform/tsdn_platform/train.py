@@ -281,7 +281,8 @@ def validate_holdout(
     clean_scores, clean_maps, bad_scores, bad_maps, masks = [], [], [], [], []
     for batch in batches:
         images = _as_images(batch["image"])
-        distorted, mask = surf_fill(images, torch.as_tensor(batch["superpixels"]).long(), cfg.n_filled, generator)
+        labels = torch.as_tensor(batch["superpixels"])  # int32 0..K-1, as ingest stores them
+        distorted, mask = surf_fill(images, labels, cfg.n_filled, generator, contiguous=True)
         for out_scores, out_maps, inputs in ((clean_scores, clean_maps, images), (bad_scores, bad_maps, distorted)):
             scores, maps = _predict(model, inputs, device)
             out_scores.append(scores)
@@ -468,7 +469,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         for batch in batches:
             images = _as_images(batch["image"])
             if cfg.model.surf:
-                inputs, mask = surf_fill(images, batch["superpixels"].long(), cfg.model.n_filled, generator)
+                labels = batch["superpixels"]  # int32 SLIC labels 0..K-1 at the training resolution, from ingest
+                inputs, mask = surf_fill(images, labels, cfg.model.n_filled, generator, contiguous=True)
             else:
                 inputs, mask = images, torch.zeros_like(images[:, :1])
             if on_gpu:

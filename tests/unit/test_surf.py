@@ -118,3 +118,20 @@ def test_surf_rejects_mismatched_shapes(labels: np.ndarray):
     images, lab = _batch(labels)
     with pytest.raises(ValueError, match="do not match"):
         surf_fill(images, lab[:, :-1], 5)
+
+
+def test_surf_contiguous_fast_path_matches_general_path(labels: np.ndarray):
+    images, lab = _batch(labels)
+    general = surf_fill(images, lab, 5, torch.Generator().manual_seed(8))
+    fast = surf_fill(images, lab.int(), 5, torch.Generator().manual_seed(8), contiguous=True)
+    assert torch.equal(general[0], fast[0]) and torch.equal(general[1], fast[1])
+
+
+def test_surf_contiguous_fast_path_respects_each_samples_label_count():
+    # sample 0 has labels 0..1, sample 1 has 0..5: a sample never "fills" a label it does not have
+    lab = torch.tensor([[[0, 0, 1], [0, 1, 1], [1, 1, 1]], [[0, 1, 2], [3, 4, 5], [5, 5, 5]]])
+    images = torch.full((2, 3, 3, 3), 0.5)
+    for seed in range(20):
+        _, mask = surf_fill(images, lab, 2, torch.Generator().manual_seed(seed), contiguous=True)
+        assert mask[0].all()  # both of sample 0's superpixels
+        assert lab[1][mask[1, 0].bool()].unique().numel() == 2
