@@ -66,7 +66,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILES = ("model.safetensors", "model.json")
+MODEL_JSON = "model.json"
+MODEL_FILES = ("model.safetensors", MODEL_JSON)
 METRICS_FILE = "metrics.json"
 POINTER_FILE = "best.json"
 STALE_LOCK_S = 60.0
@@ -237,18 +238,32 @@ class Registry:
             raise UnknownProductError(self.store_uri, product, detail)
         return pointer["version"]
 
-    def load_files(self, product: str, version: str | None = None) -> tuple[dict[str, bytes], ModelRef]:
-        """The model files of a version (default: the best), checked against the sha256 in its metrics."""
+    def load_files(
+        self, product: str, version: str | None = None, names: tuple[str, ...] = MODEL_FILES
+    ) -> tuple[dict[str, bytes], ModelRef]:
+        """The model files ``names`` of a version (default: the best), checked against the sha256 in its metrics."""
         version = self.resolve_version(product, version)
         metrics = self.metrics(product, version)
         base = self.version_uri(product, version)
-        files = {name: store.read_bytes(store.join(base, name)) for name in MODEL_FILES}
+        files = {name: store.read_bytes(store.join(base, name)) for name in names}
         for name, data in files.items():
             expected = metrics.get("files", {}).get(name, {}).get("sha256")
             if expected is not None and expected != _sha256(data):
                 msg = f"{store.join(base, name)}: sha256 does not match {METRICS_FILE} (corrupt or replaced file)"
                 raise RegistryError(msg)
         return files, ModelRef(product=product, version=version, metrics=metrics, uri=base)
+
+    def model_json(self, product: str, version: str | None = None) -> tuple[dict[str, Any], ModelRef]:
+        """``model.json`` of a version (default: the best), checked like :meth:`load_files`, without the weights.
+
+        What a driver needs to plan a job (input size, config, calibration) before workers load the model.
+        """
+        files, ref = self.load_files(product, version, names=(MODEL_JSON,))
+        try:
+            return json.loads(files[MODEL_JSON]), ref
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            msg = f"{store.join(ref.uri, MODEL_JSON)}: not JSON ({exc})"
+            raise RegistryError(msg) from exc
 
     def load_predictor(self, product: str, version: str | None = None, device: Any = None) -> tuple[Any, ModelRef]:
         """A ready :class:`tsdn.predict.Predictor` (weights + calibration) and the :class:`ModelRef` it came from.

@@ -119,6 +119,18 @@ def test_a_corrupt_file_is_detected_on_load(registry):
         registry.load_files("tile")
 
 
+def test_model_json_reads_and_checks_only_the_metadata(registry):
+    registry.register("wood", FILES, _metrics(0.5), version="v1")
+    store.write_bytes(store.join(registry.version_uri("wood", "v1"), "model.safetensors"), b"tampered")
+    meta, ref = registry.model_json("wood")  # the weights are not read, so their damage is not seen here
+    assert meta == {"config": {}} and ref.version == "v1"
+    store.write_bytes(store.join(registry.version_uri("wood", "v1"), "model.json"), b"{}")
+    with pytest.raises(RegistryError, match=r"model\.json: sha256"):
+        registry.model_json("wood", "v1")
+    with pytest.raises(UnknownProductError):
+        registry.model_json("nothing")
+
+
 def _race(n: int, target) -> list:
     barrier = threading.Barrier(n)
     results: list = [None] * n

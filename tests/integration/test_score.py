@@ -222,6 +222,37 @@ def test_rerun_replaces_instead_of_appending(routed):
     assert not store.exists(store.join(cfg.output, STAGING))
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_crash_before_the_commit_keeps_the_previous_output(routed, monkeypatch):
+    cfg, second = routed["cfg"], routed["second"]
+    manifest_uri = store.join(cfg.output, MANIFEST)
+    committed = {store.join(cfg.output, f) for product in second["products"].values() for f in product["files"]}
+
+    def crash(uri: str, obj: object) -> None:
+        raise RuntimeError(f"simulated crash before committing {uri}")
+
+    monkeypatch.setattr(store, "replace_json", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_scoring(cfg)
+    # The previous commit is whole: its manifest and every part it lists; the crashed attempt's parts sit beside.
+    assert store.read_json(manifest_uri)["attempt"] == second["attempt"]
+    files = set(store.list_files(cfg.output))
+    assert committed <= files
+    orphans = files - committed - {manifest_uri}
+    assert orphans and all(f"-{second['attempt']}-" not in uri for uri in orphans)
+    committed_rows = sum(
+        pq.read_metadata(store.resolve(uri)[1], filesystem=store.resolve(uri)[0]).num_rows for uri in committed
+    )
+    assert committed_rows == second["rows_written"]
+
+    monkeypatch.undo()
+    third = run_scoring(cfg)  # the next run commits and removes both the old parts and the orphans
+    now = {store.join(cfg.output, f) for product in third["products"].values() for f in product["files"]}
+    assert set(store.list_files(cfg.output)) == now | {manifest_uri}
+    assert third["rows_written"] == second["rows_written"] and third["attempt"] != second["attempt"]
+
+
 def _shard(world) -> str:
     """An ingested test split of alpha, per the shard contract: 2 good and 2 defective images with masks."""
     rows = []
