@@ -299,11 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     explicit = {"store": str(workdir / "store"), "dataset": DATASET, "products": args.products}
     base = load_config(TrainConfig, args.config, args.overrides, explicit=explicit)
 
-    from tsdn_platform.ray_session import init_ray
-
-    init_ray()
     import ray
 
+    from tsdn_platform.ray_session import init_ray
+
+    owns_ray = not ray.is_initialized()  # a caller's Ray session (a test's, a notebook's) is left running
+    init_ray()
     try:
         root = prepare_root(args, workdir, base.model.image_size)
         ingest_start = time.perf_counter()
@@ -340,7 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for product, metrics in baseline.items():
                 rows.append({"product": product, "run": BASELINE_RUN, "ablation": BASELINE_RUN, **metrics})
     finally:
-        ray.shutdown()
+        if owns_ray:
+            ray.shutdown()
 
     print()
     print(format_table(rows))

@@ -4,10 +4,12 @@ The plain loop gets the images already decoded and calls ``Predictor.predict`` b
 one torch thread and once with one per core; the faster of the two is the baseline (on an oversubscribed
 machine multi-threaded torch can lose to one thread). The Ray job lists, reads, decodes, scores (an actor
 pool splitting the same cores) and writes Parquet, so it pays for everything a real job does. Both
-alternate ``--repeats`` times and the best of each is compared (this machine is shared and noisy). Also
-measured: bytes per output row and the peak RSS of a scorer actor (read from /proc while the job runs).
+alternate ``--repeats`` times and the best of each is compared (this machine is shared and noisy). A second,
+smaller job (``--small-images``, default a quarter) in each repeat separates the job's fixed cost (actor
+start-up, model load, the last write) from its per-image rate: marginal rate = extra images / extra seconds.
+Also measured: bytes per output row and the peak RSS of a scorer actor (read from /proc while the job runs).
 
-    .venv/bin/python benchmarks/bench_score.py --images 512 --image-size 128 --actors 2
+    .venv/bin/python benchmarks/bench_score.py --images 4096 --image-size 128 --actors 2
 
 Prints a Markdown table for the "Scoring" section of BENCHMARKS.md. Everything stays on this machine: a
 local-folder store and a local Ray cluster on 127.0.0.1.
@@ -16,10 +18,12 @@ local-folder store and a local Ray cluster on 127.0.0.1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import os
 import platform
 import re
+import statistics
 import tempfile
 import threading
 import time
@@ -94,9 +98,14 @@ def _plain_loop(predictor, images: list[np.ndarray], batch_size: int) -> float:
     return len(images) / (time.perf_counter() - start)
 
 
+def _join(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--images", type=int, default=4096)
+    parser.add_argument("--small-images", type=int, help="images of the second job (default: a quarter)")
     parser.add_argument("--image-size", type=int, default=128, help="side of the input images and the model")
     parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm encoder (random weights)")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -109,6 +118,10 @@ def main() -> None:
     cores = os.cpu_count() or 1
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-score-"))
     store_uri, input_uri, output_uri = (str(workdir / name) for name in ("store", "images", "scores"))
+    small_input_uri, small_output_uri = str(workdir / "images-small"), str(workdir / "scores-small")
+    small = args.small_images or max(args.batch_size, args.images // 4)
+    if not 0 < small < args.images:
+        parser.error(f"--small-images must lie in (0, {args.images})")
     model = TSDN(TSDNConfig(backbone=args.backbone, weights="none", image_size=args.image_size))
     calibration = fit_calibration(np.linspace(0.05, 0.15, 16))
     registry = Registry(store_uri)
@@ -116,6 +129,8 @@ def main() -> None:
     encoded = [_texture(i, args.image_size) for i in range(args.images)]
     for i, data in enumerate(encoded):
         store.write_bytes(store.join(input_uri, PRODUCT, f"{i:05d}.png"), data)
+        if i < small:
+            store.write_bytes(store.join(small_input_uri, PRODUCT, f"{i:05d}.png"), data)
     decoded = [to_rgb(decode_image(data, f"{i:05d}.png"))[0] for i, data in enumerate(encoded)]
     predictor, _ = registry.load_predictor(PRODUCT)
     predictor.batch_size = args.batch_size
@@ -133,7 +148,8 @@ def main() -> None:
     init_ray()  # Ray's own start-up is not the job's; the actors' start-up (model load) is
     thread_counts = sorted({1, cores})
     loop_rates: dict[int, list[float]] = {n: [] for n in thread_counts}
-    job_rates, peaks = [], []
+    small_cfg = dataclasses.replace(cfg, input=small_input_uri, output=small_output_uri)
+    job_rates, job_seconds, small_seconds, peaks = [], [], [], []
     manifest: dict = {}
     for _ in range(args.repeats):
         for threads in thread_counts:
@@ -142,29 +158,42 @@ def main() -> None:
         with _ActorMemory() as memory:
             manifest = run_scoring(cfg)
         job_rates.append(manifest["timings"]["images_per_s"])
+        job_seconds.append(manifest["timings"]["score_s"])
         peaks.append(memory.peak_bytes)
+        small_seconds.append(run_scoring(small_cfg)["timings"]["score_s"])
     parts = [store.join(output_uri, f) for product in manifest["products"].values() for f in product["files"]]
     part_bytes = sum(Path(p).stat().st_size for p in parts)
 
     best_threads = max(thread_counts, key=lambda n: max(loop_rates[n]))
     loop, job = max(loop_rates[best_threads]), max(job_rates)
+    # Fixed cost and per-image rate from the best (shortest) time of each size: T(n) = fixed + n / marginal.
+    marginal = (args.images - small) / (min(job_seconds) - min(small_seconds))
+    fixed = min(small_seconds) - small / marginal
     print(f"machine: {platform.machine()}, {cores} cores, torch {torch.__version__}")
     print(
         f"workload: {args.images} PNG images {args.image_size}x{args.image_size}, {args.backbone} TSDN at "
         f"{args.image_size} px, batch {args.batch_size}, {args.actors} actors x {cores / args.actors:g} CPU, "
-        f"maps {args.map_size}x{args.map_size}, best of {args.repeats}"
+        f"maps {args.map_size}x{args.map_size}, best of {args.repeats}; second job {small} images"
     )
     print()
     print("| measure | value |")
     print("|---|---|")
     for threads in thread_counts:
         print(f"| plain PyTorch loop (decoded images, {threads} threads) | {max(loop_rates[threads]):.1f} images/s |")
-    print(f"| Ray Data job (read + decode + score + write) | {job:.1f} images/s |")
+    print(f"| Ray Data job (read + decode + score + write), {args.images} images | {job:.1f} images/s |")
     print(f"| ratio job / best loop ({best_threads} threads) | {job / loop:.2f} |")
+    # Each repeat's job against the faster loop of the same repeat: both met the same load.
+    paired = [job_rates[i] / max(rates[i] for rates in loop_rates.values()) for i in range(args.repeats)]
+    median = statistics.median(paired)
+    print(f"| ratio per repeat, job / that repeat's faster loop (median) | {_join(paired)} ({median:.2f}) |")
+    print(f"| job fixed cost (start-up, model load, last write), from the {small}-image job | {fixed:.1f} s |")
+    print(f"| job marginal rate, (n - n_small) / (T - T_small) | {marginal:.1f} images/s |")
+    print(f"| ratio marginal rate / best loop | {marginal / loop:.2f} |")
     print(f"| bytes per output row (Parquet, zstd, incl. score map) | {part_bytes / manifest['rows_written']:.0f} |")
     print(f"| peak RSS of a scorer actor | {max(peaks) / 2**20:.0f} MiB |")
     runs = {n: [round(r, 1) for r in rates] for n, rates in loop_rates.items()}
     print(f"| all runs, images/s: loop by threads / job | {runs} / {job_rates} |")
+    print(f"| all runs, job seconds: {args.images} / {small} images | {job_seconds} / {small_seconds} |")
 
 
 if __name__ == "__main__":

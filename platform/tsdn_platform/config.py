@@ -7,6 +7,7 @@ gives an int and ``--set products=[a,b]`` a list).
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,7 +20,8 @@ __all__ = ["ConfigError", "config_to_yaml", "load_config", "parse_overrides", "p
 
 T = TypeVar("T")
 
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+# The presets ship as package data of ``jobs`` (pyproject.toml), so they resolve in a wheel install too.
+PRESETS_DIR = Path(importlib.util.find_spec("jobs").origin).parent / "configs"
 
 
 def preset_path(name_or_path: str) -> Path:

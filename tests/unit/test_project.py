@@ -80,3 +80,23 @@ def test_products_flag_parsing():
 
     assert parse_products(None) is None and parse_products("") is None and parse_products("all") is None
     assert parse_products("brick, grass,") == ["brick", "grass"]
+
+
+@pytest.mark.slow
+def test_a_wheel_install_finds_the_presets(tmp_path):
+    """Presets are package data of ``jobs``: a non-editable install (a wheel, a Docker layer) resolves them."""
+    target = tmp_path / "site"
+    build = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*build, "--target", str(target), str(ROOT)], check=True, capture_output=True, cwd=tmp_path)
+    probe = "import tsdn_platform.config as c; print(c.__file__); print(c.preset_path('demo'))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    module, preset = out.stdout.split()
+    assert module.startswith(str(target)) and preset.startswith(str(target)), out.stdout
+    assert Path(preset).name == "demo.yaml"
