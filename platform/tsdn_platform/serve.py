@@ -697,14 +697,16 @@ def run_server(cfg: ServeConfig) -> None:
     print(f"TSDN serving the best models of {cfg.store} at {url}/v1/products", flush=True)
     print(f"  try: {curl_example(url, auth_required(cfg, load_tokens(cfg)))}", flush=True)
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Both signals are handled here rather than left to Python's KeyboardInterrupt: a process started as a
+    # background job of a non-interactive shell inherits SIGINT ignored, and Ctrl-C must still stop it.
+    previous = {sig: signal.signal(sig, lambda signum, _frame: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while not stop.wait(1.0):
             pass
-    except KeyboardInterrupt:
-        logger.info("interrupted; shutting down")
+        logger.info("stopping: shutting down Serve")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         serve.shutdown()
 
 

@@ -497,7 +497,14 @@ def test_tsdn_serve_command_serves_until_interrupted(tmp_path):
     env["TSDN_SERVE_TOKENS"] = TOKEN
     command = [sys.executable, "-m", "tsdn_platform.cli", "serve", "--store", store, "--port", str(port)]
     with open(tmp_path / "serve.log", "wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # Started as a background job of a non-interactive shell would be: SIGINT ignored. Ctrl-C must still work.
+        proc = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(300):  # bounded: Ray + Serve start-up on a loaded machine
