@@ -511,7 +511,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         if rank == 0:
             history.append(metrics)
             shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith(("loss", "val_")))
-            print(f"[{product}] epoch {epoch}/{cfg.epochs} {shown} {metrics['images_per_s']:.1f} images/s", flush=True)
+            # A logger, not print: Ray Train patches print in its workers to log *and* echo to Ray's redirected
+            # stdout, so every printed line reached the driver twice.
+            logger.info("[%s] epoch %d/%d %s %.1f images/s", product, epoch, cfg.epochs, shown, metrics["images_per_s"])
         if checkpoint_now and rank == 0:
             with tempfile.TemporaryDirectory() as directory:
                 state = {"epoch": epoch, "history": history, "product": product, "run": run_name}

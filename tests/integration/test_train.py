@@ -212,3 +212,29 @@ def test_checkpoint_round_trip_restores_weights_adam_and_state(tiny_model, tmp_p
     for index, entry in optimizer.state_dict()["state"].items():
         for key, value in entry.items():
             assert torch.equal(value, again.state_dict()["state"][index][key]), (index, key)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_tsdn_train_prints_one_progress_line_per_epoch(ray_local, tmp_path):
+    """The per-epoch line (losses, validation metrics, images/s) reaches the driver's output exactly once."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from tsdn_platform.demo_data import make_demo_dataset
+    from tsdn_platform.ingest import IngestConfig, run_ingest
+
+    root = tmp_path / "mvtec"
+    make_demo_dataset(root, seed=1, image_size=64, n_train=8, n_test_good=2, n_defects_per_type=1, products=["brick"])
+    uri = str(tmp_path / "store")
+    run_ingest(IngestConfig(source=str(root), store=uri, dataset="demo", image_size=64, n_segments=50))
+    command = [sys.executable, "-m", "tsdn_platform.cli", "train", "--store", uri, "--dataset", "demo"]
+    command += ["--config", "tiny", "--set", "epochs=2", "--set", "num_workers=1"]
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    output = out.stdout + out.stderr
+    lines = re.findall(r"\[brick\] epoch (\d)/2 loss=\S+ .*val_pixel_auroc=\S+ [\d.]+ images/s", output)
+    assert lines == ["1", "2"], output
