@@ -174,8 +174,8 @@ def surf_fill(
 
     # Per sample, one index_select of a planar (4, K) table [r, g, b, filled] gives every pixel's fill colour
     # and mask as contiguous planes: the labels are read once, need no per-sample offsets or int64 copy, and
-    # one sample's planes stay in cache for the lerp (about 2.5x faster on CPU than a batched gather per
-    # channel through a channels-last view).
+    # one sample's planes stay in cache for the lerp (about 3x faster on CPU than one batched index_select of
+    # interleaved (B*K, 4) rows followed by a lerp through the permuted, channels-last view).
     table = torch.cat([colours, chosen.unsqueeze(1).to(dtype)], dim=1)
     distorted = torch.empty_like(images, memory_format=torch.contiguous_format)
     mask = torch.empty(batch, 1, height, width, dtype=dtype, device=device)
