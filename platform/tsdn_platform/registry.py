@@ -66,6 +66,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# tsdn.checkpoint's MODEL_WEIGHTS and MODEL_JSON, spelt out: importing that module here would pull in torch
+# for every registry user (the CLI's `tsdn models`, score drivers). tests/unit/test_project.py keeps them equal.
 MODEL_JSON = "model.json"
 MODEL_FILES = ("model.safetensors", MODEL_JSON)
 METRICS_FILE = "metrics.json"

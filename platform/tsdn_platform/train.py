@@ -456,7 +456,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             print(f"[{product}] injected failure: rank {rank} exits at the start of epoch {epoch}", flush=True)
             os._exit(1)
         ddp_model.train()
-        generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + rank)
+        epoch_seed = cfg.seed * 1_000_003 + epoch * 1_009 + rank  # SURF draws and the shuffle, per epoch and rank
+        generator = torch.Generator(device=device).manual_seed(epoch_seed)
         sums = torch.zeros(1 + len(LOSS_TERMS) + 1, device=device)  # images, each term, total (sums over images)
         started = time.perf_counter()
         batches = shard.iter_torch_batches(
@@ -464,7 +465,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             device=device,
             drop_last=True,
             local_shuffle_buffer_size=cfg.shuffle_buffer_size or None,
-            local_shuffle_seed=cfg.seed * 1_000_003 + epoch * 1_009 + rank if cfg.shuffle_buffer_size else None,
+            local_shuffle_seed=epoch_seed if cfg.shuffle_buffer_size else None,
         )
         for batch in batches:
             images = _as_images(batch["image"])

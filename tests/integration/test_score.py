@@ -241,9 +241,7 @@ def test_a_crash_before_the_commit_keeps_the_previous_output(routed, monkeypatch
     assert committed <= files
     orphans = files - committed - {manifest_uri}
     assert orphans and all(f"-{second['attempt']}-" not in uri for uri in orphans)
-    committed_rows = sum(
-        pq.read_metadata(store.resolve(uri)[1], filesystem=store.resolve(uri)[0]).num_rows for uri in committed
-    )
+    committed_rows = sum(pq.read_metadata(path, filesystem=fs).num_rows for fs, path in map(store.resolve, committed))
     assert committed_rows == second["rows_written"]
 
     monkeypatch.undo()

@@ -100,3 +100,10 @@ def test_a_wheel_install_finds_the_presets(tmp_path):
     module, preset = out.stdout.split()
     assert module.startswith(str(target)) and preset.startswith(str(target)), out.stdout
     assert Path(preset).name == "demo.yaml"
+
+
+def test_the_registry_names_the_checkpoint_files_as_tsdn_writes_them():
+    from tsdn.checkpoint import MODEL_JSON, MODEL_WEIGHTS
+    from tsdn_platform import registry
+
+    assert registry.MODEL_FILES == (MODEL_WEIGHTS, MODEL_JSON) and registry.MODEL_JSON == MODEL_JSON
