@@ -23,6 +23,13 @@ AWS_ENV_VARS = (
     "AWS_RESPONSE_CHECKSUM_VALIDATION",
 )
 
+# Ray's own setting for how many idle workers a node keeps (``ray start`` reads it from the environment too).
+# Left at its default, Ray 2.60 keeps idle workers only up to the node's *free* CPUs (measured): while a scorer
+# pool holds every CPU, each ``num_cpus=0`` Parquet write task gets a fresh worker that imports Ray Data,
+# pandas and pyarrow again (about 1.2 s of CPU on a 2-core node, taken from the scorers, and once more on the
+# job's critical path at the last write). A local cluster therefore sets it to its CPU count.
+SOFT_LIMIT_ENV = "RAY_num_workers_soft_limit"
+
 
 def forwarded_env() -> dict[str, str]:
     """Environment variables every worker needs: the AWS settings and the platform's own ``TSDN_*``."""
@@ -49,11 +56,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         return
     _keep_local_cluster_on_loopback()
     logger.info("starting a local Ray cluster on 127.0.0.1")
+    system_config = kwargs.pop("_system_config", {})
+    if SOFT_LIMIT_ENV not in os.environ:
+        system_config.setdefault("num_workers_soft_limit", num_cpus or os.cpu_count() or 1)
     ray.init(
         _node_ip_address="127.0.0.1",
         num_cpus=num_cpus,
         include_dashboard=False,
         runtime_env={"env_vars": forwarded_env()},
+        _system_config=system_config,
         **kwargs,
     )
 

@@ -2,6 +2,7 @@
 
 import ipaddress
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,29 @@ def test_local_cluster_binds_loopback_only(ray_local):
     addresses = _listening_addresses(_socket_inodes(_descendants(os.getpid())))
     assert addresses, "found no listening socket of the Ray cluster"
     assert all(address.is_loopback for address in addresses), addresses
+
+
+def test_local_cluster_keeps_idle_workers_while_actors_hold_every_cpu(ray_local):
+    """A ``num_cpus=0`` task (the score job's Parquet writes) keeps its worker between runs even when an actor
+    pool holds every CPU; with Ray's default soft limit (the CPU count) the idle worker is killed after 1 s,
+    and the next write pays a fresh worker and its imports."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    @ray.remote(num_cpus=0)
+    def worker_pid() -> int:
+        return os.getpid()
+
+    holders = [Holder.remote() for _ in range(int(ray.cluster_resources()["CPU"]))]
+    try:
+        ray.get([holder.ready.remote() for holder in holders])
+        pid = ray.get(worker_pid.remote())
+        time.sleep(3.0)  # Ray checks for idle workers to kill every 200 ms, after 1 s idle
+        assert Path(f"/proc/{pid}").exists(), "the idle worker was killed"
+    finally:
+        for holder in holders:
+            ray.kill(holder)
