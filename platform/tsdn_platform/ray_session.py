@@ -56,7 +56,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         return
     _keep_local_cluster_on_loopback()
     logger.info("starting a local Ray cluster on 127.0.0.1")
-    system_config = kwargs.pop("_system_config", {})
+    system_config = dict(kwargs.pop("_system_config", None) or {})
     if SOFT_LIMIT_ENV not in os.environ:
         system_config.setdefault("num_workers_soft_limit", num_cpus or os.cpu_count() or 1)
     ray.init(
