@@ -73,8 +73,8 @@ def test_local_cluster_binds_loopback_only(ray_local):
 
 def test_local_cluster_keeps_idle_workers_while_actors_hold_every_cpu(ray_local):
     """A ``num_cpus=0`` task (the score job's Parquet writes) keeps its worker between runs even when an actor
-    pool holds every CPU; with Ray's default soft limit (the CPU count) the idle worker is killed after 1 s,
-    and the next write pays a fresh worker and its imports."""
+    pool holds every CPU. Ray's default keeps idle workers only up to the node's free CPUs, so there the idle
+    worker is killed after 1 s and the next write pays a fresh worker and its imports."""
     import ray
 
     @ray.remote(num_cpus=1)
