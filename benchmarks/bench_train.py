@@ -1,7 +1,8 @@
 """Training throughput: the Ray Train loop (one worker) against a plain PyTorch loop, same run.
 
 Both loops train the same model (same seed) with the same batch size on the same images and superpixel maps
-and do the same per-step work (uint8 -> float, SURF fill, forward, loss, backward, Adam step). The Ray side
+and run the same per-step code (uint8 -> float, then ``tsdn.training.train_step``: SURF fill, forward, loss,
+backward, Adam step). The Ray side
 is the production loop, :func:`tsdn_platform.train.train_loop_per_worker`, fed by ``iter_torch_batches``
 from a materialised Ray Dataset; it checkpoints and validates only after its last epoch, outside the timed
 epochs. The plain loop runs before and after the Ray run (this machine is shared and noisy) and its mean
@@ -36,7 +37,8 @@ from skimage import data as skdata
 
 from tsdn.losses import TSDNLoss
 from tsdn.model import TSDN
-from tsdn.surf import slic_labels, surf_fill
+from tsdn.surf import slic_labels
+from tsdn.training import build_optimizer, set_epoch_lr, train_step
 from tsdn_platform.config import load_config
 from tsdn_platform.demo_data import texture_patch
 from tsdn_platform.train import TrainConfig, build_trainer
@@ -64,7 +66,7 @@ def plain_loop(cfg: TrainConfig, rows: list[dict[str, np.ndarray]], threads: int
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     model = TSDN(cfg.model).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.model.lr)
+    optimizer = build_optimizer(model, cfg.model)
     loss_fn = TSDNLoss(cfg.model)
     images_u8 = torch.from_numpy(np.stack([r["image"] for r in rows]))
     labels_all = torch.from_numpy(np.stack([r["superpixels"] for r in rows]))
@@ -72,15 +74,12 @@ def plain_loop(cfg: TrainConfig, rows: list[dict[str, np.ndarray]], threads: int
     rates = []
     for epoch in range(1, cfg.epochs + 1):
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 1_009)
+        set_epoch_lr(optimizer, cfg.model, epoch, cfg.epochs)
         started = time.perf_counter()
         for b in range(n_batches):
             chunk = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
             images = images_u8[chunk].float().div_(255.0)
-            inputs, mask = surf_fill(images, labels_all[chunk].long(), cfg.model.n_filled, generator, contiguous=True)
-            total, _ = loss_fn(model(inputs), images, mask)
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
+            train_step(model, loss_fn, optimizer, images, labels_all[chunk], cfg.model, generator, epoch)
         rates.append(n_batches * cfg.batch_size / (time.perf_counter() - started))
     return rates
 

@@ -36,7 +36,8 @@ from skimage.transform import resize
 from tsdn.config import TSDNConfig
 from tsdn.losses import TSDNLoss
 from tsdn.model import TSDN
-from tsdn.surf import slic_labels, surf_fill
+from tsdn.surf import slic_labels
+from tsdn.training import build_optimizer, train_step
 
 PRECISIONS = ("fp32", "bf16-cl")
 # (backbone, input size): the paper's configuration and the offline default's backbone at the same size.
@@ -101,19 +102,14 @@ def _measure_training(
     """(images/s, peak MiB) of SURF fill + forward + loss + backward + Adam step on one synthetic batch."""
     memory_format = torch.channels_last if bf16 else torch.contiguous_format
     loss_fn = TSDNLoss(cfg).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = build_optimizer(model, cfg)
     generator = torch.Generator(device=device).manual_seed(0)
     images, labels = _synthetic_batch(cfg.image_size, batch, cfg.n_segments, device)
     images = images.contiguous(memory_format=memory_format)
 
     def step() -> None:
-        distorted, mask = surf_fill(images, labels, cfg.n_filled, generator, contiguous=True)
-        with _autocast(device, bf16):
-            output = model(distorted.contiguous(memory_format=memory_format))
-            total, _ = loss_fn(output, images, mask)
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
+        # The training job's own step (tsdn.training), so the GPU figure is the shipped code's.
+        train_step(model, loss_fn, optimizer, images, labels, cfg, generator, 1, autocast=bf16, channels_last=bf16)
 
     model.train()
     _reset_peak(device)

@@ -75,6 +75,8 @@ def load_checkpoint(
     # The saved state replaces every tensor, so the encoder is built without fetching its weights.
     model = TSDN(dataclasses.replace(cfg, weights="none"))
     model.cfg = cfg  # the config the model was trained with, so a re-saved checkpoint keeps it
+    # Checkpoints from before the fused score source carry no score scales; their sources never read them.
+    state.setdefault("score_scales", model.score_scales.clone())
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

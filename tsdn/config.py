@@ -9,11 +9,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from tsdn import _config_io
 
-__all__ = ["ABLATIONS", "TSDNConfig", "apply_ablation"]
+__all__ = ["ABLATIONS", "SCORE_SOURCES", "TSDNConfig", "apply_ablation"]
+
+ScoreSource = Literal["reconstruction", "mask", "fused", "feature"]
+SCORE_SOURCES: tuple[str, ...] = ("reconstruction", "mask", "fused", "feature")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,28 @@ class TSDNConfig:
         skip: encoder skip connections into the decoders.
         surf: train on SURF-distorted images (the training loop reads this switch).
         fne: feature normality estimator; False = F_nm1 = F(1/32) * M' (paper Table 4 E).
+
+    Inference (what the paper leaves open or where measurement chose otherwise; ``tsdn/README.md``):
+        score_source: which map scores an image. ``reconstruction`` = the paper's Eq. 4, blurred
+            ||I - R||_2; ``mask`` = DCD_A's M', blurred alike; ``feature`` = 1 - cosine similarity of the
+            encoder's stride-8 and stride-16 features of I and of R, upsampled and blurred; ``fused`` = the
+            mean of the reconstruction and mask maps, each divided by its scale on held-out normal
+            images (``TSDN.score_scales``, fitted with the calibration) so neither swamps the other.
+        score_topk: image score = the mean of the top ``score_topk`` fraction of the map's pixels;
+            0 = the map's maximum (the paper).
+
+    Training recipe (read by :mod:`tsdn.training`; the defaults are the paper's):
+        encoder_lr_scale: the encoder's learning rate is ``lr * encoder_lr_scale``; 0 freezes it
+            (no gradient, BatchNorm statistics kept) - the paper trains it with everything else (1).
+        lr_schedule: ``constant`` (the paper) or ``cosine`` (to 1 % of ``lr`` over the run).
+        mask_loss: DCD_A's loss against the SURF mask: ``l2`` (the paper), ``bce`` or ``focal`` (gamma 2).
+        mask_warmup_epochs: epochs during which the FNE does not gate F(1/32) (and is not trained), so
+            that DCD_A's M' is learnt before W_gt is computed from it; 0 = the paper.
+        surf_fill: what fills SURF's chosen superpixels: ``colour`` (one flat random colour each, the
+            paper), ``image`` (the pixels of another image of the batch, shifted by a random offset:
+            real texture out of place) or ``noise`` (a smooth random-colour noise texture).
+        surf_opacity_min: each sample's fill is blended over the image with an opacity drawn uniformly
+            from ``[surf_opacity_min, 1]``; 1 = opaque (the paper).
     """
 
     image_size: int = 352
@@ -65,6 +90,14 @@ class TSDNConfig:
     skip: bool = True
     surf: bool = True
     fne: bool = True
+    score_source: ScoreSource = "reconstruction"
+    score_topk: float = 0.0
+    encoder_lr_scale: float = 1.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    mask_loss: Literal["l2", "bce", "focal"] = "l2"
+    mask_warmup_epochs: int = 0
+    surf_fill: Literal["colour", "image", "noise"] = "colour"
+    surf_opacity_min: float = 1.0
 
     def __post_init__(self) -> None:
         size_ok = self.image_size >= 64 and self.image_size % 32 == 0
@@ -83,6 +116,18 @@ class TSDNConfig:
         # DCD_A learns the SURF mask, so it has no target without SURF; the FNE consumes DCD_A's M'.
         _check(self.surf or not self.dcd_a, "dcd_a", self.dcd_a, "False when surf is False (no mask to learn)")
         _check(self.dcd_a or not self.fne, "fne", self.fne, "False when dcd_a is False (the FNE needs M')")
+        _check(self.score_source in SCORE_SOURCES, "score_source", self.score_source, " | ".join(SCORE_SOURCES))
+        needs_mask = self.score_source in ("mask", "fused")
+        _check(
+            self.dcd_a or not needs_mask, "score_source", self.score_source, "a source without M' when dcd_a is False"
+        )
+        _check(0 <= self.score_topk < 1, "score_topk", self.score_topk, "in [0, 1) (0 = the maximum)")
+        _check(self.encoder_lr_scale >= 0, "encoder_lr_scale", self.encoder_lr_scale, ">= 0 (0 = frozen)")
+        _check(self.lr_schedule in ("constant", "cosine"), "lr_schedule", self.lr_schedule, "constant | cosine")
+        _check(self.mask_loss in ("l2", "bce", "focal"), "mask_loss", self.mask_loss, "l2 | bce | focal")
+        _check(self.mask_warmup_epochs >= 0, "mask_warmup_epochs", self.mask_warmup_epochs, ">= 0")
+        _check(self.surf_fill in ("colour", "image", "noise"), "surf_fill", self.surf_fill, "colour | image | noise")
+        _check(0 <= self.surf_opacity_min <= 1, "surf_opacity_min", self.surf_opacity_min, "in [0, 1]")
 
     @property
     def fne_pool_size(self) -> int:

@@ -10,7 +10,7 @@ from torch import nn
 from tsdn.config import TSDNConfig
 from tsdn.model import TSDNOutput
 
-__all__ = ["TSDNLoss", "gms_loss", "ssim_loss"]
+__all__ = ["TSDNLoss", "gms_loss", "mask_loss", "ssim_loss"]
 
 
 def ssim_loss(image: torch.Tensor, reconstruction: torch.Tensor, window_size: int = 11) -> torch.Tensor:
@@ -30,8 +30,29 @@ def gms_loss(image: torch.Tensor, reconstruction: torch.Tensor, c: float = 0.002
     return 1.0 - gms.mean()
 
 
+def mask_loss(logits: torch.Tensor, mask: torch.Tensor, kind: str = "l2", gamma: float = 2.0) -> torch.Tensor:
+    """DCD_A's loss between M' = sigmoid(logits) and the SURF mask M, both (B, 1, H, W); a scalar.
+
+    ``"l2"``: the paper's mean squared error of the probabilities. ``"bce"``: binary cross-entropy.
+    ``"focal"``: focal loss (Lin et al.) with ``gamma``, the cross-entropy down-weighted by ``(1 - p_t)^gamma``
+    on pixels already right, as DRAEM trains its segmentation head.
+    """
+    if kind == "l2":
+        return F.mse_loss(torch.sigmoid(logits), mask)
+    bce = F.binary_cross_entropy_with_logits(logits, mask, reduction="none")
+    if kind == "bce":
+        return bce.mean()
+    if kind == "focal":
+        p_t = torch.exp(-bce)  # the probability given to the true class
+        return ((1.0 - p_t).pow(gamma) * bce).mean()
+    msg = f"mask_loss: kind must be 'l2', 'bce' or 'focal', got {kind!r}"
+    raise ValueError(msg)
+
+
 class TSDNLoss(nn.Module):
     """``L = w_l2 L2(I, R) + w_ssim SSIM(I, R) + w_gms GMS(I, R) + w_mask L2(M, M') + w_fne BCE(W', W_gt)``.
+
+    The mask term is the paper's L2 unless ``cfg.mask_loss`` names another (:func:`mask_loss`).
 
     Called as ``loss(output, image, mask)`` with ``output`` the model's :class:`TSDNOutput` on the
     (SURF-distorted) input, ``image`` the clean image I (B, 3, H, W) in [0, 1] and ``mask`` the SURF
@@ -66,7 +87,7 @@ class TSDNLoss(nn.Module):
             "fne": zero,
         }
         if output.mask_logits is not None:
-            terms["mask"] = F.mse_loss(torch.sigmoid(output.mask_logits.float()), mask)
+            terms["mask"] = mask_loss(output.mask_logits.float(), mask, cfg.mask_loss)
         if output.weights_logits is not None and output.weights_gt is not None:
             # The logits form is the same cross-entropy as BCE(sigmoid(.), W_gt), stable for saturated logits.
             terms["fne"] = F.binary_cross_entropy_with_logits(output.weights_logits.float(), output.weights_gt)

@@ -16,7 +16,7 @@ from tsdn.backbone import Opener, create_encoder, normalization
 from tsdn.config import TSDNConfig
 from tsdn.decoder import Decoder
 from tsdn.fne import FeatureNormalityEstimator, normality_target
-from tsdn.scoring import image_score, score_map
+from tsdn.scoring import blur_map, feature_distance_map, image_score, score_map
 
 __all__ = ["TSDN", "TSDNOutput", "TSDNPrediction"]
 
@@ -53,8 +53,9 @@ class TSDNPrediction(NamedTuple):
     """Inference result.
 
     Attributes:
-        anomaly_map: (B, 1, H, W) Gaussian-blurred per-pixel L2 distance between image and R.
-        anomaly_score: (B,) maximum of each map.
+        anomaly_map: (B, 1, H, W) the map of the configured ``score_source`` (the paper's: the
+            Gaussian-blurred per-pixel L2 distance between image and R).
+        anomaly_score: (B,) each map's maximum (or its top-k mean, ``score_topk``).
         reconstruction: R, (B, 3, H, W) in [0, 1].
     """
 
@@ -73,7 +74,14 @@ class TSDN(nn.Module):
     Input images are ``(B, 3, H, W)`` float in [0, 1] with H and W multiples of the encoder's
     deepest reduction (32); the model normalises them with the backbone's pretrained mean/std
     (buffers, saved with the weights).
+
+    ``score_scales`` (buffer, saved with the weights): the typical image score of the reconstruction and
+    of the mask map on held-out normal images (:meth:`fit_score_scales`), which the ``fused`` source
+    divides each map by; ones until fitted.
     """
+
+    #: Encoder strides whose features the ``feature`` score source compares (those the encoder has).
+    FEATURE_STRIDES = (8, 16)
 
     def __init__(self, cfg: TSDNConfig, opener: Opener | None = None) -> None:
         super().__init__()
@@ -90,29 +98,111 @@ class TSDN(nn.Module):
         self.dcd_a = Decoder(c, channels, reductions, out_channels=1, use_skips=cfg.skip) if cfg.dcd_a else None
         self.fne = FeatureNormalityEstimator(c, cfg.fne_hidden, cfg.fne_pool_size) if cfg.fne else None
         self.dcd_n = Decoder(c, channels, reductions, out_channels=3, use_skips=cfg.skip)
+        self.feature_stages = [i for i, r in enumerate(reductions) if r in self.FEATURE_STRIDES] or [
+            len(reductions) - 1
+        ]
+        self.register_buffer("score_scales", torch.ones(2))
+        if self.frozen_encoder:
+            self.encoder.requires_grad_(False)
 
-    def forward(self, image: torch.Tensor) -> TSDNOutput:
-        """Both streams on ``image`` (B, 3, H, W) in [0, 1] (SURF-distorted while training)."""
-        return self._run(image, with_targets=True)
+    @property
+    def frozen_encoder(self) -> bool:
+        """The encoder keeps its pretrained weights and BatchNorm statistics (``encoder_lr_scale == 0``)."""
+        return self.cfg.encoder_lr_scale == 0
+
+    def train(self, mode: bool = True) -> TSDN:
+        super().train(mode)
+        if self.frozen_encoder:
+            self.encoder.eval()  # BatchNorm keeps the pretrained running statistics
+        return self
+
+    def forward(self, image: torch.Tensor, fne_gate: bool = True) -> TSDNOutput:
+        """Both streams on ``image`` (B, 3, H, W) in [0, 1] (SURF-distorted while training).
+
+        ``fne_gate=False`` (DCD_A warm-up, ``mask_warmup_epochs``): DCD_N decodes the ungated F(1/32) and the
+        FNE outputs (W', W_gt) are None, so its loss term is 0.
+        """
+        return self._run(image, with_targets=True, with_mask=True, fne_gate=fne_gate)
 
     def predict(self, image: torch.Tensor) -> TSDNPrediction:
-        """Anomaly map and score of ``image`` (B, 3, H, W) in [0, 1]; call in eval mode without grad."""
-        reconstruction = self._run(image, with_targets=False).reconstruction
-        anomaly_map = score_map(image, reconstruction, self.cfg.score_sigma)
-        return TSDNPrediction(anomaly_map, image_score(anomaly_map), reconstruction)
+        """Anomaly map of the configured ``score_source`` and image score; call in eval mode without grad.
 
-    def _run(self, image: torch.Tensor, with_targets: bool) -> TSDNOutput:
+        Args:
+            image: (B, 3, H, W) float in [0, 1].
+        """
+        maps, reconstruction = self._source_maps(image, self.cfg.score_source)
+        anomaly_map = maps[self.cfg.score_source]
+        return TSDNPrediction(anomaly_map, image_score(anomaly_map, self.cfg.score_topk), reconstruction)
+
+    def component_maps(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every available source's (B, 1, H, W) map of ``image``: reconstruction, feature, and (with DCD_A)
+        mask and fused. Call in eval mode without grad."""
+        return self._source_maps(image, "all")[0]
+
+    @torch.no_grad()
+    def fit_score_scales(self, images: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """Set ``score_scales`` from normal images: per source, the mean over images of the map's maximum.
+
+        Args:
+            images: (B, 3, H, W) batches in [0, 1] of held-out normal images.
+
+        Returns:
+            The new ``score_scales`` (2,): [reconstruction, mask] (mask 1 without DCD_A).
+        """
+        batches = [images] if isinstance(images, torch.Tensor) else list(images)
+        maxima: dict[str, list[torch.Tensor]] = {"reconstruction": [], "mask": []}
+        for batch in batches:
+            maps, _ = self._source_maps(batch, "scales")
+            for name, values in maps.items():
+                maxima[name].append(values.flatten(start_dim=1).amax(dim=1))
+        if not maxima["reconstruction"]:
+            msg = "fit_score_scales: no images"
+            raise ValueError(msg)
+        scales = [torch.cat(maxima[name]).float().mean() if maxima[name] else torch.ones(()) for name in maxima]
+        self.score_scales.copy_(torch.stack(scales).clamp_min(1e-6).to(self.score_scales))
+        return self.score_scales.clone()
+
+    def _source_maps(self, image: torch.Tensor, source: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Maps for ``source`` (a score source, "scales" = reconstruction + mask, or "all")."""
+        sigma = self.cfg.score_sigma
+        has_mask = self.dcd_a is not None
+        want = {
+            "reconstruction": source in ("reconstruction", "fused", "scales", "all"),
+            "mask": has_mask and source in ("mask", "fused", "scales", "all"),
+            "feature": source in ("feature", "all"),
+        }
+        out = self._run(image, with_targets=False, with_mask=want["mask"], fne_gate=True)
+        maps: dict[str, torch.Tensor] = {}
+        if want["reconstruction"]:
+            maps["reconstruction"] = score_map(image, out.reconstruction, sigma)
+        if want["mask"]:
+            maps["mask"] = blur_map(torch.sigmoid(out.mask_logits.float()), sigma)
+        if want["feature"]:
+            stages = self.feature_stages
+            of_image = self.encoder((image - self.mean) / self.std)
+            of_recon = self.encoder((out.reconstruction - self.mean) / self.std)
+            maps["feature"] = feature_distance_map(
+                [of_image[i] for i in stages], [of_recon[i] for i in stages], tuple(image.shape[-2:]), sigma
+            )
+        if source in ("fused", "all") and has_mask:
+            scales = self.score_scales.float()
+            maps["fused"] = 0.5 * (maps["reconstruction"] / scales[0] + maps["mask"] / scales[1])
+        return maps, out.reconstruction
+
+    def _run(self, image: torch.Tensor, with_targets: bool, with_mask: bool, fne_gate: bool) -> TSDNOutput:
         self._check_input(image)
         *skips, deepest = self.encoder((image - self.mean) / self.std)
         features = self.reduce(deepest)
         mask_logits = weights_logits = weights_gt = None
         bottleneck = features
         if self.fne is not None:
-            weights_logits = self.fne(features)
-            bottleneck = features * torch.sigmoid(weights_logits)[:, :, None, None]
-            # With the FNE, M' is only a training signal (its loss and W_gt): inference skips DCD_A.
-            if with_targets:
+            if fne_gate:
+                weights_logits = self.fne(features)
+                bottleneck = features * torch.sigmoid(weights_logits)[:, :, None, None]
+            # With the FNE, M' is only a training signal (its loss and W_gt) unless a score source reads it.
+            if with_mask:
                 mask_logits = self.dcd_a(features, skips)
+            if with_targets and fne_gate:
                 weights_gt = normality_target(features, torch.sigmoid(mask_logits), self.cfg.ssim_window)
         elif self.dcd_a is not None:
             # Paper Table 4 E: the FNE replaced by multiplying M' (pooled to the size of F(1/32)) into F(1/32).

@@ -48,7 +48,8 @@ class Predictor:
 
     Args:
         model: the trained model (moved to ``device`` and switched to eval mode).
-        calibration: threshold and score statistics fitted on normal images.
+        calibration: threshold and score statistics fitted on normal images; None for a model being validated
+            (only :meth:`predict_tensor`, which produces the scores a calibration is fitted on, is available).
         device: where to run; None keeps the model's current device.
         batch_size: images per forward pass.
     """
@@ -56,7 +57,7 @@ class Predictor:
     def __init__(
         self,
         model: TSDN,
-        calibration: Calibration,
+        calibration: Calibration | None,
         device: torch.device | str | None = None,
         batch_size: int = 8,
     ) -> None:
@@ -102,6 +103,9 @@ class Predictor:
 
         ``threshold`` overrides the calibrated raw-score threshold.
         """
+        if self.calibration is None:
+            msg = "Predictor.predict: no calibration (this predictor was built for validation); use predict_tensor"
+            raise ValueError(msg)
         limit = self.calibration.threshold if threshold is None else float(threshold)
         detections = []
         for start in range(0, len(images), self.batch_size):

@@ -19,7 +19,16 @@ import torch
 from tsdn._config_io import from_dict, to_dict
 from tsdn.metrics import f1_max
 
-__all__ = ["QUANTILES", "Calibration", "fit_calibration", "gaussian_kernel_size", "image_score", "score_map"]
+__all__ = [
+    "QUANTILES",
+    "Calibration",
+    "blur_map",
+    "feature_distance_map",
+    "fit_calibration",
+    "gaussian_kernel_size",
+    "image_score",
+    "score_map",
+]
 
 # Quantiles of the normal scores stored in every calibration (keys are their decimal strings).
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
@@ -50,22 +59,60 @@ def score_map(image: torch.Tensor, reconstruction: torch.Tensor, sigma: float) -
         msg = f"score_map: expected two (B, C, H, W) tensors of one shape, got {shapes}"
         raise ValueError(msg)
     distance = (image - reconstruction).pow(2).sum(dim=1, keepdim=True).sqrt()
+    return blur_map(distance, sigma)
+
+
+def blur_map(anomaly_map: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The score maps' Gaussian blur: (B, 1, H, W) -> same shape; ``sigma <= 0`` returns the map unchanged.
+
+    The kernel is :func:`gaussian_kernel_size` wide, capped at ``2 * min(H, W) - 1`` so that the reflect
+    border stays valid on tiny maps.
+    """
     if sigma <= 0:
-        return distance
-    size = min(gaussian_kernel_size(sigma), 2 * min(image.shape[-2:]) - 1)
-    return kornia.filters.gaussian_blur2d(distance, (size, size), (sigma, sigma), border_type="reflect")
+        return anomaly_map
+    size = min(gaussian_kernel_size(sigma), 2 * min(anomaly_map.shape[-2:]) - 1)
+    return kornia.filters.gaussian_blur2d(anomaly_map, (size, size), (sigma, sigma), border_type="reflect")
 
 
-def image_score(anomaly_map: torch.Tensor) -> torch.Tensor:
-    """Image anomaly score: the maximum of the map.
+def feature_distance_map(
+    image_features: list[torch.Tensor], recon_features: list[torch.Tensor], size: tuple[int, int], sigma: float
+) -> torch.Tensor:
+    """Mean over stages of ``1 - cos(f_I, f_R)`` per position, upsampled (bilinear) to ``size`` and blurred.
+
+    Args:
+        image_features, recon_features: per stage, (B, C_s, h_s, w_s) encoder features of I and of R.
+        size: (H, W) of the output map.
+        sigma: blur std in pixels at ``size``.
+
+    Returns:
+        (B, 1, H, W) in [0, 2].
+    """
+    total = None
+    for f_image, f_recon in zip(image_features, recon_features, strict=True):
+        distance = 1.0 - torch.nn.functional.cosine_similarity(f_image.float(), f_recon.float(), dim=1, eps=1e-6)
+        up = torch.nn.functional.interpolate(distance[:, None], size=size, mode="bilinear", align_corners=False)
+        total = up if total is None else total + up
+    if total is None:
+        msg = "feature_distance_map: no feature stage given"
+        raise ValueError(msg)
+    return blur_map(total / len(image_features), sigma)
+
+
+def image_score(anomaly_map: torch.Tensor, topk: float = 0.0) -> torch.Tensor:
+    """Image anomaly score: the maximum of the map (the paper), or the mean of its top ``topk`` fraction.
 
     Args:
         anomaly_map: (B, 1, H, W).
+        topk: fraction of the pixels in (0, 1) averaged (at least one pixel); 0 = the maximum.
 
     Returns:
         (B,) scores.
     """
-    return anomaly_map.flatten(start_dim=1).amax(dim=1)
+    flat = anomaly_map.flatten(start_dim=1)
+    if topk <= 0:
+        return flat.amax(dim=1)
+    k = max(1, round(topk * flat.shape[1]))
+    return flat.topk(k, dim=1).values.mean(dim=1)
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 from skimage.segmentation import slic
 from torch import nn
 
-__all__ = ["SURF", "decode_labels", "encode_labels", "slic_labels", "surf_fill"]
+__all__ = ["FILLS", "SURF", "decode_labels", "encode_labels", "fill_texture", "slic_labels", "surf_fill"]
 
 # Encoded label map: magic, format version, height, width (little-endian), then the zlib-compressed
 # little-endian uint16 labels (superpixels are long runs of one value, so they compress well).
@@ -111,8 +111,10 @@ def surf_fill(
     generator: torch.Generator | None = None,
     *,
     contiguous: bool = False,
+    fill: str = "colour",
+    opacity_min: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fill ``n_filled`` random superpixels of every image with one random colour each.
+    """Fill ``n_filled`` random superpixels of every image with one random colour each (or a texture).
 
     Per sample ``b`` exactly ``min(n_filled, K_b)`` distinct superpixels are chosen uniformly at random,
     where ``K_b`` is the number of distinct labels present in ``labels[b]``. Unfilled pixels are returned
@@ -128,6 +130,11 @@ def surf_fill(
             and the ingested shards guarantee. Skips the per-pixel scan for absent labels (about a fifth of
             the fill's time on CPU). Without it, labels may have gaps, e.g. after a nearest-neighbour resize;
             with it and gaps, fewer than ``n_filled`` superpixels may be filled.
+        fill: ``"colour"`` (the paper: one flat random colour per superpixel), ``"image"`` (the pixels of the
+            next image of the batch, rolled by a random offset and randomly flipped: real texture out of
+            place) or ``"noise"`` (a smooth random-colour noise texture per sample); see :func:`fill_texture`.
+        opacity_min: each sample's fill is blended in with an opacity drawn uniformly from
+            ``[opacity_min, 1]``; 1 (the paper) replaces the pixels. The mask stays binary.
 
     Returns:
         ``(distorted, mask)``: distorted (B, 3, H, W) like ``images``; mask (B, 1, H, W) in {0, 1}, same
@@ -142,6 +149,12 @@ def surf_fill(
         raise ValueError(msg)
     if n_filled < 0:
         msg = f"surf_fill: n_filled must be >= 0, got {n_filled}"
+        raise ValueError(msg)
+    if fill not in FILLS:
+        msg = f"surf_fill: fill must be one of {', '.join(FILLS)}, got {fill!r}"
+        raise ValueError(msg)
+    if not 0.0 <= opacity_min <= 1.0:
+        msg = f"surf_fill: opacity_min must lie in [0, 1], got {opacity_min}"
         raise ValueError(msg)
     device, dtype = images.device, images.dtype
     flat = labels.reshape(batch, height * width).to(device)
@@ -179,12 +192,63 @@ def surf_fill(
     table = torch.cat([colours, chosen.unsqueeze(1).to(dtype)], dim=1)
     distorted = torch.empty_like(images, memory_format=torch.contiguous_format)
     mask = torch.empty(batch, 1, height, width, dtype=dtype, device=device)
+    texture = None if fill == "colour" else fill_texture(images, fill, generator)
+    opacity = None
+    if opacity_min < 1.0:
+        draws = torch.rand(batch, generator=generator, device=rand_device).to(device, dtype)
+        opacity = opacity_min + (1.0 - opacity_min) * draws
     for b in range(batch):
         planes = table[b].index_select(1, flat[b]).view(4, height, width)
         mask[b] = planes[3:]
+        source = planes[:3] if texture is None else texture[b]
+        weight = planes[3:] if opacity is None else planes[3:] * opacity[b]
         # lerp with a {0, 1} weight returns exactly `images` or the fill colour (about 2x faster than a where)
-        torch.lerp(images[b], planes[:3], planes[3:], out=distorted[b])
+        torch.lerp(images[b], source, weight, out=distorted[b])
     return distorted, mask
+
+
+FILLS = ("colour", "image", "noise")
+
+
+def fill_texture(images: torch.Tensor, kind: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-sample fill textures for :func:`surf_fill` (``kind`` ``"image"`` or ``"noise"``).
+
+    ``"image"``: sample b takes image (b - 1) mod B of the batch (itself when B = 1), rolled by a random
+    offset of at least a quarter of each side and flipped left-right with probability 1/2, so that an
+    aligned object line (every image alike at a given place) still gets content that is out of place there.
+    ``"noise"``: a random-colour noise texture, the sum of three octaves (1/32, 1/16 and 1/8 of the side,
+    bilinearly upsampled), rescaled to [0, 1] per sample and channel.
+
+    Args:
+        images: (B, 3, H, W) float in [0, 1].
+        kind: ``"image"`` or ``"noise"``.
+        generator: random source (on the images' device or the CPU).
+
+    Returns:
+        (B, 3, H, W) like ``images``, values in [0, 1].
+    """
+    batch, _, height, width = images.shape
+    device, dtype = images.device, images.dtype
+    rand_device = generator.device if generator is not None else device
+    if kind == "image":
+        shifts = torch.rand(batch, 3, generator=generator, device=rand_device).tolist()
+        source = images.roll(1, dims=0)
+        out = torch.empty_like(images, memory_format=torch.contiguous_format)
+        for b, (dy, dx, flip) in enumerate(shifts):
+            rolled = source[b].roll((int(height * (0.25 + 0.5 * dy)), int(width * (0.25 + 0.5 * dx))), dims=(1, 2))
+            out[b] = rolled.flip(-1) if flip < 0.5 else rolled
+        return out
+    if kind == "noise":
+        total = torch.zeros(batch, 3, height, width, dtype=torch.float32, device=device)
+        for divisor in (32, 16, 8):
+            grid = (max(2, height // divisor), max(2, width // divisor))
+            coarse = torch.rand(batch, 3, *grid, generator=generator, device=rand_device).to(device)
+            total += torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+        low = total.amin(dim=(2, 3), keepdim=True)
+        high = total.amax(dim=(2, 3), keepdim=True)
+        return ((total - low) / (high - low).clamp_min(1e-6)).to(dtype)
+    msg = f"fill_texture: kind must be 'image' or 'noise', got {kind!r}"
+    raise ValueError(msg)
 
 
 class SURF(nn.Module):

@@ -22,18 +22,18 @@ slightly tinted patch). Everything is a pure function of ``seed``.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 from skimage import data as skdata
-from skimage import draw, transform
+from skimage import transform
+
+from tsdn.defects import DEFECT_TYPES, draw_defect
 
 __all__ = ["DEFECT_TYPES", "PRODUCTS", "draw_defect", "main", "make_demo_dataset", "texture_patch"]
 
@@ -43,7 +43,6 @@ PRODUCTS: dict[str, tuple[str, tuple[float, float, float]]] = {
     "grass": ("grass", (0.72, 1.00, 0.55)),
     "gravel": ("gravel", (1.00, 0.95, 0.86)),
 }
-DEFECT_TYPES = ("scratch", "stain", "hole", "crack", "color_spot")
 _CROP_FRACTION = 0.45  # of the 512 px texture, before a +-10 % jitter
 
 
@@ -68,129 +67,6 @@ def texture_patch(texture: np.ndarray, image_size: int, rng: np.random.Generator
     patch = transform.resize(patch, (image_size, image_size), anti_aliasing=True, preserve_range=True)
     gain = rng.uniform(0.97, 1.03)  # lighting varies a little between shots
     return np.clip(patch * gain, 0.0, 1.0).astype(np.float32)
-
-
-def _soft_alpha(footprint: np.ndarray, softness: float) -> np.ndarray:
-    """Alpha (H, W) in [0, 1] that is > 0 exactly on ``footprint`` and ramps up from its rim over ``softness`` px."""
-    inside = ndimage.distance_transform_edt(footprint)
-    return np.clip(inside / max(softness, 1.0), 0.0, 1.0).astype(np.float32) * footprint
-
-
-def _blob(size: int, center: tuple[float, float], radii: tuple[float, float], angle: float, rng) -> np.ndarray:
-    """An irregular filled ellipse (H, W) bool: the ellipse boundary is perturbed by smooth noise."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    dy, dx = yy - center[0], xx - center[1]
-    cos, sin = np.cos(angle), np.sin(angle)
-    u, v = (dx * cos + dy * sin) / radii[1], (-dx * sin + dy * cos) / radii[0]
-    noise = ndimage.gaussian_filter(rng.normal(size=(size, size)).astype(np.float32), sigma=max(size / 24, 1.0))
-    noise /= np.abs(noise).max() + 1e-6
-    return (u * u + v * v) < (1.0 + 0.35 * noise)
-
-
-def _polyline(size: int, points: Sequence[tuple[float, float]], width: int) -> np.ndarray:
-    """Anti-aliased coverage (H, W) float32 in [0, 1] of a polyline ``width`` px wide."""
-    coverage = np.zeros((size, size), dtype=np.float32)
-    offsets = [(dy, dx) for dy in range(width) for dx in range(width)]
-    for (r0, c0), (r1, c1) in itertools.pairwise(points):
-        for dy, dx in offsets:
-            rr, cc, val = draw.line_aa(int(r0) + dy, int(c0) + dx, int(r1) + dy, int(c1) + dx)
-            keep = (rr >= 0) & (rr < size) & (cc >= 0) & (cc < size)
-            np.maximum.at(coverage, (rr[keep], cc[keep]), val[keep].astype(np.float32))
-    return coverage
-
-
-def _scratch(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    size = image.shape[0]
-    length = size * rng.uniform(0.25, 0.45)
-    start = rng.uniform(size * 0.2, size * 0.8, size=2)
-    angle = rng.uniform(0, np.pi)
-    points = [tuple(start)]
-    for _ in range(int(rng.integers(2, 4))):
-        angle += rng.normal(0, 0.25)
-        step = length / 3
-        last = points[-1]
-        points.append((last[0] + step * np.sin(angle), last[1] + step * np.cos(angle)))
-    coverage = _polyline(size, points, width=max(1, size // 96))
-    alpha = np.where(coverage >= 0.3, coverage, 0.0) * rng.uniform(0.55, 0.75)
-    target = np.full(3, 0.95 if rng.random() < 0.5 else 0.08, dtype=np.float32)
-    return alpha, np.broadcast_to(target, image.shape)
-
-
-def _stain(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    size = image.shape[0]
-    radius = size * rng.uniform(0.07, 0.13)
-    center = tuple(rng.uniform(size * 0.25, size * 0.75, size=2))
-    footprint = _blob(size, center, (radius, radius * rng.uniform(0.6, 1.0)), rng.uniform(0, np.pi), rng)
-    alpha = _soft_alpha(footprint, softness=radius * 0.4) * rng.uniform(0.55, 0.7)
-    tint = np.asarray([0.55, 0.45, 0.30], dtype=np.float32) * rng.uniform(0.8, 1.2)
-    return alpha, image * 0.45 + tint[None, None, :] * 0.2
-
-
-def _hole(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    size = image.shape[0]
-    radius = size * rng.uniform(0.035, 0.07)
-    center = rng.uniform(size * 0.2, size * 0.8, size=2)
-    radii = (radius, radius * rng.uniform(0.7, 1.0))
-    rr, cc = draw.ellipse(center[0], center[1], *radii, shape=(size, size), rotation=rng.uniform(0, np.pi))
-    footprint = np.zeros((size, size), dtype=bool)
-    footprint[rr, cc] = True
-    alpha = _soft_alpha(footprint, softness=max(radius * 0.4, 1.0)) * 0.85
-    shade = np.linspace(0.02, 0.12, size, dtype=np.float32)[:, None, None]  # light falls into the hole from one side
-    return alpha, np.broadcast_to(shade, image.shape) + 0.1 * image
-
-
-def _crack(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    size = image.shape[0]
-    steps = int(size * rng.uniform(0.25, 0.4) / 2)
-    point = rng.uniform(size * 0.25, size * 0.75, size=2)
-    angle = rng.uniform(0, 2 * np.pi)
-    points = [tuple(point)]
-    for _ in range(steps):
-        angle += rng.normal(0, 0.45)
-        point = point + 2.0 * np.array([np.sin(angle), np.cos(angle)])
-        points.append(tuple(point))
-    coverage = _polyline(size, points, width=1)
-    alpha = np.where(coverage >= 0.3, coverage, 0.0) * rng.uniform(0.5, 0.7)
-    return alpha, image * 0.15
-
-
-def _color_spot(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    size = image.shape[0]
-    radius = size * rng.uniform(0.03, 0.055)
-    center = tuple(rng.uniform(size * 0.2, size * 0.8, size=2))
-    footprint = _blob(size, center, (radius, radius), 0.0, rng)
-    alpha = _soft_alpha(footprint, softness=radius * 0.3)
-    gains = np.ones(3, dtype=np.float32)
-    gains[int(rng.integers(0, 3))] += rng.choice([-1.0, 1.0]) * rng.uniform(0.4, 0.55)
-    return alpha, np.clip(image * gains[None, None, :], 0.0, 1.0)
-
-
-_DRAWERS: dict[str, Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]] = {
-    "scratch": _scratch,
-    "stain": _stain,
-    "hole": _hole,
-    "crack": _crack,
-    "color_spot": _color_spot,
-}
-
-
-def draw_defect(image: np.ndarray, defect: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Blend one ``defect`` into ``image`` (S, S, 3) float32 in [0, 1].
-
-    Returns ``(defective (S, S, 3) float32 in [0, 1], mask (S, S) bool)``; the mask is True exactly where the
-    defect changed the image. Redraws (up to 20 times) when a defect would cover fewer than 4 pixels.
-    """
-    if defect not in _DRAWERS:
-        msg = f"unknown defect type {defect!r}; expected one of {', '.join(DEFECT_TYPES)}"
-        raise ValueError(msg)
-    for _ in range(20):
-        alpha, target = _DRAWERS[defect](image, rng)
-        mask = alpha > 0
-        if mask.sum() >= 4:
-            out = image * (1.0 - alpha[..., None]) + target * alpha[..., None]
-            return np.clip(out, 0.0, 1.0).astype(np.float32), mask
-    msg = f"could not draw a visible {defect!r} on a {image.shape[0]} px image"
-    raise ValueError(msg)
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:

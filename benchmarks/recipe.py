@@ -1,0 +1,209 @@
+"""Training-recipe experiments on a real MVTec-style product line, in one process (no Ray), on the shipped code.
+
+What the Ray Train job does per product line, minus Ray: the same preprocessing (``tsdn.predict.resize_rgb``,
+``tsdn.surf.slic_labels``), the same training step (``tsdn.training.train_step``), the same synthetic-defect
+validation (``tsdn.defects.validation_set``) and the same metrics. Every ``--eval-every`` epochs it prints one
+line per score source with the leak-free validation metrics beside the test metrics, so that a run shows both
+what a recipe reaches and whether validation ranks its checkpoints the way the test does. Results are
+appended as JSON lines to ``--out``.
+
+    python benchmarks/recipe.py --root ../shared/data/mvtec --product transistor --size 256 --minutes 15 \\
+        --config demo --set model.encoder_lr_scale=0 --set model.surf_fill=image --out results.jsonl
+
+Preprocessed arrays are cached under ``--cache`` (outside the repository: the images' licence forbids
+committing them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tsdn.defects import validation_set
+from tsdn.losses import TSDNLoss
+from tsdn.metrics import evaluate
+from tsdn.model import TSDN
+from tsdn.predict import resize_rgb
+from tsdn.scoring import image_score
+from tsdn.surf import slic_labels
+from tsdn.training import build_optimizer, set_epoch_lr, train_step
+from tsdn_platform.config import load_config
+from tsdn_platform.train import TrainConfig
+
+SOURCES = ("reconstruction", "mask", "fused", "feature")
+HOLDOUT_EVERY = 8  # every 8th train/good image (sorted by name) is held out for validation
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def load_product(root: Path, product: str, size: int, n_segments: int, compactness: float, cache: Path) -> dict:
+    """Train images + SLIC labels and test images + masks + labels at ``size``, cached as one .npz."""
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"{product}-{size}-{n_segments}-{compactness:g}.npz"
+    if path.exists():
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    base = root / product
+    train_paths = sorted((base / "train" / "good").glob("*.png"))
+    train = [resize_rgb(_read_rgb(p), size) for p in train_paths]
+    train_u8 = np.stack([(t.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for t in train])
+    labels = np.stack([slic_labels(img, n_segments, compactness) for img in train_u8]).astype(np.int32)
+    test_images, test_masks, test_labels, defect_types = [], [], [], []
+    for defect_dir in sorted(p for p in (base / "test").iterdir() if p.is_dir()):
+        for image_path in sorted(defect_dir.glob("*.png")):
+            test_images.append(resize_rgb(_read_rgb(image_path), size))
+            good = defect_dir.name == "good"
+            if good:
+                mask = np.zeros((size, size), dtype=np.uint8)
+            else:
+                mask_path = base / "ground_truth" / defect_dir.name / f"{image_path.stem}_mask.png"
+                with Image.open(mask_path) as m:
+                    mask = (np.asarray(m.convert("L").resize((size, size), Image.NEAREST)) > 0).astype(np.uint8)
+            test_masks.append(mask)
+            test_labels.append(0 if good else 1)
+            defect_types.append(defect_dir.name)
+    data = {
+        "train": train_u8,
+        "superpixels": labels,
+        "test": np.stack([(t.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for t in test_images]),
+        "test_masks": np.stack(test_masks),
+        "test_labels": np.asarray(test_labels),
+        "test_defects": np.asarray(defect_types),
+    }
+    np.savez(path, **data)
+    return data
+
+
+def _to_tensor(images_u8: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+@torch.no_grad()
+def source_maps(model: TSDN, images: torch.Tensor, batch_size: int) -> dict[str, np.ndarray]:
+    """Every source's (N, S, S) float32 map."""
+    model.eval()
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(images), batch_size):
+        for name, values in model.component_maps(images[start : start + batch_size]).items():
+            parts.setdefault(name, []).append(values[:, 0].float().numpy())
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def metrics_per_source(maps: dict[str, np.ndarray], labels: np.ndarray, masks: np.ndarray, topk: float) -> dict:
+    out = {}
+    for name, values in maps.items():
+        scores = image_score(torch.from_numpy(values)[:, None], topk).numpy()
+        result = evaluate(labels, scores, masks, values)
+        out[name] = {k: float(result[k]) for k in ("image_auroc", "pixel_auroc", "aupro")}
+    return out
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    torch.set_num_threads(args.threads)
+    base = load_config(TrainConfig, args.config, [*args.set, "store=unused", "dataset=unused"])
+    cfg = dataclasses.replace(base.model, image_size=args.size)
+    data = load_product(
+        Path(args.root), args.product, args.size, cfg.n_segments, cfg.slic_compactness, Path(args.cache)
+    )
+    n = len(data["train"])
+    held = np.arange(n) % HOLDOUT_EVERY == 0
+    train_images, train_labels = _to_tensor(data["train"][~held]), torch.from_numpy(data["superpixels"][~held])
+    val_clean = data["train"][held]
+    val = validation_set(val_clean, data["train"][~held], seed=args.seed)
+    val_images = _to_tensor(val.images)
+    test_images = _to_tensor(data["test"])
+
+    torch.manual_seed(args.seed)
+    model = TSDN(cfg)
+    optimizer = build_optimizer(model, cfg)
+    loss_fn = TSDNLoss(cfg)
+    generator = torch.Generator().manual_seed(args.seed)
+    budget = args.minutes * 60.0
+    epochs = args.epochs
+    rows: list[dict[str, Any]] = []
+    train_s = 0.0
+    print(
+        f"# {args.product} S={args.size} n_train={len(train_images)} n_val={len(val_images)} cfg={args.set}", flush=True
+    )
+    for epoch in range(1, epochs + 1):
+        model.train()
+        set_epoch_lr(optimizer, cfg, epoch, epochs)
+        started = time.perf_counter()
+        order = torch.randperm(len(train_images), generator=generator)
+        sums: dict[str, float] = {}
+        steps = 0
+        for start in range(0, len(order) - base.batch_size + 1, base.batch_size):
+            idx = order[start : start + base.batch_size]
+            total, terms = train_step(
+                model, loss_fn, optimizer, train_images[idx], train_labels[idx], cfg, generator, epoch
+            )
+            for name, value in {"loss": total, **terms}.items():
+                sums[name] = sums.get(name, 0.0) + float(value)
+            steps += 1
+        train_s += time.perf_counter() - started
+        last = epoch == epochs or train_s >= budget
+        row: dict[str, Any] = {"epoch": epoch, "train_s": round(train_s, 1), **{k: v / steps for k, v in sums.items()}}
+        if epoch % args.eval_every == 0 or last:
+            model.eval()
+            model.fit_score_scales(_to_tensor(val_clean))
+            val_maps = source_maps(model, val_images, args.eval_batch)
+            test_maps = source_maps(model, test_images, args.eval_batch)
+            row["val"] = metrics_per_source(val_maps, val.labels, val.masks, cfg.score_topk)
+            row["test"] = metrics_per_source(test_maps, data["test_labels"], data["test_masks"], cfg.score_topk)
+            for name in row["test"]:
+                v, t = row["val"][name], row["test"][name]
+                print(
+                    f"epoch {epoch:3d} {name:14s} val img {v['image_auroc']:.3f} pix {v['pixel_auroc']:.3f} | "
+                    f"test img {t['image_auroc']:.3f} pix {t['pixel_auroc']:.3f} aupro {t['aupro']:.3f}",
+                    flush=True,
+                )
+        losses = " ".join(f"{k}={v / steps:.4f}" for k, v in sums.items())
+        print(f"epoch {epoch:3d} {row['train_s']:7.1f}s {losses}", flush=True)
+        row.update(product=args.product, size=args.size, seed=args.seed, config=args.config, overrides=args.set)
+        rows.append(row)
+        if args.out:
+            with open(args.out, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        if last:
+            break
+    return rows
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", required=True, help="MVTec-style root holding <product>/train, test, ground_truth")
+    parser.add_argument("--product", required=True)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--config", default="demo", help="train preset or YAML file (its model section is used)")
+    parser.add_argument("--set", action="append", default=[], help="key=value override of the train config")
+    parser.add_argument("--epochs", type=int, default=1000, help="upper bound; --minutes usually ends the run")
+    parser.add_argument("--minutes", type=float, default=15.0, help="training wall-time budget")
+    parser.add_argument("--eval-every", type=int, default=3)
+    parser.add_argument("--eval-batch", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", default=".tsdn/cache")
+    parser.add_argument("--out", default=None, help="JSON-lines file the rows are appended to")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

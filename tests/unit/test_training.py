@@ -1,0 +1,301 @@
+"""The training recipe (tsdn.training), the score sources and the synthetic validation defects."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import kornia
+import numpy as np
+import pytest
+import torch
+
+from tsdn.checkpoint import checkpoint_files, load_checkpoint
+from tsdn.config import TSDNConfig
+from tsdn.defects import VALIDATION_DEFECTS, cut_paste, validation_set
+from tsdn.fne import _ssim_against_one
+from tsdn.losses import TSDNLoss, mask_loss
+from tsdn.model import TSDN
+from tsdn.scoring import blur_map, fit_calibration, image_score, score_map
+from tsdn.surf import fill_texture, surf_fill
+from tsdn.training import build_optimizer, fne_gate, lr_factor, set_epoch_lr, train_step
+
+TINY = TSDNConfig(
+    image_size=64, backbone="test_efficientnet", weights="none", feature_channels=8, fne_hidden=16, fne_pool=2
+)
+
+
+def _labels(n: int = 2, size: int = 64) -> torch.Tensor:
+    """(n, size, size) int32 labels 0..15: a 4 x 4 grid of square superpixels."""
+    cells = torch.arange(16, dtype=torch.int32).view(4, 4)
+    return cells.repeat_interleave(size // 4, 0).repeat_interleave(size // 4, 1).expand(n, -1, -1).contiguous()
+
+
+def _model(**changes) -> TSDN:
+    torch.manual_seed(0)
+    return TSDN(dataclasses.replace(TINY, **changes))
+
+
+# --- config --------------------------------------------------------------------------------------------
+
+
+def test_recipe_defaults_are_the_papers():
+    cfg = TSDNConfig()
+    assert (cfg.score_source, cfg.score_topk, cfg.encoder_lr_scale, cfg.lr_schedule) == (
+        "reconstruction",
+        0.0,
+        1.0,
+        "constant",
+    )
+    assert (cfg.mask_loss, cfg.mask_warmup_epochs, cfg.surf_fill, cfg.surf_opacity_min) == ("l2", 0, "colour", 1.0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("score_source", "nosuch"),
+        ("score_topk", 1.0),
+        ("encoder_lr_scale", -0.1),
+        ("lr_schedule", "step"),
+        ("mask_loss", "dice"),
+        ("mask_warmup_epochs", -1),
+        ("surf_fill", "paint"),
+        ("surf_opacity_min", 1.5),
+    ],
+)
+def test_recipe_fields_are_validated(field, value):
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(TINY, **{field: value})
+
+
+def test_a_mask_source_needs_dcd_a():
+    ae = {"dcd_a": False, "fne": False}
+    with pytest.raises(ValueError, match="score_source"):
+        dataclasses.replace(TINY, score_source="fused", **ae)
+    assert dataclasses.replace(TINY, score_source="feature", **ae).score_source == "feature"
+
+
+# --- score sources --------------------------------------------------------------------------------------
+
+
+def test_every_score_source_gives_a_map_and_its_score():
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    maps = {}
+    for source in ("reconstruction", "mask", "fused", "feature"):
+        model = _model(score_source=source).eval()
+        with torch.inference_mode():
+            pred = model.predict(images)
+        assert pred.anomaly_map.shape == (2, 1, 64, 64) and pred.reconstruction.shape == (2, 3, 64, 64)
+        torch.testing.assert_close(pred.anomaly_score, pred.anomaly_map.flatten(1).amax(1))
+        maps[source] = pred.anomaly_map
+    model = _model().eval()
+    with torch.inference_mode():
+        out = model._run(images, with_targets=False, with_mask=True, fne_gate=True)
+        components = model.component_maps(images)
+    # reconstruction: the paper's Eq. 4; mask: DCD_A's M' blurred alike; fused: their mean at unit scales
+    torch.testing.assert_close(maps["reconstruction"], score_map(images, out.reconstruction, TINY.score_sigma))
+    torch.testing.assert_close(maps["mask"], blur_map(torch.sigmoid(out.mask_logits), TINY.score_sigma))
+    torch.testing.assert_close(maps["fused"], 0.5 * (maps["reconstruction"] + maps["mask"]))
+    assert set(components) == {"reconstruction", "mask", "fused", "feature"}
+    assert float(maps["feature"].min()) >= 0 and float(maps["feature"].max()) <= 2
+
+
+def test_fused_divides_each_map_by_its_scale_on_normal_images():
+    model = _model(score_source="fused").eval()
+    normal = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        components = model.component_maps(normal)
+        scales = model.fit_score_scales(list(normal.split(2)))
+        fused = model.predict(normal).anomaly_map
+    expected = torch.stack([components[k].flatten(1).amax(1).mean() for k in ("reconstruction", "mask")])
+    torch.testing.assert_close(scales, expected)
+    torch.testing.assert_close(fused, 0.5 * (components["reconstruction"] / scales[0] + components["mask"] / scales[1]))
+    # each part now averages 1 at its maximum on these normal images: neither swamps the other
+    assert abs(float((components["mask"] / scales[1]).flatten(1).amax(1).mean()) - 1) < 1e-5
+
+
+def test_score_scales_travel_with_the_checkpoint_and_old_checkpoints_load():
+    model = _model(score_source="fused").eval()
+    model.score_scales.copy_(torch.tensor([0.25, 0.5]))
+    calibration = fit_calibration(np.array([0.1, 0.2, 0.3]))
+    files = checkpoint_files(model, calibration)
+    loaded, _, meta = load_checkpoint(files)
+    torch.testing.assert_close(loaded.score_scales, torch.tensor([0.25, 0.5]))
+    assert loaded.cfg.score_source == "fused" and meta["config"]["score_source"] == "fused"
+    # a checkpoint written before score sources existed: no score_scales tensor, no score_source key
+    import json
+
+    import safetensors.torch
+
+    state = {k: v for k, v in _model().state_dict().items() if k != "score_scales"}
+    meta_old = json.loads(files["model.json"])
+    for key in ("score_source", "score_topk", "encoder_lr_scale", "surf_fill"):
+        meta_old["config"].pop(key)
+    old = {"model.safetensors": safetensors.torch.save(state), "model.json": json.dumps(meta_old).encode()}
+    legacy, _, _ = load_checkpoint(old)
+    assert legacy.cfg.score_source == "reconstruction"
+    torch.testing.assert_close(legacy.score_scales, torch.ones(2))
+
+
+def test_top_k_image_score():
+    anomaly_map = torch.zeros(1, 1, 10, 10)
+    anomaly_map[0, 0, 0, :5] = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
+    assert float(image_score(anomaly_map)) == 5.0
+    assert float(image_score(anomaly_map, topk=0.03)) == pytest.approx(4.0)  # mean of the top 3 of 100
+    assert float(image_score(anomaly_map, topk=0.001)) == 5.0  # at least one pixel
+
+
+# --- SURF fills and the mask loss ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fill", ["colour", "image", "noise"])
+def test_surf_fills_change_only_the_masked_pixels(fill):
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(4)
+    distorted, mask = surf_fill(images, _labels(3), 5, gen, contiguous=True, fill=fill)
+    again, mask_again = surf_fill(images, _labels(3), 5, torch.Generator().manual_seed(4), contiguous=True, fill=fill)
+    assert torch.equal(distorted, again) and torch.equal(mask, mask_again)
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    assert (mask.flatten(1).sum(1) == 5 * 16 * 16).all()  # five whole superpixels per image
+    keep = mask.expand_as(images) == 0
+    assert torch.equal(distorted[keep], images[keep])
+    assert float((distorted - images).abs()[~keep].mean()) > 0.05
+    assert 0 <= float(distorted.min()) and float(distorted.max()) <= 1
+
+
+def test_image_fill_takes_another_image_out_of_place():
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    texture = fill_texture(images, "image", torch.Generator().manual_seed(6))
+    for b, other in ((0, 1), (1, 0)):
+        assert not torch.equal(texture[b], images[other])  # shifted (and maybe flipped), not pasted in place
+        assert torch.equal(texture[b].flatten().sort().values, images[other].flatten().sort().values)  # the same pixels
+
+
+def test_partial_opacity_blends_the_fill():
+    images = torch.full((2, 3, 64, 64), 0.5)
+    distorted, mask = surf_fill(images, _labels(2), 16, torch.Generator().manual_seed(7), opacity_min=0.2)
+    assert bool((mask == 1).all())
+    change = (distorted - images).abs()
+    opaque, _ = surf_fill(images, _labels(2), 16, torch.Generator().manual_seed(7))
+    assert float(change.sum()) < float((opaque - images).abs().sum())
+
+
+def test_mask_losses():
+    logits = torch.tensor([[[[3.0, -3.0], [0.0, 2.0]]]])
+    mask = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
+    torch.testing.assert_close(mask_loss(logits, mask, "l2"), torch.nn.functional.mse_loss(torch.sigmoid(logits), mask))
+    bce = mask_loss(logits, mask, "bce")
+    torch.testing.assert_close(bce, torch.nn.functional.binary_cross_entropy(torch.sigmoid(logits), mask))
+    focal = mask_loss(logits, mask, "focal")
+    assert 0 < float(focal) < float(bce)  # down-weights the pixels already right
+    with pytest.raises(ValueError, match="kind"):
+        mask_loss(logits, mask, "dice")
+
+
+def test_ssim_against_one_target_equals_kornia():
+    images = torch.rand(2, 5, 32, 32, generator=torch.Generator().manual_seed(8))
+    target = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(9))
+    expected = kornia.metrics.ssim(images, target.expand_as(images).contiguous(), 11)
+    torch.testing.assert_close(_ssim_against_one(images, target, 11), expected, atol=1e-5, rtol=1e-4)
+
+
+# --- the optimiser and the step ----------------------------------------------------------------------------
+
+
+def test_optimizer_groups_follow_the_encoder_lr_scale():
+    model = _model(encoder_lr_scale=0.1)
+    optimizer = build_optimizer(model, model.cfg)
+    assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(TINY.lr), pytest.approx(TINY.lr * 0.1)]
+    n_params = sum(len(g["params"]) for g in optimizer.param_groups)
+    assert n_params == len(list(model.parameters()))
+    frozen = _model(encoder_lr_scale=0)
+    assert len(build_optimizer(frozen, frozen.cfg).param_groups) == 1
+    assert not any(p.requires_grad for p in frozen.encoder.parameters())
+
+
+def test_cosine_schedule_runs_from_lr_to_one_percent():
+    cfg = dataclasses.replace(TINY, lr_schedule="cosine")
+    assert lr_factor(cfg, 1, 10) == pytest.approx(1.0)
+    assert lr_factor(cfg, 10, 10) == pytest.approx(0.01)
+    factors = [lr_factor(cfg, e, 10) for e in range(1, 11)]
+    assert factors == sorted(factors, reverse=True)
+    assert lr_factor(TINY, 7, 10) == 1.0
+    model = _model(lr_schedule="cosine")
+    optimizer = build_optimizer(model, model.cfg)
+    set_epoch_lr(optimizer, model.cfg, 10, 10)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(TINY.lr * 0.01)
+
+
+def test_warm_up_leaves_the_fne_out():
+    cfg = dataclasses.replace(TINY, mask_warmup_epochs=2)
+    assert (fne_gate(cfg, 1), fne_gate(cfg, 2), fne_gate(cfg, 3)) == (False, False, True)
+    model = _model(mask_warmup_epochs=2).train()
+    images = torch.rand(2, 3, 64, 64)
+    out = model(images, fne_gate=False)
+    assert out.weights_logits is None and out.weights_gt is None and out.mask_logits is not None
+    _, terms = TSDNLoss(cfg)(out, images, torch.zeros(2, 1, 64, 64))
+    assert float(terms["fne"]) == 0.0
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"encoder_lr_scale": 0.0, "surf_fill": "image", "mask_loss": "focal"},
+        {"surf_fill": "noise", "mask_loss": "bce"},
+    ],
+)
+def test_train_step_lowers_the_loss_on_a_repeated_batch(changes):
+    model = _model(**changes).train()
+    cfg = model.cfg
+    optimizer = build_optimizer(model, dataclasses.replace(cfg, lr=3e-3))
+    loss_fn = TSDNLoss(cfg)
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(10))
+    encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    losses = []
+    for _ in range(8):
+        # the same SURF draws every step, so the loss is comparable
+        total, terms = train_step(
+            model, loss_fn, optimizer, images, _labels(4), cfg, torch.Generator().manual_seed(0), 1
+        )
+        losses.append(float(total))
+        assert set(terms) == {"l2", "ssim", "gms", "mask", "fne"}
+    assert losses[-1] < losses[0]
+    frozen = cfg.encoder_lr_scale == 0
+    unchanged = all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in encoder_before.items())
+    assert unchanged == frozen  # a frozen encoder keeps its weights and BatchNorm statistics
+
+
+# --- synthetic validation defects --------------------------------------------------------------------------
+
+
+def _normal_images(n: int = 6, size: int = 64) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    base = rng.integers(60, 200, (1, size, size, 3))
+    return np.clip(base + rng.integers(-10, 10, (n, size, size, 3)), 0, 255).astype(np.uint8)
+
+
+def test_validation_set_is_leak_free_labelled_and_repeatable():
+    normal = _normal_images()
+    val = validation_set(normal, seed=3)
+    assert val.images.shape == (12, 64, 64, 3) and val.images.dtype == np.uint8
+    assert np.array_equal(val.images[:6], normal)
+    assert val.labels.tolist() == [0] * 6 + [1] * 6
+    assert val.masks[:6].sum() == 0 and all(m.sum() >= 4 for m in val.masks[6:])
+    assert val.defects[6:].tolist() == list(VALIDATION_DEFECTS)  # every family in turn
+    changed = np.abs(val.images[6:].astype(int) - normal.astype(int)).max(axis=-1) > 0
+    assert (changed <= val.masks[6:].astype(bool)).all()  # nothing changes outside the mask
+    again = validation_set(normal, seed=3)
+    assert np.array_equal(again.images, val.images) and np.array_equal(again.masks, val.masks)
+    assert not np.array_equal(validation_set(normal, seed=4).masks, val.masks)
+    with pytest.raises(ValueError, match="expected"):
+        validation_set(normal[:0])
+
+
+def test_cut_paste_moves_a_patch_of_the_donor():
+    rng = np.random.default_rng(1)
+    image = np.zeros((64, 64, 3), np.float32)
+    donor = np.ones((64, 64, 3), np.float32)
+    out, mask = cut_paste(image, donor, rng)
+    area = mask.mean()
+    assert 0.005 <= area <= 0.06
+    assert np.allclose(out[~mask], 0) and out[mask].max() == pytest.approx(1.0)
