@@ -51,6 +51,7 @@ import pyarrow.fs as pafs
 from tsdn_platform import __version__, store
 
 __all__ = [
+    "DEFAULT_PROMOTE_METRIC",
     "METRICS_FILE",
     "MODEL_FILES",
     "ModelRef",
@@ -63,6 +64,9 @@ __all__ = [
     "new_version_id",
     "validate_name",
 ]
+
+# The leak-free hold-out validation (synthetic defects on held-out normals): never the test split by default.
+DEFAULT_PROMOTE_METRIC = "val.val_image_auroc"
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +291,7 @@ class Registry:
         files: Mapping[str, bytes],
         metrics: Mapping[str, Any],
         promote: PromotePolicy = "better",
-        metric: str = "test.image_auroc",
+        metric: str = DEFAULT_PROMOTE_METRIC,
         version: str | None = None,
     ) -> str:
         """Write a complete version, then update the best pointer per ``promote``; returns the version id.
@@ -354,7 +358,7 @@ class Registry:
         product: str,
         version: str,
         reason: str = "manual",
-        metric: str = "test.image_auroc",
+        metric: str = DEFAULT_PROMOTE_METRIC,
         expected_generation: int | None = None,
     ) -> dict[str, Any]:
         """Point best at ``version`` (a complete one); returns the new pointer.

@@ -20,9 +20,11 @@ train at once: a trainer whose workers do not fit waits, and Ray Train retries i
    F1-max) with the serving predictor, ``metrics.json`` lands next to the run, and the version is
    registered (:class:`tsdn_platform.registry.Registry`) and promoted per ``promote``.
 
-Holdout validation never touches the test split: held-out ``train/good`` images are SURF-distorted with a
-fixed seed (the same distortions every epoch, so epochs compare), pixel AUROC is measured on the distorted
-and clean copies together and image AUROC between them.
+Holdout validation never touches the test split: held-out ``train/good`` images get one synthetic defect each
+(:func:`tsdn.defects.validation_set`: drawn scratches, stains, holes, cracks, colour spots and cut-paste patches,
+not SURF's own distortion) with a fixed seed (the same set every epoch and for every version, so they compare);
+pixel AUROC is measured on the defective and clean copies together and image AUROC between them. Checkpoint
+selection, the calibrated threshold and the default promotion metric all come from it.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from tsdn.checkpoint import MODEL_JSON, MODEL_WEIGHTS
 from tsdn.config import TSDNConfig
 from tsdn_platform import store
 from tsdn_platform.config import config_to_yaml, load_config
-from tsdn_platform.registry import Registry, validate_name
+from tsdn_platform.registry import DEFAULT_PROMOTE_METRIC, Registry, validate_name
 
 __all__ = [
     "ProductResult",
@@ -105,8 +107,11 @@ class TrainConfig:
         holdout_folds: ingest ``fold`` values held out for validation and calibration (``holdout`` only).
         eval_batch_size: images per forward pass in validation and the final test evaluation.
         promote: ``better`` (beat the current best on ``promote_metric``), ``always`` or ``never``.
-        promote_metric: dotted key into the version's metrics, e.g. ``test.image_auroc``.
-        seed: model initialisation, SURF draws and validation distortions.
+        promote_metric: dotted key into the version's metrics; the default is the leak-free hold-out validation
+            (``val.val_image_auroc``); ``test.image_auroc`` reads the test split's labels and must be asked for.
+        seed: model initialisation and SURF draws.
+        validation_seed: the synthetic defects of hold-out validation (:func:`tsdn.defects.validation_set`); kept
+            apart from ``seed`` so that versions trained with different seeds are validated on the same set.
         run_name: run folder name; default ``<dataset>-<hash of config and dataset manifest>``, so the same
             command resumes an interrupted run instead of starting over.
         max_concurrent_products: cap on product lines training at once; 0 = as many as the cluster fits.
@@ -136,8 +141,9 @@ class TrainConfig:
     holdout_folds: list[int] = field(default_factory=lambda: [0])
     eval_batch_size: int = 16
     promote: Literal["better", "always", "never"] = "better"
-    promote_metric: str = "test.image_auroc"
+    promote_metric: str = DEFAULT_PROMOTE_METRIC
     seed: int = 0
+    validation_seed: int = 0
     run_name: str | None = None
     max_concurrent_products: int = 0
     cache_data: bool = True
@@ -260,45 +266,56 @@ def _batches(shard: Any, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
 # --- evaluation (rank 0) -----------------------------------------------------------------------------
 
 
-def _predict(model: Any, images: torch.Tensor, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """``model.predict`` in float32 -> scores (B,) and maps (B, S, S) as numpy float32."""
-    with torch.inference_mode():
-        pred = model.predict(images.to(device, torch.float32))
-    return pred.anomaly_score.float().cpu().numpy(), pred.anomaly_map[:, 0].float().cpu().numpy()
+def _predict(predictor: Any, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``predictor.predict_tensor`` -> scores (B,) and maps (B, S, S) as numpy float32."""
+    pred = predictor.predict_tensor(images)
+    return pred.anomaly_score.numpy(), pred.anomaly_map[:, 0].numpy()
 
 
 def validate_holdout(
-    model: Any, batches: Iterable[Mapping[str, np.ndarray]], cfg: TSDNConfig, seed: int, device: torch.device
+    predictor: Any, batches: Iterable[Mapping[str, np.ndarray]], seed: int
 ) -> tuple[dict[str, float], np.ndarray]:
-    """Validation on held-out normal images and SURF-distorted copies of them (no test image involved).
+    """Leak-free validation: held-out normal images, clean and with one synthetic defect each.
 
-    Returns ``({"val_image_auroc", "val_pixel_auroc"}, clean scores (N,))``; the clean scores calibrate.
+    The defects are :func:`tsdn.defects.validation_set`'s (drawn scratches, stains, holes, cracks, colour spots
+    and cut-paste patches), not SURF's training distortion, so the metric measures whether the model finds
+    defects it never trained on; no test image is involved. Before scoring, the model's ``score_scales`` are
+    fitted on the clean copies (the ``fused`` source reads them).
+
+    Args:
+        predictor: a :class:`tsdn.predict.Predictor` around the model being validated.
+        batches: numpy batches of the held-out shard (``image`` (B, 3, S, S) uint8 or float).
+        seed: the validation draws (the same set at every validation and for every version).
+
+    Returns:
+        ``({"val_image_auroc", "val_pixel_auroc"}, clean image scores (N,))``; the clean scores calibrate.
     """
+    from tsdn.defects import validation_set
     from tsdn.metrics import image_auroc, pixel_auroc
-    from tsdn.surf import surf_fill
 
-    generator = torch.Generator().manual_seed(seed + 7919)  # the same distortions at every validation
-    clean_scores, clean_maps, bad_scores, bad_maps, masks = [], [], [], [], []
-    for batch in batches:
-        images = _as_images(batch["image"])
-        labels = torch.as_tensor(batch["superpixels"])  # int32 0..K-1, as ingest stores them
-        distorted, mask = surf_fill(images, labels, cfg.n_filled, generator, contiguous=True)
-        for out_scores, out_maps, inputs in ((clean_scores, clean_maps, images), (bad_scores, bad_maps, distorted)):
-            scores, maps = _predict(model, inputs, device)
-            out_scores.append(scores)
-            out_maps.append(maps)
-        masks.append(mask[:, 0].numpy())
-    if not clean_scores:
+    clean = [_as_uint8_hwc(batch["image"]) for batch in batches]
+    if not clean:
         msg = "validation: the held-out split is empty; ingest more train images or change holdout_folds"
         raise ValueError(msg)
-    clean = np.concatenate(clean_scores)
-    labels = np.r_[np.zeros(len(clean)), np.ones(len(clean))]
-    all_masks = np.concatenate([np.zeros_like(np.concatenate(masks)), np.concatenate(masks)])
+    normal = np.concatenate(clean)
+    val = validation_set(normal, seed=seed)
+    images = torch.from_numpy(val.images).permute(0, 3, 1, 2).float().div_(255.0)
+    predictor.model.fit_score_scales(list(images[: len(normal)].split(predictor.batch_size)))
+    pred = predictor.predict_tensor(images)
+    scores, maps = pred.anomaly_score.numpy(), pred.anomaly_map[:, 0].numpy()
     metrics = {
-        "val_image_auroc": image_auroc(labels, np.concatenate([clean, *bad_scores])),
-        "val_pixel_auroc": pixel_auroc(all_masks, np.concatenate([*clean_maps, *bad_maps])),
+        "val_image_auroc": image_auroc(val.labels, scores),
+        "val_pixel_auroc": pixel_auroc(val.masks, maps),
     }
-    return metrics, clean
+    return metrics, scores[val.labels == 0]
+
+
+def _as_uint8_hwc(images: Any) -> np.ndarray:
+    """Shard images (B, 3, S, S) uint8 or float in [0, 1] -> (B, S, S, 3) uint8."""
+    array = np.asarray(images)
+    if array.dtype != np.uint8:
+        array = np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return np.ascontiguousarray(array.transpose(0, 2, 3, 1))
 
 
 def _collect_test(
@@ -320,12 +337,21 @@ def _collect_test(
 
 
 def validate_test(
-    model: Any, batches: Iterable[Mapping[str, np.ndarray]], device: torch.device
+    predictor: Any, batches: Iterable[Mapping[str, np.ndarray]]
 ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """The paper's protocol: validate on the labelled test split. Returns metrics, scores (N,), labels (N,)."""
+    """The paper's protocol: validate on the labelled test split. Returns metrics, scores (N,), labels (N,).
+
+    The model's ``score_scales`` are fitted on the test split's normal images first (this protocol reads the
+    test labels anyway).
+    """
     from tsdn.metrics import image_auroc, pixel_auroc
 
-    labels, scores, masks, maps, _ = _collect_test(lambda x: _predict(model, x, device), batches)
+    rows = list(batches)
+    normal = [_as_images(b["image"])[np.asarray(b["label"]) == 0] for b in rows]
+    normal = [n for n in normal if len(n)]
+    if normal:
+        predictor.model.fit_score_scales(normal)
+    labels, scores, masks, maps, _ = _collect_test(lambda x: _predict(predictor, x), rows)
     metrics = {"val_image_auroc": image_auroc(labels, scores), "val_pixel_auroc": pixel_auroc(masks, maps)}
     return metrics, scores, labels
 
@@ -419,7 +445,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     from tsdn.model import TSDN
     from tsdn.predict import Predictor
     from tsdn.scoring import fit_calibration
-    from tsdn.surf import surf_fill
+    from tsdn.training import build_optimizer, set_epoch_lr, train_step
 
     cfg = from_dict(TrainConfig, loop_config["cfg"])
     product, run_name = loop_config["product"], loop_config["run_name"]
@@ -441,10 +467,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         start_epoch, history = 0, []
     if on_gpu:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.model.lr)
+    optimizer = build_optimizer(model, cfg.model)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    ddp_model = ray.train.torch.prepare_model(model)
+    # During a DCD_A warm-up the FNE takes no part in the loss: DDP must not wait for its gradients.
+    ddp_kwargs = {"find_unused_parameters": True} if cfg.model.mask_warmup_epochs > 0 else None
+    ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs)
     loss_fn = TSDNLoss(cfg.model)
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -456,6 +484,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             print(f"[{product}] injected failure: rank {rank} exits at the start of epoch {epoch}", flush=True)
             os._exit(1)
         ddp_model.train()
+        set_epoch_lr(optimizer, cfg.model, epoch, cfg.epochs)
         epoch_seed = cfg.seed * 1_000_003 + epoch * 1_009 + rank  # SURF draws and the shuffle, per epoch and rank
         generator = torch.Generator(device=device).manual_seed(epoch_seed)
         sums = torch.zeros(1 + len(LOSS_TERMS) + 1, device=device)  # images, each term, total (sums over images)
@@ -469,21 +498,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         )
         for batch in batches:
             images = _as_images(batch["image"])
-            if cfg.model.surf:
-                labels = batch["superpixels"]  # int32 SLIC labels 0..K-1 at the training resolution, from ingest
-                inputs, mask = surf_fill(images, labels, cfg.model.n_filled, generator, contiguous=True)
-            else:
-                inputs, mask = images, torch.zeros_like(images[:, :1])
-            if on_gpu:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
-                output = ddp_model(inputs)
-            total, terms = loss_fn(output, images, mask)
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
+            labels = batch["superpixels"]  # int32 SLIC labels 0..K-1 at the training resolution, from ingest
+            total, terms = train_step(
+                ddp_model,
+                loss_fn,
+                optimizer,
+                images,
+                labels,
+                cfg.model,
+                generator,
+                epoch,
+                autocast=on_gpu,
+                channels_last=on_gpu,
+            )
             n = images.shape[0]
-            sums += torch.stack([sums.new_tensor(float(n)), *(terms[t] * n for t in LOSS_TERMS), total.detach() * n])
+            sums += torch.stack([sums.new_tensor(float(n)), *(terms[t] * n for t in LOSS_TERMS), total * n])
         sums = _reduce_sum(sums).cpu()
         elapsed = time.perf_counter() - started
         n_images = float(sums[0])
@@ -499,14 +528,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         }
         checkpoint_now = epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs
         if checkpoint_now and rank == 0:
-            model.eval()
+            predictor = Predictor(model, calibration=None, device=device, batch_size=cfg.eval_batch_size)
             if cfg.validation == "holdout":
                 val, normal_scores = validate_holdout(
-                    model, _batches(val_shard, cfg.eval_batch_size), cfg.model, cfg.seed, device
+                    predictor, _batches(val_shard, cfg.eval_batch_size), cfg.validation_seed
                 )
                 calibration = fit_calibration(normal_scores)
             else:
-                val, scores, labels = validate_test(model, _batches(val_shard, cfg.eval_batch_size), device)
+                val, scores, labels = validate_test(predictor, _batches(val_shard, cfg.eval_batch_size))
                 calibration = fit_calibration(scores[labels == 0], scores, labels)
             metrics.update(val)
         if rank == 0:
@@ -549,12 +578,10 @@ def _final_evaluation(
     files = _read_checkpoint(best.checkpoint, (MODEL_WEIGHTS, MODEL_JSON))
     predictor = predictor_cls.from_files(files, device=ray.train.torch.get_device(), batch_size=cfg.eval_batch_size)
 
-    def predict(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        pred = predictor.predict_tensor(images)
-        return pred.anomaly_score.numpy(), pred.anomaly_map[:, 0].numpy()
-
     test_shard = ray.train.get_dataset_shard("test")
-    labels, scores, masks, maps, ids = _collect_test(predict, _batches(test_shard, cfg.eval_batch_size))
+    labels, scores, masks, maps, ids = _collect_test(
+        lambda x: _predict(predictor, x), _batches(test_shard, cfg.eval_batch_size)
+    )
     test = evaluate(labels, scores, masks, maps)
     return {
         "checkpoint_dir": os.path.basename(best.checkpoint.path.rstrip("/")),

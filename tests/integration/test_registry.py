@@ -28,7 +28,11 @@ FILES = {"model.safetensors": b"weights", "model.json": b'{"config": {}}'}
 
 
 def _metrics(image_auroc: float, run: str = "run-a") -> dict:
-    return {"run_id": run, "test": {"image_auroc": image_auroc, "pixel_auroc": 0.5}, "val": {"pixel_auroc": 0.6}}
+    return {
+        "run_id": run,
+        "test": {"image_auroc": image_auroc, "pixel_auroc": 0.5},
+        "val": {"val_image_auroc": image_auroc, "val_pixel_auroc": 0.6},
+    }
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])

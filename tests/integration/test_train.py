@@ -165,16 +165,32 @@ def _batch(n: int, seed: int) -> dict[str, np.ndarray]:
     return {"image": rng.integers(0, 256, (n, 3, 64, 64), dtype=np.uint8), "superpixels": labels.astype(np.int32)}
 
 
+def _predictor(model):
+    from tsdn.predict import Predictor
+
+    return Predictor(model, calibration=None, device="cpu", batch_size=4)
+
+
 def test_holdout_validation_is_repeatable_and_bounded(tiny_model):
-    cfg = _config("/tmp/store").model
     batches = [_batch(3, 0), _batch(2, 1)]
-    first, clean = validate_holdout(tiny_model.eval(), batches, cfg, seed=0, device=torch.device("cpu"))
-    again, clean_again = validate_holdout(tiny_model, batches, cfg, seed=0, device=torch.device("cpu"))
-    assert first == again and np.array_equal(clean, clean_again)  # the same distortions every epoch
+    first, clean = validate_holdout(_predictor(tiny_model), batches, seed=0)
+    again, clean_again = validate_holdout(_predictor(tiny_model), batches, seed=0)
+    assert first == again and np.array_equal(clean, clean_again)  # the same synthetic defects every epoch
     assert set(first) == {"val_image_auroc", "val_pixel_auroc"}
     assert all(0 <= v <= 1 for v in first.values()) and clean.shape == (5,)
+    other, _ = validate_holdout(_predictor(tiny_model), batches, seed=1)
+    assert other != first  # another seed draws other defects
     with pytest.raises(ValueError, match="held-out split is empty"):
-        validate_holdout(tiny_model, [], cfg, seed=0, device=torch.device("cpu"))
+        validate_holdout(_predictor(tiny_model), [], seed=0)
+
+
+def test_holdout_validation_scores_clean_images_like_the_predictor(tiny_model):
+    """The clean scores that calibrate are the serving predictor's scores of the held-out images."""
+    batches = [_batch(3, 0)]
+    _, clean = validate_holdout(_predictor(tiny_model), batches, seed=0)
+    images = torch.from_numpy(batches[0]["image"]).float() / 255.0
+    expected = _predictor(tiny_model).predict_tensor(images).anomaly_score.numpy()
+    np.testing.assert_allclose(clean, expected, rtol=1e-5)
 
 
 def test_test_split_validation_matches_the_model(tiny_model):
@@ -182,7 +198,7 @@ def test_test_split_validation_matches_the_model(tiny_model):
     masks = np.zeros((4, 1, 64, 64), np.float32)
     masks[2:, :, 8:24, 8:24] = 1.0
     batch.update(mask=masks, label=np.array([0, 0, 1, 1]), image_id=np.array(["a", "b", "c", "d"]))
-    metrics, scores, labels = validate_test(tiny_model.eval(), [batch], torch.device("cpu"))
+    metrics, scores, labels = validate_test(_predictor(tiny_model), [batch])
     with torch.inference_mode():
         expected = tiny_model.predict(torch.from_numpy(batch["image"]).float() / 255.0).anomaly_score.numpy()
     np.testing.assert_allclose(scores, expected, rtol=1e-6)
