@@ -145,7 +145,7 @@ def baseline_run(
     cfg: TrainConfig, products: Sequence[str], pc_module: Any, reductions: tuple[int, ...], coreset: float
 ) -> dict[str, dict[str, Any]]:
     """PatchCore on the same images TSDN trained on (train rows outside the hold-out folds) and the same test split."""
-    from tsdn.backbone import create_encoder
+    from tsdn.patchcore import PatchCore, PatchCoreConfig
 
     results = {}
     for product in products:
@@ -153,7 +153,8 @@ def baseline_run(
         if cfg.validation == "holdout":
             train = {k: v[~np.isin(train["fold"], cfg.holdout_folds)] for k, v in train.items()}
         test = _split_arrays(cfg, product, "test")
-        pc_cfg = pc_module.PatchCoreConfig(
+        pc_cfg = PatchCoreConfig(
+            image_size=cfg.model.image_size,
             backbone=cfg.model.backbone,
             weights=cfg.model.weights,
             reductions=reductions,
@@ -162,7 +163,7 @@ def baseline_run(
         )
         torch.manual_seed(cfg.seed)
         start = time.perf_counter()
-        model = pc_module.PatchCore(create_encoder(pc_cfg.backbone, pc_cfg.weights), pc_cfg)
+        model = PatchCore(pc_cfg)
         build_s = time.perf_counter() - start
         metrics = pc_module.run_patchcore(
             model,

@@ -80,6 +80,7 @@ class TSDN(nn.Module):
     divides each map by; ones until fitted.
     """
 
+    FAMILY = "tsdn"
     #: Encoder strides whose features the ``feature`` score source compares (those the encoder has).
     FEATURE_STRIDES = (8, 16)
 

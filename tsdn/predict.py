@@ -17,6 +17,7 @@ from PIL import Image
 from tsdn.checkpoint import load_checkpoint
 from tsdn.image import to_rgb
 from tsdn.model import TSDN, TSDNPrediction
+from tsdn.patchcore import PatchCore, PatchCorePrediction
 from tsdn.scoring import Calibration
 
 __all__ = ["Detection", "ImageInput", "Predictor", "resize_rgb"]
@@ -44,10 +45,10 @@ class Detection:
 
 
 class Predictor:
-    """A TSDN model in eval mode with its calibration.
+    """A model of either family (TSDN or PatchCore) in eval mode with its calibration.
 
     Args:
-        model: the trained model (moved to ``device`` and switched to eval mode).
+        model: the trained (or fitted) model (moved to ``device`` and switched to eval mode).
         calibration: threshold and score statistics fitted on normal images; None for a model being validated
             (only :meth:`predict_tensor`, which produces the scores a calibration is fitted on, is available).
         device: where to run; None keeps the model's current device.
@@ -56,7 +57,7 @@ class Predictor:
 
     def __init__(
         self,
-        model: TSDN,
+        model: TSDN | PatchCore,
         calibration: Calibration | None,
         device: torch.device | str | None = None,
         batch_size: int = 8,
@@ -86,8 +87,11 @@ class Predictor:
         """
         return self._prepare(images)[0]
 
-    def predict_tensor(self, batch: torch.Tensor) -> TSDNPrediction:
-        """Model prediction for an already preprocessed (B, 3, S, S) batch; results on the CPU."""
+    def predict_tensor(self, batch: torch.Tensor) -> TSDNPrediction | PatchCorePrediction:
+        """Model prediction for an already preprocessed (B, 3, S, S) batch; results on the CPU.
+
+        The model's own typed result (every family's has ``anomaly_map`` (B, 1, S, S) and ``anomaly_score`` (B,)).
+        """
         if batch.ndim != 4 or len(batch) == 0:
             msg = f"predict_tensor: expected a non-empty (B, 3, S, S) batch, got {tuple(batch.shape)}"
             raise ValueError(msg)
@@ -95,8 +99,8 @@ class Predictor:
         with torch.inference_mode():
             for chunk in batch.split(self.batch_size):
                 pred = self.model.predict(chunk.to(self.device, torch.float32))
-                parts.append(TSDNPrediction(*(t.float().cpu() for t in pred)))
-        return TSDNPrediction(*(torch.cat(ts) for ts in zip(*parts)))
+                parts.append(type(pred)(*(t.float().cpu() for t in pred)))
+        return type(parts[0])(*(torch.cat(ts) for ts in zip(*parts)))
 
     def predict(self, images: Sequence[ImageInput], threshold: float | None = None) -> list[Detection]:
         """Detections for ``images``, anomaly maps resized (bilinear) back to each input's (H, W).

@@ -1,32 +1,23 @@
-"""The PatchCore-style baseline of the accuracy benchmark (benchmarks/patchcore.py) on tiny cases."""
+"""The PatchCore model family (tsdn.patchcore): search, coreset, fit memory bound, checkpoint and Predictor."""
 
-import importlib.util
-import sys
-from pathlib import Path
+import dataclasses
 
 import numpy as np
 import pytest
-import timm
 import torch
 from skimage import data as skdata
 
-ROOT = Path(__file__).resolve().parents[2]
+from tsdn import patchcore as pc
+from tsdn.checkpoint import checkpoint_files, load_checkpoint
+from tsdn.predict import Predictor
+from tsdn.scoring import fit_calibration
+
+TINY = pc.PatchCoreConfig(image_size=64, backbone="test_efficientnet", weights="none", score_sigma=1.0)
 
 
-def _load_patchcore():
-    spec = importlib.util.spec_from_file_location("bench_patchcore", ROOT / "benchmarks" / "patchcore.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-pc = _load_patchcore()
-
-
-def _encoder():
+def _model(**changes) -> pc.PatchCore:
     torch.manual_seed(0)
-    return timm.create_model("test_efficientnet", pretrained=False, features_only=True)
+    return pc.PatchCore(dataclasses.replace(TINY, **changes))
 
 
 def _brick_crops(n: int, size: int = 64) -> torch.Tensor:
@@ -53,31 +44,42 @@ def test_nearest_distance_is_zero_for_bank_rows_and_rejects_empty_bank():
         pc.nearest_distance(bank, bank[:0])
 
 
-def test_random_coreset_is_a_seeded_subset_of_the_requested_size():
-    patches = torch.arange(200, dtype=torch.float32).reshape(100, 2)
-    sub = pc.random_coreset(patches, 0.25, seed=3)
-    assert sub.shape == (25, 2)
-    assert set(sub[:, 0].tolist()) <= set(patches[:, 0].tolist())
-    assert len(set(sub[:, 0].tolist())) == 25
-    torch.testing.assert_close(sub, pc.random_coreset(patches, 0.25, seed=3))
-    assert not torch.equal(sub, pc.random_coreset(patches, 0.25, seed=4))
-    assert pc.random_coreset(patches, 1.0, seed=0) is patches
-    with pytest.raises(ValueError, match="fraction"):
-        pc.random_coreset(patches, 0.0, seed=0)
+def test_greedy_coreset_covers_the_set_better_than_random_rows():
+    gen = torch.Generator().manual_seed(3)
+    # two dense clusters and a few far outliers: a k-center pass must pick the outliers
+    patches = torch.cat(
+        [torch.randn(300, 16, generator=gen), torch.randn(300, 16, generator=gen) + 20, torch.full((3, 16), 100.0)]
+    )
+    chosen = pc.greedy_coreset(patches, 10, projection_dim=8, seed=0)
+    assert chosen.shape == (10,) and len(set(chosen.tolist())) == 10
+    assert {600, 601, 602} & set(chosen.tolist())  # an outlier is always a centre
+    cover = torch.cdist(patches, patches[chosen]).amin(1).max()
+    random_rows = torch.randperm(603, generator=gen)[:10]
+    assert cover < torch.cdist(patches, patches[random_rows]).amin(1).max()
+    assert torch.equal(chosen, pc.greedy_coreset(patches, 10, projection_dim=8, seed=0))
+    assert pc.greedy_coreset(patches, 1000).shape == (603,)
+
+
+def test_fit_never_holds_more_than_max_patches_and_samples_every_batch():
+    model = _model(max_patches=100, coreset_fraction=1.0)
+    batches = [_brick_crops(2) for _ in range(3)]  # 3 x 2 x 8 x 8 = 384 patches
+    stats = model.fit(batches)
+    assert stats == {"images": 6, "patches_seen": 384, "patches_pooled": 100, "bank_size": 100}
+    assert model.bank.dtype == torch.float16
 
 
 def test_embed_concatenates_the_chosen_stages_on_the_finest_grid():
-    encoder = _encoder()
-    model = pc.PatchCore(encoder, pc.PatchCoreConfig(reductions=(8, 16)))
+    model = _model(reductions=(8, 16))
+    encoder = model.encoder
     channels = dict(zip(encoder.feature_info.reduction(), encoder.feature_info.channels()))
     emb = model.embed(_brick_crops(2))
     assert emb.shape == (2, channels[8] + channels[16], 8, 8)
     with pytest.raises(ValueError, match="stride"):
-        pc.PatchCore(_encoder(), pc.PatchCoreConfig(reductions=(3,)))
+        _model(reductions=(3,))
 
 
 def test_training_images_score_zero_and_a_pasted_defect_is_found():
-    model = pc.PatchCore(_encoder(), pc.PatchCoreConfig(sigma=1.0))
+    model = _model(coreset_fraction=1.0, bank_dtype="float32")
     train = _brick_crops(6)
     model.fit([train[:4], train[4:]])
     assert model.bank.shape[0] == 6 * 8 * 8
@@ -100,6 +102,28 @@ def test_training_images_score_zero_and_a_pasted_defect_is_found():
 
 
 def test_coreset_fraction_shrinks_the_bank():
-    model = pc.PatchCore(_encoder(), pc.PatchCoreConfig(coreset_fraction=0.1, seed=5))
+    model = _model(coreset_fraction=0.1, seed=5)
     model.fit([_brick_crops(4)])
     assert model.bank.shape[0] == int(np.ceil(0.1 * 4 * 8 * 8))
+    assert _model(coreset_fraction=0.5, coreset_max=7).fit([_brick_crops(4)])["bank_size"] == 7
+
+
+def test_checkpoint_round_trip_and_the_predictor_serve_patchcore_like_tsdn():
+    model = _model()
+    train = _brick_crops(6)
+    model.fit([train])
+    normal_scores = model.predict(train).anomaly_score.numpy()
+    files = checkpoint_files(model, fit_calibration(normal_scores), extra={"note": "x"})
+    loaded, calibration, meta = load_checkpoint(files)
+    assert meta["family"] == "patchcore" and isinstance(loaded, pc.PatchCore)
+    assert torch.equal(loaded.bank, model.bank)
+    images = _brick_crops(3)
+    torch.testing.assert_close(loaded.predict(images).anomaly_map, model.predict(images).anomaly_map)
+    detections = Predictor(loaded, calibration, device="cpu").predict([np.asarray(skdata.brick())[:80, :96]])
+    assert detections[0].anomaly_map.shape == (80, 96)
+    assert 0.0 <= detections[0].normalized_score <= 1.0
+    with pytest.raises(ValueError, match="family"):
+        import json
+
+        meta["family"] = "nosuch"
+        load_checkpoint({**files, "model.json": json.dumps(meta).encode()})

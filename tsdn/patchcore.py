@@ -1,0 +1,318 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection"): the second model family.
+
+Nothing is trained. Locally aware patch features of normal images form a memory bank; a test patch is as
+anomalous as its distance to the nearest bank entry.
+
+- Features: two middle stages of a frozen ``features_only`` timm encoder (by default strides 8 and 16), each
+  averaged over a ``pool`` x ``pool`` neighbourhood, the coarser upsampled to the finer grid, concatenated.
+- Fit (:meth:`PatchCore.fit`): the patches of the normal images, never more than ``max_patches`` at once
+  (each batch's patches are subsampled so that the pool is a uniform sample of every patch seen), then a
+  greedy k-center coreset (:func:`greedy_coreset`, on a random projection to ``projection_dim`` dimensions
+  as in the paper) down to ``coreset_fraction`` of them, at most ``coreset_max``. The bank is a buffer saved
+  with the weights (``bank_dtype`` float16 halves it).
+- Score map: the nearest-bank distance per patch (:func:`nearest_distance`, in chunks: at most
+  ``query_chunk x bank_chunk`` distances exist at once), bilinearly upsampled to the input size, blurred like
+  TSDN's map; image score = its maximum (or a top-k mean).
+
+The model answers the same interface as :class:`tsdn.model.TSDN` (``cfg.image_size``, ``predict``,
+``fit_score_scales``, ``mean``/``std``), so :class:`tsdn.predict.Predictor`, calibration, batch scoring,
+serving and the checkpoint format serve both families without branching.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tsdn import _config_io
+from tsdn.backbone import Opener, create_encoder, normalization
+from tsdn.scoring import blur_map, image_score
+
+__all__ = ["PatchCore", "PatchCoreConfig", "PatchCorePrediction", "greedy_coreset", "nearest_distance"]
+
+
+@dataclass(frozen=True)
+class PatchCoreConfig:
+    """Settings of one PatchCore model.
+
+    Attributes:
+        image_size: side S of the square input (a multiple of 32).
+        backbone, weights: the frozen encoder (timm name, weights spec of :func:`tsdn.backbone.resolve_weights`).
+        reductions: encoder strides whose features are concatenated (the paper: the two middle stages).
+        pool: side of the local averaging ("locally aware" features), odd.
+        coreset_fraction: fraction of the pooled patches the greedy coreset keeps (the paper: 1-10 %).
+        coreset_max: upper bound on the bank's rows.
+        projection_dim: dimensions of the random projection the coreset selection runs on (0 = none).
+        max_patches: patches held at once while fitting (the fit's memory bound).
+        bank_dtype: ``float16`` or ``float32`` storage of the bank (distances are computed in float32).
+        score_sigma: blur of the map in pixels at S x S (as TSDN's ``score_sigma``).
+        score_topk: image score = mean of the top fraction of the map; 0 = its maximum.
+        query_chunk, bank_chunk: block sizes of the nearest-neighbour search.
+        seed: the patch subsampling, the projection and the coreset's first centre.
+    """
+
+    image_size: int = 224
+    backbone: str = "tf_efficientnet_lite0"
+    weights: str = "package:efficientnet-lite0"
+    reductions: tuple[int, ...] = (8, 16)
+    pool: int = 3
+    coreset_fraction: float = 0.1
+    coreset_max: int = 20000
+    projection_dim: int = 128
+    max_patches: int = 100_000
+    bank_dtype: Literal["float16", "float32"] = "float16"
+    score_sigma: float = 4.0
+    score_topk: float = 0.0
+    query_chunk: int = 4096
+    bank_chunk: int = 8192
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.image_size >= 32 and self.image_size % 32 == 0, "image_size", "a multiple of 32, >= 32"),
+            (bool(self.backbone.strip()), "backbone", "a timm model name"),
+            (bool(self.weights.strip()), "weights", "a weights spec"),
+            (len(self.reductions) >= 1, "reductions", "at least one encoder stride"),
+            (self.pool >= 1 and self.pool % 2 == 1, "pool", "odd, >= 1"),
+            (0 < self.coreset_fraction <= 1, "coreset_fraction", "in (0, 1]"),
+            (self.coreset_max >= 1, "coreset_max", ">= 1"),
+            (self.projection_dim >= 0, "projection_dim", ">= 0 (0 = no projection)"),
+            (self.max_patches >= 1, "max_patches", ">= 1"),
+            (self.bank_dtype in ("float16", "float32"), "bank_dtype", "float16 | float32"),
+            (self.score_sigma >= 0, "score_sigma", ">= 0"),
+            (0 <= self.score_topk < 1, "score_topk", "in [0, 1)"),
+            (self.query_chunk >= 1 and self.bank_chunk >= 1, "query_chunk", "chunks >= 1"),
+        )
+        for ok, name, expected in checks:
+            if not ok:
+                msg = f"PatchCoreConfig.{name}: expected {expected}, got {getattr(self, name)!r}"
+                raise ValueError(msg)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON/YAML-safe dict of every field."""
+        return _config_io.to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> PatchCoreConfig:
+        """Strict inverse of :meth:`to_dict`."""
+        return _config_io.from_dict(cls, data)
+
+
+class PatchCorePrediction(NamedTuple):
+    """Inference result.
+
+    Attributes:
+        anomaly_map: (B, 1, H, W) blurred nearest-bank distance at the input size.
+        anomaly_score: (B,) each map's maximum (or top-k mean).
+    """
+
+    anomaly_map: torch.Tensor
+    anomaly_score: torch.Tensor
+
+
+def nearest_distance(
+    queries: torch.Tensor, bank: torch.Tensor, query_chunk: int = 4096, bank_chunk: int = 8192
+) -> torch.Tensor:
+    """Euclidean distance from every query to its nearest bank row, in blocks.
+
+    Args:
+        queries: (N, D) float.
+        bank: (M, D), M >= 1 (any float dtype; blocks are computed in the queries' dtype).
+        query_chunk, bank_chunk: block sizes; at most ``query_chunk x bank_chunk`` distances exist at once.
+
+    Returns:
+        (N,) ``min_j ||queries[i] - bank[j]||``.
+    """
+    if queries.ndim != 2 or bank.ndim != 2 or queries.shape[1] != bank.shape[1]:
+        msg = f"nearest_distance: expected (N, D) and (M, D), got {tuple(queries.shape)} and {tuple(bank.shape)}"
+        raise ValueError(msg)
+    if bank.shape[0] == 0:
+        msg = "nearest_distance: the memory bank is empty (fit on at least one image first)"
+        raise ValueError(msg)
+    if query_chunk < 1 or bank_chunk < 1:
+        msg = f"nearest_distance: chunk sizes must be >= 1, got {query_chunk} and {bank_chunk}"
+        raise ValueError(msg)
+    out = torch.empty(queries.shape[0], dtype=queries.dtype, device=queries.device)
+    for start in range(0, queries.shape[0], query_chunk):
+        block = queries[start : start + query_chunk]
+        best = torch.full((block.shape[0],), math.inf, dtype=queries.dtype, device=queries.device)
+        for bank_start in range(0, bank.shape[0], bank_chunk):
+            rows = bank[bank_start : bank_start + bank_chunk].to(queries.dtype)
+            best = torch.minimum(best, torch.cdist(block, rows).amin(dim=1))
+        out[start : start + block.shape[0]] = best
+    return out
+
+
+def greedy_coreset(patches: torch.Tensor, n: int, projection_dim: int = 128, seed: int = 0) -> torch.Tensor:
+    """Indices of ``n`` rows of ``patches`` (N, D) chosen by greedy k-center selection (Sener & Savarese).
+
+    Each step adds the row farthest from those chosen so far, so the chosen rows cover the set with the
+    smallest worst-case distance a greedy pass finds. As in PatchCore, distances are computed on a Gaussian
+    random projection to ``projection_dim`` dimensions (Johnson-Lindenstrauss; 0 = the raw features), and the
+    first centre is a seeded random row.
+
+    Returns:
+        (min(n, N),) int64 indices in selection order.
+    """
+    total = patches.shape[0]
+    n = min(int(n), total)
+    if n <= 0:
+        return torch.empty(0, dtype=torch.int64)
+    generator = torch.Generator().manual_seed(seed)
+    points = patches.float()
+    if 0 < projection_dim < points.shape[1]:
+        projection = torch.randn(points.shape[1], projection_dim, generator=generator) / math.sqrt(projection_dim)
+        points = points @ projection.to(points.device)
+    chosen = torch.empty(n, dtype=torch.int64)
+    current = int(torch.randint(total, (1,), generator=generator))
+    distance = torch.full((total,), math.inf, device=points.device)
+    for i in range(n):
+        chosen[i] = current
+        step = (points - points[current]).square_().sum(dim=1)
+        torch.minimum(distance, step, out=distance)
+        current = int(distance.argmax())
+    return chosen
+
+
+class PatchCore(nn.Module):
+    """Nearest-neighbour patch-feature anomaly detector on a frozen ``features_only`` timm encoder.
+
+    Args:
+        cfg: the settings.
+        opener: ``opener(uri) -> bytes`` for a weights spec that is a URI.
+
+    Shape:
+        - images: (B, 3, H, W) float in [0, 1] (normalised inside with the encoder's pretrained mean/std)
+        - :meth:`embed`: (B, D, H / r0, W / r0), D = sum of the chosen stages' channels, r0 = min(reductions)
+        - :meth:`predict`: anomaly_map (B, 1, H, W), anomaly_score (B,)
+    """
+
+    FAMILY = "patchcore"
+
+    def __init__(self, cfg: PatchCoreConfig, opener: Opener | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        encoder = create_encoder(cfg.backbone, cfg.weights, opener)
+        reductions = list(encoder.feature_info.reduction())
+        missing = [r for r in cfg.reductions if r not in reductions]
+        if missing:
+            msg = f"PatchCore: encoder has no stage with stride {missing}; strides available: {reductions}"
+            raise ValueError(msg)
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.stages = [reductions.index(r) for r in cfg.reductions]
+        self.finest = self.stages[int(np.argmin(cfg.reductions))]
+        self.stride = max(reductions)
+        mean, std = normalization(encoder)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("bank", torch.empty(0, sum(encoder.feature_info.channels()[i] for i in self.stages)))
+
+    def train(self, mode: bool = True) -> PatchCore:
+        super().train(mode)
+        self.encoder.eval()  # frozen: BatchNorm keeps the pretrained statistics
+        return self
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # The bank's size is set by the fit: take the saved one's shape and dtype before the strict copy.
+        saved = state_dict.get(prefix + "bank")
+        if saved is not None:
+            self.bank = torch.empty_like(saved, device=self.bank.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.inference_mode()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> locally aware patch features (B, D, H / r0, W / r0)."""
+        self._check_input(images)
+        features = self.encoder((images - self.mean) / self.std)
+        grid = features[self.finest].shape[-2:]
+        pad = self.cfg.pool // 2
+        parts = []
+        for i in self.stages:
+            pooled = F.avg_pool2d(features[i], self.cfg.pool, stride=1, padding=pad, count_include_pad=False)
+            parts.append(pooled if pooled.shape[-2:] == grid else F.interpolate(pooled, size=grid, mode="bilinear"))
+        return torch.cat(parts, dim=1)
+
+    @torch.inference_mode()
+    def fit(self, batches: Iterable[torch.Tensor]) -> dict[str, int]:
+        """Build the bank from normal images given as (B, 3, S, S) batches in [0, 1].
+
+        At most ``max_patches`` patches are held: once the pool is full, each batch contributes the share of
+        its patches that keeps the pool a uniform sample of all patches seen (reservoir sampling by batch).
+
+        Returns:
+            ``{"images", "patches_seen", "patches_pooled", "bank_size"}``.
+        """
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        pool: torch.Tensor | None = None
+        seen = n_images = 0
+        for images in batches:
+            emb = self.embed(images)
+            patches = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).float().cpu()
+            n_images += images.shape[0]
+            pool, seen = _reservoir(pool, patches, seen, self.cfg.max_patches, generator)
+        if pool is None:
+            msg = "PatchCore.fit: no training images"
+            raise ValueError(msg)
+        keep = min(self.cfg.coreset_max, max(1, math.ceil(self.cfg.coreset_fraction * pool.shape[0])))
+        if keep < pool.shape[0]:
+            pool = pool[greedy_coreset(pool, keep, self.cfg.projection_dim, self.cfg.seed)]
+        self.bank = pool.to(getattr(torch, self.cfg.bank_dtype)).to(self.mean.device).contiguous()
+        return {
+            "images": n_images,
+            "patches_seen": seen,
+            "patches_pooled": int(min(seen, self.cfg.max_patches)),
+            "bank_size": int(self.bank.shape[0]),
+        }
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor) -> PatchCorePrediction:
+        """(B, 3, H, W) in [0, 1] -> blurred nearest-bank distance map at the input size and its image score."""
+        emb = self.embed(images)
+        batch, dim, height, width = emb.shape
+        queries = emb.permute(0, 2, 3, 1).reshape(-1, dim).float()
+        dist = nearest_distance(queries, self.bank, self.cfg.query_chunk, self.cfg.bank_chunk)
+        grid = dist.reshape(batch, 1, height, width)
+        full = blur_map(F.interpolate(grid, size=images.shape[-2:], mode="bilinear"), self.cfg.score_sigma)
+        return PatchCorePrediction(full, image_score(full, self.cfg.score_topk))
+
+    def fit_score_scales(self, images: Any) -> None:
+        """Nothing to fit: PatchCore has one score source (the interface validation calls on every family)."""
+
+    def _check_input(self, image: torch.Tensor) -> None:
+        if image.ndim != 4 or image.shape[1] != 3:
+            msg = f"PatchCore input: expected (B, 3, H, W), got {tuple(image.shape)}"
+            raise ValueError(msg)
+        if image.shape[-2] % self.stride or image.shape[-1] % self.stride:
+            msg = f"PatchCore input: H and W must be multiples of {self.stride}, got {tuple(image.shape[-2:])}"
+            raise ValueError(msg)
+
+
+def _reservoir(
+    pool: torch.Tensor | None, patches: torch.Tensor, seen: int, capacity: int, generator: torch.Generator
+) -> tuple[torch.Tensor, int]:
+    """Add ``patches`` to a uniform sample of at most ``capacity`` rows of everything seen; returns (pool, seen)."""
+    total = seen + patches.shape[0]
+    if pool is None or pool.shape[0] + patches.shape[0] <= capacity:
+        merged = patches if pool is None else torch.cat([pool, patches])
+        if merged.shape[0] <= capacity:
+            return merged, total
+        pool, patches, seen = merged[:0], merged, 0
+    # Algorithm R, vectorised per batch: row t (0-based over all rows seen) replaces a random slot with
+    # probability capacity / (t + 1); rows that fill an empty pool are taken as they come.
+    room = capacity - pool.shape[0]
+    if room > 0:
+        pool = torch.cat([pool, patches[:room]])
+        patches, seen = patches[room:], seen + room
+    positions = torch.arange(seen, seen + patches.shape[0])
+    slots = (torch.rand(patches.shape[0], generator=generator) * (positions + 1)).long()
+    accepted = slots < capacity
+    pool = pool.clone()
+    pool[slots[accepted]] = patches[accepted]
+    return pool, total
