@@ -566,7 +566,9 @@ def _conditional_writes_supported(client: Any, bucket: str, pointer_key: str) ->
 def _summary(metrics: Mapping[str, Any]) -> str:
     test = metrics.get("test", {}) if isinstance(metrics.get("test"), Mapping) else {}
     keys = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
-    return "  ".join(f"{key}={test[key]:.4f}" for key in keys if isinstance(test.get(key), (int, float)))
+    cells = [f"family={metrics.get('family', 'tsdn')}"]  # versions from before the second family are TSDN
+    cells += [f"{key}={test[key]:.4f}" for key in keys if isinstance(test.get(key), (int, float))]
+    return "  ".join(cells)
 
 
 def main(args: argparse.Namespace) -> int:

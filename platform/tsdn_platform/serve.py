@@ -539,6 +539,7 @@ class TSDNIngress:
                     {
                         "product": product,
                         "model_version": pointer["version"],
+                        "family": metrics.get("family", "tsdn"),
                         "promoted_at": pointer.get("updated_at"),
                         "metrics": {key: value for key, value in metrics.items() if key != "files"},
                     }

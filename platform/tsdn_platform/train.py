@@ -49,6 +49,7 @@ import torch
 from tsdn._config_io import ConfigError, from_dict, to_dict
 from tsdn.checkpoint import MODEL_JSON, MODEL_WEIGHTS
 from tsdn.config import TSDNConfig
+from tsdn.patchcore import PatchCoreConfig
 from tsdn_platform import store
 from tsdn_platform.config import config_to_yaml, load_config
 from tsdn_platform.registry import DEFAULT_PROMOTE_METRIC, Registry, validate_name
@@ -82,18 +83,26 @@ _RUN_HASH_EXCLUDED = (
     "promote",
     "promote_metric",
     "cache_data",
+    "families",
 )
+FAMILIES = ("tsdn", "patchcore")
+# Each family's run name hashes only what that family learns from.
+_FAMILY_EXCLUDED = {"tsdn": ("patchcore",), "patchcore": ("model", "epochs", "checkpoint_every", "keep_checkpoints")}
 _FLOAT_METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 
 
 @dataclass
 class TrainConfig:
-    """One ``tsdn train`` job. ``model`` is the full :class:`TSDNConfig` (its ``lr`` drives Adam).
+    """One ``tsdn train`` job. ``model`` is the full :class:`TSDNConfig` (its ``lr`` drives Adam); ``patchcore``
+    the :class:`tsdn.patchcore.PatchCoreConfig` of the second family.
 
     Attributes:
         store: store URI (``s3://bucket/prefix`` or a folder) with ``datasets/``; runs and registry go there.
         dataset: ingested dataset name.
         products: product lines to train, or ``"all"`` (every product of the dataset).
+        families: model families to train per product line (``tsdn``, ``patchcore``); with several, each is
+            trained, validated on the same hold-out set, and registered, and ``promote`` picks the best by
+            ``promote_metric`` (every version records the comparison under ``selection``).
         epochs: passes over the training rows.
         batch_size: images per worker per step.
         num_workers: Ray Train workers (DDP ranks) per product line.
@@ -126,7 +135,9 @@ class TrainConfig:
     store: str = ""
     dataset: str = ""
     products: list[str] | str = "all"
+    families: list[str] | str = field(default_factory=lambda: ["tsdn"])
     model: TSDNConfig = field(default_factory=TSDNConfig)
+    patchcore: PatchCoreConfig = field(default_factory=PatchCoreConfig)
     epochs: int = 20
     batch_size: int = 8
     num_workers: int = 1
@@ -176,19 +187,28 @@ class TrainConfig:
             if not ok:
                 msg = f"TrainConfig.{name}: expected {expected}, got {getattr(self, name)!r}"
                 raise ConfigError(msg)
+        if isinstance(self.families, str):
+            self.families = [f.strip() for f in self.families.split(",") if f.strip()]
+        bad = [f for f in self.families if f not in FAMILIES]
+        if bad or not self.families or len(set(self.families)) != len(self.families):
+            msg = f"TrainConfig.families: expected distinct names of {', '.join(FAMILIES)}, got {self.families!r}"
+            raise ConfigError(msg)
         if isinstance(self.products, str):
             names = [p.strip() for p in self.products.split(",") if p.strip()]
             self.products = "all" if names in ([], ["all"]) else names
         for product in self.products if isinstance(self.products, list) else ():
             validate_name(product)
 
-    def run_id(self, manifest_hash: str) -> str:
-        """Default run name: the dataset plus a hash of everything that changes what is learnt."""
+    def run_id(self, manifest_hash: str, family: str = "tsdn") -> str:
+        """Default run name: the dataset (and family, but for TSDN) plus a hash of what changes what is learnt."""
         if self.run_name:
-            return validate_name(self.run_name, "run")
-        relevant = {k: v for k, v in to_dict(self).items() if k not in _RUN_HASH_EXCLUDED}
+            name = self.run_name if family == "tsdn" else f"{self.run_name}-{family}"
+            return validate_name(name, "run")
+        excluded = (*_RUN_HASH_EXCLUDED, *_FAMILY_EXCLUDED[family])
+        relevant = {k: v for k, v in to_dict(self).items() if k not in excluded}
         digest = hashlib.sha256(json.dumps([relevant, manifest_hash], sort_keys=True).encode()).hexdigest()
-        return validate_name(f"{self.dataset}-{digest[:12]}", "run")
+        prefix = self.dataset if family == "tsdn" else f"{self.dataset}-{family}"
+        return validate_name(f"{prefix}-{digest[:12]}", "run")
 
 
 @dataclass
@@ -197,6 +217,7 @@ class ProductResult:
 
     product: str
     ok: bool
+    family: str = "tsdn"
     run_name: str = ""
     run_uri: str = ""
     error: str | None = None
@@ -208,6 +229,7 @@ class ProductResult:
     test: dict[str, float | None] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     test_scores: dict[str, float] = field(default_factory=dict)
+    selection: dict[str, Any] = field(default_factory=dict)
 
 
 # --- data --------------------------------------------------------------------------------------------
@@ -596,7 +618,7 @@ def _final_evaluation(
 
 def _metric_or_low(metrics: Mapping[str, Any], name: str) -> float:
     value = metrics.get(name)
-    if value is None or not math.isfinite(float(value)):
+    if value is None or not isinstance(value, int | float) or not math.isfinite(float(value)):
         return -math.inf
     return float(value)
 
@@ -604,19 +626,22 @@ def _metric_or_low(metrics: Mapping[str, Any], name: str) -> float:
 # --- one product line (driver side, inside a Ray task) -----------------------------------------------
 
 
-def check_manifest(cfg: TrainConfig, product: str, manifest: Mapping[str, Any]) -> None:
-    """The shards were made for this model: same input size and the same SLIC settings."""
+def check_manifest(cfg: TrainConfig, product: str, manifest: Mapping[str, Any], family: str = "tsdn") -> None:
+    """The shards were made for this model: same input size (and, for TSDN, the same SLIC settings)."""
     slic = manifest.get("slic", {})
-    pairs = (
-        ("image_size", manifest.get("image_size"), cfg.model.image_size),
-        ("n_segments", slic.get("n_segments"), cfg.model.n_segments),
-        ("slic_compactness", slic.get("compactness"), cfg.model.slic_compactness),
-    )
+    size = cfg.model.image_size if family == "tsdn" else cfg.patchcore.image_size
+    section = "model" if family == "tsdn" else "patchcore"
+    pairs = [("image_size", manifest.get("image_size"), size)]
+    if family == "tsdn":
+        pairs += [
+            ("n_segments", slic.get("n_segments"), cfg.model.n_segments),
+            ("slic_compactness", slic.get("compactness"), cfg.model.slic_compactness),
+        ]
     for name, ingested, configured in pairs:
         if ingested is not None and float(ingested) != float(configured):
             msg = (
-                f"{product}: model.{name}={configured} but dataset {cfg.dataset!r} was ingested with {ingested}; "
-                f"train with --set model.{name}={ingested} or re-ingest"
+                f"{product}: {section}.{name}={configured} but dataset {cfg.dataset!r} was ingested with {ingested}; "
+                f"train with --set {section}.{name}={ingested} or re-ingest"
             )
             raise ConfigError(msg)
 
@@ -677,60 +702,105 @@ def build_trainer(cfg: TrainConfig, product: str, run_name: str, runs_uri: str, 
 
 
 def run_product(cfg: TrainConfig, product: str) -> ProductResult:
-    """Train, evaluate and register one product line; raises on failure (the caller reports it)."""
+    """Train, evaluate and register one product line in every configured family; raises on failure.
+
+    Each family is trained (TSDN: a Ray Train run; PatchCore: :func:`tsdn_platform.fit_patchcore.fit_patchcore`)
+    and validated on the same hold-out set; then the versions are registered in increasing order of
+    ``promote_metric``, each recording the comparison (``selection``), so that ``promote: better`` leaves the
+    best pointer on the winning family when it beats the current best. Returns the winner's result.
+    """
     validate_name(product)
     manifest, manifest_hash = _manifest(cfg, product)
-    check_manifest(cfg, product, manifest)
-    run_name = cfg.run_id(manifest_hash)
-    runs_uri = store.join(cfg.store, "runs", product)
-    run_uri = store.join(runs_uri, run_name)
-    resolved = dataclasses.replace(cfg, products=[product], run_name=run_name)
-    store.replace_bytes(store.join(run_uri, "config.yaml"), config_to_yaml(resolved).encode())
-
+    for family in cfg.families:
+        check_manifest(cfg, product, manifest, family)
     datasets = load_datasets(cfg, product)
     n_train = datasets["train"].count()
-    if n_train // cfg.num_workers < cfg.batch_size:
+    if n_train // cfg.num_workers < cfg.batch_size and "tsdn" in cfg.families:
         msg = (
             f"{product}: {n_train} training images cannot give each of {cfg.num_workers} workers "
             f"a batch of {cfg.batch_size}; lower batch_size or num_workers"
         )
         raise ConfigError(msg)
-    logger.info("%s: training run %s (%d images) -> %s", product, run_name, n_train, run_uri)
-    summary = build_trainer(cfg, product, run_name, runs_uri, datasets).fit().return_value
-    if summary is None:
-        msg = f"{product}: training finished without a result from rank 0"
-        raise RuntimeError(msg)
+    runs_uri = store.join(cfg.store, "runs", product)
+    fitted = []
+    for family in cfg.families:
+        run_name = cfg.run_id(manifest_hash, family)
+        run_uri = store.join(runs_uri, run_name)
+        resolved = dataclasses.replace(cfg, products=[product], families=[family], run_name=run_name)
+        store.replace_bytes(store.join(run_uri, "config.yaml"), config_to_yaml(resolved).encode())
+        logger.info("%s: %s run %s (%d images) -> %s", product, family, run_name, n_train, run_uri)
+        if family == "tsdn":
+            summary = build_trainer(cfg, product, run_name, runs_uri, datasets).fit().return_value
+        else:
+            from tsdn_platform.fit_patchcore import fit_patchcore
 
-    checkpoint_uri = store.join(run_uri, summary["checkpoint_dir"])
-    record = {
-        "run_id": run_name,
-        "run_uri": run_uri,
-        "checkpoint": checkpoint_uri,
-        "dataset": cfg.dataset,
-        "dataset_manifest_hash": manifest_hash,
-        "validation_protocol": cfg.validation,
-        "best_epoch": summary["best_epoch"],
-        "val": summary["val"],
-        "test": summary["test"],
-        "history": summary["history"],
-        "test_scores": summary["test_scores"],
-    }
-    store.replace_json(store.join(run_uri, "metrics.json"), record)
-    version, promoted = _register(cfg, product, checkpoint_uri, record)
-    return ProductResult(
-        product=product,
-        ok=True,
-        run_name=run_name,
-        run_uri=run_uri,
-        version=version,
-        promoted=promoted,
-        best_epoch=summary["best_epoch"],
-        resumed_from_epoch=summary["resumed_from_epoch"],
-        val=summary["val"],
-        test=summary["test"],
-        history=summary["history"],
-        test_scores=summary["test_scores"],
-    )
+            summary = fit_patchcore(cfg, product, run_name, datasets)
+        if summary is None:
+            msg = f"{product}: {family} training finished without a result from rank 0"
+            raise RuntimeError(msg)
+        record = {
+            "family": family,
+            "run_id": run_name,
+            "run_uri": run_uri,
+            "checkpoint": store.join(run_uri, summary["checkpoint_dir"]),
+            "dataset": cfg.dataset,
+            "dataset_manifest_hash": manifest_hash,
+            "validation_protocol": cfg.validation,
+            "best_epoch": summary["best_epoch"],
+            "val": summary["val"],
+            "test": summary["test"],
+            "history": summary["history"],
+            "test_scores": summary["test_scores"],
+            **({"fit": summary["fit"]} if "fit" in summary else {}),
+        }
+        fitted.append((family, record, summary))
+    selection = _selection(cfg.promote_metric, [record for _, record, _ in fitted])
+    results = []
+    for family, record, summary in sorted(fitted, key=lambda f: _metric_or_low(selection["values"], f[0])):
+        record["selection"] = selection
+        store.replace_json(store.join(record["run_uri"], "metrics.json"), record)
+        version, promoted = _register(cfg, product, record["checkpoint"], record)
+        results.append(
+            ProductResult(
+                product=product,
+                ok=True,
+                family=family,
+                run_name=record["run_id"],
+                run_uri=record["run_uri"],
+                version=version,
+                promoted=promoted,
+                best_epoch=summary["best_epoch"],
+                resumed_from_epoch=summary["resumed_from_epoch"],
+                val=summary["val"],
+                test=summary["test"],
+                history=summary["history"],
+                test_scores=summary["test_scores"],
+                selection=selection,
+            )
+        )
+    if len(fitted) > 1:
+        logger.info(
+            "%s: %s won on %s (%s), by %s",
+            product,
+            selection["winner"],
+            selection["metric"],
+            selection["values"],
+            selection["margin"],
+        )
+    return next(r for r in results if r.family == selection["winner"])
+
+
+def _selection(metric: str, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Which family's version is best on ``metric`` (a dotted key of the version records), and by how much."""
+    from tsdn_platform.registry import metric_value
+
+    values = {r["family"]: metric_value(r, metric) for r in records}
+    ranked = sorted(values, key=lambda f: _metric_or_low(values, f), reverse=True)
+    winner = ranked[0]
+    margin = None
+    if len(ranked) > 1 and values[winner] is not None and values[ranked[1]] is not None:
+        margin = float(values[winner]) - float(values[ranked[1]])
+    return {"metric": metric, "values": values, "winner": winner, "margin": margin}
 
 
 def _register(cfg: TrainConfig, product: str, checkpoint_uri: str, record: dict[str, Any]) -> tuple[str, bool]:
@@ -794,7 +864,7 @@ def run_training(cfg: TrainConfig) -> dict[str, ProductResult]:
 
 def format_table(results: Mapping[str, ProductResult]) -> str:
     """The per-product summary printed at the end of ``tsdn train``."""
-    header = f"{'product':<16} {'status':<7} {'best ep':>7} {'val pAUROC':>10} " + " ".join(
+    header = f"{'product':<16} {'status':<7} {'family':<9} {'best ep':>7} {'val pAUROC':>10} " + " ".join(
         f"{name:>11}" for name in _FLOAT_METRICS
     )
     lines = [header + f"  {'version':<26} promoted", "-" * (len(header) + 36)]
@@ -805,7 +875,7 @@ def format_table(results: Mapping[str, ProductResult]) -> str:
         val = result.val.get("val_pixel_auroc")
         cells = " ".join(f"{_fmt(result.test.get(name)):>11}" for name in _FLOAT_METRICS)
         lines.append(
-            f"{product:<16} {'ok':<7} {result.best_epoch!s:>7} {_fmt(val):>10} {cells}  "
+            f"{product:<16} {'ok':<7} {result.family:<9} {result.best_epoch!s:>7} {_fmt(val):>10} {cells}  "
             f"{result.version!s:<26} {'yes' if result.promoted else 'no'}"
         )
     return "\n".join(lines)

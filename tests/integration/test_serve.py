@@ -37,6 +37,7 @@ from tsdn_platform.serve import (
 )
 
 CACHED_PRODUCTS = ("bottle", "cable", "screw")  # three products, a cache of two
+PATCHCORE_PRODUCT = "screw"  # served by the second model family, through the same predictor path
 PROMOTED = "grid"  # gets a second version promoted while the server runs
 TOKENS_ENV = "TSDN_TEST_SERVE_TOKENS"
 TOKEN = "env-token-" + uuid.uuid4().hex
@@ -197,14 +198,20 @@ def _register_tiny_model(registry, product: str, seed: int) -> str:
     from tsdn.checkpoint import checkpoint_files
     from tsdn.config import TSDNConfig
     from tsdn.model import TSDN
+    from tsdn.patchcore import PatchCore, PatchCoreConfig
     from tsdn.scoring import fit_calibration
 
     torch.manual_seed(seed)
-    model = TSDN(TSDNConfig(backbone="test_efficientnet", weights="none", image_size=64)).eval()
+    images = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    if product == PATCHCORE_PRODUCT:
+        model = PatchCore(PatchCoreConfig(backbone="test_efficientnet", weights="none", image_size=64))
+        model.fit([images[:3]])
+    else:
+        model = TSDN(TSDNConfig(backbone="test_efficientnet", weights="none", image_size=64)).eval()
     with torch.no_grad():
-        normal = model.predict(torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(seed))).anomaly_score
+        normal = model.predict(images).anomaly_score
     files = checkpoint_files(model, fit_calibration(normal.numpy()))
-    metrics = {"test": {"image_auroc": 0.5 + seed / 100}, "run_id": f"{product}-{seed}"}
+    metrics = {"test": {"image_auroc": 0.5 + seed / 100}, "run_id": f"{product}-{seed}", "family": model.FAMILY}
     return registry.register(product, files, metrics, promote="always")
 
 
@@ -452,6 +459,7 @@ def test_products_lists_versions_and_metrics(server):
         assert listed[product]["model_version"] == version
         assert listed[product]["metrics"]["test"]["image_auroc"] == pytest.approx(0.5 + seed / 100)
         assert "files" not in listed[product]["metrics"]
+        assert listed[product]["family"] == ("patchcore" if product == PATCHCORE_PRODUCT else "tsdn")
 
 
 @pytest.mark.integration

@@ -128,6 +128,41 @@ def test_rerunning_an_interrupted_run_resumes_it(ingested):
 # --- the pieces of the loop, without Ray ---------------------------------------------------------------
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+def test_both_families_train_register_and_the_better_one_is_promoted(ingested):
+    """``families: [tsdn, patchcore]``: one version per family, each recording the same comparison on the
+    leak-free validation; the best pointer ends on the winner; each version's predictor reproduces its scores."""
+    uri = ingested
+    cfg = _config(uri, "families=tsdn,patchcore", "epochs=1", "num_workers=1", "run_name=fam")
+    assert cfg.families == ["tsdn", "patchcore"]
+    result = run_training(cfg)["brick"]
+    assert result.ok, result.error
+    registry = Registry(uri)
+    versions = {}
+    for version in registry.list_versions("brick"):
+        metrics = registry.metrics("brick", version)
+        if metrics.get("run_id") in ("fam", "fam-patchcore"):
+            versions[metrics["family"]] = (version, metrics)
+    assert set(versions) == {"tsdn", "patchcore"}
+    selection = versions["tsdn"][1]["selection"]
+    assert selection == versions["patchcore"][1]["selection"]
+    assert selection["metric"] == "val.val_image_auroc"  # never the test split by default
+    for family, (_, metrics) in versions.items():
+        assert selection["values"][family] == pytest.approx(metrics["val"]["val_image_auroc"])
+        assert registry.model_json("brick", versions[family][0])[0]["family"] == family
+    assert result.family == selection["winner"] and result.version == versions[selection["winner"]][0]
+    best = registry.metrics("brick", registry.best("brick")["version"])
+    assert best["val"]["val_image_auroc"] >= max(selection["values"].values())
+    assert versions["patchcore"][1]["fit"]["bank_size"] >= 1
+    ids, images = _test_images(uri, "brick")
+    for version, metrics in versions.values() in versions.items():
+        predictor, _ = registry.load_predictor("brick", version)
+        scores = predictor.predict_tensor(images.float() / 255.0).anomaly_score.numpy()
+        expected = np.array([metrics["test_scores"][i] for i in ids])
+        np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_config_products_validation_and_run_name():
     cfg = _config("/tmp/store")
     assert cfg.products == ["brick"]

@@ -1,0 +1,149 @@
+"""Fitting the PatchCore family on Ray: patch features by Ray Data actors, a bounded pool, a coreset, a version.
+
+Per product line, inside one Ray task that holds ``cpus_per_worker`` CPUs (and a GPU with ``use_gpu``):
+
+1. The ingested train rows outside the hold-out folds stream through :class:`PatchEmbedder` actors
+   (``map_batches`` with an ``ActorPoolStrategy`` of ``num_workers`` actors), each holding the frozen encoder
+   and returning every image's locally aware patch features.
+2. The task folds the stream into a uniform sample of at most ``patchcore.max_patches`` patches (the fit's
+   memory bound), then selects the greedy k-center coreset (:func:`tsdn.patchcore.greedy_coreset`).
+3. The model is validated like TSDN (hold-out normals with synthetic defects, :func:`train.validate_holdout`),
+   calibrated on the clean held-out scores, evaluated on the test split, and written as a run
+   (``<store>/runs/<product>/<run>/model.safetensors``, ``model.json``, ``metrics.json``) and a registry version
+   whose ``family`` is ``patchcore``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from tsdn.checkpoint import MODEL_JSON, MODEL_WEIGHTS
+from tsdn.patchcore import PatchCoreConfig
+from tsdn_platform import store
+
+__all__ = ["PatchEmbedder", "fit_patchcore"]
+
+logger = logging.getLogger(__name__)
+
+
+class PatchEmbedder:
+    """Ray Data actor: ``{"image": (B, 3, S, S) uint8}`` -> ``{"patches": (B, h * w, D) float16}``."""
+
+    def __init__(self, cfg: dict[str, Any], device: str) -> None:
+        from tsdn.patchcore import PatchCore
+
+        torch.set_num_threads(1)
+        self.device = torch.device(device)
+        self.model = PatchCore(PatchCoreConfig(**_tuples(cfg)), opener=store.read_bytes).to(self.device).eval()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = torch.from_numpy(np.asarray(batch["image"])).to(self.device).float().div_(255.0)
+        emb = self.model.embed(images)
+        patches = emb.permute(0, 2, 3, 1).reshape(emb.shape[0], -1, emb.shape[1])
+        return {"patches": patches.to(torch.float16).cpu().numpy()}
+
+
+def _tuples(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+
+
+def fit_patchcore(cfg: Any, product: str, run_name: str, datasets: dict[str, Any]) -> dict[str, Any]:
+    """Fit, validate, evaluate and save one product line's PatchCore; returns the run summary.
+
+    ``cfg`` is the :class:`tsdn_platform.train.TrainConfig`; ``datasets`` its ``{"train", "val", "test"}``.
+    The summary has the keys :func:`tsdn_platform.train.run_product` records (``checkpoint_dir``, ``val``,
+    ``test``, ``history``, ``best_epoch``, ``resumed_from_epoch``, ``test_scores``) plus ``fit``.
+    """
+    import ray
+
+    from tsdn.checkpoint import checkpoint_files
+    from tsdn.metrics import evaluate
+    from tsdn.patchcore import PatchCore, _reservoir, greedy_coreset
+    from tsdn.predict import Predictor
+    from tsdn.scoring import fit_calibration
+    from tsdn_platform.train import _batches, _collect_test, _predict, validate_holdout
+
+    pc_cfg = cfg.patchcore
+    device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+    started = time.perf_counter()
+    embedded = (
+        datasets["train"]
+        .select_columns(["image"])
+        .map_batches(
+            PatchEmbedder,
+            fn_constructor_kwargs={"cfg": pc_cfg.to_dict(), "device": device},
+            batch_size=cfg.eval_batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
+            num_cpus=cfg.cpus_per_worker,
+            num_gpus=cfg.gpus_per_worker if cfg.use_gpu else 0,
+        )
+    )
+    generator = torch.Generator().manual_seed(pc_cfg.seed)
+    pool, seen, n_images = None, 0, 0
+    for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
+        patches = torch.from_numpy(batch["patches"]).float()
+        n_images += patches.shape[0]
+        pool, seen = _reservoir(pool, patches.reshape(-1, patches.shape[-1]), seen, pc_cfg.max_patches, generator)
+    if pool is None:
+        msg = f"{product}: no training images to fit PatchCore on"
+        raise ValueError(msg)
+    pooled = pool.shape[0]
+    keep = min(pc_cfg.coreset_max, max(1, int(np.ceil(pc_cfg.coreset_fraction * pooled))))
+    coreset_started = time.perf_counter()
+    if keep < pooled:
+        pool = pool[greedy_coreset(pool, keep, pc_cfg.projection_dim, pc_cfg.seed)]
+    coreset_s = time.perf_counter() - coreset_started
+    model = PatchCore(pc_cfg, opener=store.read_bytes)
+    model.bank = pool.to(getattr(torch, pc_cfg.bank_dtype)).contiguous()
+    model.cfg = pc_cfg
+    fit_s = time.perf_counter() - started
+    fit = {
+        "images": n_images,
+        "patches_seen": seen,
+        "patches_pooled": pooled,
+        "bank_size": int(model.bank.shape[0]),
+        "bank_bytes": int(model.bank.numel() * model.bank.element_size()),
+        "fit_s": round(fit_s, 2),
+        "coreset_s": round(coreset_s, 2),
+    }
+    logger.info("%s: PatchCore fit %s", product, fit)
+
+    predictor = Predictor(model, calibration=None, device=device, batch_size=cfg.eval_batch_size)
+    if cfg.validation == "holdout":
+        val, normal_scores = validate_holdout(
+            predictor, _batches(datasets["val"], cfg.eval_batch_size), cfg.validation_seed
+        )
+        calibration = fit_calibration(normal_scores)
+    else:
+        from tsdn_platform.train import validate_test
+
+        val, scores, labels = validate_test(predictor, _batches(datasets["val"], cfg.eval_batch_size))
+        calibration = fit_calibration(scores[labels == 0], scores, labels)
+    predictor.calibration = calibration
+    labels, scores, masks, maps, ids = _collect_test(
+        lambda x: _predict(predictor, x), _batches(datasets["test"], cfg.eval_batch_size)
+    )
+    test = evaluate(labels, scores, masks, maps)
+
+    run_uri = store.join(cfg.store, "runs", product, run_name)
+    checkpoint_dir = "patchcore"
+    files = checkpoint_files(model, calibration, extra={"training": {"product": product, "run": run_name, "fit": fit}})
+    for name in (MODEL_WEIGHTS, MODEL_JSON):
+        store.replace_bytes(store.join(run_uri, checkpoint_dir, name), files[name])
+    history = [{"epoch": 1, **{k: float(v) for k, v in val.items()}, **fit}]
+    return {
+        "checkpoint_dir": checkpoint_dir,
+        "best_epoch": 1,
+        "val": {k: float(v) for k, v in val.items()},
+        "test": {k: (None if not np.isfinite(v) else float(v)) for k, v in test.items()},
+        "history": history,
+        "resumed_from_epoch": 0,
+        "test_scores": dict(zip(ids, scores.tolist())),
+        "fit": fit,
+    }
