@@ -156,7 +156,7 @@ def test_both_families_train_register_and_the_better_one_is_promoted(ingested):
     assert best["val"]["val_image_auroc"] >= max(selection["values"].values())
     assert versions["patchcore"][1]["fit"]["bank_size"] >= 1
     ids, images = _test_images(uri, "brick")
-    for version, metrics in versions.values() in versions.items():
+    for version, metrics in versions.values():
         predictor, _ = registry.load_predictor("brick", version)
         scores = predictor.predict_tensor(images.float() / 255.0).anomaly_score.numpy()
         expected = np.array([metrics["test_scores"][i] for i in ids])
