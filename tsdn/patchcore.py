@@ -173,9 +173,13 @@ def greedy_coreset(patches: torch.Tensor, n: int, projection_dim: int = 128, see
     chosen = torch.empty(n, dtype=torch.int64)
     current = int(torch.randint(total, (1,), generator=generator))
     distance = torch.full((total,), math.inf, device=points.device)
+    norms = points.square().sum(dim=1)
+    step = torch.empty_like(distance)
     for i in range(n):
         chosen[i] = current
-        step = (points - points[current]).square_().sum(dim=1)
+        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2: one matrix-vector product, no (N, D) temporary per step
+        torch.mv(points, points[current], out=step)
+        step.mul_(-2.0).add_(norms).add_(norms[current])
         torch.minimum(distance, step, out=distance)
         current = int(distance.argmax())
     return chosen
