@@ -55,6 +55,7 @@ __all__ = [
     "read_json",
     "replace_bytes",
     "replace_json",
+    "require",
     "resolve",
     "retry_budget",
     "retrying",
@@ -473,6 +474,18 @@ def exists(uri: str) -> bool:
     fs, path = resolve(uri)
     info = retrying(uri, lambda: fs.get_file_info(path))
     return info.type != pafs.FileType.NotFound
+
+
+def require(uri: str) -> None:
+    """Raise :class:`StoreError` naming ``uri`` when nothing is there: ``missing_bucket`` for an S3 bucket that
+    does not exist, ``not_found`` for a local folder or an S3 prefix that holds nothing. For a job's ``--store``,
+    checked before any work starts."""
+    fs, path = resolve(uri)
+    if retrying(uri, lambda: fs.get_file_info(path)).type != pafs.FileType.NotFound:
+        return
+    if is_s3(uri):
+        _check_bucket(uri, fs, path)
+    raise StoreError(uri, "not found: nothing is stored there (check the URI)", NOT_FOUND)
 
 
 def list_files(uri: str, recursive: bool = True, suffixes: Iterable[str] | None = None) -> list[str]:
