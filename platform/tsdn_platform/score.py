@@ -455,7 +455,12 @@ def resize_map(anomaly_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 class _Scorer:
-    """Scorer actor: loads every product's pinned Predictor once, then scores decoded batches."""
+    """Scorer actor: loads every product's pinned Predictor once (on its first batch), then scores decoded batches.
+
+    Not in ``__init__``: an actor whose ``__init__`` raises reaches the driver as an ActorDiedError that keeps
+    its cause only as text, so a store outage while loading weights could not be told from a bug. Raised from
+    a batch, the StoreError reaches the driver as itself.
+    """
 
     def __init__(
         self,
@@ -466,15 +471,25 @@ class _Scorer:
         device: str | None,
         store_retry_s: float,
     ) -> None:
-        from tsdn_platform.registry import Registry
-
-        registry = Registry(store_uri)
-        with store.retry_budget(store_retry_s):
-            self._predictors = {p: registry.load_predictor(p, v, device=device)[0] for p, v in versions.items()}
-        for predictor in self._predictors.values():
-            predictor.batch_size = batch_size  # one forward pass per product per Ray Data batch
+        self._store_uri = store_uri
         self._versions = dict(versions)
         self._shapes = {p: tuple(s) for p, s in shapes.items()}
+        self._batch_size = batch_size
+        self._device = device
+        self._store_retry_s = store_retry_s
+        self._loaded: dict[str, Any] | None = None
+
+    def _predictors(self) -> dict[str, Any]:
+        if self._loaded is None:
+            from tsdn_platform.registry import Registry
+
+            registry = Registry(self._store_uri)
+            with store.retry_budget(self._store_retry_s):
+                loaded = {p: registry.load_predictor(p, v, device=self._device)[0] for p, v in self._versions.items()}
+            for predictor in loaded.values():
+                predictor.batch_size = self._batch_size  # one forward pass per product per Ray Data batch
+            self._loaded = loaded
+        return self._loaded
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -488,7 +503,7 @@ class _Scorer:
                 np.frombuffer(bytearray(rows[i]["pixels"]), np.uint8).reshape(rows[i]["height"], rows[i]["width"], 3)
                 for i in indices
             ]
-            detections = self._predictors[product].predict(images)
+            detections = self._predictors()[product].predict(images)
             results.update(zip(indices, detections, strict=True))
         out: dict[str, list[Any]] = {name: [] for name in _SCORED_SCHEMA.names}
         for i, row in enumerate(rows):
