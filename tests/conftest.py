@@ -5,6 +5,8 @@
               it for the whole session. If it cannot start, the tests that use it fail: they are never skipped.
 ``ray_local`` a local Ray cluster on 127.0.0.1 started after ``s3``, so the AWS settings reach every worker.
 ``demo_root`` a small MVTec-style demo dataset (2 products, 64 px, every defect type), built once.
+
+:func:`start_weed` starts another, private SeaweedFS that a test may stop and restart (:class:`Weed`).
 """
 
 from __future__ import annotations
@@ -94,7 +96,10 @@ def _create_bucket(endpoint: str, deadline: float) -> None:
     )
     while True:
         try:
-            client.create_bucket(Bucket=BUCKET)
+            try:
+                client.create_bucket(Bucket=BUCKET)
+            except client.exceptions.BucketAlreadyOwnedByYou:
+                pass  # a restarted server keeps its buckets
             client.head_bucket(Bucket=BUCKET)
             return
         except Exception:
@@ -104,7 +109,43 @@ def _create_bucket(endpoint: str, deadline: float) -> None:
             time.sleep(0.25)
 
 
-def _start_weed(workdir: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
+@dataclass
+class Weed:
+    """A `weed mini` process that can be stopped by its PID and started again on the same ports and data dir."""
+
+    args: list[str]
+    env: dict[str, str]
+    run_dir: Path
+    endpoint: str
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "weed.log"
+
+    def stop(self) -> None:
+        """SIGTERM to its PID (``weed mini`` stops every server it runs), then wait until S3 no longer answers."""
+        _stop(self.proc)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while _s3_answers(self.endpoint) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def start(self) -> None:
+        """Start it again with the same arguments (same ports, same data); return once buckets answer again."""
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.run_dir
+            )
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while self.proc.poll() is None and time.monotonic() < deadline and not _s3_answers(self.endpoint):
+            time.sleep(0.1)
+        if self.proc.poll() is not None:
+            msg = f"weed mini did not restart:\n{self.log_path.read_text(errors='replace')[-2000:]}"
+            raise RuntimeError(msg)
+        _create_bucket(self.endpoint, deadline)  # the bucket exists already; this waits until the filer serves it
+
+
+def start_weed(workdir: Path) -> Weed:
     """Start `weed mini`; retry on fresh ports if another test session grabbed one in between."""
     binary = _weed_binary()
     failures = []
@@ -136,7 +177,7 @@ def _start_weed(workdir: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
         if proc.poll() is None and _s3_answers(endpoint):
             try:
                 _create_bucket(endpoint, deadline)
-                return proc, endpoint, log_path
+                return Weed(args=args, env=env, run_dir=run_dir, endpoint=endpoint, proc=proc)
             except Exception as exc:
                 failures.append(f"attempt {attempt}: bucket creation failed: {exc}")
         else:
@@ -160,8 +201,22 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    proc, endpoint, _ = _start_weed(tmp_path_factory.mktemp("seaweedfs"))
-    env = {
+    weed = start_weed(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):
+                mp.delenv(name, raising=False)
+            env = aws_env(weed.endpoint)
+            for name, value in env.items():
+                mp.setenv(name, value)
+            yield S3Server(endpoint=weed.endpoint, bucket=BUCKET, env=env)
+    finally:
+        _stop(weed.proc)
+
+
+def aws_env(endpoint: str) -> dict[str, str]:
+    """The AWS settings that point the store (and every Ray worker started with them) at ``endpoint``."""
+    return {
         "AWS_ACCESS_KEY_ID": ACCESS_KEY,
         "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
         "AWS_ENDPOINT_URL_S3": endpoint,
@@ -173,15 +228,6 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         # Never ask an instance-metadata service for credentials or a region.
         "AWS_EC2_METADATA_DISABLED": "true",
     }
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):
-                mp.delenv(name, raising=False)
-            for name, value in env.items():
-                mp.setenv(name, value)
-            yield S3Server(endpoint=endpoint, bucket=BUCKET, env=env)
-    finally:
-        _stop(proc)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,12 @@
 """The ``tsdn`` command line. One subcommand per job; each imports its module only when it runs,
-so ``tsdn --help`` stays fast and does not start Ray."""
+so ``tsdn --help`` stays fast and does not start Ray.
+
+Exit status: 0 the job did its work (and committed its output); 1 it ran and failed (``tsdn score``: too many
+error rows) or hit an unexpected error; 2 a mistake the user can fix (a config key or value, a missing input,
+store, bucket, dataset, product or version, credentials the store refuses); 3 the store failed
+(unreachable, throttling, 5xx) for longer than the job's ``store_retry_s``: nothing new was committed, and
+running it again later is the remedy. Every failure is one line on stderr; ``--debug`` adds the traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 from tsdn_platform import __version__
@@ -50,12 +58,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tsdn-platform {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of a failure")
+    # Also accepted after the subcommand; SUPPRESS keeps a subcommand's absent flag from hiding the top-level one.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text, add_arguments) in _COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         add_arguments(p)
         p.set_defaults(_module=module)
     return parser
+
+
+def _original(exc: BaseException) -> BaseException:
+    """The exception a Ray task raised, rather than the RayTaskError whose text is a remote traceback."""
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    if ray_exceptions is not None and isinstance(exc, ray_exceptions.RayTaskError) and exc.cause is not None:
+        return _original(exc.cause)
+    return exc
+
+
+def exit_status(exc: BaseException) -> int:
+    """The exit status of a failed command (see the module docstring)."""
+    # Imported here, on the failure path only: they pull in pyarrow, which `tsdn --help` does not need.
+    from tsdn_platform import store
+    from tsdn_platform.registry import RegistryError
+
+    exc = _original(exc)
+    if isinstance(exc, store.StoreError):
+        return 3 if exc.transient or exc.kind == store.ERROR else 2
+    if isinstance(exc, (ValueError, LookupError, RegistryError)):  # ConfigError, IngestError are ValueErrors
+        return 2
+    return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,8 +98,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    module = importlib.import_module(args._module)
-    return int(module.main(args) or 0)
+    try:
+        module = importlib.import_module(args._module)
+        return int(module.main(args) or 0)
+    except Exception as exc:
+        status = exit_status(exc)
+        if args.debug:
+            traceback.print_exc()
+        cause = _original(exc)
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        if status == 1 and not isinstance(cause, RuntimeError):
+            detail = f"{type(cause).__name__}: {detail}"
+        hint = "" if args.debug else " (--debug shows the traceback)"
+        print(f"tsdn {args.command}: {detail}{hint if status == 1 else ''}", file=sys.stderr)
+        return status
 
 
 # --- subcommands -------------------------------------------------------------------------------

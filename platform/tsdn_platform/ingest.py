@@ -87,6 +87,10 @@ _META_COLUMNS = [
 ]
 
 
+# The config's ``store`` field shadows the module inside the class body.
+_STORE_RETRY_S = store.DEFAULT_RETRY_S
+
+
 class IngestError(ValueError):
     """The source or the settings cannot produce a dataset; the message names the input. Picklable."""
 
@@ -105,7 +109,9 @@ class IngestConfig:
 
     ``image_size``, ``n_segments`` and ``slic_compactness`` must match the training config (``TSDNConfig``:
     ``image_size``, ``n_segments``, ``slic_compactness``); the training job checks the manifest against it.
-    ``rows_per_file`` defaults to about 128 MiB of images per file (16..4096 rows).
+    ``rows_per_file`` defaults to about 128 MiB of images per file (16..4096 rows). ``store_retry_s``: how long
+    a store that is unreachable, throttling or failing with 5xx is waited for (on the driver and in every task)
+    before the job fails; it then commits nothing, and what an earlier run committed stays as it was.
     """
 
     source: str = ""
@@ -118,6 +124,7 @@ class IngestConfig:
     mask_threshold: int = 128
     rows_per_file: int | None = None
     max_pixels: int = 64_000_000
+    store_retry_s: float = _STORE_RETRY_S
     address: str | None = None
     ray_remote_args: dict[str, Any] = field(default_factory=dict)
 
@@ -145,6 +152,9 @@ class IngestConfig:
         if self.rows_per_file is not None and self.rows_per_file < 1:
             msg = f"rows_per_file={self.rows_per_file}: must be >= 1"
             raise ConfigError(msg)
+        if self.store_retry_s < 0:
+            msg = f"store_retry_s={self.store_retry_s}: must be >= 0"
+            raise ConfigError(msg)
 
     def item_settings(self) -> dict[str, Any]:
         """What the per-image work (decode, masks, SLIC) needs, as plain values for Ray tasks."""
@@ -154,6 +164,7 @@ class IngestConfig:
             "compactness": self.slic_compactness,
             "mask_threshold": self.mask_threshold,
             "max_pixels": self.max_pixels,
+            "store_retry_s": self.store_retry_s,
         }
 
     def slic_settings(self) -> dict[str, Any]:
@@ -315,8 +326,23 @@ def _encode_png(gray: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _read_input(uri: str) -> bytes:
+    """The bytes of one listed input. Raises ValueError when it vanished since the listing (a fact about this
+    file), and :class:`store.StoreError` when the store failed (a fact about the job, which must then fail)."""
+    try:
+        return store.read_bytes(uri)
+    except store.StoreError as exc:
+        if exc.kind != store.NOT_FOUND:
+            raise
+        msg = f"{uri}: no longer exists (listed, then gone before it was read)"
+        raise ValueError(msg) from exc
+
+
 def _process_item(item: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-    """One source file -> one shard row (with ``error`` set, and nothing else, when it cannot be used)."""
+    """One source file -> one shard row (with ``error`` set, and nothing else, when it cannot be used).
+
+    Only input errors become ``error``; a failing store raises :class:`store.StoreError` and fails the job.
+    """
     from tsdn.image import decode_image, to_rgb
     from tsdn.surf import encode_labels, slic_labels
 
@@ -340,16 +366,16 @@ def _process_item(item: dict[str, Any], settings: dict[str, Any]) -> dict[str, A
     )
     start = time.perf_counter()
     try:
-        data = store.read_bytes(uri)
+        data = _read_input(uri)
         rgb, mode = to_rgb(decode_image(data, uri, settings["max_pixels"]))
         notes = [] if mode == "RGB" else [f"converted {mode} to RGB"]
         if item["mask_uri"]:
             try:
-                mask_data = store.read_bytes(item["mask_uri"])
+                mask_data = _read_input(item["mask_uri"])
                 mask, mask_notes = _decode_mask(
                     mask_data, item["mask_uri"], rgb.shape[:2], settings["mask_threshold"], settings["max_pixels"]
                 )
-            except (ValueError, store.StoreError) as exc:
+            except ValueError as exc:
                 row["error"] = f"unusable mask: {exc}"
                 return row
             row["mask"] = _encode_png(mask)
@@ -357,7 +383,7 @@ def _process_item(item: dict[str, Any], settings: dict[str, Any]) -> dict[str, A
             notes.extend(mask_notes)
         elif item["label"]:
             notes.append("no mask found")
-    except (ValueError, store.StoreError) as exc:
+    except ValueError as exc:
         row["error"] = str(exc)
         return row
     row.update(
@@ -452,15 +478,16 @@ def _process_chunk(batch: dict[str, np.ndarray], settings: dict[str, Any], stagi
     image_id (zstd) to ``<staging>/<chunk>``, and returns every item's metadata (``_META_COLUMNS``, no pixels).
     """
     chunk = str(batch["chunk"][0])
-    rows = [_process_item(item, settings) for item in json.loads(str(batch["items"][0]))]
-    valid = sorted((row for row in rows if row["error"] is None), key=lambda row: row["image_id"])
-    if valid:
-        shard = pa.Table.from_pylist(valid, schema=_shard_schema())
-        uri = store.join(staging, chunk)
-        fs, path = store.resolve(uri)
-        if isinstance(fs, pafs.LocalFileSystem):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        store.retrying(uri, lambda: pq.write_table(shard, path, filesystem=fs, compression="zstd"))
+    with store.retry_budget(settings["store_retry_s"]):
+        rows = [_process_item(item, settings) for item in json.loads(str(batch["items"][0]))]
+        valid = sorted((row for row in rows if row["error"] is None), key=lambda row: row["image_id"])
+        if valid:
+            shard = pa.Table.from_pylist(valid, schema=_shard_schema())
+            uri = store.join(staging, chunk)
+            fs, path = store.resolve(uri)
+            if isinstance(fs, pafs.LocalFileSystem):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            store.retrying(uri, lambda: pq.write_table(shard, path, filesystem=fs, compression="zstd"))
     return pa.Table.from_pylist([{key: row[key] for key in _META_COLUMNS} for row in rows], schema=_meta_schema())
 
 
@@ -552,13 +579,31 @@ def _finish_product(
     return manifest
 
 
+def _discard_staging(staging: str) -> None:
+    """Best-effort cleanup after a failure: it must not wait out another retry budget, nor hide the failure."""
+    try:
+        with store.retry_budget(0):
+            store.delete(staging, recursive=True)
+    except store.StoreError as exc:
+        logger.warning("left %s behind (%s); readers never look there", staging, exc.reason)
+
+
 def run_ingest(cfg: IngestConfig) -> dict[str, Any]:
     """Ingest every product of ``cfg.source``; return the dataset index (also written to the store).
 
     One Ray Data pipeline for all products: ``from_items`` (one row per planned shard file) -> ``map_batches``
     (read, decode, validate, pair masks, SLIC, write one staged Parquet file). Only metadata comes back to the
     driver, which then swaps each product's shards in and writes its manifest.
+
+    A store failure that outlasts ``cfg.store_retry_s`` raises :class:`store.StoreError` before any product is
+    committed when it happens while listing or processing; during the commit itself, the product being swapped
+    is left without a manifest ("not ingested", never a mix) until the next run.
     """
+    with store.retry_budget(cfg.store_retry_s):
+        return _run_ingest(cfg)
+
+
+def _run_ingest(cfg: IngestConfig) -> dict[str, Any]:
     from tsdn_platform.ray_session import init_ray
 
     products = discover(cfg.source, cfg.products)
@@ -575,6 +620,9 @@ def run_ingest(cfg: IngestConfig) -> dict[str, Any]:
     ds = ray.data.from_items(planned, override_num_blocks=len(planned)).map_batches(
         _process_chunk, fn_kwargs={"settings": settings, "staging": staging}, batch_size=1, **cfg.ray_remote_args
     )
+    # A task's StoreError then reaches the driver as itself (a RayTaskError that is a StoreError, kind intact)
+    # instead of a UserCodeException that keeps only its text.
+    ds.context.raise_original_map_exception = True
     try:
         meta = ds.take_all()
         by_product: dict[str, list[dict[str, Any]]] = {product: [] for product in products}
@@ -585,8 +633,10 @@ def run_ingest(cfg: IngestConfig) -> dict[str, Any]:
                 reasons = "; ".join(sorted({row["error"] for row in rows if row["error"]})[:3])
                 raise IngestError(store.join(cfg.source, product), f"every train image was rejected ({reasons})")
         manifests = {p: _finish_product(cfg, p, by_product[p], planned_skips[p], staging) for p in products}
-    finally:
-        store.delete(staging, recursive=True)
+    except BaseException:
+        _discard_staging(staging)
+        raise
+    store.delete(staging, recursive=True)
 
     index_uri = store.join(dataset_uri, "manifest.json")
     entries = store.read_json(index_uri)["products"] if store.exists(index_uri) else {}

@@ -572,30 +572,30 @@ def _summary(metrics: Mapping[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    """``tsdn models list|show|promote``; errors propagate to the CLI, which prints one line (exit 2 or 3)."""
+    store.require(args.store)  # a mistyped store is an error, not an empty registry
     registry = Registry(args.store)
-    try:
-        if args.action == "list":
-            products = [args.product] if args.product else registry.list_products()
-            for product in products:
-                pointer = registry.best(product)
-                best_version = pointer["version"] if pointer else None
-                versions = registry.list_versions(product)
-                if not versions:
-                    raise UnknownProductError(registry.store_uri, product)
-                for version in versions:
-                    mark = "*" if version == best_version else " "
-                    print(f"{mark} {product:<24} {version:<28} {_summary(registry.metrics(product, version))}")
-            return 0
-        if args.action == "show":
-            version = registry.resolve_version(args.product, args.version)
-            out = {"best": registry.best(args.product), "metrics": registry.metrics(args.product, version)}
-            print(json.dumps(out, indent=2, sort_keys=True))
-            return 0
-        pointer = registry.promote(
-            args.product, args.version, reason=args.reason, expected_generation=args.expected_generation
-        )
-        print(json.dumps(pointer, indent=2, sort_keys=True))
+    if args.action == "list":
+        products = [args.product] if args.product else registry.list_products()
+        if not products:
+            print(f"no models registered under {registry.root}", file=sys.stderr)
+        for product in products:
+            pointer = registry.best(product)
+            best_version = pointer["version"] if pointer else None
+            versions = registry.list_versions(product)
+            if not versions:
+                raise UnknownProductError(registry.store_uri, product)
+            for version in versions:
+                mark = "*" if version == best_version else " "
+                print(f"{mark} {product:<24} {version:<28} {_summary(registry.metrics(product, version))}")
         return 0
-    except (RegistryError, ValueError, store.StoreError) as exc:
-        print(f"tsdn models {args.action}: {exc}", file=sys.stderr)
-        return 1
+    if args.action == "show":
+        version = registry.resolve_version(args.product, args.version)
+        out = {"best": registry.best(args.product), "metrics": registry.metrics(args.product, version)}
+        print(json.dumps(out, indent=2, sort_keys=True))
+        return 0
+    pointer = registry.promote(
+        args.product, args.version, reason=args.reason, expected_generation=args.expected_generation
+    )
+    print(json.dumps(pointer, indent=2, sort_keys=True))
+    return 0

@@ -99,7 +99,16 @@ from tsdn_platform.config import load_config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MANIFEST", "ScoreConfig", "ScoreDatasink", "main", "output_schema", "resize_map", "run_scoring"]
+__all__ = [
+    "MANIFEST",
+    "ScoreConfig",
+    "ScoreDatasink",
+    "ScoreFailed",
+    "main",
+    "output_schema",
+    "resize_map",
+    "run_scoring",
+]
 
 MANIFEST = "_manifest.json"
 STAGING = "_staging"
@@ -109,6 +118,20 @@ _SHARD_COLUMNS = ["image_id", "product", "image"]
 _MAX_ERROR_SAMPLES = 20
 # Folder of rows whose path matched no product pattern (product null), named as Hive does null partitions.
 UNROUTED = "__HIVE_DEFAULT_PARTITION__"
+# The config's ``store`` field shadows the module inside the class body.
+_STORE_RETRY_S = store.DEFAULT_RETRY_S
+
+
+class ScoreFailed(RuntimeError):
+    """The job ran, but what it produced is not worth committing (too many error rows); nothing was committed."""
+
+    def __init__(self, output: str, reason: str) -> None:
+        super().__init__(f"{output}: {reason}")
+        self.output = output
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[ScoreFailed], tuple[str, str]]:
+        return (type(self), (self.output, self.reason))
 
 
 @dataclass
@@ -122,6 +145,12 @@ class ScoreConfig:
     ``output_map_size``: side of the stored score maps (null: the model's input size). ``job_id`` defaults to
     a hash of the inputs, model versions and result-shaping settings. ``address``: Ray cluster (default
     ``$RAY_ADDRESS``, else a local one on 127.0.0.1).
+
+    ``max_error_fraction``: the job fails, committing nothing, when more than this fraction of rows are errors
+    (inputs that cannot be decoded, products without a model); it always fails when no row could be scored.
+    The default 1.0 fails only then; 0 fails on any error row. ``store_retry_s``: how long an unreachable,
+    throttling or failing (5xx) store is waited for, on the driver and in every task, before the job fails;
+    a failed job commits nothing and leaves the previous output as it was.
     """
 
     store: str = ""
@@ -142,6 +171,8 @@ class ScoreConfig:
     report_dir: str | None = None
     report_top_n: int = 16
     job_id: str | None = None
+    max_error_fraction: float = 1.0
+    store_retry_s: float = _STORE_RETRY_S
     address: str | None = None
 
     def __post_init__(self) -> None:
@@ -172,6 +203,12 @@ class ScoreConfig:
             raise ValueError(msg)
         if self.job_id is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", self.job_id):
             msg = f"job_id={self.job_id!r}: use letters, digits, '.', '_' and '-' only"
+            raise ValueError(msg)
+        if not 0.0 <= self.max_error_fraction <= 1.0:
+            msg = f"max_error_fraction={self.max_error_fraction}: expected a fraction in [0, 1]"
+            raise ValueError(msg)
+        if self.store_retry_s < 0:
+            msg = f"store_retry_s={self.store_retry_s}: must be >= 0"
             raise ValueError(msg)
 
 
@@ -357,11 +394,30 @@ _SCORED_SCHEMA = pa.schema(
 )
 
 
-def _decode_batch(batch: pa.Table, unavailable: Mapping[str, str], max_pixels: int) -> pa.Table:
-    """Read (raw inputs) and decode one batch into RGB pixels; failures become rows with ``error`` set.
+def _read_input(row: dict[str, Any]) -> bytes:
+    """An input's encoded bytes. ValueError when the object vanished since the listing (this input's error);
+    any other :class:`store.StoreError` is the store failing, and propagates to fail the job."""
+    if "image" in row:
+        return row["image"]
+    try:
+        return store.read_bytes(row["source_uri"])
+    except store.StoreError as exc:
+        if exc.kind != store.NOT_FOUND:
+            raise
+        msg = f"{row['source_uri']}: no longer exists (listed, then gone before it was read)"
+        raise ValueError(msg) from exc
+
+
+def _decode_batch(batch: pa.Table, unavailable: Mapping[str, str], max_pixels: int, store_retry_s: float) -> pa.Table:
+    """Read (raw inputs) and decode one batch into RGB pixels; input errors become rows with ``error`` set.
 
     Output ``pixels``: ``(height, width, 3)`` uint8, row-major bytes.
     """
+    with store.retry_budget(store_retry_s):
+        return _decode_rows(batch, unavailable, max_pixels)
+
+
+def _decode_rows(batch: pa.Table, unavailable: Mapping[str, str], max_pixels: int) -> pa.Table:
     rows = batch.to_pylist()
     out: dict[str, list[Any]] = {name: [] for name in _DECODED_SCHEMA.names}
     for row in rows:
@@ -374,11 +430,10 @@ def _decode_batch(batch: pa.Table, unavailable: Mapping[str, str], max_pixels: i
             error = f"{uri}: {unavailable[product]}"
         else:
             try:
-                data = row["image"] if "image" in row else store.read_bytes(uri)
-                rgb, _ = to_rgb(decode_image(data, uri, max_pixels))
+                rgb, _ = to_rgb(decode_image(_read_input(row), uri, max_pixels))
                 height, width = rgb.shape[:2]
                 pixels = np.ascontiguousarray(rgb).tobytes()
-            except (ValueError, store.StoreError, OSError) as exc:  # ImageDecodeError is a ValueError
+            except (ValueError, OSError) as exc:  # ImageDecodeError is a ValueError; store failures are not caught
                 error = str(exc)
         for name, value in zip(
             _DECODED_SCHEMA.names, (row["image_id"], uri, product, pixels, height, width, error), strict=True
@@ -400,7 +455,12 @@ def resize_map(anomaly_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 class _Scorer:
-    """Scorer actor: loads every product's pinned Predictor once, then scores decoded batches."""
+    """Scorer actor: loads every product's pinned Predictor once (on its first batch), then scores decoded batches.
+
+    Not in ``__init__``: an actor whose ``__init__`` raises reaches the driver as an ActorDiedError that keeps
+    its cause only as text, so a store outage while loading weights could not be told from a bug. Raised from
+    a batch, the StoreError reaches the driver as itself.
+    """
 
     def __init__(
         self,
@@ -409,15 +469,27 @@ class _Scorer:
         shapes: Mapping[str, tuple[int, int]],
         batch_size: int,
         device: str | None,
+        store_retry_s: float,
     ) -> None:
-        from tsdn_platform.registry import Registry
-
-        registry = Registry(store_uri)
-        self._predictors = {p: registry.load_predictor(p, v, device=device)[0] for p, v in versions.items()}
-        for predictor in self._predictors.values():
-            predictor.batch_size = batch_size  # one forward pass per product per Ray Data batch
+        self._store_uri = store_uri
         self._versions = dict(versions)
         self._shapes = {p: tuple(s) for p, s in shapes.items()}
+        self._batch_size = batch_size
+        self._device = device
+        self._store_retry_s = store_retry_s
+        self._loaded: dict[str, Any] | None = None
+
+    def _predictors(self) -> dict[str, Any]:
+        if self._loaded is None:
+            from tsdn_platform.registry import Registry
+
+            registry = Registry(self._store_uri)
+            with store.retry_budget(self._store_retry_s):
+                loaded = {p: registry.load_predictor(p, v, device=self._device)[0] for p, v in self._versions.items()}
+            for predictor in loaded.values():
+                predictor.batch_size = self._batch_size  # one forward pass per product per Ray Data batch
+            self._loaded = loaded
+        return self._loaded
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -431,7 +503,7 @@ class _Scorer:
                 np.frombuffer(bytearray(rows[i]["pixels"]), np.uint8).reshape(rows[i]["height"], rows[i]["width"], 3)
                 for i in indices
             ]
-            detections = self._predictors[product].predict(images)
+            detections = self._predictors()[product].predict(images)
             results.update(zip(indices, detections, strict=True))
         out: dict[str, list[Any]] = {name: [] for name in _SCORED_SCHEMA.names}
         for i, row in enumerate(rows):
@@ -486,11 +558,19 @@ class ScoreDatasink(Datasink):
     ``errors`` and a few ``error_samples``.
     """
 
-    def __init__(self, staging: str, part_prefix: str, shapes: Mapping[str, tuple[int, int]], min_rows: int) -> None:
+    def __init__(
+        self,
+        staging: str,
+        part_prefix: str,
+        shapes: Mapping[str, tuple[int, int]],
+        min_rows: int,
+        store_retry_s: float = _STORE_RETRY_S,
+    ) -> None:
         self._staging = staging
         self._part_prefix = part_prefix
         self._shapes = {p: tuple(s) for p, s in shapes.items()}
         self._min_rows = min_rows
+        self._store_retry_s = store_retry_s
         self.results: list[dict[str, Any]] = []
 
     @property
@@ -515,7 +595,8 @@ class ScoreDatasink(Datasink):
             uri = store.join(self._staging, f"product={product}", name)
             buffer = pa.BufferOutputStream()
             pq.write_table(part, buffer, compression="zstd")
-            store.write_bytes(uri, buffer.getvalue().to_pybytes())
+            with store.retry_budget(self._store_retry_s):
+                store.write_bytes(uri, buffer.getvalue().to_pybytes())
             errors = part.filter(pc.is_valid(part["error"]))["error"].to_pylist()
             written.append(
                 {
@@ -570,7 +651,11 @@ def _build_dataset(cfg: ScoreConfig, inputs: _Inputs, models: _Models) -> ray.da
     low, high = cfg.num_actors
     return ds.map_batches(
         _decode_batch,
-        fn_kwargs={"unavailable": models.unavailable, "max_pixels": cfg.max_image_pixels},
+        fn_kwargs={
+            "unavailable": models.unavailable,
+            "max_pixels": cfg.max_image_pixels,
+            "store_retry_s": cfg.store_retry_s,
+        },
         batch_format="pyarrow",
         batch_size=cfg.batch_size,
         # CPU-only pools: the same CPU request as the actors makes Ray fuse decoding into them. Unfused, decode
@@ -584,6 +669,7 @@ def _build_dataset(cfg: ScoreConfig, inputs: _Inputs, models: _Models) -> ray.da
             "shapes": models.shapes,
             "batch_size": cfg.batch_size,
             "device": "cuda" if cfg.num_gpus_per_actor > 0 else None,
+            "store_retry_s": cfg.store_retry_s,
         },
         batch_format="pyarrow",
         batch_size=cfg.batch_size,
@@ -661,34 +747,78 @@ def _move_into_place(output: str, staging: str, results: list[dict[str, Any]]) -
     return moved
 
 
+def _check_errors(cfg: ScoreConfig, results: list[dict[str, Any]]) -> None:
+    """Raise :class:`ScoreFailed` when the error rows exceed ``cfg.max_error_fraction`` (or are all the rows)."""
+    rows = sum(r["rows"] for r in results)
+    errors = sum(r["errors"] for r in results)
+    if errors < rows and errors <= cfg.max_error_fraction * rows:
+        return
+    samples = [e for r in results for e in r["error_samples"]]
+    allowed = "no row could be scored" if errors == rows else f"more than max_error_fraction={cfg.max_error_fraction}"
+    reason = f"{errors} of {rows} rows are errors ({allowed}); nothing committed; first error: {samples[0]}"
+    raise ScoreFailed(cfg.output, reason)
+
+
+def _discard(uri: str) -> None:
+    """Best-effort cleanup of what a failed attempt staged: it must not wait out another retry budget nor hide
+    the failure (the next attempt of the same job deletes the rest)."""
+    try:
+        with store.retry_budget(0):
+            store.delete(uri, recursive=True)
+    except store.StoreError as exc:
+        logger.warning("left %s behind (%s)", uri, exc.reason)
+
+
 def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     """Score every input of ``cfg`` and commit ``<output>/product=<p>/part-*.parquet`` + ``_manifest.json``.
 
-    Returns the manifest (with ``report`` added when ``cfg.report_dir`` is set).
+    Returns the manifest (with ``report`` added when ``cfg.report_dir`` is set). Raises :class:`ScoreFailed`
+    (too many error rows), :class:`store.StoreError` (the store failed for longer than ``cfg.store_retry_s``)
+    or ValueError (no inputs, a bad setting) without committing anything: the previous output stays as it was.
     """
+    with store.retry_budget(cfg.store_retry_s):
+        return _run_scoring(cfg)
+
+
+def _run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     from tsdn_platform.ray_session import init_ray
 
-    init_ray(cfg.address)
     started = time.perf_counter()
+    # Before Ray starts: a wrong store or input fails in a second, not after 15.
+    store.require(cfg.store)
     inputs = _list_inputs(cfg)
     models = _resolve_models(cfg, {i["product"] for i in inputs.items if i["product"] is not None})
+    if not models.versions:
+        wanted = ", ".join(sorted(models.unavailable)) or "none (no input path matched the product pattern)"
+        msg = f"{cfg.store}: no registered model for any input product (products: {wanted})"
+        raise ValueError(msg)
     job_id = cfg.job_id or _job_id(cfg, inputs, models)
     staging = store.join(cfg.output, STAGING, job_id)
     store.delete(staging, recursive=True)  # what a crashed attempt of this same job left
+    init_ray(cfg.address)
     listed = time.perf_counter()
     logger.info("scoring %d %s inputs, job %s, models %s", len(inputs.items), inputs.kind, job_id, models.versions)
 
     attempt = uuid.uuid4().hex[:8]  # part names unique to this attempt: they never overwrite committed parts
-    sink = ScoreDatasink(staging, f"{job_id}-{attempt}", models.shapes, cfg.min_rows_per_file)
-    # Writes reserve no CPU: they are short (encode + upload), and a scorer pool that holds every CPU would
-    # otherwise hold them back until the last batch, buffering all output in the object store.
-    _build_dataset(cfg, inputs, models).write_datasink(sink, ray_remote_args={"num_cpus": 0})
+    sink = ScoreDatasink(staging, f"{job_id}-{attempt}", models.shapes, cfg.min_rows_per_file, cfg.store_retry_s)
+    ds = _build_dataset(cfg, inputs, models)
+    # A task's StoreError then reaches the driver as itself (a RayTaskError that is a StoreError, kind intact)
+    # instead of a UserCodeException that keeps only its text.
+    ds.context.raise_original_map_exception = True
+    try:
+        # Writes reserve no CPU: they are short (encode + upload), and a scorer pool that holds every CPU would
+        # otherwise hold them back until the last batch, buffering all output in the object store.
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
+        results = sorted(sink.results, key=lambda r: r["file"])
+        rows = sum(r["rows"] for r in results)
+        if rows != len(inputs.items):
+            msg = f"{cfg.input}: {len(inputs.items)} inputs but {rows} rows written to {staging}; not committing"
+            raise RuntimeError(msg)
+        _check_errors(cfg, results)
+    except BaseException:
+        _discard(staging)
+        raise
     scored = time.perf_counter()
-    results = sorted(sink.results, key=lambda r: r["file"])
-    rows = sum(r["rows"] for r in results)
-    if rows != len(inputs.items):
-        msg = f"{cfg.input}: {len(inputs.items)} inputs but {rows} rows written to {staging}; not committing"
-        raise RuntimeError(msg)
     metrics = _ground_truth_metrics(cfg, inputs, results, models) if inputs.has_ground_truth else None
     measured = time.perf_counter()
 
@@ -728,11 +858,16 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     if metrics is not None:
         manifest["metrics"] = metrics
     store.replace_json(store.join(cfg.output, MANIFEST), manifest)  # atomic: this commits the job
-    _remove_uncommitted(cfg.output, files)  # the previous output's parts, and any a crashed attempt left
-    store.delete(staging, recursive=True)
-    staging_root = store.join(cfg.output, STAGING)
-    if not store.list_files(staging_root):  # a local folder outlives its last file; S3 prefixes do not
-        store.delete(staging_root, recursive=True)
+    try:
+        _remove_uncommitted(cfg.output, files)  # the previous output's parts, and any a crashed attempt left
+        store.delete(staging, recursive=True)
+        staging_root = store.join(cfg.output, STAGING)
+        if not store.list_files(staging_root):  # a local folder outlives its last file; S3 prefixes do not
+            store.delete(staging_root, recursive=True)
+    except store.StoreError as exc:
+        # The job is committed and its manifest lists exactly its files; what is left is unlisted garbage
+        # that the next run of a job on this output deletes.
+        logger.warning("committed, but could not remove superseded files (%s)", exc)
     logger.info("committed %d rows (%d errors) to %s", rows, manifest["errors"], cfg.output)
     if cfg.report_dir:
         from tsdn_platform.report import write_report

@@ -72,7 +72,7 @@ from tsdn._config_io import ConfigError, from_dict
 from tsdn.image import ImageDecodeError, decode_image
 from tsdn_platform.config import load_config
 from tsdn_platform.registry import Registry, RegistryError, validate_name
-from tsdn_platform.store import StoreError
+from tsdn_platform.store import StoreError, require
 
 __all__ = [
     "ApiError",
@@ -718,5 +718,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    run_server(config_from_args(args))
+    cfg = config_from_args(args)
+    require(cfg.store)  # before Ray starts: a mistyped store is an error, not an empty product list
+    run_server(cfg)
     return 0

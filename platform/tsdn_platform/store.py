@@ -6,10 +6,12 @@ AWS settings and nothing else: the endpoint from ``AWS_ENDPOINT_URL_S3`` (else `
 (else the bucket's own region on AWS, ``us-east-1`` on a custom endpoint), credentials from the usual
 chain (environment, ``AWS_PROFILE`` and config files, instance metadata). No module passes endpoint flags.
 
-Every failure surfaces as :class:`StoreError`, naming the URI and saying what kind of failure it was.
-Transient S3 failures (throttling, 5xx, dropped connections) are retried with exponential backoff by the
-AWS SDK inside the filesystem (:data:`S3_MAX_ATTEMPTS`); throttling that outlasts those attempts is retried
-again here, with a longer backoff, before it is reported.
+Every failure surfaces as :class:`StoreError`, naming the URI and saying what kind of failure it was, told by
+the exception's type and error code (pyarrow's AWS error type, botocore's error code, the HTTP status, errno),
+never by its wording. Transient failures (unreachable, throttled, 5xx) are retried with exponential backoff by
+the AWS SDK inside each request (:data:`S3_MAX_ATTEMPTS`), then again here for as long as the current retry
+budget allows (:func:`retry_budget`, default :data:`DEFAULT_RETRY_S`); then they are reported. Jobs treat a
+``not_found`` object as a fact about that input, and every other kind as the store failing: the job fails.
 
 The filesystem objects pickle, so the ``(fs, path)`` pair from :func:`resolve` can be handed to Ray Data
 (``filesystem=fs``) and Ray Train (``storage_filesystem=fs``) and works on every worker that has the same
@@ -18,20 +20,27 @@ AWS settings (``tsdn_platform.ray_session`` forwards them).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import errno
 import json
 import os
 import random
+import re
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import pyarrow.fs as pafs
 
 __all__ = [
+    "DEFAULT_RETRY_S",
     "S3_MAX_ATTEMPTS",
+    "TRANSIENT",
     "StoreError",
     "as_store_error",
     "boto3_client",
@@ -46,7 +55,9 @@ __all__ = [
     "read_json",
     "replace_bytes",
     "replace_json",
+    "require",
     "resolve",
+    "retry_budget",
     "retrying",
     "s3_bucket_key",
     "s3_endpoint",
@@ -61,58 +72,49 @@ S3_MAX_ATTEMPTS = 5
 
 # Error kinds. ``kind`` is part of the public API: callers branch on it.
 NOT_FOUND = "not_found"
+MISSING_BUCKET = "missing_bucket"
 ACCESS_DENIED = "access_denied"
 UNREACHABLE = "unreachable"
 THROTTLED = "throttled"
+UNAVAILABLE = "unavailable"
 INVALID = "invalid"
 ERROR = "error"
 
-# Substrings of AWS SDK (pyarrow) and botocore error messages -> kind. Checked in this order.
-_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    (NOT_FOUND, ("NO_SUCH_BUCKET", "NoSuchBucket", "NO_SUCH_KEY", "NoSuchKey", "does not exist", "Not Found")),
-    (
+TRANSIENT = frozenset({UNREACHABLE, THROTTLED, UNAVAILABLE})
+"""Kinds that a later attempt can cure: :func:`retrying` waits them out, up to the retry budget."""
+
+DEFAULT_RETRY_S = 60.0
+"""Seconds :func:`retrying` keeps retrying a transient failure, unless :func:`retry_budget` says otherwise."""
+
+# S3 error codes -> kind. botocore reports the service's code (``NoSuchKey``); pyarrow reports the AWS C++ SDK's
+# error type (``AWS Error NO_SUCH_KEY during ...``, or ``UNKNOWN (HTTP status 503)`` for codes it has no name for).
+_CODES: dict[str, str] = {
+    **dict.fromkeys(("NoSuchKey", "NO_SUCH_KEY", "NotFound", "RESOURCE_NOT_FOUND", "NoSuchUpload"), NOT_FOUND),
+    **dict.fromkeys(("NoSuchBucket", "NO_SUCH_BUCKET"), MISSING_BUCKET),
+    **dict.fromkeys(
+        (
+            *("AccessDenied", "ACCESS_DENIED", "AllAccessDisabled", "AccountProblem"),
+            *("InvalidAccessKeyId", "INVALID_ACCESS_KEY_ID", "InvalidClientTokenId", "INVALID_CLIENT_TOKEN_ID"),
+            *("SignatureDoesNotMatch", "SIGNATURE_DOES_NOT_MATCH", "INVALID_SIGNATURE", "INCOMPLETE_SIGNATURE"),
+            *("InvalidToken", "ExpiredToken", "TokenRefreshRequired", "REQUEST_EXPIRED"),
+            *("MISSING_AUTHENTICATION_TOKEN", "UNRECOGNIZED_CLIENT", "RequestTimeTooSkewed", "REQUEST_TIME_TOO_SKEWED"),
+        ),
         ACCESS_DENIED,
-        (
-            "ACCESS_DENIED",
-            "AccessDenied",
-            "InvalidAccessKeyId",
-            "SignatureDoesNotMatch",
-            "INVALID_ACCESS_KEY_ID",
-            "SIGNATURE_DOES_NOT_MATCH",
-            "HTTP response code: 403",
-            "Forbidden",
-            "Unable to locate credentials",
-        ),
     ),
-    (
+    **dict.fromkeys(
+        (
+            *("SlowDown", "SLOW_DOWN", "Throttling", "THROTTLING", "ThrottlingException", "TooManyRequests"),
+            *("RequestLimitExceeded", "ServiceUnavailable", "SERVICE_UNAVAILABLE"),
+        ),
         THROTTLED,
-        (
-            "SLOW_DOWN",
-            "SlowDown",
-            "THROTTLING",
-            "Throttling",
-            "TooManyRequests",
-            "SERVICE_UNAVAILABLE",
-            "ServiceUnavailable",
-            "REQUEST_LIMIT_EXCEEDED",
-            "HTTP response code: 503",
-        ),
     ),
-    (
-        UNREACHABLE,
-        (
-            "NETWORK_CONNECTION",
-            "curlCode",
-            "Could not connect",
-            "Couldn't connect",
-            "Could not resolve host",
-            "Connection refused",
-            "EndpointConnectionError",
-            "Could not connect to the endpoint",
-            "ConnectTimeout",
-            "Connection was closed",
-        ),
-    ),
+    **dict.fromkeys(("NETWORK_CONNECTION", "RequestTimeout", "REQUEST_TIMEOUT"), UNREACHABLE),
+    **dict.fromkeys(("InternalError", "INTERNAL_FAILURE"), UNAVAILABLE),
+}
+# The codes Arrow's S3 filesystem puts into its OSError messages (its only structured error data).
+_ARROW_CODE = re.compile(r"AWS Error ([A-Z_]+)(?: \(HTTP status (\d+)\))?")
+_UNREACHABLE_ERRNOS = frozenset(
+    {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT}
 )
 
 _ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -130,7 +132,8 @@ _SETTINGS_VARS = (
 
 class StoreError(Exception):
     """A store operation failed. ``uri`` is what was being accessed, ``kind`` one of ``not_found``,
-    ``access_denied``, ``unreachable``, ``throttled``, ``invalid`` (a malformed URI) or ``error``.
+    ``missing_bucket``, ``access_denied``, ``unreachable``, ``throttled``, ``unavailable`` (5xx), ``invalid`` (a
+    malformed URI) or ``error`` (unclassified). ``transient`` is true for the kinds a later attempt can cure.
 
     Pickles (it is raised inside Ray workers and re-raised on the driver).
     """
@@ -144,26 +147,74 @@ class StoreError(Exception):
     def __reduce__(self) -> tuple[type[StoreError], tuple[str, str, str]]:
         return (type(self), (self.uri, self.reason, self.kind))
 
+    @property
+    def transient(self) -> bool:
+        return self.kind in TRANSIENT
+
+
+def _kind_of_status(status: int) -> str:
+    if status == 404:
+        return NOT_FOUND
+    if status in (401, 403):
+        return ACCESS_DENIED
+    if status in (429, 503):
+        return THROTTLED
+    if status == 408:
+        return UNREACHABLE
+    return UNAVAILABLE if status >= 500 else ERROR
+
+
+def _kind_of_code(code: str, status: int | None) -> str:
+    if code in _CODES:
+        return _CODES[code]
+    return _kind_of_status(status) if status else ERROR
+
+
+def _classify_botocore(exc: BaseException) -> str | None:
+    """The kind of a botocore exception, or None when ``exc`` is not one (botocore is imported only if it was)."""
+    errors = sys.modules.get("botocore.exceptions")
+    if errors is None:
+        return None
+    if isinstance(exc, errors.ClientError):
+        response = getattr(exc, "response", {}) or {}
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return _kind_of_code(str(response.get("Error", {}).get("Code", "")), status)
+    if isinstance(exc, (errors.ConnectionError, errors.HTTPClientError)):
+        return UNREACHABLE
+    if isinstance(exc, (errors.NoCredentialsError, errors.PartialCredentialsError)):
+        return ACCESS_DENIED
+    return None
+
 
 def _classify(exc: BaseException) -> str:
+    """Kind of a failure, by the exception's type and error code, never by its wording."""
     if isinstance(exc, StoreError):
         return exc.kind
+    kind = _classify_botocore(exc)
+    if kind is not None:
+        return kind
     if isinstance(exc, FileNotFoundError):
         return NOT_FOUND
     if isinstance(exc, PermissionError):
         return ACCESS_DENIED
-    text = f"{type(exc).__name__}: {exc}"
-    for kind, markers in _MARKERS:
-        if any(marker in text for marker in markers):
-            return kind
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return UNREACHABLE
+    if isinstance(exc, OSError):
+        if exc.errno in _UNREACHABLE_ERRNOS:
+            return UNREACHABLE
+        match = _ARROW_CODE.search(str(exc))
+        if match:
+            return _kind_of_code(match.group(1), int(match.group(2)) if match.group(2) else None)
     return ERROR
 
 
 _EXPLANATIONS = {
     NOT_FOUND: "not found",
+    MISSING_BUCKET: "the bucket does not exist",
     ACCESS_DENIED: "access denied (check the AWS credentials and the bucket policy)",
     UNREACHABLE: "the store is unreachable",
-    THROTTLED: "the store kept throttling or was unavailable after retries",
+    THROTTLED: "the store is throttling requests or temporarily unavailable",
+    UNAVAILABLE: "the store answered with a server error",
     ERROR: "store operation failed",
 }
 
@@ -179,28 +230,61 @@ def as_store_error(uri: str, exc: BaseException) -> StoreError:
     return StoreError(uri, f"{_EXPLANATIONS[kind]}: {detail}", kind)
 
 
+_RETRY_S: contextvars.ContextVar[float] = contextvars.ContextVar("tsdn_store_retry_s", default=DEFAULT_RETRY_S)
+
+
+@contextlib.contextmanager
+def retry_budget(seconds: float) -> Iterator[None]:
+    """Within the block (this thread or task only), :func:`retrying` waits out transient failures for ``seconds``.
+
+    Jobs set it from their config (``store_retry_s``) on the driver and inside every Ray task they run.
+    ``0`` leaves only the AWS SDK's own attempts inside each request.
+    """
+    if seconds < 0:
+        msg = f"retry budget {seconds} s: must be >= 0"
+        raise ValueError(msg)
+    token = _RETRY_S.set(float(seconds))
+    try:
+        yield
+    finally:
+        _RETRY_S.reset(token)
+
+
 def retrying(
     uri: str,
     operation: Callable[[], T],
-    attempts: int = 4,
+    retry_s: float | None = None,
     base_delay_s: float = 0.5,
+    max_delay_s: float = 8.0,
     sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> T:
-    """Run ``operation``; retry it while it fails with throttling, with exponential backoff and jitter.
+    """Run ``operation``; while it fails with a :data:`TRANSIENT` kind, retry it with exponential backoff and jitter
+    for up to ``retry_s`` seconds after the first failure (default: the current :func:`retry_budget`).
 
-    Any failure is re-raised as a :class:`StoreError` naming ``uri``; other kinds are not retried (the SDK
-    already retried dropped connections and 5xx answers inside the request).
+    Any failure is re-raised as a :class:`StoreError` naming ``uri``. Other kinds (not found, access denied, a
+    missing bucket, unclassified errors) are raised at once: waiting does not cure them. ``operation`` must be
+    safe to repeat (a read, a whole-object write, a delete).
     """
-    for attempt in range(attempts):
+    budget = _RETRY_S.get() if retry_s is None else retry_s
+    deadline: float | None = None
+    attempt = 0
+    while True:
         try:
             return operation()
         except Exception as exc:
             error = as_store_error(uri, exc)
-            if error.kind != THROTTLED or attempt == attempts - 1:
+            if error.kind not in TRANSIENT:
                 raise error from exc
-            sleep(base_delay_s * (2**attempt) * (1.0 + random.random()))
-    msg = f"attempts must be >= 1, got {attempts}"
-    raise ValueError(msg)
+            now = clock()
+            deadline = now + budget if deadline is None else deadline
+            if now >= deadline:
+                if budget > 0:
+                    error = StoreError(uri, f"{error.reason} (still failing after {budget:g} s of retries)", error.kind)
+                raise error from exc
+            delay = min(max_delay_s, base_delay_s * 2**attempt) * (0.5 + random.random() / 2)
+            sleep(min(delay, deadline - now))
+            attempt += 1
 
 
 # --- URIs ---------------------------------------------------------------------------------------
@@ -303,13 +387,26 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def read_bytes(uri: str) -> bytes:
+    """One object's bytes. A missing object is ``not_found``; a missing S3 bucket is ``missing_bucket``."""
     fs, path = resolve(uri)
 
     def read() -> bytes:
         with fs.open_input_stream(path) as stream:
             return stream.read()
 
-    return retrying(uri, read)
+    try:
+        return retrying(uri, read)
+    except StoreError as exc:
+        if exc.kind == NOT_FOUND and is_s3(uri):
+            _check_bucket(uri, fs, path)
+        raise
+
+
+def _check_bucket(uri: str, fs: pafs.FileSystem, path: str) -> None:
+    """Raise ``missing_bucket`` when the bucket of ``path`` does not exist (some S3 servers answer NoSuchKey)."""
+    bucket = path.split("/", 1)[0]
+    if retrying(uri, lambda: fs.get_file_info(bucket)).type == pafs.FileType.NotFound:
+        raise StoreError(uri, f"{_EXPLANATIONS[MISSING_BUCKET]}: {bucket!r}", MISSING_BUCKET)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -379,10 +476,23 @@ def exists(uri: str) -> bool:
     return info.type != pafs.FileType.NotFound
 
 
+def require(uri: str) -> None:
+    """Raise :class:`StoreError` naming ``uri`` when nothing is there: ``missing_bucket`` for an S3 bucket that
+    does not exist, ``not_found`` for a local folder or an S3 prefix that holds nothing. For a job's ``--store``,
+    checked before any work starts."""
+    fs, path = resolve(uri)
+    if retrying(uri, lambda: fs.get_file_info(path)).type != pafs.FileType.NotFound:
+        return
+    if is_s3(uri):
+        _check_bucket(uri, fs, path)
+    raise StoreError(uri, "not found: nothing is stored there (check the URI)", NOT_FOUND)
+
+
 def list_files(uri: str, recursive: bool = True, suffixes: Iterable[str] | None = None) -> list[str]:
     """Files under ``uri`` as full URIs in the caller's style (``join(uri, relative)``), sorted.
 
-    A missing prefix gives ``[]``; a missing bucket or an unreachable store raises :class:`StoreError`.
+    A missing prefix gives ``[]``; a missing bucket (``missing_bucket``) or an unreachable store raises
+    :class:`StoreError`.
     """
     fs, path = resolve(uri)
     wanted = tuple(suffixes) if suffixes is not None else None
@@ -390,9 +500,7 @@ def list_files(uri: str, recursive: bool = True, suffixes: Iterable[str] | None 
     infos = retrying(uri, lambda: fs.get_file_info(selector))
     if not infos and is_s3(uri):
         # A missing prefix is an empty listing, but a missing bucket is a mistake worth reporting.
-        bucket = path.split("/", 1)[0]
-        if retrying(uri, lambda: fs.get_file_info(bucket)).type == pafs.FileType.NotFound:
-            raise StoreError(uri, f"not found: bucket {bucket!r} does not exist", NOT_FOUND)
+        _check_bucket(uri, fs, path)
     out = []
     for info in infos:
         if info.type != pafs.FileType.File:

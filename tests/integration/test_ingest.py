@@ -21,7 +21,15 @@ from PIL import Image
 from tsdn.surf import decode_labels, slic_labels
 from tsdn_platform import store
 from tsdn_platform.cli import main as cli_main
-from tsdn_platform.ingest import IngestConfig, IngestError, read_manifest, read_split, resize_image, run_ingest
+from tsdn_platform.ingest import (
+    IngestConfig,
+    IngestError,
+    _process_item,
+    read_manifest,
+    read_split,
+    resize_image,
+    run_ingest,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -243,11 +251,52 @@ def test_s3_down_is_a_clear_error(s3, demo_root, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{port}")
     target = f"s3://{s3.bucket}/unreachable"
     with pytest.raises(store.StoreError) as info:
-        run_ingest(_config(str(demo_root), target))
+        run_ingest(_config(str(demo_root), target, store_retry_s=1))
     assert info.value.kind == "unreachable"
     assert str(info.value).startswith(f"{target}/datasets/demo")
     with pytest.raises(store.StoreError, match="unreachable"):
-        run_ingest(_config(f"{target}/source", "/tmp/never-written"))
+        run_ingest(_config(f"{target}/source", "/tmp/never-written", store_retry_s=1))
+
+
+def _item(tmp_path: Path, name: str = "a.png", label: int = 0) -> dict:
+    split, defect = ("test", "hole") if label else ("train", "good")
+    return {
+        "image_id": f"widget/{split}/{defect}/{name}",
+        "product": "widget",
+        "split": split,
+        "label": label,
+        "defect_type": defect,
+        "source_uri": str(tmp_path / name),
+        "mask_uri": str(tmp_path / f"{name}.mask.png") if label else "",
+    }
+
+
+@pytest.mark.parametrize("kind", ["unreachable", "throttled", "unavailable", "access_denied", "missing_bucket"])
+@pytest.mark.parametrize("what", ["image", "mask"])
+def test_a_failing_store_is_not_a_bad_image(tmp_path, monkeypatch, kind, what):
+    """issue 15: a store failure while reading an input fails the job; it is never a skipped image."""
+    (tmp_path / "a.png").write_bytes(_png(np.zeros((SIZE, SIZE, 3), np.uint8)))
+    real = store.read_bytes
+
+    def read_bytes(uri: str) -> bytes:
+        if what == "image" or uri.endswith(".mask.png"):
+            raise store.StoreError(uri, "injected", kind)
+        return real(uri)
+
+    monkeypatch.setattr(store, "read_bytes", read_bytes)
+    settings = _config(str(tmp_path), str(tmp_path)).item_settings()
+    with pytest.raises(store.StoreError) as info:
+        _process_item(_item(tmp_path, label=1), settings)
+    assert info.value.kind == kind
+
+
+def test_an_input_gone_since_the_listing_is_that_input_s_error(tmp_path):
+    (tmp_path / "b.png").write_bytes(_png(np.zeros((SIZE, SIZE, 3), np.uint8)))
+    settings = _config(str(tmp_path), str(tmp_path)).item_settings()
+    row = _process_item(_item(tmp_path, "gone.png"), settings)
+    assert row["error"] == f"{tmp_path / 'gone.png'}: no longer exists (listed, then gone before it was read)"
+    row = _process_item(_item(tmp_path, "b.png", label=1), settings)  # its mask was never there
+    assert row["error"].startswith("unusable mask: ") and "no longer exists" in row["error"]
 
 
 def test_read_split_for_training(ingested, demo_root):

@@ -228,5 +228,5 @@ def test_models_cli_list_show_promote(tmp_path, capsys):
     assert cli_main(["models", "show", "nut", "--store", root]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["best"]["reason"] == "operator" and shown["metrics"]["version"] == "v2"
-    assert cli_main(["models", "show", "bolt", "--store", root]) == 1
+    assert cli_main(["models", "show", "bolt", "--store", root]) == 2
     assert "bolt" in capsys.readouterr().err

@@ -6,6 +6,7 @@ for idempotence), and an ingested test split with a pinned version, ground truth
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import subprocess
@@ -29,7 +30,17 @@ from tsdn_platform import store
 from tsdn_platform.cli import main as cli_main
 from tsdn_platform.config import ConfigError, load_config
 from tsdn_platform.registry import Registry
-from tsdn_platform.score import MANIFEST, STAGING, ScoreConfig, _path_regex, resize_map, run_scoring
+from tsdn_platform.score import (
+    MANIFEST,
+    STAGING,
+    ScoreConfig,
+    ScoreFailed,
+    _decode_batch,
+    _path_regex,
+    resize_map,
+    run_scoring,
+)
+from tsdn_platform.store import StoreError
 
 SIZE = 64
 MAP = 32
@@ -249,6 +260,56 @@ def test_a_crash_before_the_commit_keeps_the_previous_output(routed, monkeypatch
     now = {store.join(cfg.output, f) for product in third["products"].values() for f in product["files"]}
     assert set(store.list_files(cfg.output)) == now | {manifest_uri}
     assert third["rows_written"] == second["rows_written"] and third["attempt"] != second["attempt"]
+
+
+@pytest.mark.parametrize("kind", ["unreachable", "throttled", "unavailable", "access_denied", "missing_bucket"])
+def test_a_failing_store_is_not_an_error_row(monkeypatch, kind):
+    """issue 15: a store failure while reading an input fails the job; it never becomes that row's error."""
+
+    def read_bytes(uri: str) -> bytes:
+        raise StoreError(uri, "injected", kind)
+
+    monkeypatch.setattr(store, "read_bytes", read_bytes)
+    batch = pa.table({"image_id": ["a.png"], "source_uri": ["s3://b/in/a.png"], "product": ["alpha"]})
+    with pytest.raises(StoreError) as info:
+        _decode_batch(batch, unavailable={}, max_pixels=10**6, store_retry_s=0)
+    assert info.value.kind == kind
+
+
+def test_an_input_gone_since_the_listing_is_that_row_s_error(tmp_path):
+    (tmp_path / "ok.png").write_bytes(_png(_texture(0, 8, 8)))
+    uris = [str(tmp_path / "gone.png"), str(tmp_path / "ok.png")]
+    batch = pa.table({"image_id": ["gone.png", "ok.png"], "source_uri": uris, "product": ["alpha", "alpha"]})
+    out = _decode_batch(batch, unavailable={}, max_pixels=10**6, store_retry_s=0).to_pylist()
+    assert out[0]["error"] == f"{uris[0]}: no longer exists (listed, then gone before it was read)"
+    assert out[1]["error"] is None and (out[1]["height"], out[1]["width"]) == (8, 8)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_too_many_error_rows_fail_the_job_and_keep_the_previous_output(world, routed):
+    """issue 14/15: an all-error (or mostly-error) result is not committed over good results; exit status 1."""
+    cfg = routed["cfg"]
+    manifest_uri = store.join(cfg.output, MANIFEST)
+    before = {uri: store.read_bytes(uri) for uri in store.list_files(cfg.output)}
+    errors, rows = routed["second"]["errors"], routed["second"]["rows_written"]
+    assert 0 < errors < rows
+    strict = dataclasses.replace(cfg, max_error_fraction=errors / rows - 0.01)
+    with pytest.raises(ScoreFailed, match=f"{errors} of {rows} rows are errors .more than max_error_fraction"):
+        run_scoring(strict)
+    assert manifest_uri in before
+    assert {uri: store.read_bytes(uri) for uri in store.list_files(cfg.output)} == before  # byte-identical
+
+    # Every row an error (gamma has no model, beta's notes.txt is no image): fails at the default fraction too.
+    output = store.join(world["root"], "scores-all-errors")
+    argv = ["score", "--store", cfg.store, "--input", store.join(cfg.input, "beta"), "--output", output]
+    store.write_bytes(store.join(output, "keep.txt"), b"an earlier file")
+    assert cli_main([*argv, "--product", "gamma", "--set", "product_from_path=null"]) == 2  # no model at all
+    single = store.join(world["root"], "images-bad-only")
+    store.write_bytes(store.join(single, "beta", "notes.txt"), world["bad"]["beta/notes.txt"])
+    argv = ["score", "--store", cfg.store, "--input", single, "--output", output, "--product", "beta"]
+    assert cli_main(argv) == 1
+    assert store.list_files(output) == [store.join(output, "keep.txt")]  # nothing committed, nothing left staged
 
 
 def _shard(world) -> str:

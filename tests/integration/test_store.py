@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import pickle
 import socket
+import time
 
 import pyarrow.fs as pafs
 import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
 from tsdn_platform import store
 from tsdn_platform.store import StoreError
@@ -118,53 +121,142 @@ def test_store_error_pickles_with_its_kind():
         ("AWS Error SLOW_DOWN during PutObject operation: Please reduce your request rate.", "throttled"),
         ("AWS Error ACCESS_DENIED during HeadObject operation", "access_denied"),
         ("AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 7", "unreachable"),
-        ("AWS Error NO_SUCH_BUCKET during ListObjectsV2 operation", "not_found"),
+        ("AWS Error NO_SUCH_BUCKET during ListObjectsV2 operation", "missing_bucket"),
+        ("AWS Error NO_SUCH_KEY during GetObject operation: The specified key does not exist.", "not_found"),
+        ("AWS Error UNKNOWN (HTTP status 503) during GetObject operation: Service Unavailable", "throttled"),
+        ("AWS Error UNKNOWN (HTTP status 500) during GetObject operation", "unavailable"),
+        ("AWS Error UNKNOWN (HTTP status 403) during HeadObject operation: No response body.", "access_denied"),
+        ("AWS Error INTERNAL_FAILURE during PutObject operation", "unavailable"),
+        # issue 15: AWS's wording contains "does not exist", but the code says what it is.
+        (
+            "When listing objects under key '' in bucket 'b': AWS Error INVALID_ACCESS_KEY_ID during ListObjectsV2 "
+            "operation: The AWS Access Key Id you provided does not exist in our records.",
+            "access_denied",
+        ),
+        ("the object was Not Found, Connection refused, Forbidden, SlowDown", "error"),  # words alone decide nothing
         ("something else entirely", "error"),
     ],
 )
-def test_errors_are_classified(message, kind):
+def test_errors_are_classified_by_code(message, kind):
     err = store.as_store_error("s3://b/k", OSError(message))
     assert err.kind == kind
+    assert err.transient == (kind in ("unreachable", "throttled", "unavailable"))
     assert str(err).startswith("s3://b/k: ")
     assert message in str(err)
 
 
-def test_throttling_is_retried_with_growing_backoff():
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (FileNotFoundError(2, "No such file"), "not_found"),
+        (PermissionError(13, "Permission denied"), "access_denied"),
+        (ConnectionRefusedError(111, "refused"), "unreachable"),
+        (OSError(errno.ECONNRESET, "reset by peer"), "unreachable"),
+        (OSError(errno.ENOSPC, "No space left on device"), "error"),
+        (TimeoutError("timed out"), "unreachable"),
+    ],
+)
+def test_os_errors_are_classified_by_type_and_errno(exc, kind):
+    assert store.as_store_error("/data/x", exc).kind == kind
+
+
+def _client_error(code: str, status: int, message: str = "") -> ClientError:
+    response = {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    return ClientError(response, "GetObject")
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (_client_error("InvalidAccessKeyId", 403, "The AWS Access Key Id ... does not exist"), "access_denied"),
+        (_client_error("NoSuchKey", 404, "The specified key does not exist."), "not_found"),
+        (_client_error("404", 404), "not_found"),  # HEAD answers carry no body, only the status
+        (_client_error("NoSuchBucket", 404), "missing_bucket"),
+        (_client_error("SlowDown", 503), "throttled"),
+        (_client_error("InternalError", 500), "unavailable"),
+        (_client_error("PreconditionFailed", 412), "error"),
+        (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), "unreachable"),
+        (NoCredentialsError(), "access_denied"),
+    ],
+)
+def test_botocore_errors_are_classified_by_code_and_status(exc, kind):
+    assert store.as_store_error("s3://b/k", exc).kind == kind
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_transient_failures_are_retried_with_growing_backoff_until_they_pass():
+    clock = _Clock()
     calls = []
-    delays: list[float] = []
 
     def flaky() -> str:
-        calls.append(1)
-        if len(calls) < 3:
-            raise OSError("AWS Error SLOW_DOWN during GetObject operation")
+        calls.append(clock.now)
+        if len(calls) < 4:
+            raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 7")
         return "ok"
 
-    assert store.retrying("s3://b/k", flaky, attempts=4, base_delay_s=0.1, sleep=delays.append) == "ok"
-    assert len(calls) == 3
-    assert len(delays) == 2
-    assert 0.1 <= delays[0] <= 0.2 and 0.2 <= delays[1] <= 0.4
+    result = store.retrying("s3://b/k", flaky, retry_s=60, base_delay_s=0.1, sleep=clock.sleep, clock=lambda: clock.now)
+    assert result == "ok"
+    assert len(calls) == 4
+    assert 0.05 <= clock.sleeps[0] <= 0.1 and 0.1 <= clock.sleeps[1] <= 0.2 and 0.2 <= clock.sleeps[2] <= 0.4
 
 
-def test_retries_give_up_with_a_store_error_and_do_not_retry_permanent_errors():
+def test_transient_failures_give_up_when_the_budget_is_spent():
+    clock = _Clock()
     calls = []
 
-    def throttled() -> None:
-        calls.append(1)
-        raise OSError("AWS Error SLOW_DOWN")
+    def down() -> None:
+        calls.append(clock.now)
+        raise OSError("AWS Error UNKNOWN (HTTP status 503) during GetObject operation")
 
     with pytest.raises(StoreError) as info:
-        store.retrying("s3://b/k", throttled, attempts=3, sleep=lambda _: None)
-    assert info.value.kind == "throttled" and len(calls) == 3
+        store.retrying("s3://b/k", down, retry_s=30, sleep=clock.sleep, clock=lambda: clock.now)
+    assert info.value.kind == "throttled"
+    assert "after 30 s of retries" in str(info.value)
+    assert calls[-1] == pytest.approx(30.0)  # the last attempt is at the deadline, never past it
+    assert max(clock.sleeps) <= 8.0  # backoff is capped, so a store that comes back is noticed soon
+    assert pickle.loads(pickle.dumps(info.value)).kind == "throttled"
 
-    calls.clear()
 
-    def denied() -> None:
+def test_the_retry_budget_comes_from_the_enclosing_block():
+    clock = _Clock()
+
+    def down() -> None:
+        raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation")
+
+    with store.retry_budget(5), pytest.raises(StoreError):
+        store.retrying("s3://b/k", down, sleep=clock.sleep, clock=lambda: clock.now)
+    assert sum(clock.sleeps) == pytest.approx(5.0)
+    clock.sleeps.clear()
+    with store.retry_budget(0), pytest.raises(StoreError):
+        store.retrying("s3://b/k", down, sleep=clock.sleep, clock=lambda: clock.now)
+    assert clock.sleeps == []
+    with pytest.raises(ValueError, match="must be >= 0"), store.retry_budget(-1):
+        pass
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["AWS Error ACCESS_DENIED", "AWS Error NO_SUCH_BUCKET", "AWS Error NO_SUCH_KEY", "unclassified failure"],
+)
+def test_permanent_failures_are_not_retried(message):
+    calls = []
+
+    def fails() -> None:
         calls.append(1)
-        raise OSError("AWS Error ACCESS_DENIED")
+        raise OSError(message)
 
-    with pytest.raises(StoreError) as info:
-        store.retrying("s3://b/k", denied, attempts=3, sleep=lambda _: None)
-    assert info.value.kind == "access_denied" and len(calls) == 1
+    with pytest.raises(StoreError):
+        store.retrying("s3://b/k", fails, retry_s=60, sleep=lambda _: pytest.fail("slept"))
+    assert len(calls) == 1
 
 
 # --- real S3 ------------------------------------------------------------------------------------
@@ -201,10 +293,13 @@ def test_s3_missing_bucket_is_a_clear_error(s3):
     uri = "s3://no-such-bucket-tsdn/x.json"
     with pytest.raises(StoreError) as info:
         store.read_json(uri)
-    assert info.value.kind == "not_found"
+    assert info.value.kind == "missing_bucket"  # SeaweedFS answers NoSuchKey; the store asks about the bucket
     assert str(info.value).startswith(uri)
     with pytest.raises(StoreError) as info:
         store.list_files("s3://no-such-bucket-tsdn/prefix")
+    assert info.value.kind == "missing_bucket"
+    with pytest.raises(StoreError) as info:
+        store.read_json(f"s3://{s3.bucket}/never-written/x.json")
     assert info.value.kind == "not_found"
 
 
@@ -219,6 +314,17 @@ def test_s3_wrong_credentials_are_access_denied(s3, monkeypatch):
 
 
 @pytest.mark.integration
+def test_s3_unknown_access_key_is_access_denied_not_missing(s3, monkeypatch):
+    """issue 15: "The AWS Access Key Id you provided does not exist in our records" was reported as not_found."""
+    uri = s3.uri("unknown-key")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "NO-SUCH-ACCESS-KEY")
+    for call in (lambda: store.list_files(uri), lambda: store.read_bytes(store.join(uri, "k"))):
+        with pytest.raises(StoreError) as info:
+            call()
+        assert info.value.kind == "access_denied"
+
+
+@pytest.mark.integration
 @pytest.mark.slow
 def test_s3_endpoint_down_is_a_clear_error(s3, monkeypatch):
     with socket.socket() as sock:
@@ -226,9 +332,12 @@ def test_s3_endpoint_down_is_a_clear_error(s3, monkeypatch):
         closed_port = sock.getsockname()[1]
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{closed_port}")
     uri = f"s3://{s3.bucket}/down/x.json"
-    with pytest.raises(StoreError) as info:
+    started = time.monotonic()
+    with store.retry_budget(2), pytest.raises(StoreError) as info:
         store.read_json(uri)
+    assert time.monotonic() - started >= 2  # waited out the budget before giving up
     assert info.value.kind == "unreachable"
+    assert "after 2 s of retries" in str(info.value)
     assert str(info.value).startswith(uri)
     assert f"127.0.0.1:{closed_port}" in str(info.value)
     assert pickle.loads(pickle.dumps(info.value)).kind == "unreachable"

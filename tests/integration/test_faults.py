@@ -1,0 +1,326 @@
+"""Store outages during real jobs: a private SeaweedFS, stopped by its PID and restarted on the same ports and data.
+
+Each case runs the ``tsdn`` CLI in a subprocess (its own local Ray cluster, pointed at the private server) and
+stops the server at a chosen point of the job (``_fault_job.py`` pauses the job there): before the first read,
+when the map stage starts, or when the commit starts. An outage shorter than ``store_retry_s`` must be bridged
+(exit 0, complete output); a longer one must fail the job (exit 3, one line naming the store failure) and leave
+what was committed before byte-identical. docs/FAULTS.md is the matrix these tests check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import BUCKET, Weed, aws_env, start_weed
+
+from tsdn.checkpoint import checkpoint_files
+from tsdn.config import TSDNConfig
+from tsdn.model import TSDN
+from tsdn.scoring import fit_calibration
+from tsdn_platform import store
+from tsdn_platform.demo_data import make_demo_dataset
+from tsdn_platform.ingest import IngestError, read_manifest
+from tsdn_platform.registry import Registry
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+JOB = Path(__file__).with_name("_fault_job.py")
+SIZE = 64
+PRODUCTS = ("brick", "grass")
+# Hang guards only; nothing asserts on them.
+JOB_TIMEOUT_S = 400.0
+PAUSE_TIMEOUT_S = 240.0
+# A short budget for outages that must outlast it, a long one for outages it must bridge; the bridged outage
+# (OUTAGE_S) is longer than what the AWS SDK's own attempts inside one request wait out (about 7 s here).
+SHORT_RETRY_S = 2
+LONG_RETRY_S = 90
+OUTAGE_S = 12.0
+ONE_LINE_UNREACHABLE = "the store is unreachable"
+
+
+@pytest.fixture(scope="module")
+def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Weed]:
+    """A private server (other tests keep theirs), with this process's store pointed at it for the module."""
+    server = start_weed(tmp_path_factory.mktemp("seaweedfs-faults"))
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN", "RAY_ADDRESS"):
+                mp.delenv(name, raising=False)
+            for name, value in aws_env(server.endpoint).items():
+                mp.setenv(name, value)
+            yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _server_running(weed: Weed) -> None:
+    if weed.proc.poll() is not None:
+        weed.start()
+
+
+def _upload(root: Path, uri: str) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            store.write_bytes(store.join(uri, str(path.relative_to(root))), path.read_bytes())
+
+
+def _snapshot(uri: str) -> dict[str, bytes]:
+    """Every object under ``uri`` except staging areas, by relative path: what a reader can see."""
+    prefix = uri.rstrip("/") + "/"
+    out = {}
+    for file in store.list_files(uri):
+        relative = file[len(prefix) :]
+        if not any(part.startswith("_staging") for part in relative.split("/")):
+            out[relative] = store.read_bytes(file)
+    return out
+
+
+def _same_dataset(snapshot: dict[str, bytes]) -> dict[str, object]:
+    """What two fault-free runs over one source agree on: all but the report's timings and the config file
+    (which names the store)."""
+    out: dict[str, object] = {}
+    for name, data in snapshot.items():
+        if name.endswith("ingest_report.json"):
+            out[name] = {k: v for k, v in json.loads(data).items() if k != "timing"}
+        elif not name.endswith("ingest_config.yaml"):
+            out[name] = data
+    return out
+
+
+def _copy_tree(src: str, dst: str) -> None:
+    prefix = src.rstrip("/") + "/"
+    for file in store.list_files(src):
+        store.copy(file, store.join(dst, file[len(prefix) :]))
+
+
+class _Job:
+    """One CLI run in a subprocess, optionally paused at ``pause_at`` until :meth:`resume`."""
+
+    def __init__(self, weed: Weed, tmp: Path, argv: list[str], pause_at: str = "-") -> None:
+        self.signals = tmp / f"signals-{time.monotonic_ns()}"
+        self.signals.mkdir()
+        env = {**os.environ, **aws_env(weed.endpoint), "OMP_NUM_THREADS": "1"}
+        env.pop("RAY_ADDRESS", None)
+        command = [sys.executable, str(JOB), pause_at, str(self.signals), *argv]
+        self.proc = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    def wait_paused(self) -> None:
+        deadline = time.monotonic() + PAUSE_TIMEOUT_S
+        while not (self.signals / "paused").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                _, err = self.proc.communicate()
+                pytest.fail(f"the job never reached its pause point (rc={self.proc.returncode}):\n{err[-4000:]}")
+            time.sleep(0.05)
+
+    def resume(self) -> None:
+        (self.signals / "resume").touch()
+
+    def finish(self) -> tuple[int, str, str]:
+        try:
+            out, err = self.proc.communicate(timeout=JOB_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+            pytest.fail(f"the job hung:\n{err[-4000:]}")
+        return self.proc.returncode, out, err
+
+
+def _last_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("tsdn ")]
+    return lines[-1] if lines else err[-2000:]
+
+
+# --- ingest ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def source(weed: Weed, tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("fault-src") / "mvtec"
+    make_demo_dataset(root, seed=1, image_size=SIZE, n_train=4, n_test_good=1, n_defects_per_type=1, products=PRODUCTS)
+    uri = f"s3://{BUCKET}/faults-src"
+    _upload(root, uri)
+    return uri
+
+
+def _ingest_argv(source: str, store_uri: str, retry_s: float) -> list[str]:
+    return [
+        *("ingest", source, "--store", store_uri, "--dataset", "demo", "--image-size", str(SIZE)),
+        *("--set", "n_segments=40", "--set", "rows_per_file=2", "--set", f"store_retry_s={retry_s}"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def ingested(weed: Weed, source: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """A complete dataset committed without faults: every case starts from a copy of it."""
+    job = _Job(weed, tmp_path_factory.mktemp("ingest-ref"), _ingest_argv(source, f"s3://{BUCKET}/faults-ref", 5))
+    rc, _, err = job.finish()
+    assert rc == 0, err[-4000:]
+    return _snapshot(f"s3://{BUCKET}/faults-ref")
+
+
+def _fresh_store(name: str) -> str:
+    uri = f"s3://{BUCKET}/{name}-{time.monotonic_ns()}"
+    _copy_tree(f"s3://{BUCKET}/faults-ref", uri)
+    return uri
+
+
+def test_ingest_outage_before_the_first_read_fails_and_keeps_the_dataset(weed, source, ingested, tmp_path):
+    store_uri = _fresh_store("ingest-down-at-start")
+    weed.stop()
+    job = _Job(weed, tmp_path, _ingest_argv(source, store_uri, SHORT_RETRY_S))
+    rc, _, err = job.finish()
+    weed.start()
+    assert rc == 3, err[-4000:]
+    assert ONE_LINE_UNREACHABLE in _last_line(err) and f"after {SHORT_RETRY_S} s of retries" in _last_line(err)
+    assert "Traceback" not in err
+    assert _snapshot(store_uri) == ingested
+
+
+def test_ingest_outage_outlasting_the_budget_in_the_map_fails_and_keeps_the_dataset(weed, source, ingested, tmp_path):
+    """issue 15 item 1: this outage used to commit a shrunken dataset ("11 skipped") with exit 0."""
+    store_uri = _fresh_store("ingest-down-in-map")
+    job = _Job(weed, tmp_path, _ingest_argv(source, store_uri, SHORT_RETRY_S), "ray.data.dataset:Dataset.take_all")
+    job.wait_paused()
+    weed.stop()
+    job.resume()
+    rc, _, err = job.finish()
+    weed.start()
+    assert rc == 3, err[-4000:]
+    assert ONE_LINE_UNREACHABLE in _last_line(err)
+    assert _snapshot(store_uri) == ingested  # every manifest, shard and report byte-identical
+
+
+def test_ingest_outage_shorter_than_the_budget_in_the_map_is_bridged(weed, source, ingested, tmp_path):
+    store_uri = f"s3://{BUCKET}/ingest-bridged-{time.monotonic_ns()}"
+    job = _Job(weed, tmp_path, _ingest_argv(source, store_uri, LONG_RETRY_S), "ray.data.dataset:Dataset.take_all")
+    job.wait_paused()
+    weed.stop()
+    job.resume()
+    time.sleep(OUTAGE_S)
+    weed.start()
+    rc, _, err = job.finish()
+    assert rc == 0, err[-4000:]
+    assert _same_dataset(_snapshot(store_uri)) == _same_dataset(ingested)  # same shards, manifests, skips
+
+
+@pytest.mark.parametrize(
+    "pause_at", ["tsdn_platform.ingest:_commit", "tsdn_platform.store:move"], ids=["commit-start", "mid-swap"]
+)
+def test_ingest_outage_during_the_commit_never_leaves_a_mix(weed, source, ingested, tmp_path, pause_at):
+    store_uri = _fresh_store("ingest-down-in-commit")
+    job = _Job(weed, tmp_path, _ingest_argv(source, store_uri, SHORT_RETRY_S), pause_at)
+    job.wait_paused()
+    weed.stop()
+    job.resume()
+    rc, _, err = job.finish()
+    weed.start()
+    assert rc == 3, err[-4000:]
+    assert ONE_LINE_UNREACHABLE in _last_line(err)
+    after = _snapshot(store_uri)
+    first = PRODUCTS[0]
+    if pause_at.endswith(":_commit"):  # the first step (removing the old manifest) failed: nothing changed
+        assert after == ingested
+    else:  # the old manifest and shards were gone when the outage began: the product reads as "not ingested"
+        assert f"datasets/demo/{first}/manifest.json" not in after
+        with pytest.raises(IngestError, match="is not ingested"):
+            read_manifest(store_uri, "demo", first)
+        for name, data in ingested.items():
+            if not name.startswith(f"datasets/demo/{first}/"):
+                assert after.get(name) == data, name  # the other product and the index are untouched
+    rc, _, err = _Job(weed, tmp_path, _ingest_argv(source, store_uri, SHORT_RETRY_S)).finish()
+    assert rc == 0, err[-4000:]  # the next run repairs it
+    assert _same_dataset(_snapshot(store_uri)) == _same_dataset(ingested)
+
+
+# --- score ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scored(weed: Weed, source: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A registered tiny model for the first product and a committed score output of its test images."""
+    product = PRODUCTS[0]
+    registry_store = f"s3://{BUCKET}/faults-models"
+    torch.manual_seed(0)
+    model = TSDN(TSDNConfig(backbone="test_efficientnet", weights="none", image_size=SIZE))
+    files = checkpoint_files(model, fit_calibration(np.array([0.05, 0.1, 0.15])))
+    Registry(registry_store).register(product, files, {"test": {"image_auroc": 0.5}}, promote="always", version="v1")
+    output = f"s3://{BUCKET}/faults-scores"
+    argv = _score_argv(registry_store, store.join(source, product, "test"), output, 5)
+    rc, _, err = _Job(weed, tmp_path_factory.mktemp("score-ref"), argv).finish()
+    assert rc == 0, err[-4000:]
+    return {"store": registry_store, "input": store.join(source, product, "test"), "output": output}
+
+
+def _score_argv(store_uri: str, input_uri: str, output: str, retry_s: float) -> list[str]:
+    return [
+        *("score", "--store", store_uri, "--input", input_uri, "--output", output, "--product", PRODUCTS[0]),
+        *("--set", "batch_size=2", "--set", "min_rows_per_file=1", "--set", f"store_retry_s={retry_s}"),
+    ]
+
+
+def _committed(output: str) -> dict[str, bytes]:
+    """The manifest and every file it lists: the committed output a reader trusts."""
+    manifest = store.join(output, "_manifest.json")
+    listed = [f for entry in store.read_json(manifest)["products"].values() for f in entry["files"]]
+    return {"_manifest.json": store.read_bytes(manifest)} | {f: store.read_bytes(store.join(output, f)) for f in listed}
+
+
+def _fresh_output(scored: dict[str, str], name: str) -> tuple[str, dict[str, bytes]]:
+    output = f"s3://{BUCKET}/{name}-{time.monotonic_ns()}"
+    _copy_tree(scored["output"], output)
+    return output, _committed(output)
+
+
+@pytest.mark.parametrize(
+    "pause_at",
+    ["-", "ray.data.dataset:Dataset.write_datasink", "tsdn_platform.score:_move_into_place"],
+    ids=["before-the-first-read", "in-the-map", "in-the-commit"],
+)
+def test_score_outage_outlasting_the_budget_fails_and_keeps_the_previous_output(weed, scored, tmp_path, pause_at):
+    """issue 15 item 2: this outage used to commit an all-error output over the good one, exit 0."""
+    output, before = _fresh_output(scored, "score-down")
+    job = _Job(weed, tmp_path, _score_argv(scored["store"], scored["input"], output, SHORT_RETRY_S), pause_at)
+    if pause_at == "-":  # down before the first read
+        weed.stop()
+    else:
+        job.wait_paused()
+        weed.stop()
+        job.resume()
+    rc, _, err = job.finish()
+    weed.start()
+    assert rc == 3, err[-4000:]
+    assert ONE_LINE_UNREACHABLE in _last_line(err)
+    assert _committed(output) == before
+    rows = store.read_json(store.join(output, "_manifest.json"))
+    assert rows["errors"] == 0 and rows["rows_written"] > 0
+
+
+def test_score_outage_shorter_than_the_budget_is_bridged(weed, scored, tmp_path):
+    output, _ = _fresh_output(scored, "score-bridged")
+    argv = _score_argv(scored["store"], scored["input"], output, LONG_RETRY_S)
+    job = _Job(weed, tmp_path, argv, "ray.data.dataset:Dataset.write_datasink")
+    job.wait_paused()
+    weed.stop()
+    job.resume()
+    time.sleep(OUTAGE_S)
+    weed.start()
+    rc, _, err = job.finish()
+    assert rc == 0, err[-4000:]
+    manifest = store.read_json(store.join(output, "_manifest.json"))
+    previous = store.read_json(store.join(scored["output"], "_manifest.json"))
+    assert manifest["attempt"] != previous["attempt"]  # a new commit, as complete as the fault-free one
+    assert (manifest["rows_written"], manifest["errors"]) == (previous["rows_written"], 0)
+    assert set(_snapshot(output)) == {"_manifest.json", *_committed(output)}  # the old parts are gone

@@ -1,0 +1,94 @@
+"""The CLI's exit status and its one-line errors (issue 14): what a CI step sees when a job fails."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ray.exceptions import RayTaskError
+
+from tsdn_platform.cli import exit_status
+from tsdn_platform.cli import main as cli_main
+from tsdn_platform.config import ConfigError
+from tsdn_platform.ingest import IngestError
+from tsdn_platform.registry import UnknownProductError
+from tsdn_platform.score import ScoreFailed
+from tsdn_platform.store import StoreError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("exc", "status"),
+    [
+        (StoreError("s3://b/p", "the store is unreachable: x", "unreachable"), 3),
+        (StoreError("s3://b/p", "throttled", "throttled"), 3),
+        (StoreError("s3://b/p", "5xx", "unavailable"), 3),
+        (StoreError("s3://b/p", "unclassified", "error"), 3),
+        (StoreError("s3://b/p", "access denied", "access_denied"), 2),
+        (StoreError("s3://b/p", "no bucket", "missing_bucket"), 2),
+        (StoreError("/nowhere", "not found", "not_found"), 2),
+        (ConfigError("epoch: unknown key"), 2),
+        (IngestError("/src", "no product folders found"), 2),
+        (UnknownProductError("/store", "bolt"), 2),
+        (ScoreFailed("/out", "3 of 3 rows are errors"), 1),
+        (RuntimeError("boom"), 1),
+    ],
+)
+def test_exit_status_says_what_failed(exc, status):
+    assert exit_status(exc) == status
+
+
+def test_a_store_error_raised_in_a_ray_task_keeps_its_status():
+    cause = StoreError("s3://b/k", "the store is unreachable: x", "unreachable")
+    wrapped = RayTaskError("MapBatches(f)", "Traceback ...\nmany lines", cause).as_instanceof_cause()
+    assert exit_status(wrapped) == 3
+
+
+def _tsdn(*argv: str) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in a fresh interpreter and report whether Ray was started in it."""
+    code = (
+        "import sys\nfrom tsdn_platform.cli import main\nrc = main(sys.argv[1:])\n"
+        "ray = sys.modules.get('ray')\nprint('ray started' if ray and ray.is_initialized() else 'no ray')\n"
+        "sys.exit(rc)"
+    )
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize("command", ["score", "models", "serve"])
+def test_a_missing_store_is_one_line_exit_2_before_ray_starts(tmp_path, command):
+    missing = str(tmp_path / "no-such-store")
+    argv = {
+        "score": ["score", "--store", missing, "--input", str(tmp_path), "--output", str(tmp_path / "out")],
+        "models": ["models", "list", "--store", missing],
+        "serve": ["serve", "--store", missing, "--port", "1"],
+    }[command]
+    result = _tsdn(*argv)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"tsdn {command}: {missing}: not found: nothing is stored there (check the URI)"]
+    assert result.stdout.strip() == "no ray"
+
+
+def test_config_mistakes_are_one_line_and_debug_adds_the_traceback(tmp_path, capsys):
+    argv = ["score", "--store", str(tmp_path), "--input", str(tmp_path), "--output", str(tmp_path / "o")]
+    assert cli_main([*argv, "--set", "max_error_fraction=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "max_error_fraction=2" in err and "Traceback" not in err
+    assert cli_main([*argv, "--set", "max_error_fraction=2", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.rstrip().endswith("expected a fraction in [0, 1]")
+
+
+def test_no_input_and_no_model_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "store" / "registry").mkdir(parents=True)
+    (tmp_path / "in").mkdir()
+    argv = ["score", "--store", str(tmp_path / "store"), "--input", str(tmp_path / "in"), "--output", str(tmp_path)]
+    assert cli_main([*argv, "--product", "bolt"]) == 2
+    assert capsys.readouterr().err == f"tsdn score: {tmp_path / 'in'}: no input files\n"
+    (tmp_path / "in" / "a.png").write_bytes(b"not read: nothing can score it")
+    assert cli_main([*argv, "--product", "bolt"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"tsdn score: {tmp_path / 'store'}: no registered model for any input product (products: bolt)\n"
