@@ -147,7 +147,8 @@ def format_summary(result: PipelineResult) -> str:
     metrics = (result.score or {}).get("metrics", {})
     images_per_s = (result.score or {}).get("timings", {}).get("images_per_s")
     header = (
-        f"{'product':<12} {'image AUROC':>11} {'pixel AUROC':>11} {'AUPRO':>7} {'F1-max':>7} {'images/s':>9}  version"
+        f"{'product':<12} {'family':<10} {'image AUROC':>11} {'pixel AUROC':>11} {'AUPRO':>7} {'F1-max':>7} "
+        f"{'images/s':>9}  version"
     )
     lines = [header, "-" * (len(header) + 20)]
     for product, trained in result.train.items():
@@ -158,7 +159,7 @@ def format_summary(result: PipelineResult) -> str:
         m = metrics.get(product, {})
         cells = [_fmt(m.get(k)) for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")]
         lines.append(
-            f"{product:<12} {cells[0]:>11} {cells[1]:>11} {cells[2]:>7} {cells[3]:>7} "
+            f"{product:<12} {trained.family:<10} {cells[0]:>11} {cells[1]:>11} {cells[2]:>7} {cells[3]:>7} "
             f"{_fmt(images_per_s, 1):>9}  {trained.version}"
         )
     return "\n".join(lines)

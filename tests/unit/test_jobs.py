@@ -41,3 +41,21 @@ def test_job_help_is_the_subcommand_help(name):
 def test_every_job_module_is_tested():
     modules = {p.stem for p in (ROOT / "jobs").glob("*.py")} - {"__init__"}
     assert modules == set(JOBS)
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "jobs" / "configs").glob("*.yaml")))
+def test_every_train_preset_resolves(preset):
+    """Each shipped preset is a valid training config; the paper preset keeps the paper's model choices."""
+    from tsdn.config import TSDNConfig
+    from tsdn_platform.config import load_config
+    from tsdn_platform.train import TrainConfig
+
+    cfg = load_config(TrainConfig, preset, ["store=s", "dataset=d"])
+    assert cfg.promote_metric.startswith("val.")  # no preset promotes on the test split
+    if preset == "paper":
+        paper = TSDNConfig()
+        recipe = ("score_source", "encoder_lr_scale", "lr_schedule", "mask_loss", "surf_fill", "surf_opacity_min")
+        assert all(getattr(cfg.model, k) == getattr(paper, k) for k in recipe)
+        assert cfg.families == ["tsdn"]
+    if "patchcore" in cfg.families and "tsdn" in cfg.families:
+        assert cfg.patchcore.image_size == cfg.model.image_size  # both read the same shards
