@@ -126,11 +126,12 @@ def _serve(p: argparse.ArgumentParser) -> None:
     _config_args(p)
 
 
-@command("train", "tsdn_platform.train", "Train one TSDN model per product line on Ray Train and register it")
+@command("train", "tsdn_platform.train", "Train one model per product line and family on Ray and register it")
 def _train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="store URI (s3://bucket/prefix or a folder) holding datasets/, runs/, registry/")
     p.add_argument("--dataset", help="ingested dataset name (<store>/datasets/<name>)")
     p.add_argument("--products", help="comma-separated product lines, or 'all' (default: all)")
+    p.add_argument("--families", help="comma-separated model families, tsdn and/or patchcore (default: the preset's)")
     p.add_argument("--promote", choices=("better", "always", "never"), help="best-pointer policy (default: better)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     _config_args(p, default="demo")

@@ -886,7 +886,13 @@ def _fmt(value: float | None) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    explicit = {"store": args.store, "dataset": args.dataset, "products": args.products, "promote": args.promote}
+    explicit = {
+        "store": args.store,
+        "dataset": args.dataset,
+        "products": args.products,
+        "families": args.families,
+        "promote": args.promote,
+    }
     cfg = load_config(TrainConfig, args.config, args.overrides, explicit=explicit)
     if args.address:
         from tsdn_platform.ray_session import init_ray
