@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         keep = ~np.isin(train["fold"], cfg.holdout_folds)
         test = _arrays(store, product, "test", ["image", "mask", "label"])
         torch.manual_seed(0)
-        model = PatchCore(dataclasses.replace(cfg.patchcore, coreset_fraction=1.0, max_patches=10**9))
+        full = {"coreset_fraction": 1.0, "coreset_max": 10**9, "max_patches": 10**9}
+        model = PatchCore(dataclasses.replace(cfg.patchcore, **full))
         baseline = _baseline_module().run_patchcore(
             model,
             torch.from_numpy(train["image"][keep]).float().div_(255.0),
