@@ -26,7 +26,7 @@ import timm
 import torch
 from torch import nn
 
-__all__ = ["LITE0_PACKAGE", "create_encoder", "map_by_position", "normalization", "resolve_weights"]
+__all__ = ["LITE0_PACKAGE", "check_input", "create_encoder", "map_by_position", "normalization", "resolve_weights"]
 
 Opener = Callable[[str], bytes]
 
@@ -143,3 +143,13 @@ def _load_encoder_state(encoder: nn.Module, state: Mapping[str, torch.Tensor], w
         msg = f"{what}: shape mismatch: {'; '.join(wrong[:3])}"
         raise ValueError(msg)
     encoder.load_state_dict({k: state[k] for k in expected}, strict=True)
+
+
+def check_input(image: torch.Tensor, stride: int, owner: str) -> None:
+    """Raise ``ValueError`` naming ``owner`` unless ``image`` is (B, 3, H, W) with H and W multiples of ``stride``."""
+    if image.ndim != 4 or image.shape[1] != 3:
+        msg = f"{owner} input: expected (B, 3, H, W), got {tuple(image.shape)}"
+        raise ValueError(msg)
+    if image.shape[-2] % stride or image.shape[-1] % stride:
+        msg = f"{owner} input: H and W must be multiples of {stride}, got {tuple(image.shape[-2:])}"
+        raise ValueError(msg)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tsdn.backbone import Opener, create_encoder, normalization
+from tsdn.backbone import Opener, check_input, create_encoder, normalization
 from tsdn.config import TSDNConfig
 from tsdn.decoder import Decoder
 from tsdn.fne import FeatureNormalityEstimator, normality_target
@@ -213,9 +213,4 @@ class TSDN(nn.Module):
         return TSDNOutput(reconstruction, mask_logits, weights_logits, weights_gt, features)
 
     def _check_input(self, image: torch.Tensor) -> None:
-        if image.ndim != 4 or image.shape[1] != 3:
-            msg = f"TSDN input: expected (B, 3, H, W), got {tuple(image.shape)}"
-            raise ValueError(msg)
-        if image.shape[-2] % self.stride or image.shape[-1] % self.stride:
-            msg = f"TSDN input: H and W must be multiples of {self.stride}, got {tuple(image.shape[-2:])}"
-            raise ValueError(msg)
+        check_input(image, self.stride, "TSDN")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tsdn import _config_io
-from tsdn.backbone import Opener, create_encoder, normalization
+from tsdn.backbone import Opener, check_input, create_encoder, normalization
 from tsdn.scoring import blur_map, image_score
 
 __all__ = ["PatchCore", "PatchCoreConfig", "PatchCorePrediction", "greedy_coreset", "nearest_distance"]
@@ -290,12 +290,7 @@ class PatchCore(nn.Module):
         """Nothing to fit: PatchCore has one score source (the interface validation calls on every family)."""
 
     def _check_input(self, image: torch.Tensor) -> None:
-        if image.ndim != 4 or image.shape[1] != 3:
-            msg = f"PatchCore input: expected (B, 3, H, W), got {tuple(image.shape)}"
-            raise ValueError(msg)
-        if image.shape[-2] % self.stride or image.shape[-1] % self.stride:
-            msg = f"PatchCore input: H and W must be multiples of {self.stride}, got {tuple(image.shape[-2:])}"
-            raise ValueError(msg)
+        check_input(image, self.stride, "PatchCore")
 
 
 def _reservoir(
