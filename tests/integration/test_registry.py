@@ -219,10 +219,12 @@ def test_models_cli_list_show_promote(tmp_path, capsys):
     root = str(tmp_path)
     registry = Registry(root)
     registry.register("nut", FILES, _metrics(0.9), version="v1")
-    registry.register("nut", FILES, _metrics(0.7), version="v2")
+    registry.register("nut", FILES, {**_metrics(0.7), "family": "patchcore"}, version="v2")
     assert cli_main(["models", "list", "--store", root]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[:2] for line in lines] == [["*", "nut"], ["nut", "v2"]]
+    # the family of each version; versions recorded before the second family are TSDN
+    assert "family=tsdn" in lines[0] and "family=patchcore" in lines[1]
     assert cli_main(["models", "promote", "nut", "v2", "--store", root, "--reason", "operator"]) == 0
     assert json.loads(capsys.readouterr().out)["version"] == "v2"
     assert cli_main(["models", "show", "nut", "--store", root]) == 0
