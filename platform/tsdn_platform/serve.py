@@ -567,8 +567,10 @@ class TSDNIngress:
         extras = {item.strip() for item in (include or "").split(",") if item.strip()}
         if extras - {"anomaly_map"}:
             raise ApiError(422, f"include: unknown value(s) {', '.join(sorted(extras))}; expected anomaly_map")
-        if threshold is not None and not math.isfinite(threshold):
-            raise ApiError(422, f"threshold: must be a finite number, got {threshold}")
+        # Every family's raw scores are distances or probabilities (>= 0); a negative or zero threshold would
+        # flag every image and make the heatmap's scale (2 x threshold) empty.
+        if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
+            raise ApiError(422, f"threshold: must be a finite number > 0, got {threshold}")
         try:
             validate_name(product)
         except ValueError as exc:

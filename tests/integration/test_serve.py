@@ -333,6 +333,9 @@ def test_threshold_override_and_anomaly_map(server):
     assert (heatmap["format"], heatmap["height"], heatmap["width"]) == ("png", 80, 96)
     image = Image.open(io.BytesIO(base64.b64decode(heatmap["data"])))
     assert (image.format, image.mode, image.size) == ("PNG", "RGB", (96, 80))
+    for bad in (-1, 0, "nan", "inf"):  # a threshold that would flag everything, or none, is refused
+        refused = server.post(product, server.images[name], threshold=bad)
+        assert refused.status_code == 422 and "threshold" in refused.text
 
 
 @pytest.mark.integration
