@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import posixpath
-import re
 import time
 import uuid
 from collections import Counter
@@ -58,6 +57,7 @@ import ray
 
 from tsdn_platform import store
 from tsdn_platform.config import ConfigError, config_to_yaml, load_config
+from tsdn_platform.names import NAME_PATTERN, validate_name
 
 __all__ = [
     "FORMAT",
@@ -77,7 +77,6 @@ logger = logging.getLogger(__name__)
 FORMAT = "tsdn-shards/1"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "test")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TARGET_FILE_BYTES = 128 * 1024 * 1024
 _ROWS_PER_FILE_RANGE = (16, 4096)
 # What the driver pulls back after processing (no pixel bytes): counts, hashes, the report, timings.
@@ -133,13 +132,12 @@ class IngestConfig:
             if not getattr(self, name):
                 msg = f"{name} is required"
                 raise ConfigError(msg)
-        if not _NAME.match(self.dataset):
-            msg = f"dataset {self.dataset!r}: use letters, digits, '.', '_' and '-' only"
-            raise ConfigError(msg)
-        for product in self.products or ():
-            if not _NAME.match(product):
-                msg = f"product {product!r}: use letters, digits, '.', '_' and '-' only"
-                raise ConfigError(msg)
+        try:
+            validate_name(self.dataset, "dataset")
+            for product in self.products or ():
+                validate_name(product)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         if self.image_size < 16:
             msg = f"image_size={self.image_size}: must be >= 16"
             raise ConfigError(msg)
@@ -225,6 +223,15 @@ def discover(source: str, products: list[str] | None = None) -> dict[str, list[s
             f"({len(files)} files under the source)"
         )
         raise IngestError(source, reason)
+    if not products:
+        # A discovered folder becomes a store path segment and a product id: the same rule as everywhere else.
+        bad = [p for p in found if not NAME_PATTERN.match(p) or ".." in p]
+        if bad:
+            reason = (
+                f"product folder(s) {', '.join(repr(b) for b in bad)} are not valid product ids (1-64 characters "
+                "[A-Za-z0-9_.-], starting alphanumeric, no '..'); rename them or choose others with --products"
+            )
+            raise IngestError(source, reason)
     if products:
         missing = sorted(set(products) - set(found))
         if missing:

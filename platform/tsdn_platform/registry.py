@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import sys
 import threading
 import time
@@ -49,6 +48,7 @@ from typing import Any, Literal
 import pyarrow.fs as pafs
 
 from tsdn_platform import __version__, store
+from tsdn_platform.names import NAME_PATTERN, validate_name
 
 __all__ = [
     "DEFAULT_PROMOTE_METRIC",
@@ -80,8 +80,6 @@ STALE_LOCK_S = 60.0
 CAS_ATTEMPTS = 50
 
 PromotePolicy = Literal["better", "always", "never"]
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class RegistryError(Exception):
@@ -138,14 +136,6 @@ class ModelRef:
     version: str
     metrics: dict[str, Any] = field(default_factory=dict)
     uri: str = ""
-
-
-def validate_name(name: str, what: str = "product") -> str:
-    """Product and version ids are path segments: ``^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`` and no ``..``."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
-        msg = f"{what} id {name!r}: expected 1-64 characters [A-Za-z0-9_.-], starting alphanumeric, no '..'"
-        raise ValueError(msg)
-    return name
 
 
 def new_version_id(run_id: str, now: dt.datetime | None = None) -> str:
@@ -206,7 +196,7 @@ class Registry:
         selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
         infos = store.retrying(self.root, lambda: fs.get_file_info(selector))
         names = sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory)
-        return [name for name in names if _NAME_RE.match(name) and self.list_versions(name)]
+        return [name for name in names if NAME_PATTERN.match(name) and self.list_versions(name)]
 
     def list_versions(self, product: str) -> list[str]:
         """Complete versions of ``product`` (those with a ``metrics.json``), oldest first."""
@@ -215,7 +205,7 @@ class Registry:
         found = []
         for uri in store.list_files(versions_uri, recursive=True, suffixes=(f"/{METRICS_FILE}",)):
             relative = uri[len(prefix) :].split("/")
-            if len(relative) == 2 and _NAME_RE.match(relative[0]):
+            if len(relative) == 2 and NAME_PATTERN.match(relative[0]):
                 found.append(relative[0])
         return sorted(found)
 

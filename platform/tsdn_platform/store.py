@@ -295,8 +295,15 @@ def is_s3(uri: str) -> bool:
 
 
 def join(uri: str, *parts: str) -> str:
-    """``join("s3://b/p/", "a", "b.json") -> "s3://b/p/a/b.json"``; works the same for local paths."""
+    """``join("s3://b/p/", "a", "b.json") -> "s3://b/p/a/b.json"``; works the same for local paths.
+
+    A part holding a ``.`` or ``..`` path segment is refused (``StoreError``, kind ``invalid``): a key built from
+    a discovered name must never point outside the prefix it was joined to.
+    """
     segments = [part.strip("/") for part in parts if part.strip("/")]
+    for segment in segments:
+        if any(piece in (".", "..") for piece in segment.split("/")):
+            raise StoreError(uri, f"path part {segment!r} would leave its prefix ('.' or '..' segment)", INVALID)
     base = uri.rstrip("/") or uri
     if not segments:
         return base

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from tsdn._config_io import ConfigError
 from tsdn.surf import decode_labels, slic_labels
 from tsdn_platform import store
 from tsdn_platform.cli import main as cli_main
@@ -242,6 +243,25 @@ def test_empty_or_non_mvtec_trees_are_clear_errors(tmp_path):
 def test_unknown_product_is_named(demo_root, tmp_path):
     with pytest.raises(IngestError, match="product\\(s\\) marble not found"):
         run_ingest(_config(str(demo_root), str(tmp_path / "store"), products=["marble"]))
+
+
+def test_discovered_folders_follow_the_one_name_rule(tmp_path):
+    """A folder ingest discovers becomes a product id: ``my prod`` is refused as train would refuse it."""
+    from tsdn_platform.names import validate_name
+    from tsdn_platform.train import TrainConfig
+
+    for product in ("my prod", "-x"):
+        (tmp_path / "src" / product / "train" / "good").mkdir(parents=True)
+        (tmp_path / "src" / product / "train" / "good" / "0.png").write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
+    with pytest.raises(IngestError, match="'-x', 'my prod' are not valid product ids"):
+        run_ingest(_config(str(tmp_path / "src"), str(tmp_path / "store")))
+    with pytest.raises(ConfigError, match=r"product id 'a\.\.b'"):
+        _config(str(tmp_path / "src"), str(tmp_path / "store"), products=["a..b"])
+    with pytest.raises(ValueError, match="product id 'my prod'"):
+        TrainConfig(store="s", dataset="d", products=["my prod"])
+    assert validate_name("x" * 64) == "x" * 64
+    with pytest.raises(ValueError, match="1-64 characters"):
+        validate_name("x" * 65)
 
 
 def test_s3_down_is_a_clear_error(s3, demo_root, monkeypatch):

@@ -106,6 +106,11 @@ def test_join():
     assert store.join("/tmp/x", "y") == "/tmp/x/y"
     assert store.join("file:///tmp/x/", "") == "file:///tmp/x"
     assert store.join("/", "etc") == "/etc"
+    assert store.join("s3://b/p", "a..b", ".hidden") == "s3://b/p/a..b/.hidden"  # dots inside a name are fine
+    for escaping in ("..", "a/../b", "./x", "x/."):
+        with pytest.raises(StoreError, match="would leave its prefix") as caught:
+            store.join("/tmp/store/datasets", escaping)
+        assert caught.value.kind == "invalid"
 
 
 def test_store_error_pickles_with_its_kind():
