@@ -172,7 +172,8 @@ class TSDN(nn.Module):
             "mask": has_mask and source in ("mask", "fused", "scales", "all"),
             "feature": source in ("feature", "all"),
         }
-        out = self._run(image, with_targets=False, with_mask=want["mask"], fne_gate=True)
+        encoded = self.encoder((image - self.mean) / self.std)
+        out = self._run(image, with_targets=False, with_mask=want["mask"], fne_gate=True, encoded=encoded)
         maps: dict[str, torch.Tensor] = {}
         if want["reconstruction"]:
             maps["reconstruction"] = score_map(image, out.reconstruction, sigma)
@@ -180,19 +181,26 @@ class TSDN(nn.Module):
             maps["mask"] = blur_map(torch.sigmoid(out.mask_logits.float()), sigma)
         if want["feature"]:
             stages = self.feature_stages
-            of_image = self.encoder((image - self.mean) / self.std)
-            of_recon = self.encoder((out.reconstruction - self.mean) / self.std)
+            of_recon = self.encoder((out.reconstruction - self.mean) / self.std)  # I's features: `encoded`
             maps["feature"] = feature_distance_map(
-                [of_image[i] for i in stages], [of_recon[i] for i in stages], tuple(image.shape[-2:]), sigma
+                [encoded[i] for i in stages], [of_recon[i] for i in stages], tuple(image.shape[-2:]), sigma
             )
         if source in ("fused", "all") and has_mask:
             scales = self.score_scales.float()
             maps["fused"] = 0.5 * (maps["reconstruction"] / scales[0] + maps["mask"] / scales[1])
         return maps, out.reconstruction
 
-    def _run(self, image: torch.Tensor, with_targets: bool, with_mask: bool, fne_gate: bool) -> TSDNOutput:
+    def _run(
+        self,
+        image: torch.Tensor,
+        with_targets: bool,
+        with_mask: bool,
+        fne_gate: bool,
+        encoded: list[torch.Tensor] | None = None,
+    ) -> TSDNOutput:
+        """Both streams; ``encoded`` = the encoder's features of ``image`` when the caller already has them."""
         self._check_input(image)
-        *skips, deepest = self.encoder((image - self.mean) / self.std)
+        *skips, deepest = encoded if encoded is not None else self.encoder((image - self.mean) / self.std)
         features = self.reduce(deepest)
         mask_logits = weights_logits = weights_gt = None
         bottleneck = features

@@ -22,7 +22,7 @@ serving and the checkpoint format serve both families without branching.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -245,10 +245,22 @@ class PatchCore(nn.Module):
 
     @torch.inference_mode()
     def fit(self, batches: Iterable[torch.Tensor]) -> dict[str, int]:
-        """Build the bank from normal images given as (B, 3, S, S) batches in [0, 1].
+        """Build the bank from normal images given as (B, 3, S, S) batches in [0, 1] (see :meth:`fit_patches`)."""
+
+        def patches() -> Iterator[torch.Tensor]:
+            for images in batches:
+                emb = self.embed(images)
+                yield emb.permute(0, 2, 3, 1).reshape(images.shape[0], -1, emb.shape[1])
+
+        return self.fit_patches(patches())
+
+    @torch.inference_mode()
+    def fit_patches(self, batches: Iterable[torch.Tensor]) -> dict[str, int]:
+        """Build the bank from per-image patch features, (B, P, D) batches (what :meth:`embed` gives, flattened).
 
         At most ``max_patches`` patches are held: once the pool is full, each batch contributes the share of
-        its patches that keeps the pool a uniform sample of all patches seen (reservoir sampling by batch).
+        its patches that keeps the pool a uniform sample of all patches seen (reservoir sampling by batch);
+        then the greedy coreset keeps ``coreset_fraction`` of the pool, at most ``coreset_max`` rows.
 
         Returns:
             ``{"images", "patches_seen", "patches_pooled", "bank_size"}``.
@@ -256,22 +268,22 @@ class PatchCore(nn.Module):
         generator = torch.Generator().manual_seed(self.cfg.seed)
         pool: torch.Tensor | None = None
         seen = n_images = 0
-        for images in batches:
-            emb = self.embed(images)
-            patches = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).float().cpu()
-            n_images += images.shape[0]
-            pool, seen = _reservoir(pool, patches, seen, self.cfg.max_patches, generator)
+        for batch in batches:
+            n_images += batch.shape[0]
+            flat = batch.reshape(-1, batch.shape[-1]).float().cpu()
+            pool, seen = _reservoir(pool, flat, seen, self.cfg.max_patches, generator)
         if pool is None:
             msg = "PatchCore.fit: no training images"
             raise ValueError(msg)
-        keep = min(self.cfg.coreset_max, max(1, math.ceil(self.cfg.coreset_fraction * pool.shape[0])))
-        if keep < pool.shape[0]:
+        pooled = pool.shape[0]
+        keep = min(self.cfg.coreset_max, max(1, math.ceil(self.cfg.coreset_fraction * pooled)))
+        if keep < pooled:
             pool = pool[greedy_coreset(pool, keep, self.cfg.projection_dim, self.cfg.seed)]
         self.bank = pool.to(getattr(torch, self.cfg.bank_dtype)).to(self.mean.device).contiguous()
         return {
             "images": n_images,
             "patches_seen": seen,
-            "patches_pooled": int(min(seen, self.cfg.max_patches)),
+            "patches_pooled": pooled,
             "bank_size": int(self.bank.shape[0]),
         }
 

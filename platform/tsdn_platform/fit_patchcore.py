@@ -63,7 +63,7 @@ def fit_patchcore(cfg: Any, product: str, run_name: str, datasets: dict[str, Any
 
     from tsdn.checkpoint import checkpoint_files
     from tsdn.metrics import evaluate
-    from tsdn.patchcore import PatchCore, _reservoir, greedy_coreset
+    from tsdn.patchcore import PatchCore
     from tsdn.predict import Predictor
     from tsdn.scoring import fit_calibration
     from tsdn_platform.train import _batches, _collect_test, _predict, validate_holdout
@@ -84,33 +84,17 @@ def fit_patchcore(cfg: Any, product: str, run_name: str, datasets: dict[str, Any
             num_gpus=cfg.gpus_per_worker if cfg.use_gpu else 0,
         )
     )
-    generator = torch.Generator().manual_seed(pc_cfg.seed)
-    pool, seen, n_images = None, 0, 0
-    for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
-        patches = torch.from_numpy(batch["patches"]).float()
-        n_images += patches.shape[0]
-        pool, seen = _reservoir(pool, patches.reshape(-1, patches.shape[-1]), seen, pc_cfg.max_patches, generator)
-    if pool is None:
-        msg = f"{product}: no training images to fit PatchCore on"
-        raise ValueError(msg)
-    pooled = pool.shape[0]
-    keep = min(pc_cfg.coreset_max, max(1, int(np.ceil(pc_cfg.coreset_fraction * pooled))))
-    coreset_started = time.perf_counter()
-    if keep < pooled:
-        pool = pool[greedy_coreset(pool, keep, pc_cfg.projection_dim, pc_cfg.seed)]
-    coreset_s = time.perf_counter() - coreset_started
     model = PatchCore(pc_cfg, opener=store.read_bytes)
-    model.bank = pool.to(getattr(torch, pc_cfg.bank_dtype)).contiguous()
-    model.cfg = pc_cfg
-    fit_s = time.perf_counter() - started
+    batches = embedded.iter_batches(batch_size=None, batch_format="numpy")
+    try:
+        stats = model.fit_patches(torch.from_numpy(batch["patches"]) for batch in batches)
+    except ValueError as exc:
+        msg = f"{product}: {exc}"
+        raise ValueError(msg) from exc
     fit = {
-        "images": n_images,
-        "patches_seen": seen,
-        "patches_pooled": pooled,
-        "bank_size": int(model.bank.shape[0]),
+        **stats,
         "bank_bytes": int(model.bank.numel() * model.bank.element_size()),
-        "fit_s": round(fit_s, 2),
-        "coreset_s": round(coreset_s, 2),
+        "fit_s": round(time.perf_counter() - started, 2),
     }
     logger.info("%s: PatchCore fit %s", product, fit)
 
