@@ -31,7 +31,8 @@ class Detection:
 
     Attributes:
         anomaly_score: raw image score, the maximum of the anomaly map at the network resolution.
-        normalized_score: the score mapped to [0, 1] by the calibration.
+        normalized_score: the score mapped to [0, 1] by the calibration, 0.5 at the applied threshold (so
+            ``normalized_score >= 0.5`` exactly when ``is_anomalous``, overridden threshold or not).
         is_anomalous: ``anomaly_score >= threshold``.
         threshold: the raw-score threshold applied (the calibrated one unless overridden).
         anomaly_map: (H, W) float32 raw score map at the input image's resolution.
@@ -102,10 +103,20 @@ class Predictor:
                 parts.append(type(pred)(*(t.float().cpu() for t in pred)))
         return type(parts[0])(*(torch.cat(ts) for ts in zip(*parts)))
 
-    def predict(self, images: Sequence[ImageInput], threshold: float | None = None) -> list[Detection]:
-        """Detections for ``images``, anomaly maps resized (bilinear) back to each input's (H, W).
+    def predict(
+        self,
+        images: Sequence[ImageInput],
+        threshold: float | None = None,
+        map_size: tuple[int, int] | None = None,
+    ) -> list[Detection]:
+        """Detections for ``images``.
 
-        ``threshold`` overrides the calibrated raw-score threshold.
+        Args:
+            images: decoded images of any size and mode.
+            threshold: overrides the calibrated raw-score threshold.
+            map_size: (h, w) of the returned anomaly maps. None: each input's own (H, W). The model's map is
+                resized once (bilinear, antialiased when shrinking) and not at all when ``map_size`` is the
+                network's (S, S), so those maps are exactly the ones :meth:`predict_tensor` returns.
         """
         if self.calibration is None:
             msg = "Predictor.predict: no calibration (this predictor was built for validation); use predict_tensor"
@@ -116,11 +127,11 @@ class Predictor:
             batch, sizes = self._prepare(images[start : start + self.batch_size])
             pred = self.predict_tensor(batch)
             for anomaly_map, score, size in zip(pred.anomaly_map, pred.anomaly_score.tolist(), sizes):
-                full = F.interpolate(anomaly_map[None], size=size, mode="bilinear", align_corners=False)
+                full = _resize_map(anomaly_map[None], map_size or size)
                 detections.append(
                     Detection(
                         anomaly_score=score,
-                        normalized_score=float(self.calibration.normalize(score)),
+                        normalized_score=float(self.calibration.normalize(score, limit)),
                         is_anomalous=score >= limit,
                         threshold=limit,
                         anomaly_map=full[0, 0].numpy().astype(np.float32, copy=False),
@@ -137,6 +148,14 @@ class Predictor:
         if not tensors:
             return torch.empty(0, 3, self.image_size, self.image_size), sizes
         return torch.stack(tensors), sizes
+
+
+def _resize_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(1, 1, S, S) -> (1, 1, h, w): bilinear, antialiased when shrinking; the same tensor when the size matches."""
+    if tuple(anomaly_map.shape[-2:]) == tuple(size):
+        return anomaly_map
+    shrinking = size[0] < anomaly_map.shape[-2] or size[1] < anomaly_map.shape[-1]
+    return F.interpolate(anomaly_map, size=size, mode="bilinear", antialias=shrinking, align_corners=False)
 
 
 def resize_rgb(rgb: np.ndarray, size: int) -> torch.Tensor:
