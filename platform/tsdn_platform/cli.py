@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -57,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, batch-score and serve TSDN anomaly-detection models on Ray.",
     )
     parser.add_argument("--version", action="version", version=f"tsdn-platform {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, and Ray's own INFO logs and progress bars"
+    )
     parser.add_argument("--debug", action="store_true", help="print the traceback of a failure")
     # Also accepted after the subcommand; SUPPRESS keeps a subcommand's absent flag from hiding the top-level one.
     common = argparse.ArgumentParser(add_help=False)
@@ -94,6 +97,8 @@ def exit_status(exc: BaseException) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ["TSDN_VERBOSE"] = "1"  # tsdn_platform.ray_session.VERBOSE_ENV; workers inherit it
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

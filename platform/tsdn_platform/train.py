@@ -678,8 +678,10 @@ def build_trainer(cfg: TrainConfig, product: str, run_name: str, runs_uri: str, 
     the filesystem comes from :func:`tsdn_platform.store.resolve`).
     """
     import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from tsdn_platform.ray_session import verbose
 
     fs, runs_path = store.resolve(runs_uri)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
@@ -693,6 +695,9 @@ def build_trainer(cfg: TrainConfig, product: str, run_name: str, runs_uri: str, 
             storage_path=runs_path,
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # Ray Train's own INFO lines (every report, every checkpoint) only under --verbose; the loop's
+            # per-epoch line is the platform's and always shows.
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,
                 checkpoint_score_attribute=cfg.checkpoint_metric,
