@@ -40,6 +40,9 @@ VERBOSE_ENV = "TSDN_VERBOSE"
 _CHATTY_LOGGERS = ("ray.data", "ray.train", "ray.serve", "ray.tune", "ray.util.placement_group")
 
 
+_PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
 def verbose() -> bool:
     """Whether the user asked for Ray's own progress and INFO lines (``tsdn --verbose``)."""
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
@@ -56,6 +59,9 @@ def quiet_ray_loggers(data: bool = False) -> None:
         return
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray Train's placement-group cleaner polls the State API, which needs the dashboard a local cluster does not
+    # start; it then warns every few seconds that the API "may be temporarily unavailable" (20 lines a demo).
+    logging.getLogger(_PG_CLEANER_LOGGER).setLevel(logging.ERROR)
     os.environ.update(quiet_env())  # read when ray.data (and Ray Train's controller) start
     if not data and "ray.data" not in sys.modules:  # a worker that never runs Ray Data does not pay for importing it
         return
