@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
 from tsdn.image import colorize, decode_image, to_rgb
 from tsdn_platform import store
+from tsdn_platform.score_rows import MAP_COLUMNS, decode_maps
 
 logger = logging.getLogger(__name__)
 
@@ -131,17 +131,8 @@ def _read(uri: str, columns: Sequence[str] | None = None) -> pa.Table:
 
 
 def _maps_of(table: pa.Table) -> list[np.ndarray | None]:
-    """``score_map`` (fixed-shape tensor, null for error rows) -> one (H, W) float32 array or None per row."""
-    column = table["score_map"].combine_chunks()
-    valid = pc.is_valid(column).to_pylist()
-    shape = column.type.shape
-    size = int(np.prod(shape))
-    storage = column.storage  # fixed_size_list: null rows keep their (zero) slots in ``values``
-    values = storage.values.to_numpy(zero_copy_only=False)[
-        storage.offset * size : (storage.offset + len(column)) * size
-    ]
-    flat = values.reshape(len(column), *shape)
-    return [flat[i].astype(np.float32) if ok else None for i, ok in enumerate(valid)]
+    """The maps of score rows -> one (H, W) float32 array or None per row."""
+    return [None if m is None else m.astype(np.float32) for m in decode_maps(table)]
 
 
 def _from_table(table: pa.Table, manifest: dict[str, Any] | None) -> _Rows:
@@ -169,7 +160,7 @@ def _from_output(uri: str, top_n: int) -> _Rows:
         wanted[origin[i][0]].append(i)
     maps = {}
     for file, indices in wanted.items():
-        file_maps = _maps_of(_read(file, ["score_map"]))
+        file_maps = _maps_of(_read(file, MAP_COLUMNS))
         maps.update({i: file_maps[origin[i][1]] for i in indices})
     return _Rows(rows, maps, manifest)
 

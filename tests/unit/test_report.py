@@ -14,6 +14,7 @@ from PIL import Image
 
 from tsdn.image import colorize
 from tsdn_platform.report import overlay_heatmap, write_report
+from tsdn_platform.score_rows import encode_maps
 
 
 def _rows(tmp_path, n: int = 4) -> list[dict]:
@@ -69,15 +70,9 @@ def test_report_reads_a_score_parquet_file_and_reports_missing_originals(tmp_pat
     rows = _rows(tmp_path, n=2)
     rows[1]["source_uri"] = str(tmp_path / "gone.png")
     maps = [r.pop("score_map") for r in rows]
-    storage = pa.FixedSizeListArray.from_arrays(
-        pa.array(
-            np.concatenate([np.zeros(256, np.float16) if m is None else m.astype(np.float16).ravel() for m in maps])
-        ),
-        256,
-        mask=pa.array([m is None for m in maps]),
-    )
-    column = pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float16(), [16, 16]), storage)
-    table = pa.Table.from_pylist(rows).append_column("score_map", column)
+    table = pa.Table.from_pylist(rows)
+    for name, column in encode_maps(maps).items():
+        table = table.append_column(name, column)
     pq.write_table(table, tmp_path / "part-0.parquet")
     page = write_report(tmp_path / "part-0.parquet", tmp_path / "report", top_n=5).read_text()
     assert page.count('class="card ') == 2  # the error row is not a card
