@@ -210,7 +210,7 @@ def _score(p: argparse.ArgumentParser) -> None:
     routing.add_argument("--product-from-path", help="path pattern naming the product, e.g. '{product}/**'")
     p.add_argument("--version", help="pin this model version instead of the registry's best")
     p.add_argument("--report", help="folder for an HTML report of the most anomalous images")
-    p.add_argument("--report-top-n", type=int, help="images in the report (default 16)")
+    p.add_argument("--report-max-images", type=int, help="most image cards in the report (default 400)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     _config_args(p)
 

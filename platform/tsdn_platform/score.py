@@ -151,7 +151,8 @@ class ScoreConfig:
     model's input size, where the training job measured the registry's test metrics, so both say the same
     numbers; a smaller size makes smaller files, and the manifest's ``map_size`` names it). ``job_id`` defaults to
     a hash of the inputs, model versions and result-shaping settings. ``address``: Ray cluster (default
-    ``$RAY_ADDRESS``, else a local one on 127.0.0.1).
+    ``$RAY_ADDRESS``, else a local one on 127.0.0.1). ``report_dir``: also write the HTML report there
+    (:mod:`tsdn_platform.report`); ``report_max_images``: the most image cards it shows.
 
     ``max_error_fraction``: the job fails, committing nothing, when more than this fraction of rows are errors
     (inputs that cannot be decoded, products without a model); it always fails when no row could be scored.
@@ -176,7 +177,7 @@ class ScoreConfig:
     max_image_pixels: int = 64_000_000
     min_rows_per_file: int = 1024
     report_dir: str | None = None
-    report_top_n: int = 16
+    report_max_images: int = 400
     job_id: str | None = None
     max_error_fraction: float = 1.0
     store_retry_s: float = _STORE_RETRY_S
@@ -192,8 +193,8 @@ class ScoreConfig:
             raise ValueError(msg)
         if self.product_from_path is not None:
             _path_regex(self.product_from_path)
-        if self.batch_size < 1 or self.min_rows_per_file < 1 or self.report_top_n < 1:
-            msg = "batch_size, min_rows_per_file and report_top_n must be >= 1"
+        if self.batch_size < 1 or self.min_rows_per_file < 1 or self.report_max_images < 1:
+            msg = "batch_size, min_rows_per_file and report_max_images must be >= 1"
             raise ValueError(msg)
         low, high = self.num_actors
         if not 1 <= low <= high:
@@ -829,7 +830,8 @@ def _run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         from tsdn_platform.report import write_report
 
         title = f"TSDN scores: {cfg.input}"
-        manifest["report"] = str(write_report(cfg.output, cfg.report_dir, top_n=cfg.report_top_n, title=title))
+        report = write_report(cfg.output, cfg.report_dir, max_images=cfg.report_max_images, title=title)
+        manifest["report"] = str(report)
     return manifest
 
 
@@ -847,7 +849,7 @@ def main(args: argparse.Namespace) -> int:
             "product_from_path": args.product_from_path,
             "version": args.version,
             "report_dir": args.report,
-            "report_top_n": args.report_top_n,
+            "report_max_images": args.report_max_images,
             "address": args.address,
         },
     )

@@ -6,12 +6,15 @@ for idempotence), and an ingested test split with a pinned version, ground truth
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
+import re
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from _browser import dump_dom
 from PIL import Image
 
 from tsdn.checkpoint import checkpoint_files
@@ -402,16 +406,29 @@ def _shard(world) -> str:
     return uri.rsplit("/", 1)[0]
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-def test_ingested_split_with_pinned_version_metrics_and_report_via_the_cli(world, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def ingested(world, tmp_path_factory):
+    """The CLI scoring an ingested split with a pinned version, model-size maps and a report."""
     split_uri = _shard(world)
     output = store.join(world["root"], "scores-ingested")
+    report = tmp_path_factory.mktemp("report")
     argv = ["score", "--store", store.join(world["root"], "store"), "--input", split_uri, "--output", output]
-    argv += ["--version", "v2", "--report", str(tmp_path / "report"), "--report-top-n", "3"]
-    assert cli_main([*argv, "--set", "output_map_size=null"]) == 0
-    out = capsys.readouterr().out  # Ray may print worker lines too; the summary starts with "job_id"
-    summary, _ = json.JSONDecoder().raw_decode(out[out.index('{\n  "job_id"') :])
+    argv += ["--version", "v2", "--report", str(report), "--set", "output_map_size=null"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli_main(argv)
+    printed = out.getvalue()  # Ray may print worker lines too; the summary starts with "job_id"
+    summary, _ = json.JSONDecoder().raw_decode(printed[printed.index('{\n  "job_id"') :])
+    fs, path = store.resolve(store.join(split_uri, "part-00000.parquet"))
+    shard = {r["image_id"]: r for r in pq.read_table(path, filesystem=fs).to_pylist()}
+    return {"code": code, "summary": summary, "output": output, "split": split_uri, "shard": shard}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_ingested_split_with_pinned_version_metrics_and_report_via_the_cli(world, ingested):
+    summary, output, split_uri = ingested["summary"], ingested["output"], ingested["split"]
+    assert ingested["code"] == 0
     manifest = store.read_json(store.join(output, MANIFEST))
     table = _read_output(output)
     assert set(table["model_version"].to_pylist()) == {"v2"}  # pinned, although v1 is the best
@@ -420,22 +437,73 @@ def test_ingested_split_with_pinned_version_metrics_and_report_via_the_cli(world
     shard = store.join(split_uri, "part-00000.parquet")
     for row in table.to_pylist():
         assert row["source_uri"] == f"{shard}#{row['image_id']}"
-    fs, path = store.resolve(shard)
-    images = {r["image_id"]: r["image"] for r in pq.read_table(path, filesystem=fs).to_pylist()}
-    for row in table.to_pylist():
-        det = _expected(world["registry"], "alpha", "v2", images[row["image_id"]], row["image_id"])
+        truth = ingested["shard"][row["image_id"]]
+        assert (row["label"], row["defect_type"]) == (truth["label"], truth["defect_type"])
+        assert row["has_mask"] == (truth["mask"] is not None)
+        det = _expected(world["registry"], "alpha", "v2", truth["image"], row["image_id"])
         assert row["anomaly_score"] == pytest.approx(det.anomaly_score, rel=1e-5)
+        assert row["normalized_score"] == pytest.approx(det.normalized_score, rel=1e-5)
     metrics = manifest["metrics"]["alpha"]
     assert metrics["images"] == 4
     for name in ("image_auroc", "pixel_auroc", "aupro"):
         assert 0.0 <= metrics[name] <= 1.0
     assert summary["job_id"] == manifest["job_id"] and summary["rows_written"] == 4
     page = Path(summary["report"]).read_text()
-    top = sorted(table.to_pylist(), key=lambda r: -r["anomaly_score"])[:3]
-    positions = [page.index(r["image_id"]) for r in top]
-    assert positions == sorted(positions)  # most anomalous first
-    assert page.count('alt="heatmap overlay"') == 3
-    assert "image_auroc" in page
+    ranked = sorted(table.to_pylist(), key=lambda r: -r["normalized_score"])
+    positions = [page.index(f"&mdash; {r['image_id']}</figcaption>") for r in ranked]
+    assert positions == sorted(positions)  # every image, highest normalised score first
+    assert page.count('alt="heatmap overlay"') == 4
+    alpha = re.search(r'<tr data-product="alpha">(.*?)</tr>', page).group(1)
+    assert f"<td>{metrics['pixel_auroc']:.3f}</td><td>{metrics['aupro']:.3f}</td>" in alpha  # the manifest's
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_default_readers_see_the_ground_truth_of_an_ingested_split(ingested, tmp_path):
+    seen, maps = _read_with_default_readers(ingested["output"], tmp_path)
+    expected = {r["image_id"]: r for r in _read_output(ingested["output"]).to_pylist()}
+    assert {r["defect_type"] for r in expected.values()} == {"good", "spot"}
+    _assert_readers_agree(seen, expected)
+    for reader in ("pyarrow", "pandas", "duckdb"):
+        for image_id, row in seen["rows"][reader].items():
+            assert row["label"] == ingested["shard"][image_id]["label"]
+            assert row["shape"] == [SIZE, SIZE]
+            assert np.load(maps / f"{reader}-{image_id.replace('/', '~')}.npy").shape == (SIZE, SIZE)
+
+
+def _visible_cards(dom: str) -> list[dict[str, str]]:
+    cards = []
+    for attrs in re.findall(r'<figure (class="card[^>]*)>', dom):
+        if not re.search(r"\bhidden\b", attrs):
+            cards.append(dict(re.findall(r'data-(\w+)="([^"]*)"', attrs)))
+    return cards
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_report_of_a_real_job_in_a_browser(ingested):
+    """issue 14 item 3: the report of a score job, rendered in headless Chromium after its script ran."""
+    page = Path(ingested["summary"]["report"])
+    rows = _read_output(ingested["output"]).to_pylist()
+    outcomes = Counter(
+        ("TP" if r["is_anomalous"] else "FN") if r["label"] else ("FP" if r["is_anomalous"] else "TN") for r in rows
+    )
+    dom = dump_dom(page)
+    assert len(_visible_cards(dom)) == len(rows) == 4
+    matrix = re.search(r'<table class="confusion" data-product="alpha">(.*?)</table>', dom, re.S).group(1)
+    cells = {name: int(n) for name, n in re.findall(r'data-cell="(\w+)">(\d+)<', matrix)}
+    assert cells == {name: outcomes[name] for name in ("TP", "FP", "FN", "TN")}
+    for kind in ("roc", "pr"):  # the split has both classes
+        assert re.search(rf'<svg class="curve {kind}" data-product="alpha".*?<polyline points="[^"]+"', dom, re.S)
+    for fragment, want in {
+        **{f"outcome={name}": outcomes[name] for name in ("TP", "FP", "FN", "TN")},
+        "defect=spot": 2,
+        "decision=anomalous": sum(r["is_anomalous"] for r in rows),
+        "product=alpha&defect=good": 2,
+    }.items():
+        dom = dump_dom(page, fragment)
+        assert len(_visible_cards(dom)) == want, fragment
+        assert f'<span id="shown">{want}</span>' in dom, fragment
 
 
 @pytest.mark.integration
