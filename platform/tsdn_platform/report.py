@@ -122,7 +122,7 @@ def write_report(
         title=html.escape(title),
         facts=_job_facts(data.manifest),
         summary=_summary_table(stats, data.manifest),
-        sections="\n".join(_product_section(s, data.manifest) for s in stats.values() if s.scored),
+        sections="\n".join(_product_section(s) for s in stats.values() if s.scored),
         controls=_controls(data.rows, shown),
         shown=len(shown),
         cap_note=_cap_note(len(shown), scored),
@@ -460,7 +460,7 @@ def _curve_svg(kind: str, product: str, x: np.ndarray, y: np.ndarray, point: tup
     return "".join(parts)
 
 
-def _product_section(s: ProductStats, manifest: Mapping[str, Any] | None) -> str:
+def _product_section(s: ProductStats) -> str:
     name = html.escape(s.product)
     threshold = (
         f"calibrated threshold <b>{_fmt(s.threshold)}</b> (raw score units of this model; normalised score 0.5)"
