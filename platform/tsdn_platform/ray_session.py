@@ -41,6 +41,7 @@ _CHATTY_LOGGERS = ("ray.data", "ray.train", "ray.serve", "ray.tune", "ray.util.p
 
 
 _PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_TRAIN_REPORT_MODULE = ("train", "v2", "_internal", "execution", "context.py")
 
 
 def verbose() -> bool:
@@ -62,6 +63,12 @@ def quiet_ray_loggers(data: bool = False) -> None:
     # Ray Train's placement-group cleaner polls the State API, which needs the dashboard a local cluster does not
     # start; it then warns every few seconds that the API "may be temporarily unavailable" (20 lines a demo).
     logging.getLogger(_PG_CLEANER_LOGGER).setLevel(logging.ERROR)
+    # Every ``ray.train.report`` call is logged at INFO by a logger named after its module's *file path*
+    # (``logging.getLogger(__file__)``), outside the ``ray.train`` hierarchy that LoggingConfig filters.
+    import ray
+
+    report_logger = os.path.join(os.path.dirname(ray.__file__), *_TRAIN_REPORT_MODULE)
+    logging.getLogger(report_logger).setLevel(logging.WARNING)
     os.environ.update(quiet_env())  # read when ray.data (and Ray Train's controller) start
     if not data and "ray.data" not in sys.modules:  # a worker that never runs Ray Data does not pay for importing it
         return
