@@ -68,9 +68,9 @@ def test_opaque_alpha_and_16_bit_inputs_match_their_plain_versions(predictor):
 def test_predict_agrees_with_predict_tensor_and_batching(predictor):
     images = _inputs()
     batch = predictor.preprocess(images)
-    assert batch.shape == (len(images), 3, 64, 64) and batch.dtype == torch.float32
+    assert batch.shape == (len(images), 3, 64, 64) and batch.dtype == np.float32
     assert 0 <= batch.min() and batch.max() <= 1
-    pred = predictor.predict_tensor(batch)
+    pred = predictor.predict_tensor(torch.from_numpy(batch))
     scores = [d.anomaly_score for d in predictor.predict(images)]
     one_by_one = Predictor(predictor.model, predictor.calibration, batch_size=1).predict(images)
     np.testing.assert_allclose(scores, pred.anomaly_score.numpy(), rtol=1e-5)
