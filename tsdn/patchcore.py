@@ -294,8 +294,14 @@ class PatchCore(nn.Module):
         batch, dim, height, width = emb.shape
         queries = emb.permute(0, 2, 3, 1).reshape(-1, dim).float()
         dist = nearest_distance(queries, self.bank, self.cfg.query_chunk, self.cfg.bank_chunk)
-        grid = dist.reshape(batch, 1, height, width)
-        full = blur_map(F.interpolate(grid, size=images.shape[-2:], mode="bilinear"), self.cfg.score_sigma)
+        return self.distance_map(dist.reshape(batch, 1, height, width), tuple(images.shape[-2:]))
+
+    def distance_map(self, grid: torch.Tensor, size: tuple[int, int]) -> PatchCorePrediction:
+        """Patch distances (B, 1, h, w) -> the blurred map at ``size`` (H, W) and its image score.
+
+        The step after the search, shared by :meth:`predict` and the exported graph (:mod:`tsdn.export`).
+        """
+        full = blur_map(F.interpolate(grid, size=size, mode="bilinear"), self.cfg.score_sigma)
         return PatchCorePrediction(full, image_score(full, self.cfg.score_topk))
 
     def fit_score_scales(self, images: Any) -> None:
