@@ -88,22 +88,25 @@ class Calibration:
         """``score >= threshold`` for a float, array or tensor of raw scores (or score maps)."""
         return score >= self.threshold
 
-    def normalize(self, score: ScoreT) -> ScoreT:
-        """Map raw scores (or score maps) to [0, 1] so that ``score_min`` -> 0 and ``threshold`` -> 0.5.
+    def normalize(self, score: ScoreT, threshold: float | None = None) -> ScoreT:
+        """Map raw scores (or score maps) to [0, 1] so that ``score_min`` -> 0 and the threshold -> 0.5.
 
-        ``clip(0.5 + 0.5 * (score - threshold) / (threshold - score_min), 0, 1)``, i.e. linear from
-        ``score_min`` (0) through ``threshold`` (0.5) to ``2 * threshold - score_min`` (1): non-decreasing,
-        and ``normalize(s) >= 0.5`` exactly when ``is_anomalous(s)``. If the threshold does not exceed
-        ``score_min`` (degenerate calibration) the span is a tiny positive number: a step at the threshold.
+        ``clip(0.5 + 0.5 * (score - t) / (t - score_min), 0, 1)`` with ``t`` the threshold, i.e. linear from
+        ``score_min`` (0) through ``t`` (0.5) to ``2 * t - score_min`` (1): non-decreasing, and
+        ``normalize(s) >= 0.5`` exactly when ``s >= t``. If ``t`` does not exceed ``score_min`` (a degenerate
+        calibration, or an override below every normal score) the span is a tiny positive number: a step at ``t``.
 
         Args:
             score: a float, a numpy array or a torch tensor of raw scores, any shape.
+            threshold: the threshold the decision applies; None = the calibrated one. A caller that overrides
+                the threshold passes it here, so the normalised score and the decision agree.
 
         Returns:
             The same type and shape, values in [0, 1].
         """
-        span = max(self.threshold - self.score_min, 1e-12 * max(1.0, abs(self.threshold)))
-        scaled = (score - self.threshold) * (0.5 / span) + 0.5
+        limit = self.threshold if threshold is None else float(threshold)
+        span = max(limit - self.score_min, 1e-12 * max(1.0, abs(limit)))
+        scaled = (score - limit) * (0.5 / span) + 0.5
         if isinstance(scaled, (int, float, np.generic)):
             return min(max(float(scaled), 0.0), 1.0)
         return scaled.clip(0.0, 1.0)  # numpy arrays and torch tensors

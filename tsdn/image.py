@@ -12,12 +12,27 @@ import io
 import numpy as np
 from PIL import Image
 
-__all__ = ["FORMATS", "ImageDecodeError", "decode_image", "to_rgb"]
+__all__ = ["FORMATS", "ImageDecodeError", "colorize", "decode_image", "encode_png", "resize_mask", "to_rgb"]
 
 FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 # Pillow reports multi-picture JPEGs (phone and camera files) as MPO; they decode as their first JPEG frame.
 _ACCEPTED = frozenset((*FORMATS, "MPO"))
 _BIT_DEPTH_16 = 65535
+# Anchor colours of matplotlib's "inferno" (black -> purple -> orange -> pale yellow), interpolated linearly.
+# The project's one colormap: the detect API's heatmap, the standalone inferencer and the HTML report.
+_INFERNO = np.array(
+    [
+        [0, 0, 4],
+        [40, 11, 84],
+        [101, 21, 110],
+        [159, 42, 99],
+        [212, 72, 66],
+        [245, 125, 21],
+        [250, 193, 39],
+        [252, 255, 164],
+    ],
+    np.float64,
+)
 
 
 class ImageDecodeError(ValueError):
@@ -176,3 +191,51 @@ def _float_to_uint8(values: np.ndarray) -> np.ndarray:
     if values.size and values.min() >= 0 and values.max() <= 1:
         return _scale(values, 1.0)
     return _min_max(values)
+
+
+def colorize(values: np.ndarray, vmax: float) -> np.ndarray:
+    """(H, W) float scores -> (H, W, 3) uint8 inferno colours, ``[0, vmax]`` spanning the colormap.
+
+    Values above ``vmax`` saturate, NaN draws as 0. A ``vmax`` that is not a finite number > 0 falls back to
+    the map's own maximum (or 1 for an all-zero map).
+    """
+    if values.ndim != 2:
+        msg = f"colorize: expected an (H, W) map, got shape {values.shape}"
+        raise ValueError(msg)
+    values = np.nan_to_num(np.asarray(values, np.float64))
+    if not (np.isfinite(vmax) and vmax > 0):
+        vmax = float(values.max(initial=0.0)) or 1.0
+    scaled = np.clip(values / vmax, 0.0, 1.0)
+    positions = np.linspace(0.0, 1.0, len(_INFERNO))
+    channels = [np.interp(scaled, positions, _INFERNO[:, c]) for c in range(3)]
+    return np.rint(np.stack(channels, axis=-1)).astype(np.uint8)
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """(H, W) uint8 (gray) or (H, W, 3) uint8 (RGB) -> PNG bytes."""
+    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] != 3):
+        msg = f"encode_png: expected (H, W) or (H, W, 3) uint8, got {pixels.dtype} {pixels.shape}"
+        raise ValueError(msg)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L" if pixels.ndim == 2 else "RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) ground-truth mask (any dtype; nonzero = defect) -> (h, w) uint8 in {0, 1}, nearest neighbour.
+
+    The project's one mask resampling: the training job's test metrics (masks of the ingested shards) and the
+    score job's metrics both go through it. Source pixel of output pixel ``i`` is ``floor(i * H / h)``, the
+    rule of ``torch.nn.functional.interpolate(mode="nearest")``, computed here in numpy so an edge box needs
+    no torch.
+    """
+    if mask.ndim != 2 or mask.size == 0:
+        msg = f"resize_mask: expected a non-empty (H, W) mask, got shape {mask.shape}"
+        raise ValueError(msg)
+    binary = (np.asarray(mask) > 0).astype(np.uint8)
+    height, width = shape
+    if (height, width) == binary.shape:
+        return binary
+    rows = np.minimum(np.floor(np.arange(height) * np.float32(binary.shape[0] / height)), binary.shape[0] - 1)
+    cols = np.minimum(np.floor(np.arange(width) * np.float32(binary.shape[1] / width)), binary.shape[1] - 1)
+    return binary[rows.astype(np.int64)[:, None], cols.astype(np.int64)[None, :]]

@@ -17,7 +17,7 @@ from PIL import Image
 
 from tsdn.calibration import Calibration
 from tsdn.image import to_rgb
-from tsdn.resize import resize_bilinear, to_network_input
+from tsdn.resize import resize_antialiased, resize_bilinear, to_network_input
 from tsdn.runtime import ModelRunner, TorchRunner, load_exported
 
 if TYPE_CHECKING:
@@ -37,7 +37,8 @@ class Detection:
 
     Attributes:
         anomaly_score: raw image score, the maximum of the anomaly map at the network resolution.
-        normalized_score: the score mapped to [0, 1] by the calibration.
+        normalized_score: the score mapped to [0, 1] by the calibration, 0.5 at the applied threshold (so
+            ``normalized_score >= 0.5`` exactly when ``is_anomalous``, overridden threshold or not).
         is_anomalous: ``anomaly_score >= threshold``.
         threshold: the raw-score threshold applied (the calibrated one unless overridden).
         anomaly_map: (H, W) float32 raw score map at the input image's resolution.
@@ -133,10 +134,20 @@ class Predictor:
                 parts.append(type(pred)(*(t.float().cpu() for t in pred)))
         return type(parts[0])(*(torch.cat(ts) for ts in zip(*parts)))
 
-    def predict(self, images: Sequence[ImageInput], threshold: float | None = None) -> list[Detection]:
-        """Detections for ``images``, anomaly maps resized (bilinear) back to each input's (H, W).
+    def predict(
+        self,
+        images: Sequence[ImageInput],
+        threshold: float | None = None,
+        map_size: tuple[int, int] | None = None,
+    ) -> list[Detection]:
+        """Detections for ``images``.
 
-        ``threshold`` overrides the calibrated raw-score threshold.
+        Args:
+            images: decoded images of any size and mode.
+            threshold: overrides the calibrated raw-score threshold.
+            map_size: (h, w) of the returned anomaly maps. None: each input's own (H, W). The model's map is
+                resized once (bilinear, antialiased when shrinking) and not at all when ``map_size`` is the
+                network's (S, S), so those maps are exactly the ones the model call returns.
         """
         if self.calibration is None:
             msg = "Predictor.predict: no calibration (this predictor was built for validation); use predict_tensor"
@@ -150,10 +161,10 @@ class Predictor:
                 detections.append(
                     Detection(
                         anomaly_score=score,
-                        normalized_score=float(self.calibration.normalize(score)),
+                        normalized_score=float(self.calibration.normalize(score, limit)),
                         is_anomalous=score >= limit,
                         threshold=limit,
-                        anomaly_map=resize_bilinear(anomaly_map[0], size),
+                        anomaly_map=_resize_map(anomaly_map[0], map_size or size),
                     )
                 )
         return detections
@@ -167,6 +178,15 @@ class Predictor:
         if not arrays:
             return np.empty((0, 3, self.image_size, self.image_size), np.float32), sizes
         return np.stack(arrays), sizes
+
+
+def _resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(S, S) -> (h, w) float32: bilinear, antialiased when shrinking; the same values when the size matches."""
+    if tuple(anomaly_map.shape) == tuple(size):
+        return np.asarray(anomaly_map, dtype=np.float32)
+    if size[0] < anomaly_map.shape[0] or size[1] < anomaly_map.shape[1]:
+        return resize_antialiased(anomaly_map, size)
+    return resize_bilinear(anomaly_map, size)
 
 
 def resize_rgb(rgb: np.ndarray, size: int) -> Any:

@@ -185,12 +185,10 @@ def resize_image(rgb: np.ndarray, size: int) -> np.ndarray:
 
 
 def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """(H, W) uint8 0/255 -> (1, S, S) float32 in {0, 1} (nearest neighbour keeps it binary)."""
-    import torch
-    import torch.nn.functional as F
+    """(H, W) uint8 0/255 -> (1, S, S) float32 in {0, 1}, by :func:`tsdn.image.resize_mask` (what scoring does)."""
+    from tsdn.image import resize_mask
 
-    binary = torch.from_numpy((mask > 0).astype(np.float32))[None, None]
-    return F.interpolate(binary, size=(size, size), mode="nearest")[0].numpy()
+    return resize_mask(mask, (size, size))[None].astype(np.float32)
 
 
 def _fold(image_id: str) -> int:

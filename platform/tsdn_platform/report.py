@@ -30,46 +30,23 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from tsdn.image import decode_image, to_rgb
+from tsdn.image import colorize, decode_image, to_rgb
 from tsdn_platform import store
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["apply_colormap", "overlay_heatmap", "write_report"]
+__all__ = ["overlay_heatmap", "write_report"]
 
 DISPLAY_SIZE = 256
 _ROW_COLUMNS = ("image_id", "source_uri", "product", "model_version", "anomaly_score", "is_anomalous", "threshold")
 _ROW_COLUMNS_WITH_ERROR = (*_ROW_COLUMNS, "error")
-
-# Anchor colours of matplotlib's "inferno" (black -> purple -> orange -> pale yellow), interpolated linearly.
-_INFERNO = np.array(
-    [
-        [0, 0, 4],
-        [40, 11, 84],
-        [101, 21, 110],
-        [159, 42, 99],
-        [212, 72, 66],
-        [245, 125, 21],
-        [250, 193, 39],
-        [252, 255, 164],
-    ],
-    np.float64,
-)
-
-
-def apply_colormap(values: np.ndarray, vmax: float) -> np.ndarray:
-    """``values``: (H, W) float, scaled by ``[0, vmax]`` -> (H, W, 3) uint8 inferno colours."""
-    scaled = np.clip(np.nan_to_num(values.astype(np.float64)) / max(vmax, 1e-12), 0.0, 1.0)
-    positions = np.linspace(0.0, 1.0, len(_INFERNO))
-    channels = [np.interp(scaled, positions, _INFERNO[:, c]) for c in range(3)]
-    return np.rint(np.stack(channels, axis=-1)).astype(np.uint8)
 
 
 def overlay_heatmap(image: np.ndarray, score_map: np.ndarray, vmax: float, alpha: float = 0.5) -> np.ndarray:
     """``image``: (H, W, 3) uint8; ``score_map``: (h, w) float, resized to (H, W) -> (H, W, 3) uint8 blend."""
     height, width = image.shape[:2]
     resized = Image.fromarray(np.asarray(score_map, np.float32), mode="F").resize((width, height), Image.BILINEAR)
-    colours = apply_colormap(np.asarray(resized), vmax).astype(np.float32)
+    colours = colorize(np.asarray(resized), vmax).astype(np.float32)
     return np.rint((1.0 - alpha) * image.astype(np.float32) + alpha * colours).astype(np.uint8)
 
 

@@ -41,7 +41,7 @@ that is null). Reading it needs pyarrow only::
 Rows whose path matches no ``product_from_path`` pattern have a null product and land in
 ``product=__HIVE_DEFAULT_PARTITION__`` (Hive's name for a null partition), with ``error`` set.
 Maps of different products may differ in shape, so read one ``product=<p>`` folder at a time; when
-all share one shape (``output_map_size`` set, the default) the whole output reads as one table with
+all share one shape (one input size, or ``output_map_size`` set) the whole output reads as one table with
 ``pq.read_table("<output>", partitioning=None)`` (the files carry ``product`` themselves, and Hive
 partitioning would add a clashing dictionary column). A product with no registered model gets a 1×1
 map type when ``output_map_size`` is null (all its rows are errors, with null maps); so does that folder.
@@ -87,13 +87,12 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 import ray.data
-from PIL import Image
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 from ray.data.datasource.datasink import WriteResult
 
 from tsdn._config_io import to_dict
-from tsdn.image import decode_image, to_rgb
+from tsdn.image import decode_image, resize_mask, to_rgb
 from tsdn_platform import store
 from tsdn_platform.config import load_config
 
@@ -106,7 +105,6 @@ __all__ = [
     "ScoreFailed",
     "main",
     "output_schema",
-    "resize_map",
     "run_scoring",
 ]
 
@@ -142,7 +140,9 @@ class ScoreConfig:
     choose the model of raw images; ingested shards carry a ``product`` column (``product`` then filters).
     ``version`` pins one version for every product, ``versions`` per product; otherwise the registry's best.
     ``split`` keeps only shard rows of that split. ``num_actors`` is the (min, max) scorer pool size.
-    ``output_map_size``: side of the stored score maps (null: the model's input size). ``job_id`` defaults to
+    ``output_map_size``: side of the stored score maps and of the ground-truth metrics (null, the default: the
+    model's input size, where the training job measured the registry's test metrics, so both say the same
+    numbers; a smaller size makes smaller files, and the manifest's ``map_size`` names it). ``job_id`` defaults to
     a hash of the inputs, model versions and result-shaping settings. ``address``: Ray cluster (default
     ``$RAY_ADDRESS``, else a local one on 127.0.0.1).
 
@@ -165,7 +165,7 @@ class ScoreConfig:
     num_actors: tuple[int, int] = (1, 1)
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
-    output_map_size: int | None = 64
+    output_map_size: int | None = None
     max_image_pixels: int = 64_000_000
     min_rows_per_file: int = 1024
     report_dir: str | None = None
@@ -442,18 +442,6 @@ def _decode_rows(batch: pa.Table, unavailable: Mapping[str, str], max_pixels: in
     return pa.table(out, schema=_DECODED_SCHEMA)
 
 
-def resize_map(anomaly_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """``anomaly_map``: (H, W) float -> (h, w) float16, bilinear with antialiasing when shrinking."""
-    if tuple(anomaly_map.shape) != tuple(shape):
-        import torch
-        import torch.nn.functional as F
-
-        tensor = torch.from_numpy(np.asarray(anomaly_map, dtype=np.float32))[None, None]
-        anomaly_map = F.interpolate(tensor, size=shape, mode="bilinear", antialias=True, align_corners=False)[0, 0]
-        anomaly_map = anomaly_map.numpy()
-    return np.asarray(anomaly_map, dtype=np.float16)
-
-
 class _Scorer:
     """Scorer actor: loads every product's pinned Predictor once (on its first batch), then scores decoded batches.
 
@@ -503,7 +491,7 @@ class _Scorer:
                 np.frombuffer(bytearray(rows[i]["pixels"]), np.uint8).reshape(rows[i]["height"], rows[i]["width"], 3)
                 for i in indices
             ]
-            detections = self._predictors()[product].predict(images)
+            detections = self._predictors()[product].predict(images, map_size=self._shapes[product])
             results.update(zip(indices, detections, strict=True))
         out: dict[str, list[Any]] = {name: [] for name in _SCORED_SCHEMA.names}
         for i, row in enumerate(rows):
@@ -517,7 +505,7 @@ class _Scorer:
                 None if det is None else float(det.anomaly_score),
                 None if det is None else bool(det.is_anomalous),
                 None if det is None else float(det.threshold),
-                None if det is None else resize_map(det.anomaly_map, self._shapes[row["product"]]).tobytes(),
+                None if det is None else det.anomaly_map.astype(np.float16).tobytes(),
                 row["error"],
             )
             for name, value in zip(_SCORED_SCHEMA.names, values, strict=True):
@@ -686,8 +674,7 @@ def _read_mask(data: bytes | None, name: str, shape: tuple[int, int]) -> np.ndar
     """Ground-truth mask PNG (or None: a normal image) -> (H, W) {0, 1} uint8 at the score-map size."""
     if data is None:
         return np.zeros(shape, np.uint8)
-    mask = decode_image(data, name).convert("L").resize((shape[1], shape[0]), Image.NEAREST)
-    return (np.asarray(mask) > 0).astype(np.uint8)
+    return resize_mask(np.asarray(decode_image(data, name).convert("L")), shape)
 
 
 def _ground_truth_metrics(
@@ -718,7 +705,7 @@ def _ground_truth_metrics(
         masks = np.stack([_read_mask(row.get("mask"), f"{product}/{row['image_id']}:mask", shape) for row in rows])
         scores = table["anomaly_score"].to_numpy()
         result = evaluate(labels, scores, masks=masks, maps=maps)
-        metrics[product] = {"images": len(rows), **{k: float(v) for k, v in result.items()}}
+        metrics[product] = {"images": len(rows), "map_size": list(shape), **{k: float(v) for k, v in result.items()}}
     return metrics
 
 

@@ -42,10 +42,8 @@ to listen on a non-loopback host without auth unless ``auth_required: false`` sa
 # required query parameter).
 import argparse
 import asyncio
-import base64
 import hashlib
 import hmac
-import io
 import ipaddress
 import logging
 import math
@@ -56,9 +54,8 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -70,9 +67,22 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from tsdn._config_io import ConfigError, from_dict
 from tsdn.image import ImageDecodeError, decode_image
+from tsdn.response import INCLUDES, detect_answer
+from tsdn_platform.api_schema import (
+    DETECT_REQUEST_BODY,
+    DetectResponse,
+    ErrorResponse,
+    ProductDetails,
+    ProductList,
+    product_details,
+    product_summary,
+)
 from tsdn_platform.config import load_config
 from tsdn_platform.registry import Registry, RegistryError, validate_name
 from tsdn_platform.store import StoreError, require
+
+if TYPE_CHECKING:  # the ingress process never imports torch
+    from tsdn.predict import Detection
 
 __all__ = [
     "ApiError",
@@ -81,7 +91,6 @@ __all__ = [
     "auth_required",
     "build_app",
     "config_from_args",
-    "heatmap_png",
     "load_tokens",
     "main",
     "run_server",
@@ -267,37 +276,6 @@ def _check_token(authorization: str | None, digests: list[bytes]) -> None:
 # --- the anomaly-map heatmap --------------------------------------------------------------------
 
 # Matplotlib's "inferno" sampled at 0, 1/4, 1/2, 3/4, 1; linear in between.
-_INFERNO = np.array(
-    [[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]],
-    dtype=np.float32,
-)
-
-
-def heatmap_png(anomaly_map: np.ndarray, vmax: float) -> bytes:
-    """Colour an anomaly map and encode it as PNG.
-
-    Args:
-        anomaly_map: (H, W) float, >= 0.
-        vmax: the map value drawn at the top of the colormap; larger values saturate. The server passes
-            twice the decision threshold, so the threshold sits mid-scale and heatmaps of different
-            images compare by colour.
-
-    Returns:
-        PNG bytes of an (H, W, 3) uint8 RGB image.
-    """
-    if anomaly_map.ndim != 2:
-        msg = f"heatmap_png: expected an (H, W) map, got shape {anomaly_map.shape}"
-        raise ValueError(msg)
-    scale = vmax if math.isfinite(vmax) and vmax > 0 else float(np.max(anomaly_map, initial=0.0)) or 1.0
-    position = np.clip(np.nan_to_num(anomaly_map / scale), 0.0, 1.0) * (len(_INFERNO) - 1)
-    low = np.minimum(position.astype(np.int64), len(_INFERNO) - 2)
-    frac = (position - low)[..., None].astype(np.float32)
-    rgb = _INFERNO[low] * (1.0 - frac) + _INFERNO[low + 1] * frac
-    buffer = io.BytesIO()
-    Image.fromarray(np.rint(rgb).astype(np.uint8), mode="RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 # --- the model deployment -----------------------------------------------------------------------
 
 
@@ -308,21 +286,19 @@ class DetectRequest:
     model_id: str
     image: Image.Image
     threshold: float | None = None
-    include_map: bool = False
+    include: frozenset[str] = frozenset()
 
 
 @dataclass
 class DetectResult:
-    """What the model deployment answers for one image; ``anomaly_map`` (H, W) float32 when asked."""
+    """What the model deployment answers for one image: who answered and :func:`tsdn.response.detect_answer`."""
 
     product: str
     model_version: str
-    anomaly_score: float
-    is_anomalous: bool
-    threshold: float
+    family: str
     inference_ms: float
     batch_size: int
-    anomaly_map: np.ndarray | None = None
+    answer: dict[str, Any]
 
 
 def model_id(product: str, version: str) -> str:
@@ -402,30 +378,49 @@ class TSDNModel:
                 start = time.perf_counter()
                 detections = await asyncio.to_thread(predictor.predict, images, threshold)
                 elapsed_ms = (time.perf_counter() - start) * 1000.0
+                answers = await asyncio.to_thread(_answers, detections, [requests[i].include for i in indices])
             except Exception as exc:
                 logger.exception("inference failed for %s", mid)
                 results.update(dict.fromkeys(indices, exc))
                 continue
-            for i, detection in zip(indices, detections):
+            for i, answer in zip(indices, answers):
                 results[i] = DetectResult(
                     product=ref.product,
                     model_version=ref.version,
-                    anomaly_score=float(detection.anomaly_score),
-                    is_anomalous=bool(detection.is_anomalous),
-                    threshold=float(detection.threshold),
+                    family=predictor.model.FAMILY,
                     inference_ms=elapsed_ms,
                     batch_size=len(indices),
-                    anomaly_map=detection.anomaly_map if requests[i].include_map else None,
+                    answer=answer,
                 )
         return [results[i] for i in range(len(requests))]
 
 
+def _answers(detections: "list[Detection]", includes: list[frozenset[str]]) -> list[dict[str, Any]]:
+    """Each detection's answer (PNG and float-map encoding run here, off the replica's event loop)."""
+    return [
+        detect_answer(
+            anomaly_score=detection.anomaly_score,
+            normalized_score=detection.normalized_score,
+            threshold=detection.threshold,
+            anomaly_map=detection.anomaly_map,
+            include=include,
+        )
+        for detection, include in zip(detections, includes)
+    ]
+
+
 # --- the ingress --------------------------------------------------------------------------------
 
+# Swagger UI and ReDoc load their scripts from a CDN, which an offline or air-gapped site cannot reach: they
+# are off. The OpenAPI document is served by the ingress itself (``/openapi.json``), behind the same token as
+# every other route but ``/healthz``.
 api = FastAPI(
     title="TSDN anomaly detection",
     version="1",
-    description="Industrial anomaly detection: the best TSDN model of every product line.",
+    description="Industrial anomaly detection: the best model of every product line.",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
 )
 
 
@@ -444,6 +439,18 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
     return JSONResponse({"status": 422, "reason": reasons}, status_code=422)
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in (
+        (401, "no bearer token"),
+        (403, "wrong token"),
+        (404, "unknown product, or none promoted"),
+        (422, "a bad image or query value"),
+        (503, "the model store is unreachable"),
+    )
+}
 
 
 class _PointerCache:
@@ -471,10 +478,13 @@ async def _single_chunk(data: bytes) -> AsyncIterator[bytes]:
 def _store_failure(what: str, exc: Exception) -> ApiError:
     """A missing product or version is a 404; any other registry or store failure a 503 (retry later)."""
     # Exceptions raised in the model replica arrive wrapped (RayTaskError subclasses of the original type).
+    # The cause names store paths and buckets: it goes to the server's log, never into a client's answer.
     cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc
     if isinstance(exc, LookupError):
-        return ApiError(404, f"{what}: {cause}")
-    return ApiError(503, f"{what} unavailable: {cause}")
+        logger.info("%s: not found: %s", what, cause)
+        return ApiError(404, f"{what}: not found in the model registry")
+    logger.warning("%s unavailable: %s", what, cause)
+    return ApiError(503, f"{what} unavailable: the model store did not answer; retry later")
 
 
 def _media_type(content_type: str | None) -> str:
@@ -514,7 +524,7 @@ class TSDNIngress:
         self._digests = token_digests
         self._registry = Registry(cfg.store)
         self._pointers = _PointerCache(self._registry, cfg.pointer_ttl_s)
-        self._metrics_cache: dict[str, dict[str, Any]] = {}
+        self._version_cache: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
 
     def _authorize(self, request: Request) -> None:
         if self._digests is not None:
@@ -524,49 +534,79 @@ class TSDNIngress:
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/v1/products")
-    async def products(self, request: Request) -> dict[str, Any]:
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return api.openapi()
+
+    @api.get("/v1/products", response_model=ProductList, responses=_ERRORS)
+    async def products(self, request: Request) -> ProductList:
+        """Every product with a promoted model: version, family, input size, threshold and metrics."""
         self._authorize(request)
         try:
             names = await asyncio.to_thread(self._registry.list_products)
             served = []
             for product in names:
                 pointer = await self._pointers.best(product)
-                if pointer is None:
-                    continue
-                metrics = await self._metrics(product, pointer["version"])
-                served.append(
-                    {
-                        "product": product,
-                        "model_version": pointer["version"],
-                        "family": metrics.get("family", "tsdn"),
-                        "promoted_at": pointer.get("updated_at"),
-                        "metrics": {key: value for key, value in metrics.items() if key != "files"},
-                    }
-                )
+                if pointer is not None:
+                    served.append(product_summary(product, pointer, *await self._version_files(product, pointer)))
         except (RegistryError, StoreError) as exc:
             raise _store_failure("the model registry", exc) from exc
-        return {"products": served}
+        return ProductList(products=served)
 
-    async def _metrics(self, product: str, version: str) -> dict[str, Any]:
-        """``metrics.json`` of a version; versions are immutable, so this cache never expires."""
-        key = model_id(product, version)
-        if key not in self._metrics_cache:
-            self._metrics_cache[key] = await asyncio.to_thread(self._registry.metrics, product, version)
-        return self._metrics_cache[key]
+    @api.get("/v1/products/{product}", response_model=ProductDetails, responses=_ERRORS)
+    async def product(self, product: str, request: Request) -> ProductDetails:
+        """One product's promoted version in full: calibration, config, training history, selection."""
+        self._authorize(request)
+        pointer = await self._promoted(product)
+        try:
+            return product_details(product, pointer, *await self._version_files(product, pointer))
+        except (RegistryError, StoreError) as exc:
+            raise _store_failure(f"product {product!r}", exc) from exc
 
-    @api.post("/v1/products/{product}/detect")
+    async def _promoted(self, product: str) -> dict[str, Any]:
+        """The product's ``best.json`` pointer; 404 for an invalid name or a product with no promoted model."""
+        try:
+            validate_name(product)
+        except ValueError as exc:
+            raise ApiError(404, f"unknown product: {exc}") from exc
+        try:
+            pointer = await self._pointers.best(product)
+        except (RegistryError, StoreError) as exc:
+            raise _store_failure(f"product {product!r}", exc) from exc
+        if pointer is None:
+            raise ApiError(404, f"unknown product {product!r}: no model is promoted for it")
+        return pointer
+
+    async def _version_files(self, product: str, pointer: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``metrics.json`` and ``model.json`` of a version; versions are immutable, so this cache never expires."""
+        key = model_id(product, pointer["version"])
+        if key not in self._version_cache:
+            metrics = await asyncio.to_thread(self._registry.metrics, product, pointer["version"])
+            model_json, _ = await asyncio.to_thread(self._registry.model_json, product, pointer["version"])
+            self._version_cache[key] = (metrics, model_json)
+        return self._version_cache[key]
+
+    @api.post(
+        "/v1/products/{product}/detect",
+        response_model=DetectResponse,
+        response_model_exclude_none=True,
+        responses=_ERRORS,
+        openapi_extra={"requestBody": DETECT_REQUEST_BODY},
+    )
     async def detect(
         self,
         product: str,
         request: Request,
         threshold: float | None = Query(None, description="decision threshold override (anomaly-score units)"),
-        include: str | None = Query(None, description="comma-separated extras: anomaly_map"),
-    ) -> dict[str, Any]:
+        include: str | None = Query(None, description=f"comma-separated extras: {', '.join(INCLUDES)}"),
+    ) -> DetectResponse:
+        """Detect anomalies in one image with the product's promoted model."""
         self._authorize(request)
-        extras = {item.strip() for item in (include or "").split(",") if item.strip()}
-        if extras - {"anomaly_map"}:
-            raise ApiError(422, f"include: unknown value(s) {', '.join(sorted(extras))}; expected anomaly_map")
+        extras = frozenset(item.strip() for item in (include or "").split(",") if item.strip())
+        if extras - set(INCLUDES):
+            unknown = ", ".join(sorted(extras - set(INCLUDES)))
+            raise ApiError(422, f"include: unknown value(s) {unknown}; expected any of {', '.join(INCLUDES)}")
         # Every family's raw scores are distances or probabilities (>= 0); a negative or zero threshold would
         # flag every image and make the heatmap's scale (2 x threshold) empty.
         if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
@@ -599,32 +639,20 @@ class TSDNIngress:
             model_id=model_id(product, pointer["version"]),
             image=image,
             threshold=threshold,
-            include_map="anomaly_map" in extras,
+            include=extras,
         )
         try:
             result: DetectResult = await self._model.options(multiplexed_model_id=job.model_id).detect.remote(job)
         except (RegistryError, StoreError) as exc:
             raise _store_failure(f"model {job.model_id}", exc) from exc
-        answer: dict[str, Any] = {
-            "product": result.product,
-            "model_version": result.model_version,
-            "anomaly_score": result.anomaly_score,
-            "is_anomalous": result.is_anomalous,
-            "threshold": result.threshold,
-            "inference_ms": round(result.inference_ms, 3),
-            "batch_size": result.batch_size,
-        }
-        if result.anomaly_map is not None:
-            png = await asyncio.to_thread(heatmap_png, result.anomaly_map, 2.0 * result.threshold)
-            answer["anomaly_map"] = {
-                "format": "png",
-                "encoding": "base64",
-                "height": int(result.anomaly_map.shape[0]),
-                "width": int(result.anomaly_map.shape[1]),
-                "vmax": 2.0 * result.threshold,
-                "data": base64.b64encode(png).decode("ascii"),
-            }
-        return answer
+        return DetectResponse(
+            product=result.product,
+            model_version=result.model_version,
+            family=result.family,
+            **result.answer,
+            inference_ms=round(result.inference_ms, 3),
+            batch_size=result.batch_size,
+        )
 
     def _check_declared_length(self, request: Request) -> None:
         """413 when Content-Length already announces more than ``max_body_bytes`` (nothing is read)."""

@@ -604,7 +604,8 @@ def _final_evaluation(
     labels, scores, masks, maps, ids = _collect_test(
         lambda x: _predict(predictor, x), _batches(test_shard, cfg.eval_batch_size)
     )
-    test = evaluate(labels, scores, masks, maps)
+    # Maps at the score job's precision (its Parquet stores float16): one metric, one value in both jobs.
+    test = evaluate(labels, scores, masks, maps.astype(np.float16).astype(np.float32))
     return {
         "checkpoint_dir": os.path.basename(best.checkpoint.path.rstrip("/")),
         "best_epoch": int(best.metrics["epoch"]),
@@ -655,7 +656,9 @@ def load_datasets(cfg: TrainConfig, product: str) -> dict[str, Any]:
     train_all = read_split(
         cfg.store, cfg.dataset, product, "train", columns=[*TRAIN_COLUMNS, "fold"], image_dtype="uint8"
     )
-    test = read_split(cfg.store, cfg.dataset, product, "test", columns=list(TEST_COLUMNS), image_dtype="uint8")
+    # The test split stays float32: these are exactly the pixels the Predictor feeds the model when the score job
+    # scores the same images (uint8 would round them), so the two jobs report the same test metrics.
+    test = read_split(cfg.store, cfg.dataset, product, "test", columns=list(TEST_COLUMNS), image_dtype="float32")
     if cfg.validation == "holdout":
         held_out = col("fold").is_in(list(cfg.holdout_folds))
         train = train_all.filter(expr=~held_out).select_columns(list(TRAIN_COLUMNS))

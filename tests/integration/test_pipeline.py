@@ -48,6 +48,12 @@ def test_pipeline_trains_registers_and_scores_the_test_split(ray_local, s3, demo
     assert metrics["images"] == n_test
     for name in ("image_auroc", "pixel_auroc", "aupro"):
         assert 0.0 <= metrics[name] <= 1.0
+    # One metric, one value: the score job (the demo table, the report) and the registry (models list, /v1/products)
+    # evaluate the same maps at the same size with the same mask resampling.
+    registered = Registry(store_uri).metrics("brick", trained.version)["test"]
+    assert metrics["map_size"] == [64, 64]
+    for name in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
+        assert metrics[name] == pytest.approx(registered[name], abs=1e-4), name
 
     committed = store.read_json(store.join(cfg.score_output(), "_manifest.json"))
     assert committed["job_id"] == manifest["job_id"]

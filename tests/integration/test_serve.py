@@ -22,6 +22,7 @@ from PIL import Image
 
 from tsdn._config_io import ConfigError
 from tsdn.image import decode_image
+from tsdn.response import decode_float_map
 from tsdn_platform.cli import build_parser
 from tsdn_platform.serve import (
     ApiError,
@@ -31,7 +32,6 @@ from tsdn_platform.serve import (
     auth_required,
     build_app,
     config_from_args,
-    heatmap_png,
     load_tokens,
     split_model_id,
 )
@@ -102,16 +102,6 @@ def test_check_token_statuses():
         assert exc.value.status == status
 
 
-def test_heatmap_png_is_an_rgb_image_of_the_map_size_and_monotone():
-    ramp = np.tile(np.linspace(0.0, 2.0, 50, dtype=np.float32), (30, 1))
-    image = np.asarray(Image.open(io.BytesIO(heatmap_png(ramp, vmax=1.0))))
-    assert image.shape == (30, 50, 3) and image.dtype == np.uint8
-    brightness = image[0].astype(int).sum(axis=1)
-    assert (np.diff(brightness[:25]) >= 0).all()  # dark (normal) -> bright (anomalous) up to vmax
-    assert (image[:, 25:] == image[0, -1]).all()  # saturated beyond vmax
-    assert tuple(image[0, 0]) == (0, 0, 4)
-
-
 def test_model_ids_round_trip():
     assert split_model_id("bottle@20261129T051200Z-1a2b3c4d") == ("bottle", "20261129T051200Z-1a2b3c4d")
     with pytest.raises(ValueError, match="model id"):
@@ -165,6 +155,7 @@ class Server:
     store: str
     images: dict[str, bytes]  # name -> encoded image
     expected: dict[tuple[str, str], tuple[str, float, float]]  # (product, image) -> (version, score, threshold)
+    maps: dict[tuple[str, str], np.ndarray]  # (product, image) -> the predictor's (H, W) map
 
     def post(self, product: str, body: bytes, content_type: str = "image/png", token: str | None = TOKEN, **params):
         import httpx
@@ -216,10 +207,18 @@ def _register_tiny_model(registry, product: str, seed: int) -> str:
 
 
 def _expected(registry, product: str, images: dict[str, bytes]) -> dict[tuple[str, str], tuple[str, float, float]]:
+    return {key: value[:3] for key, value in _predicted(registry, product, images).items()}
+
+
+def _predicted(registry, product: str, images: dict[str, bytes]) -> dict[tuple[str, str], tuple]:
+    """(product, image) -> (version, score, threshold, map) of the in-process predictor."""
     predictor, ref = registry.load_predictor(product)
     decoded = [decode_image(data, name) for name, data in images.items()]
     detections = predictor.predict(decoded)
-    return {(product, name): (ref.version, d.anomaly_score, d.threshold) for name, d in zip(images, detections)}
+    return {
+        (product, name): (ref.version, d.anomaly_score, d.threshold, d.anomaly_map)
+        for name, d in zip(images, detections)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -233,9 +232,11 @@ def server(s3, ray_local, tmp_path_factory) -> Iterator[Server]:
     registry = Registry(store)
     images = _test_images()
     expected: dict[tuple[str, str], tuple[str, float, float]] = {}
+    maps: dict[tuple[str, str], np.ndarray] = {}
     for seed, product in enumerate((*CACHED_PRODUCTS, PROMOTED)):
         _register_tiny_model(registry, product, seed)
-        expected.update(_expected(registry, product, images))
+        for key, (*head, anomaly_map) in _predicted(registry, product, images).items():
+            expected[key], maps[key] = tuple(head), anomaly_map
     token_file = tmp_path_factory.mktemp("serve") / "tokens"
     token_file.write_text(f"{FILE_TOKEN}\n")
     cfg = ServeConfig(
@@ -256,7 +257,7 @@ def server(s3, ray_local, tmp_path_factory) -> Iterator[Server]:
         mp.setenv(TOKENS_ENV, f"{TOKEN},second-token")
         url = start_server(cfg)
     try:
-        yield Server(url=url, store=store, images=images, expected=expected)
+        yield Server(url=url, store=store, images=images, expected=expected, maps=maps)
     finally:
         serve.shutdown()
 
@@ -321,18 +322,30 @@ def test_concurrent_requests_for_different_products_are_never_mixed(server):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_threshold_override_and_anomaly_map(server):
+def test_threshold_override_and_the_maps_on_request(server):
     product, name = CACHED_PRODUCTS[0], "rgb80x96.png"
     _, score, _ = server.expected[product, name]
-    low = server.post(product, server.images[name], threshold=score / 2, include="anomaly_map").json()
+    low = server.post(product, server.images[name], threshold=score / 2, include="heatmap,mask,anomaly_map").json()
     high = server.post(product, server.images[name], threshold=score * 2).json()
     assert (low["is_anomalous"], low["threshold"]) == (True, pytest.approx(score / 2))
     assert (high["is_anomalous"], high["threshold"]) == (False, pytest.approx(score * 2))
-    assert "anomaly_map" not in high
-    heatmap = low["anomaly_map"]
+    assert 0.5 <= low["normalized_score"] <= 1 and 0 <= high["normalized_score"] < 0.5
+    assert low["confidence"] == pytest.approx(low["normalized_score"])
+    assert high["confidence"] == pytest.approx(1 - high["normalized_score"])
+    assert not {"heatmap", "mask", "anomaly_map"} & set(high)  # maps only when asked
+    heatmap = low["heatmap"]
     assert (heatmap["format"], heatmap["height"], heatmap["width"]) == ("png", 80, 96)
     image = Image.open(io.BytesIO(base64.b64decode(heatmap["data"])))
     assert (image.format, image.mode, image.size) == ("PNG", "RGB", (96, 80))
+    # The raw map is the predictor's (float16) at the image's size; the mask and the area are that map >= threshold.
+    raw = decode_float_map(low["anomaly_map"])
+    predictor_map = server.maps[product, name]
+    assert raw.shape == predictor_map.shape == (80, 96)
+    np.testing.assert_allclose(raw, predictor_map, rtol=2e-3, atol=1e-4)
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(low["mask"]["data"]))))
+    assert mask.shape == (80, 96) and set(np.unique(mask)) <= {0, 255}
+    np.testing.assert_array_equal(mask == 255, predictor_map >= score / 2)
+    assert low["anomalous_area_pct"] == pytest.approx(100 * (mask == 255).mean(), abs=1e-3)
     for bad in (-1, 0, "nan", "inf"):  # a threshold that would flag everything, or none, is refused
         refused = server.post(product, server.images[name], threshold=bad)
         assert refused.status_code == 422 and "threshold" in refused.text
@@ -446,23 +459,54 @@ def test_multipart_errors(server, case):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_products_lists_versions_and_metrics(server):
+def test_products_lists_short_summaries_and_details_by_product(server):
     import httpx
 
-    unauthorized = httpx.get(f"{server.url}/v1/products", timeout=HTTP_TIMEOUT_S)
-    assert unauthorized.status_code == 401
-    response = httpx.get(
-        f"{server.url}/v1/products", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=HTTP_TIMEOUT_S
-    )
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert httpx.get(f"{server.url}/v1/products", timeout=HTTP_TIMEOUT_S).status_code == 401
+    response = httpx.get(f"{server.url}/v1/products", headers=auth, timeout=HTTP_TIMEOUT_S)
     assert response.status_code == 200, response.text
     listed = {entry["product"]: entry for entry in response.json()["products"]}
     assert set(CACHED_PRODUCTS) <= set(listed)
     for seed, product in enumerate(CACHED_PRODUCTS):
-        version = server.expected[product, "rgb64.png"][0]
-        assert listed[product]["model_version"] == version
-        assert listed[product]["metrics"]["test"]["image_auroc"] == pytest.approx(0.5 + seed / 100)
-        assert "files" not in listed[product]["metrics"]
-        assert listed[product]["family"] == ("patchcore" if product == PATCHCORE_PRODUCT else "tsdn")
+        version, _, threshold = server.expected[product, "rgb64.png"]
+        entry = listed[product]
+        assert entry["model_version"] == version
+        assert entry["metrics"] == {"test": {"image_auroc": pytest.approx(0.5 + seed / 100)}}
+        assert entry["family"] == ("patchcore" if product == PATCHCORE_PRODUCT else "tsdn")
+        assert (entry["image_size"], entry["threshold"]) == (64, pytest.approx(threshold))
+        assert entry["score_source"] == (None if product == PATCHCORE_PRODUCT else "reconstruction")
+    # Short, and never a store path or a local path.
+    assert len(response.content) < 600 * len(listed)
+    assert "s3://" not in response.text and "/tmp" not in response.text
+    details = httpx.get(f"{server.url}/v1/products/{CACHED_PRODUCTS[0]}", headers=auth, timeout=HTTP_TIMEOUT_S)
+    assert details.status_code == 200, details.text
+    body = details.json()
+    assert body["model_version"] == listed[CACHED_PRODUCTS[0]]["model_version"]
+    assert body["calibration"]["threshold"] == pytest.approx(listed[CACHED_PRODUCTS[0]]["threshold"])
+    assert body["config"]["image_size"] == 64 and "weights" not in body["config"]
+    assert body["record"]["run_id"] == f"{CACHED_PRODUCTS[0]}-0"
+    missing = httpx.get(f"{server.url}/v1/products/nope", headers=auth, timeout=HTTP_TIMEOUT_S)
+    assert missing.status_code == 404 and "s3://" not in missing.text
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_openapi_is_typed_and_behind_the_token(server):
+    import httpx
+
+    assert httpx.get(f"{server.url}/openapi.json", timeout=HTTP_TIMEOUT_S).status_code == 401
+    for route in ("/docs", "/redoc"):  # Swagger UI and ReDoc need a CDN: off
+        assert httpx.get(f"{server.url}{route}", timeout=HTTP_TIMEOUT_S).status_code == 404
+    spec = httpx.get(f"{server.url}/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60).json()
+    detect = spec["paths"]["/v1/products/{product}/detect"]["post"]
+    assert {"image/png", "image/jpeg", "multipart/form-data"} <= set(detect["requestBody"]["content"])
+    assert detect["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/DetectResponse")
+    fields = spec["components"]["schemas"]["DetectResponse"]["properties"]
+    assert {"is_anomalous", "anomaly_score", "normalized_score", "confidence", "anomalous_area_pct", "mask"} <= set(
+        fields
+    )
+    assert "/v1/products/{product}" in spec["paths"]
 
 
 @pytest.mark.integration

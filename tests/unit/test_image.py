@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tsdn.image import ImageDecodeError, decode_image, to_rgb
+from tsdn.image import ImageDecodeError, colorize, decode_image, encode_png, resize_mask, to_rgb
 
 RNG = np.random.default_rng(0)
 
@@ -192,3 +192,50 @@ def test_numpy_arrays(array: np.ndarray, mode: str, expected: list):
 def test_numpy_arrays_rejected(array: np.ndarray, message: str):
     with pytest.raises(ValueError, match=message):
         to_rgb(array)
+
+
+# --- the one colormap and PNG encoding ----------------------------------------------------------------
+
+
+def test_colormap_is_monotonic_in_brightness_and_clipped():
+    values = np.linspace(-1.0, 2.0, 301).reshape(1, -1)
+    colours = colorize(values, vmax=1.0).astype(np.float64)[0]
+    brightness = colours @ np.array([0.299, 0.587, 0.114])
+    assert np.all(np.diff(brightness) >= -1e-9)
+    np.testing.assert_array_equal(colours[0], colours[100])  # below 0 clips to the first colour
+    np.testing.assert_array_equal(colours[200], colours[-1])  # above vmax clips to the last
+    assert tuple(colours[0]) == (0, 0, 4) and tuple(colours[-1]) == (252, 255, 164)
+
+
+def test_colormap_without_a_usable_vmax_scales_by_the_map():
+    ramp = np.tile(np.linspace(0.0, 3.0, 7), (2, 1))
+    for vmax in (0.0, -1.0, float("nan"), float("inf")):
+        np.testing.assert_array_equal(colorize(ramp, vmax), colorize(ramp, 3.0))
+    assert (colorize(np.zeros((2, 2)), 0.0) == (0, 0, 4)).all()
+    with pytest.raises(ValueError, match=r"\(H, W\)"):
+        colorize(np.zeros((2, 2, 1)), 1.0)
+
+
+def test_encode_png_round_trips_gray_and_rgb():
+    gray = RNG.integers(0, 256, (5, 7), dtype=np.uint8)
+    rgb = RNG.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    for pixels, mode in ((gray, "L"), (rgb, "RGB")):
+        image = Image.open(io.BytesIO(encode_png(pixels)))
+        assert (image.format, image.mode) == ("PNG", mode)
+        np.testing.assert_array_equal(np.asarray(image), pixels)
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(gray.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    ("source", "target"), [((900, 900), (128, 128)), ((1408, 512), (64, 64)), ((37, 91), (128, 96))]
+)
+def test_resize_mask_is_torch_nearest_and_binary(source, target):
+    import torch
+
+    mask = (RNG.random(source) > 0.7).astype(np.uint8) * 255
+    want = torch.nn.functional.interpolate(torch.from_numpy(mask > 0).float()[None, None], size=target, mode="nearest")
+    got = resize_mask(mask, target)
+    assert got.dtype == np.uint8 and set(np.unique(got)) <= {0, 1}
+    np.testing.assert_array_equal(got, want[0, 0].numpy().astype(np.uint8))
+    np.testing.assert_array_equal(resize_mask(mask, source), mask > 0)

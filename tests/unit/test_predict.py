@@ -84,7 +84,21 @@ def test_threshold_override(predictor):
     detections = predictor.predict(images, threshold=middle)
     assert [d.is_anomalous for d in detections] == [s >= middle for s in scores]
     assert all(d.threshold == middle for d in detections)
+    assert [d.normalized_score >= 0.5 for d in detections] == [d.is_anomalous for d in detections]
     assert not any(d.is_anomalous for d in predictor.predict(images, threshold=float("inf")))
+
+
+def test_map_size_returns_the_network_maps_unresized_or_one_resize_of_them(predictor):
+    images = _inputs()
+    pred = predictor.predict_tensor(torch.from_numpy(predictor.preprocess(images)))
+    at_network = predictor.predict(images, map_size=(64, 64))
+    for det, want in zip(at_network, pred.anomaly_map[:, 0].numpy()):
+        np.testing.assert_allclose(det.anomaly_map, want, rtol=1e-5, atol=1e-7)  # no resize at all
+    small = predictor.predict(images, map_size=(16, 24))
+    for det, want in zip(small, pred.anomaly_map):
+        assert det.anomaly_map.shape == (16, 24)
+        direct = torch.nn.functional.interpolate(want[None], size=(16, 24), mode="bilinear", antialias=True)
+        np.testing.assert_allclose(det.anomaly_map, direct[0, 0].numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_from_files_predicts_identically(predictor):

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tsdn_platform.report import apply_colormap, overlay_heatmap, write_report
+from tsdn.image import colorize
+from tsdn_platform.report import overlay_heatmap, write_report
 
 
 def _rows(tmp_path, n: int = 4) -> list[dict]:
@@ -84,21 +85,12 @@ def test_report_reads_a_score_parquet_file_and_reports_missing_originals(tmp_pat
     assert page.count('alt="heatmap overlay"') == 2
 
 
-def test_colormap_is_monotonic_in_brightness_and_clipped():
-    values = np.linspace(-1.0, 2.0, 301).reshape(1, -1)
-    colours = apply_colormap(values, vmax=1.0).astype(np.float64)[0]
-    brightness = colours @ np.array([0.299, 0.587, 0.114])
-    assert np.all(np.diff(brightness) >= -1e-9)
-    np.testing.assert_array_equal(colours[0], colours[50])  # below 0 clips to the first colour
-    np.testing.assert_array_equal(colours[200], colours[-1])  # above vmax clips to the last
-
-
 def test_overlay_blends_a_resized_map_onto_the_image():
     image = np.full((40, 60, 3), 100, np.uint8)
     score_map = np.zeros((4, 6), np.float32)
     out = overlay_heatmap(image, score_map, vmax=1.0, alpha=0.5)
     assert out.shape == image.shape and out.dtype == np.uint8
-    np.testing.assert_array_equal(out, np.rint(0.5 * 100 + 0.5 * apply_colormap(np.zeros((40, 60)), 1.0)))
+    np.testing.assert_array_equal(out, np.rint(0.5 * 100 + 0.5 * colorize(np.zeros((40, 60)), 1.0)))
 
 
 def test_report_rejects_bad_top_n(tmp_path):

@@ -100,6 +100,14 @@ def test_normalize_maps_min_to_zero_threshold_to_half_and_is_monotone():
     assert ((cal.normalize(grid) >= 0.5) == cal.is_anomalous(grid)).all()
 
 
+def test_normalize_follows_an_overridden_threshold():
+    cal = fit_calibration(np.array([1.0, 2.0, 3.0]), quantile=1.0)  # min 1, threshold 3
+    assert cal.normalize(2.0, threshold=2.0) == 0.5 and cal.normalize(3.0, threshold=2.0) == 1.0
+    grid = np.linspace(-5, 10, 301)
+    for limit in (0.5, 1.0, 2.0, 6.0):  # below, at and above score_min: >= 0.5 exactly at or above the override
+        assert ((cal.normalize(grid, threshold=limit) >= 0.5) == (grid >= limit)).all()
+
+
 def test_normalize_degenerate_calibration_is_a_step():
     cal = fit_calibration(np.full(5, 2.0))
     assert cal.threshold == cal.score_min == 2.0

@@ -1,0 +1,65 @@
+"""tsdn.response: the detect answer's fields, maps on request, and its numpy-only imports."""
+
+import base64
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tsdn.response import INCLUDES, decode_float_map, detect_answer
+
+RNG = np.random.default_rng(3)
+
+
+def _answer(score: float, normalized: float, threshold: float, anomaly_map: np.ndarray, include=()):
+    return detect_answer(
+        anomaly_score=score, normalized_score=normalized, threshold=threshold, anomaly_map=anomaly_map, include=include
+    )
+
+
+def test_decision_confidence_and_area():
+    anomaly_map = np.zeros((10, 20), np.float32)
+    anomaly_map[:2, :5] = 3.0  # 10 of 200 pixels at or above the threshold
+    anomalous = _answer(3.0, 0.8, 2.0, anomaly_map)
+    assert anomalous == {
+        "is_anomalous": True,
+        "anomaly_score": 3.0,
+        "normalized_score": 0.8,
+        "confidence": 0.8,
+        "threshold": 2.0,
+        "anomalous_area_pct": 5.0,
+    }
+    normal = _answer(1.0, 0.3, 2.0, np.full((4, 4), 1.0, np.float32))
+    assert (normal["is_anomalous"], normal["confidence"], normal["anomalous_area_pct"]) == (False, 0.7, 0.0)
+    at_threshold = _answer(2.0, 0.5, 2.0, np.full((4, 4), 2.0, np.float32))
+    assert at_threshold["is_anomalous"] and at_threshold["anomalous_area_pct"] == 100.0
+
+
+def test_maps_on_request_decode_to_what_was_computed():
+    anomaly_map = RNG.uniform(0.0, 4.0, (30, 50)).astype(np.float32)
+    answer = _answer(3.9, 0.9, 2.0, anomaly_map, include=INCLUDES)
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask"]["data"]))))
+    assert (answer["mask"]["height"], answer["mask"]["width"], mask.dtype) == (30, 50, np.uint8)
+    np.testing.assert_array_equal(mask == 255, anomaly_map >= 2.0)
+    assert set(np.unique(mask)) == {0, 255}
+    assert answer["anomalous_area_pct"] == pytest.approx(100 * (anomaly_map >= 2.0).mean(), abs=1e-4)
+    raw = decode_float_map(answer["anomaly_map"])
+    assert raw.shape == (30, 50)
+    np.testing.assert_allclose(raw, anomaly_map, rtol=1e-3)  # float16: 11 significant bits
+    heat = Image.open(io.BytesIO(base64.b64decode(answer["heatmap"]["data"])))
+    assert (heat.mode, heat.size, answer["heatmap"]["vmax"]) == ("RGB", (50, 30), 4.0)
+
+
+def test_bad_include_and_bad_maps_are_refused():
+    with pytest.raises(ValueError, match=r"include: unknown value.*reconstruction"):
+        _answer(1.0, 0.5, 1.0, np.zeros((2, 2)), include=("reconstruction",))
+    with pytest.raises(ValueError, match=r"\(H, W\)"):
+        _answer(1.0, 0.5, 1.0, np.zeros((1, 2, 2)))
+
+
+def test_the_module_needs_neither_torch_nor_ray():
+    code = "import sys, tsdn.response; print(sorted(m for m in ('torch', 'ray', 'timm') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"

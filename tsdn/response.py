@@ -1,0 +1,132 @@
+"""The detect answer: one image's decision, scores and (on request) maps, as a JSON-safe dict.
+
+The HTTP detect route and the standalone inferencer build their answers here, so both say the same thing
+in the same fields. Only numpy and Pillow are imported: an edge box runs this without torch.
+
+Fields (always):
+
+- ``is_anomalous``: ``anomaly_score >= threshold``.
+- ``anomaly_score``: the raw image score of the model (its score source's map, reduced by the model's
+  image score: the maximum or a top-k mean), in the model's own units.
+- ``normalized_score``: the raw score mapped to [0, 1] by the model's calibration, linear from the lowest
+  held-out normal score (0) through the threshold (0.5); ``normalized_score >= 0.5`` exactly when
+  ``is_anomalous``.
+- ``confidence``: how sure the decision is, in [0.5, 1]: ``normalized_score`` for an anomalous image,
+  ``1 - normalized_score`` for a normal one.
+- ``threshold``: the raw-score threshold applied (the calibrated one unless the request overrode it).
+- ``anomalous_area_pct``: percentage of the image's pixels whose map value is ``>= threshold`` (the pixels
+  of the binary mask), at the image's own resolution. It is computed from the map, independently of the
+  image decision: a normal image whose image score is a top-k mean can still have a few pixels above it.
+
+On request (``include``):
+
+- ``mask``: the binary mask (map >= threshold) as a grayscale PNG (0 / 255) at the image's resolution.
+- ``anomaly_map``: the raw float map, little-endian float16, row-major, base64, with its ``height`` and
+  ``width``: ``np.frombuffer(base64.b64decode(m["data"]), "<f2").reshape(m["height"], m["width"])``.
+- ``heatmap``: the map coloured with the inferno colormap (PNG), ``vmax`` = 2 x threshold, so the
+  threshold sits mid-scale and heatmaps of one model compare by colour.
+
+Migrating clients:
+
+============================  ==================================  ===========================
+this API                      Amazon Lookout for Vision           anomalib
+============================  ==================================  ===========================
+``is_anomalous``              ``IsAnomalous``                     ``pred_label``
+``anomaly_score``             (not exposed)                       ``pred_score`` (raw)
+``normalized_score``          (not exposed)                       ``pred_score`` (normalised)
+``confidence``                ``Confidence``                      (none)
+``mask``                      ``AnomalyMask`` (colour per class)  ``pred_mask``
+``anomalous_area_pct``        ``TotalPercentageArea``             (none)
+``anomaly_map``               (none)                              ``anomaly_map``
+``heatmap``                   (none)                              its visualiser's heat map
+============================  ==================================  ===========================
+
+Lookout for Vision's ``AnomalyMask`` colours each defect class; this model does not classify defects, so
+the mask has one class. Lookout's ``Confidence`` is also the decision's confidence, so it maps one to one.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Collection
+from typing import Any
+
+import numpy as np
+
+from tsdn.image import colorize, encode_png
+
+__all__ = ["INCLUDES", "decode_float_map", "detect_answer"]
+
+INCLUDES = ("mask", "anomaly_map", "heatmap")
+
+
+def detect_answer(
+    *,
+    anomaly_score: float,
+    normalized_score: float,
+    threshold: float,
+    anomaly_map: np.ndarray,
+    include: Collection[str] = (),
+) -> dict[str, Any]:
+    """The fields every detect answer carries, plus the maps named in ``include``.
+
+    Args:
+        anomaly_score: the raw image score.
+        normalized_score: the calibrated score in [0, 1].
+        threshold: the raw-score threshold the decision used.
+        anomaly_map: (H, W) float raw map at the image's resolution.
+        include: a subset of :data:`INCLUDES`.
+
+    Returns:
+        A JSON-safe dict (the caller adds who answered: product, model version, timings).
+    """
+    unknown = set(include) - set(INCLUDES)
+    if unknown:
+        msg = f"include: unknown value(s) {', '.join(sorted(unknown))}; expected any of {', '.join(INCLUDES)}"
+        raise ValueError(msg)
+    if anomaly_map.ndim != 2 or anomaly_map.size == 0:
+        msg = f"detect_answer: expected a non-empty (H, W) map, got shape {anomaly_map.shape}"
+        raise ValueError(msg)
+    is_anomalous = bool(anomaly_score >= threshold)
+    mask = anomaly_map >= threshold
+    answer: dict[str, Any] = {
+        "is_anomalous": is_anomalous,
+        "anomaly_score": float(anomaly_score),
+        "normalized_score": float(normalized_score),
+        "confidence": float(normalized_score if is_anomalous else 1.0 - normalized_score),
+        "threshold": float(threshold),
+        "anomalous_area_pct": round(100.0 * float(mask.mean()), 4),
+    }
+    height, width = anomaly_map.shape
+    if "mask" in include:
+        answer["mask"] = _png_field(encode_png(mask.astype(np.uint8) * np.uint8(255)), height, width)
+    if "heatmap" in include:
+        vmax = 2.0 * threshold
+        answer["heatmap"] = {**_png_field(encode_png(colorize(anomaly_map, vmax)), height, width), "vmax": vmax}
+    if "anomaly_map" in include:
+        raw = np.ascontiguousarray(anomaly_map, dtype="<f2").tobytes()
+        answer["anomaly_map"] = {
+            "format": "float16",
+            "encoding": "base64",
+            "byte_order": "little",
+            "height": height,
+            "width": width,
+            "data": base64.b64encode(raw).decode("ascii"),
+        }
+    return answer
+
+
+def decode_float_map(field: dict[str, Any]) -> np.ndarray:
+    """The ``anomaly_map`` field of an answer -> (H, W) float32 array."""
+    raw = base64.b64decode(field["data"])
+    return np.frombuffer(raw, "<f2").reshape(field["height"], field["width"]).astype(np.float32)
+
+
+def _png_field(png: bytes, height: int, width: int) -> dict[str, Any]:
+    return {
+        "format": "png",
+        "encoding": "base64",
+        "height": height,
+        "width": width,
+        "data": base64.b64encode(png).decode("ascii"),
+    }
