@@ -65,6 +65,7 @@ class Predictor:
     Attributes:
         model: the torch module, or None for an exported model.
         runner: the model call :meth:`predict` makes.
+        family: the model family that answers (``tsdn``, ``patchcore``).
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class Predictor:
         self.calibration = calibration
         self.batch_size = batch_size
         self.image_size = self.runner.image_size
+        self.family = self.runner.family
 
     @classmethod
     def from_files(

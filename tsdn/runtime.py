@@ -71,9 +71,13 @@ class RunnerOutput(NamedTuple):
 
 @runtime_checkable
 class ModelRunner(Protocol):
-    """The model call: ``runner(batch)`` with ``batch`` (B, 3, S, S) float32 in [0, 1], S = ``image_size``."""
+    """The model call: ``runner(batch)`` with ``batch`` (B, 3, S, S) float32 in [0, 1], S = ``image_size``.
+
+    ``family`` names the model family (``tsdn``, ``patchcore``) that answers.
+    """
 
     image_size: int
+    family: str
 
     def __call__(self, batch: np.ndarray) -> RunnerOutput: ...
 
@@ -115,6 +119,7 @@ class TorchRunner:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.image_size = int(model.cfg.image_size)
+        self.family = str(model.FAMILY)
 
     def __call__(self, batch: np.ndarray) -> RunnerOutput:
         import torch
@@ -134,9 +139,10 @@ class OnnxRuntimeRunner:
         model: the ``model.onnx`` bytes.
         image_size: S of the export's (B, 3, S, S) input.
         threads: intra-op threads; None = ``OMP_NUM_THREADS`` if set, else one per core.
+        family: the exported model's family (from ``export.json``).
     """
 
-    def __init__(self, model: bytes, image_size: int, threads: int | None = None) -> None:
+    def __init__(self, model: bytes, image_size: int, threads: int | None = None, family: str = "") -> None:
         import onnxruntime as ort  # optional dependency (the ``export`` extra)
 
         options = ort.SessionOptions()
@@ -145,6 +151,7 @@ class OnnxRuntimeRunner:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self.image_size = image_size
+        self.family = family
 
     def __call__(self, batch: np.ndarray) -> RunnerOutput:
         batch = _check_batch(batch, self.image_size, "OnnxRuntimeRunner")
@@ -159,9 +166,12 @@ class OpenVinoRunner:
         files: ``{"model.xml", "model.bin"}`` bytes, or ``{"model.onnx"}``.
         image_size: S of the (B, 3, S, S) input.
         threads: inference threads; None = ``OMP_NUM_THREADS`` if set, else one per core.
+        family: the exported model's family (from ``export.json``).
     """
 
-    def __init__(self, files: Mapping[str, bytes], image_size: int, threads: int | None = None) -> None:
+    def __init__(
+        self, files: Mapping[str, bytes], image_size: int, threads: int | None = None, family: str = ""
+    ) -> None:
         import openvino as ov  # optional dependency (the ``export`` extra)
 
         core = ov.Core()
@@ -173,6 +183,7 @@ class OpenVinoRunner:
         config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": count} if count else {})}
         self.compiled = core.compile_model(model, "CPU", config)
         self.image_size = image_size
+        self.family = family
 
     def __call__(self, batch: np.ndarray) -> RunnerOutput:
         batch = _check_batch(batch, self.image_size, "OpenVinoRunner")
@@ -209,9 +220,9 @@ def load_exported(files: Mapping[str, bytes], runtime: str | None = None, thread
     calibration = Calibration.from_dict(meta["calibration"])
     model_files = {name: files[name] for name in EXPORT_FORMATS[fmt]}
     if runtime == "onnxruntime":
-        runner: ModelRunner = OnnxRuntimeRunner(model_files["model.onnx"], size, threads)
+        runner: ModelRunner = OnnxRuntimeRunner(model_files["model.onnx"], size, threads, meta["family"])
     else:
-        runner = OpenVinoRunner(model_files, size, threads)
+        runner = OpenVinoRunner(model_files, size, threads, meta["family"])
     return ExportedModel(runner, calibration, meta)
 
 
