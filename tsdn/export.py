@@ -175,6 +175,10 @@ def export_model(
         runner = OnnxRuntimeRunner(onnx_model, size) if fmt == "onnx" else OpenVinoRunner(files, size)
     except ImportError as exc:
         raise _missing_dependency(exc) from exc
+    except RuntimeError as exc:  # the tracer's refusals (OnnxExporterError) and the runtimes' (their Fail)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = f"{model.FAMILY} ({model.cfg.backbone}, {size} px): cannot be exported as {fmt}: {first}"
+        raise ExportError(msg) from exc
     graph.eval()  # torch.onnx.export restores the training flag it found; keep eval whatever the caller had
     probe = _probe(size)
     with torch.inference_mode():
