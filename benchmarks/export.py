@@ -7,7 +7,9 @@ patches). Same preprocessed (B, 3, 128, 128) batches for every runtime, in one p
 
 - eager torch with 1 and 2 threads, and ``channels_last`` (the better thread count);
 - ``torch.compile`` (inductor) only with ``--compile``: its compile time on 2 cores is minutes;
-- ONNX Runtime and OpenVINO (fp32 exports of :mod:`tsdn.export`) with 1 and 2 threads.
+- ONNX Runtime and OpenVINO (fp32 exports of :mod:`tsdn.export`) with 1 and 2 threads;
+- with ``--int8`` (needs nncf): OpenVINO with the encoder quantised to INT8 by NNCF, calibrated on the training
+  normals, and with ``--real`` its image AUROC against the fp32 export on a real product line.
 
 Each repeat times every runtime once, interleaved, so all of them meet the same load; the table gives the median
 of ``--repeats`` repeats and the ratio to eager torch of the same repeat (median). The machine is shared: the
@@ -19,7 +21,8 @@ Peak RSS: a fresh process per runtime runs the score job's actor class (``tsdn_p
 also runs the Ray Data score job (local Ray, a local store) with each runtime and reads the actor's peak RSS
 from /proc while it runs.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/export.py --repeats 5 --score-job
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/export.py --repeats 5 --score-job \\
+        --int8 --real ../shared/data/mvtec/transistor     # --int8 needs `pip install nncf`
 """
 
 from __future__ import annotations
@@ -90,6 +93,26 @@ def build_models(fit_images: int) -> dict[str, tuple[torch.nn.Module, object]]:
     return out
 
 
+def quantize_int8(ir: dict[str, bytes], normals: np.ndarray) -> dict[str, bytes]:
+    """OpenVINO INT8 by NNCF post-training quantisation of the encoder, calibrated on ``normals`` (N, 3, S, S).
+
+    Only the encoder's nodes are quantised: with the whole graph in INT8 (the blur convolutions, the resize, the
+    top-k and the bank search too) every PatchCore score came out the same constant (measured), the map's
+    post-processing being the part whose values INT8 cannot hold.
+    """
+    import nncf
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(model=ir["model.xml"], weights=ir["model.bin"])
+    batches = [normals[i : i + 8] for i in range(0, len(normals), 8)]
+    encoder_only = nncf.IgnoredScope(patterns=[r"^(?!.*encoder).*$"], validate=False)
+    quantized = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches), ignored_scope=encoder_only)
+    with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
+        ov.save_model(quantized, str(Path(tmp, "model.xml")), compress_to_fp16=False)
+        return {name: Path(tmp, name).read_bytes() for name in ("model.xml", "model.bin")}
+
+
 def _torch_call(model: torch.nn.Module, threads: int, channels_last: bool = False, compiled: bool = False):
     target = model
     if channels_last:
@@ -134,9 +157,12 @@ def throughput(models: dict, args: argparse.Namespace) -> dict[str, dict[str, li
         calls[f"torch channels_last, {best} thread(s)"] = _torch_call(model, best, channels_last=True)
         if args.compile:
             calls[f"torch.compile, {best} thread(s)"] = _torch_call(model, best, compiled=True)
+        int8 = quantize_int8(ir, _batch(_textures(args.fit_images, seed=1))) if args.int8 else None
         for threads in (1, 2):
             calls[f"ONNX Runtime, {threads} thread(s)"] = OnnxRuntimeRunner(onnx, SIZE, threads)
             calls[f"OpenVINO, {threads} thread(s)"] = OpenVinoRunner(ir, SIZE, threads)
+            if int8 is not None:
+                calls[f"OpenVINO INT8 (encoder), {threads} thread(s)"] = OpenVinoRunner(int8, SIZE, threads)
         results[name] = {label: [] for label in calls}
         for _ in range(args.repeats):
             for label, call in calls.items():
@@ -144,6 +170,55 @@ def throughput(models: dict, args: argparse.Namespace) -> dict[str, dict[str, li
         model.to(memory_format=torch.contiguous_format)
     torch.set_num_threads(1)
     return results
+
+
+def _real_images(root: Path, split: str, limit: int) -> tuple[np.ndarray, np.ndarray, list[Path]]:
+    """Every ``step``-th PNG of ``root/split`` (at most ``limit``) as (N, 3, S, S) and labels (1 = not good)."""
+    from PIL import Image
+
+    from tsdn.image import to_rgb
+    from tsdn.resize import to_network_input
+
+    paths = sorted((root / split).rglob("*.png"))
+    paths = paths[:: max(1, len(paths) // limit)][:limit]
+    batch = np.stack([to_network_input(to_rgb(Image.open(p))[0], SIZE) for p in paths])
+    labels = np.array([0 if p.parent.name == "good" else 1 for p in paths])
+    return batch, labels, paths
+
+
+def int8_accuracy(root: Path, train_images: int) -> dict[str, float]:
+    """PatchCore (demo settings) fitted on ``root``'s train/good: test image AUROC of the fp32 export and of its
+    INT8 variant calibrated on the same training normals, and how many decisions differ."""
+    from tsdn.metrics import image_auroc
+
+    train, _, _ = _real_images(root, "train/good", train_images)
+    model = PatchCore(DEMO_PATCHCORE)
+    model.fit(list(torch.from_numpy(train).split(8)))
+    with torch.inference_mode():
+        normal_scores = model.predict(torch.from_numpy(train)).anomaly_score.numpy()
+    calibration = fit_calibration(normal_scores)
+    ir = export_model(model, calibration, "openvino")
+    runners = {"fp32": OpenVinoRunner(ir, SIZE), "int8": OpenVinoRunner(quantize_int8(ir, train), SIZE)}
+    test, labels, _ = _real_images(root, "test", 10_000)
+    scores = {
+        name: np.concatenate([r(test[i : i + 16]).anomaly_score for i in range(0, len(test), 16)])
+        for name, r in runners.items()
+    }
+    # Thresholds from each variant's own training-normal scores (how each would be deployed).
+    limits = {
+        name: float(
+            np.quantile(np.concatenate([r(train[i : i + 16]).anomaly_score for i in range(0, len(train), 16)]), 0.99)
+        )
+        for name, r in runners.items()
+    }
+    decisions = {name: scores[name] >= limits[name] for name in runners}
+    return {
+        "test_images": len(test),
+        "auroc_fp32": image_auroc(labels, scores["fp32"]),
+        "auroc_int8": image_auroc(labels, scores["int8"]),
+        "decisions_differing": int((decisions["fp32"] != decisions["int8"]).sum()),
+        "max_rel_score_diff": float(np.max(np.abs(scores["int8"] - scores["fp32"]) / np.abs(scores["fp32"]))),
+    }
 
 
 _RSS_PROBE = """
@@ -190,7 +265,7 @@ def scorer_rss(store_uri: str, refs: dict[str, tuple[str, str]], images: int) ->
 def score_jobs(workdir: Path, store_uri: str, product: str, images: int) -> dict[str, dict[str, float]]:
     """runtime -> the Ray Data job's images/s (score stage) and its actor's peak RSS (MiB)."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_score import _ActorMemory, _texture
+    from bench_score import _texture
 
     from tsdn_platform import store
     from tsdn_platform.ray_session import init_ray
@@ -212,10 +287,68 @@ def score_jobs(workdir: Path, store_uri: str, product: str, images: int) -> dict
     out = {}
     for runtime in ("torch", "onnxruntime", "openvino"):
         cfg = dataclasses.replace(base, output=str(workdir / f"scores-{runtime}"), runtime=runtime)
-        with _ActorMemory() as memory:
+        with _NewActors() as memory:
             manifest = run_scoring(cfg)
-        out[runtime] = {"images_per_s": images / manifest["timings"]["score_s"], "peak_mib": memory.peak_bytes / 2**20}
+        out[runtime] = {
+            "images_per_s": images / manifest["timings"]["score_s"],
+            "peak_mib": memory.peak_bytes / 2**20,
+            "libtorch": memory.libtorch,
+        }
     return out
+
+
+class _NewActors:
+    """Peak RSS (``VmHWM``) of the scorer actors started while the job runs, and whether any mapped libtorch.
+
+    bench_score.py's sampler takes every ``_Scorer`` process; a previous job's actor can outlive its job for a
+    while, so here processes that existed before the job are left out.
+    """
+
+    def __init__(self, period_s: float = 0.2) -> None:
+        import threading
+
+        self.peak_bytes = 0
+        self.libtorch = False
+        self._period_s = period_s
+        self._before = set(self._scorers())
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _scorers() -> list[Path]:
+        found = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if b"_Scorer" in (proc / "cmdline").read_bytes():
+                    found.append(proc)
+            except OSError:
+                continue
+        return found
+
+    def __enter__(self) -> _NewActors:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import re
+
+        while not self._stop.is_set():
+            for proc in self._scorers():
+                if proc in self._before:
+                    continue
+                try:
+                    status = (proc / "status").read_text()
+                    self.libtorch |= "libtorch" in (proc / "maps").read_text()
+                except OSError:
+                    continue
+                match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+                if match:
+                    self.peak_bytes = max(self.peak_bytes, int(match.group(1)) * 1024)
+            self._stop.wait(self._period_s)
 
 
 def _median(values: list[float]) -> float:
@@ -232,6 +365,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling)")
     parser.add_argument("--score-job", action="store_true", help="also run the Ray Data score job per runtime")
     parser.add_argument("--score-images", type=int, default=1024)
+    parser.add_argument("--int8", action="store_true", help="also OpenVINO INT8 (NNCF, `pip install nncf`)")
+    parser.add_argument("--real", help="with --int8: an MVTec-style product folder for the INT8 accuracy check")
+    parser.add_argument("--real-train", type=int, default=60, help="training normals of the --real check")
     args = parser.parse_args()
 
     models = build_models(args.fit_images)
@@ -254,6 +390,7 @@ def main() -> None:
         refs[name] = (product, version)
     rss = scorer_rss(store_uri, refs, args.rss_images)
     jobs = score_jobs(workdir, store_uri, refs["TSDN feature"][0], args.score_images) if args.score_job else None
+    real = int8_accuracy(Path(args.real), args.real_train) if args.int8 and args.real else None
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores (shared with other work), torch {torch.__version__}")
     print(
@@ -276,11 +413,18 @@ def main() -> None:
             print(f"| {name} | {runtime} | {probe['peak_mib']:.0f} | {probe['torch']} | {probe['timm']} |")
     if jobs:
         print(f"\nRay Data score job, TSDN feature, {args.score_images} PNG images, 1 actor x 2 CPUs\n")
-        print("| runtime | images/s (score stage) | x torch | actor peak RSS (MiB) |")
-        print("|---|---|---|---|")
+        print("| runtime | images/s (score stage) | x torch | actor peak RSS (MiB) | actor mapped libtorch |")
+        print("|---|---|---|---|---|")
         for runtime, values in jobs.items():
             ratio = values["images_per_s"] / jobs["torch"]["images_per_s"]
-            print(f"| {runtime} | {values['images_per_s']:.1f} | {ratio:.2f} | {values['peak_mib']:.0f} |")
+            cells = f"{values['images_per_s']:.1f} | {ratio:.2f} | {values['peak_mib']:.0f} | {values['libtorch']}"
+            print(f"| {runtime} | {cells} |")
+    if real:
+        print(f"\nINT8 on a real set ({args.real}), PatchCore demo settings, {args.real_train} training normals\n")
+        print("| measure | value |")
+        print("|---|---|")
+        for key, value in real.items():
+            print(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
 
 
 if __name__ == "__main__":
