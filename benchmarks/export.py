@@ -285,7 +285,10 @@ def score_jobs(workdir: Path, store_uri: str, product: str, images: int) -> dict
         num_cpus_per_actor=2.0,
     )
     out = {}
-    for runtime in ("torch", "onnxruntime", "openvino"):
+    # torch last: Ray reuses idle worker processes for later actors, and a process's peak RSS (VmHWM) and its
+    # mapped libraries outlive the task that imported torch into it (measured: an ONNX Runtime actor started in a
+    # worker of the torch job showed torch's ~1 GiB; in a fresh one, 500 MiB and no libtorch).
+    for runtime in ("onnxruntime", "openvino", "torch"):
         cfg = dataclasses.replace(base, output=str(workdir / f"scores-{runtime}"), runtime=runtime)
         with _NewActors() as memory:
             manifest = run_scoring(cfg)

@@ -35,6 +35,8 @@ __all__ = [
     "EXPORT_FORMATS",
     "EXPORT_JSON",
     "EXPORT_VERSION",
+    "INPUT_NAME",
+    "OUTPUT_NAMES",
     "RUNTIMES",
     "ExportedModel",
     "ModelRunner",

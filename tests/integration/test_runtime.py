@@ -164,3 +164,29 @@ def test_serve_on_onnxruntime_answers_like_torch(world, tmp_path):
             assert answer["is_anomalous"] == expected.is_anomalous
     finally:
         serve.shutdown()
+
+
+def test_tsdn_export_writes_a_folder_and_refuses_in_one_line(tmp_path, capsys):
+    from tsdn_platform.cli import main as cli_main
+
+    registry = Registry(str(tmp_path / "store"))
+    version, _ = _register(registry, "beta", 0, [_texture(i, 64, 64) for i in range(3)])
+    empty = PatchCore(PatchCoreConfig(backbone="test_efficientnet", weights="none", image_size=SIZE))
+    registry.register("gamma", checkpoint_files(empty, fit_calibration([0.1, 0.2])), {"run_id": "g"}, promote="always")
+    store_uri = registry.store_uri
+    out = tmp_path / "beta-onnx"
+    assert cli_main(["export", "beta", "--store", store_uri, "--format", "onnx", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["version"] == version and summary["reused"] is False
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.onnx"]
+    assert registry.load_export("beta", version, "onnx")[0] is None  # --out only: nothing registered
+    assert cli_main(["export", "beta", "--store", store_uri, "--format", "openvino", "--register"]) == 0
+    assert json.loads(capsys.readouterr().out)["registered"].endswith(f"{version}/export/openvino")
+    for argv, reason in (
+        (["export", "gamma", "--format", "onnx", "--out", str(tmp_path / "g")], "memory bank is empty"),
+        (["export", "delta", "--format", "onnx", "--out", str(tmp_path / "d")], "delta"),
+        (["export", "beta", "--format", "onnx"], "give --out DIR, --register, or both"),
+    ):
+        assert cli_main([*argv, "--store", store_uri]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("tsdn export: ") and reason in err[0]
