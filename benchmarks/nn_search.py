@@ -1,4 +1,4 @@
-"""PatchCore's bank search: the shipped chunked torch search against faiss-cpu, same queries, same bank, one run.
+"""PatchCore's bank search: the two backends of ``nearest_distance`` (torch, faiss-cpu) on the same data.
 
 The queries are the patch features of real-sized batches (``--images`` images at ``--image-size`` through the
 Lite0 PatchCore embedding, so the feature width is the one the platform searches); the bank is a random subset
@@ -31,6 +31,11 @@ def _median_s(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _patches(features: torch.Tensor) -> torch.Tensor:
+    """(B, D, h, w) -> (B * h * w, D) float32."""
+    return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]).float().contiguous()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image-size", type=int, default=224)
@@ -49,25 +54,22 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         images = torch.rand(args.images, 3, args.image_size, args.image_size, generator=generator)
-        queries = model.embed(images).float()  # (B * h * w, D)
-        pool = model.embed(torch.rand(16, 3, args.image_size, args.image_size, generator=generator)).float()
-    query_np = np.ascontiguousarray(queries.numpy())
+        queries = _patches(model.embed(images))  # (B * h * w, D)
+        pool = _patches(model.embed(torch.rand(16, 3, args.image_size, args.image_size, generator=generator)))
     rows = []
     for size in (int(s) for s in args.banks.split(",")):
         reps = max(1, -(-size // len(pool)))
         bank = torch.cat([pool] * reps)[:size] + 0.01 * torch.randn(size, pool.shape[1], generator=generator)
-        index = faiss.IndexFlatL2(bank.shape[1])
-        index.add(bank.numpy())
 
         def torch_search(bank=bank):
             with torch.inference_mode():
-                return nearest_distance(queries, bank)
+                return nearest_distance(queries, bank, backend="torch")
 
-        def faiss_search(index=index):
-            distances, _ = index.search(query_np, 1)
-            return np.sqrt(np.maximum(distances[:, 0], 0.0))
+        def faiss_search(bank=bank):
+            with torch.inference_mode():
+                return nearest_distance(queries, bank, backend="faiss")
 
-        want, got = torch_search().numpy(), faiss_search()
+        want, got = torch_search().numpy(), faiss_search().numpy()
         torch_s, faiss_s = _median_s(torch_search, args.repeats), _median_s(faiss_search, args.repeats)
         row = {
             "bank": size,

@@ -8,6 +8,7 @@ same way everywhere, and a refusal names the file.
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 from PIL import Image
@@ -74,8 +75,10 @@ def decode_image(data: bytes, name: str, max_pixels: int = 64_000_000) -> Image.
         image = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(name, f"refused before decoding: {exc}") from exc
+    except Image.UnidentifiedImageError as exc:  # its text is "cannot identify image file <_io.BytesIO at 0x...>"
+        raise ImageDecodeError(name, f"not a {'/'.join(FORMATS)} image (unrecognised header)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageDecodeError(name, f"not a {'/'.join(FORMATS)} image ({exc})") from exc
+        raise ImageDecodeError(name, f"not a {'/'.join(FORMATS)} image ({_without_reprs(exc)})") from exc
     if image.format not in _ACCEPTED:
         raise ImageDecodeError(name, f"unsupported format {image.format}; expected one of {', '.join(FORMATS)}")
     width, height = image.size
@@ -87,8 +90,13 @@ def decode_image(data: bytes, name: str, max_pixels: int = 64_000_000) -> Image.
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageDecodeError(name, f"corrupt or truncated {image.format} ({exc})") from exc
+        raise ImageDecodeError(name, f"corrupt or truncated {image.format} ({_without_reprs(exc)})") from exc
     return image
+
+
+def _without_reprs(exc: BaseException) -> str:
+    """An exception's text without object reprs (``<... at 0x7f...>``): the same input gives the same message."""
+    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<input>", str(exc))
 
 
 def to_rgb(image: Image.Image | np.ndarray) -> tuple[np.ndarray, str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -32,7 +33,49 @@ def command(name: str, module: str, help_text: str) -> Callable[[_Adder], _Adder
     return register
 
 
-def _config_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+class _JobParser(argparse.ArgumentParser):
+    """A subcommand's parser; ``--help`` of a job with a config lists its keys (the config class imported only then)."""
+
+    config_class: str | None = None  # "module:ClassName"
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        if self.config_class is None:
+            return text
+        module, name = self.config_class.split(":")
+        keys = config_keys(getattr(importlib.import_module(module), name))
+        return f"{text}\nconfig keys (--set KEY=VALUE; the class defaults, which --config presets override):\n{keys}\n"
+
+
+def config_keys(cls: type, prefix: str = "") -> str:
+    """One line per field of a config dataclass (nested ones expanded): ``key  type = default``."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for field in dataclasses.fields(cls):
+        if field.name.startswith("_"):
+            continue
+        kind = hints.get(field.name, field.type)
+        if dataclasses.is_dataclass(kind):
+            lines.append(config_keys(kind, f"{prefix}{field.name}."))
+            continue
+        if field.default is not dataclasses.MISSING:
+            default = repr(field.default)
+        elif field.default_factory is not dataclasses.MISSING:
+            default = repr(field.default_factory())
+        else:
+            default = "(required)"
+        shown = getattr(kind, "__name__", None) if not typing.get_args(kind) else None
+        key = f"{prefix}{field.name}"
+        lines.append(f"  {key:<28} {shown or str(kind).replace('typing.', '')} = {default}")
+    return "\n".join(lines)
+
+
+def _config_args(parser: argparse.ArgumentParser, default: str | None = None, config: str | None = None) -> None:
+    if isinstance(parser, _JobParser):
+        parser.config_class = config
     parser.add_argument("--config", default=default, help="YAML file or preset name in jobs/configs/")
     parser.add_argument(
         "--set",
@@ -57,12 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, batch-score and serve TSDN anomaly-detection models on Ray.",
     )
     parser.add_argument("--version", action="version", version=f"tsdn-platform {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, and Ray's own INFO logs and progress bars"
+    )
     parser.add_argument("--debug", action="store_true", help="print the traceback of a failure")
     # Also accepted after the subcommand; SUPPRESS keeps a subcommand's absent flag from hiding the top-level one.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_JobParser)
     for name, (module, help_text, add_arguments) in _COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         add_arguments(p)
@@ -94,6 +139,8 @@ def exit_status(exc: BaseException) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ["TSDN_VERBOSE"] = "1"  # tsdn_platform.ray_session.VERBOSE_ENV; workers inherit it
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -123,7 +170,7 @@ def _serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="store URI holding registry/ (local folder or s3://bucket/prefix)")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
-    _config_args(p)
+    _config_args(p, config="tsdn_platform.serve:ServeConfig")
 
 
 @command("train", "tsdn_platform.train", "Train one model per product line and family on Ray and register it")
@@ -134,7 +181,7 @@ def _train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--families", help="comma-separated model families, tsdn and/or patchcore (default: the preset's)")
     p.add_argument("--promote", choices=("better", "always", "never"), help="best-pointer policy (default: better)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
-    _config_args(p, default="demo")
+    _config_args(p, default="demo", config="tsdn_platform.train:TrainConfig")
 
 
 @command("models", "tsdn_platform.registry", "List, show and promote registered model versions")
@@ -173,7 +220,7 @@ def _ingest(p: argparse.ArgumentParser) -> None:
     p.add_argument("--products", help="comma-separated product lines (default: every folder with train/good)")
     p.add_argument("--image-size", type=int, help="training resolution of the superpixel maps (default 352)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
-    _config_args(p)
+    _config_args(p, config="tsdn_platform.ingest:IngestConfig")
 
 
 @command("pipeline", "tsdn_platform.pipeline", "ingest -> train -> score for a set of product lines, as one job")
@@ -185,7 +232,7 @@ def _pipeline(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="score output URI (default <store>/scores/<dataset>-test)")
     p.add_argument("--report", help="folder for an HTML report of the most anomalous test images")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
-    _config_args(p)
+    _config_args(p, config="tsdn_platform.pipeline:PipelineConfig")
 
 
 @command("demo", "tsdn_platform.demo", "The embedded default end to end: demo data, ingest, train, score, report")
@@ -230,7 +277,7 @@ def _score(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", help="folder for an HTML report of the most anomalous images")
     p.add_argument("--report-top-n", type=int, help="images in the report (default 16)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
-    _config_args(p)
+    _config_args(p, config="tsdn_platform.score:ScoreConfig")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -31,6 +34,59 @@ AWS_ENV_VARS = (
 SOFT_LIMIT_ENV = "RAY_num_workers_soft_limit"
 
 
+# ``tsdn --verbose`` sets it; every job reads it through :func:`verbose` (workers get it with the TSDN_* variables).
+VERBOSE_ENV = "TSDN_VERBOSE"
+# Ray's loggers that narrate every dataset, report and deployment at INFO; quiet jobs keep their warnings.
+_CHATTY_LOGGERS = ("ray.data", "ray.train", "ray.serve", "ray.tune", "ray.util.placement_group")
+
+
+_PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def verbose() -> bool:
+    """Whether the user asked for Ray's own progress and INFO lines (``tsdn --verbose``)."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def quiet_ray_loggers(data: bool = False) -> None:
+    """Ray's INFO narration off (warnings stay), Ray Data progress bars off: the platform prints its own lines.
+
+    Runs in the driver and, as the ``worker_process_setup_hook`` of a local cluster, in every worker; does
+    nothing under ``--verbose``. ``data``: also configure Ray Data (importing it) in this process, as the
+    driver, which builds the datasets, does.
+    """
+    if verbose():
+        return
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray Train's placement-group cleaner polls the State API, which needs the dashboard a local cluster does not
+    # start; it then warns every few seconds that the API "may be temporarily unavailable" (20 lines a demo).
+    logging.getLogger(_PG_CLEANER_LOGGER).setLevel(logging.ERROR)
+    os.environ.update(quiet_env())  # read when ray.data (and Ray Train's controller) start
+    if not data and "ray.data" not in sys.modules:  # a worker that never runs Ray Data does not pay for importing it
+        return
+    from ray.data import DataContext
+
+    context = DataContext.get_current()  # datasets built in this process carry it to their executors
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+
+
+def quiet_env() -> dict[str, str]:
+    """Environment of a quiet job: Ray Data's progress bars off, its console at WARNING; nothing when verbose.
+
+    A trainer that waits for CPUs (several product lines queue on one cluster) waits quietly: Ray Train's
+    worker-group start timeout (60 s by default, then an ERROR traceback and a retry) becomes an hour.
+    """
+    if verbose():
+        return {}
+    return {
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+        "RAY_DATA_LOGGING_CONFIG": str(Path(__file__).with_name("ray_data_logging.yaml")),
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "3600",
+    }
+
+
 def forwarded_env() -> dict[str, str]:
     """Environment variables every worker needs: the AWS settings and the platform's own ``TSDN_*``."""
     keys = [k for k in os.environ if k in AWS_ENV_VARS or k.startswith("TSDN_")]
@@ -52,18 +108,25 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         # On a cluster the job's runtime_env (``ray job submit --runtime-env``) carries the settings;
         # a second runtime_env here would override it.
         logger.info("connecting to Ray at %s", address)
+        quiet_ray_loggers(data=True)
         ray.init(address=address, **kwargs)
         return
     _keep_local_cluster_on_loopback()
-    logger.info("starting a local Ray cluster on 127.0.0.1")
     system_config = dict(kwargs.pop("_system_config", None) or {})
     if SOFT_LIMIT_ENV not in os.environ:
         system_config.setdefault("num_workers_soft_limit", num_cpus or os.cpu_count() or 1)
+    # Its own temp dir: Ray's default /tmp/ray is shared by every local cluster of the machine, and a second
+    # cluster there makes Ray's placement-group cleaner of the first one fail loudly ("multiple active Ray
+    # instances").
+    kwargs.setdefault("_temp_dir", tempfile.mkdtemp(prefix="tsdn-ray-"))
+    logger.info("starting a local Ray cluster on 127.0.0.1 (logs under %s)", kwargs["_temp_dir"])
+    env_vars = {**quiet_env(), **forwarded_env()}
+    quiet_ray_loggers(data=True)
     ray.init(
         _node_ip_address="127.0.0.1",
         num_cpus=num_cpus,
         include_dashboard=False,
-        runtime_env={"env_vars": forwarded_env()},
+        runtime_env={"env_vars": env_vars, "worker_process_setup_hook": "tsdn_platform.ray_session.quiet_ray_loggers"},
         _system_config=system_config,
         **kwargs,
     )

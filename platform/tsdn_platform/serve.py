@@ -124,7 +124,11 @@ class ServeConfig:
     max_body_bytes: int = 20 * 1024 * 1024
     """413 above this, checked on Content-Length and on the bytes actually read, before decoding."""
     max_image_pixels: int = 40_000_000
-    """422 above this ``width * height``, refused from the header before any pixel is decoded."""
+    """422 above this ``width * height``, refused from the header before any pixel is decoded (batch scoring's
+    default is 64 000 000: a server holds many requests at once, a scorer one batch)."""
+    max_concurrent_decodes: int = 2
+    """Images an ingress replica decodes at once; more requests wait. Bounds the ingress's decoded-pixel memory
+    to about ``max_concurrent_decodes x max_image_pixels x 4`` bytes however many requests are in flight."""
     models_per_replica: int = 4
     """Multiplexing LRU size: predictors a model replica keeps loaded. Size it to the working set."""
     max_batch_size: int = BATCH_SIZE
@@ -158,6 +162,7 @@ class ServeConfig:
             "port": self.port,
             "max_body_bytes": self.max_body_bytes,
             "max_image_pixels": self.max_image_pixels,
+            "max_concurrent_decodes": self.max_concurrent_decodes,
             "models_per_replica": self.models_per_replica,
             "max_batch_size": self.max_batch_size,
             "num_replicas": self.num_replicas,
@@ -536,6 +541,7 @@ class TSDNIngress:
         self._registry = Registry(cfg.store)
         self._pointers = _PointerCache(self._registry, cfg.pointer_ttl_s)
         self._version_cache: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        self._decodes = asyncio.Semaphore(cfg.max_concurrent_decodes)
 
     def _authorize(self, request: Request) -> None:
         if self._digests is not None:
@@ -643,7 +649,8 @@ class TSDNIngress:
         else:
             data, name = body, f"{product} request body"
         try:
-            image = await asyncio.to_thread(decode_image, data, name, self._cfg.max_image_pixels)
+            async with self._decodes:
+                image = await asyncio.to_thread(decode_image, data, name, self._cfg.max_image_pixels)
         except ImageDecodeError as exc:
             raise ApiError(422, str(exc)) from exc
         job = DetectRequest(

@@ -627,8 +627,8 @@ def _metric_or_low(metrics: Mapping[str, Any], name: str) -> float:
 # --- one product line (driver side, inside a Ray task) -----------------------------------------------
 
 
-def check_manifest(cfg: TrainConfig, product: str, manifest: Mapping[str, Any], family: str = "tsdn") -> None:
-    """The shards were made for this model: same input size (and, for TSDN, the same SLIC settings)."""
+def manifest_problems(cfg: TrainConfig, product: str, manifest: Mapping[str, Any], family: str = "tsdn") -> list[str]:
+    """Why the shards were not made for this model: input size (and, for TSDN, the SLIC settings) differ."""
     slic = manifest.get("slic", {})
     size = cfg.model.image_size if family == "tsdn" else cfg.patchcore.image_size
     section = "model" if family == "tsdn" else "patchcore"
@@ -638,13 +638,41 @@ def check_manifest(cfg: TrainConfig, product: str, manifest: Mapping[str, Any], 
             ("n_segments", slic.get("n_segments"), cfg.model.n_segments),
             ("slic_compactness", slic.get("compactness"), cfg.model.slic_compactness),
         ]
-    for name, ingested, configured in pairs:
-        if ingested is not None and float(ingested) != float(configured):
-            msg = (
-                f"{product}: {section}.{name}={configured} but dataset {cfg.dataset!r} was ingested with {ingested}; "
-                f"train with --set {section}.{name}={ingested} or re-ingest"
-            )
-            raise ConfigError(msg)
+    return [
+        f"{product}: {section}.{name}={configured} but dataset {cfg.dataset!r} was ingested with {ingested}; "
+        f"train with --set {section}.{name}={ingested} or re-ingest"
+        for name, ingested, configured in pairs
+        if ingested is not None and float(ingested) != float(configured)
+    ]
+
+
+def check_manifest(cfg: TrainConfig, product: str, manifest: Mapping[str, Any], family: str = "tsdn") -> None:
+    """The shards were made for this model; raises ``ConfigError`` naming every mismatch."""
+    problems = manifest_problems(cfg, product, manifest, family)
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def preflight(cfg: TrainConfig) -> list[str]:
+    """The product lines to train, checked before Ray starts: every one ingested and matching the config.
+
+    Every problem of every product and family is reported at once (one ``ConfigError``), so a user fixes a
+    submission in one round instead of one mismatch per run.
+    """
+    products = discover_products(cfg)
+    problems = []
+    for product in products:
+        try:
+            validate_name(product)
+            manifest, _ = _manifest(cfg, product)
+        except ValueError as exc:  # ConfigError is a ValueError
+            problems.append(str(exc))
+            continue
+        for family in cfg.families:
+            problems.extend(manifest_problems(cfg, product, manifest, family))
+    if problems:
+        raise ConfigError("; ".join(dict.fromkeys(problems)))
+    return products
 
 
 def load_datasets(cfg: TrainConfig, product: str) -> dict[str, Any]:
@@ -678,8 +706,10 @@ def build_trainer(cfg: TrainConfig, product: str, run_name: str, runs_uri: str, 
     the filesystem comes from :func:`tsdn_platform.store.resolve`).
     """
     import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from tsdn_platform.ray_session import verbose
 
     fs, runs_path = store.resolve(runs_uri)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
@@ -693,6 +723,9 @@ def build_trainer(cfg: TrainConfig, product: str, run_name: str, runs_uri: str, 
             storage_path=runs_path,
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # Ray Train's own INFO lines (every report, every checkpoint) only under --verbose; the loop's
+            # per-epoch line is the platform's and always shows.
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,
                 checkpoint_score_attribute=cfg.checkpoint_metric,
@@ -843,8 +876,8 @@ def run_training(cfg: TrainConfig) -> dict[str, ProductResult]:
 
     from tsdn_platform.ray_session import init_ray
 
+    products = preflight(cfg)
     init_ray()
-    products = discover_products(cfg)
     task = ray.remote(num_cpus=0, max_retries=0)(_product_task)
     limit = cfg.max_concurrent_products or len(products)
     pending: dict[Any, str] = {}

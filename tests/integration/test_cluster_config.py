@@ -164,6 +164,8 @@ def test_ci_workflow_submits_train_then_score_and_fails_with_the_job():
     assert _job_args(train).command == "train"
     assert _job_args(score).command == "score"
     assert workflow["jobs"]["submit"]["env"]["RAY_AUTH_MODE"] == "token"
+    # The Jobs API is reachable only inside the VPC (infra/README.md): a hosted runner could not submit.
+    assert "self-hosted" in workflow["jobs"]["submit"]["runs-on"]
     # YAML 1.1 (PyYAML) reads the workflow's `on:` key as the boolean True.
     assert preset_path(workflow[True]["workflow_dispatch"]["inputs"]["config"]["default"]).is_file()
 

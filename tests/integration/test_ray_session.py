@@ -1,6 +1,7 @@
 """The local Ray cluster listens on the loopback interface only."""
 
 import ipaddress
+import logging
 import os
 import time
 from pathlib import Path
@@ -95,3 +96,37 @@ def test_local_cluster_keeps_idle_workers_while_actors_hold_every_cpu(ray_local)
     finally:
         for holder in holders:
             ray.kill(holder)
+
+
+def test_local_cluster_has_its_own_temp_dir_and_quiet_workers(ray_local):
+    import ray
+
+    temp_dir = ray._private.worker._global_node.get_temp_dir_path()
+    assert Path(temp_dir).name.startswith("tsdn-ray-")  # not the machine-wide /tmp/ray
+
+    @ray.remote(num_cpus=0)
+    def levels() -> dict[str, object]:
+        import logging
+
+        return {
+            "data": logging.getLogger("ray.data").level,
+            "train": logging.getLogger("ray.train").level,
+            "progress_bars_off": os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS"),
+        }
+
+    if os.environ.get("TSDN_VERBOSE"):
+        pytest.skip("TSDN_VERBOSE is set: this session asked for Ray's own logs")
+    seen = ray.get(levels.remote())
+    assert seen["train"] == logging.WARNING and seen["progress_bars_off"] == "1"
+
+
+def test_quiet_env_and_loggers_follow_verbose(monkeypatch):
+    from tsdn_platform import ray_session
+
+    monkeypatch.delenv(ray_session.VERBOSE_ENV, raising=False)
+    quiet = ray_session.quiet_env()
+    assert quiet["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1"
+    assert Path(quiet["RAY_DATA_LOGGING_CONFIG"]).is_file()  # shipped as package data
+    assert int(quiet["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"]) >= 600
+    monkeypatch.setenv(ray_session.VERBOSE_ENV, "1")
+    assert ray_session.verbose() and ray_session.quiet_env() == {}

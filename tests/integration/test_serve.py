@@ -61,6 +61,14 @@ def test_config_validation_names_the_key():
         ServeConfig(store="s", pointer_ttl_s=float("nan"))
     with pytest.raises(ConfigError, match="autoscaling_config"):
         ServeConfig(store="s", autoscaling_config={"min_replicas": 3, "max_replicas": 2})
+    with pytest.raises(ConfigError, match="max_concurrent_decodes"):
+        ServeConfig(store="s", max_concurrent_decodes=0)
+
+
+def test_serving_refuses_smaller_images_than_batch_scoring_by_default():
+    from tsdn_platform.score import ScoreConfig
+
+    assert ServeConfig(store="s").max_image_pixels < ScoreConfig(store="s", input="i", output="o").max_image_pixels
 
 
 def test_cli_flags_and_overrides_resolve_the_config():

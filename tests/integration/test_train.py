@@ -21,6 +21,7 @@ from tsdn_platform.train import (
     _load_checkpoint,
     _save_checkpoint,
     check_manifest,
+    preflight,
     run_training,
     validate_holdout,
     validate_test,
@@ -184,6 +185,29 @@ def test_config_products_validation_and_run_name():
     with pytest.raises(ConfigError, match=r"image_size=64 but .* ingested with 128"):
         check_manifest(cfg, "brick", {"image_size": 128, "slic": {"n_segments": 50, "compactness": 10.0}})
     check_manifest(cfg, "brick", {"image_size": 64, "slic": {"n_segments": 50, "compactness": 10.0}})
+
+
+@pytest.mark.integration
+def test_preflight_reports_every_problem_before_ray_starts(ingested):
+    assert preflight(_config(ingested)) == [PRODUCTS[0]]
+    everything = dataclasses.replace(_config(ingested), products="all")
+    assert preflight(everything) == sorted(PRODUCTS)
+    # Two products not ingested and, for the one that is, every mismatch of both families: one error, all named.
+    cfg = _config(ingested, "model.image_size=128", "model.n_segments=60", "patchcore.image_size=96")
+    cfg = dataclasses.replace(cfg, products=[PRODUCTS[0], "widget", "gadget"], families=["tsdn", "patchcore"])
+    with pytest.raises(ConfigError) as caught:
+        preflight(cfg)
+    message = str(caught.value)
+    for part in (
+        "'widget' is not ingested",
+        "'gadget' is not ingested",
+        "model.image_size=128",
+        "model.n_segments=60",
+        "patchcore.image_size=96",
+    ):
+        assert part in message
+    with pytest.raises(ConfigError, match="no ingested products"):
+        preflight(dataclasses.replace(_config(ingested), dataset="nosuch", products="all"))
 
 
 @pytest.fixture

@@ -92,3 +92,24 @@ def test_no_input_and_no_model_are_one_line_errors(tmp_path, capsys):
     assert cli_main([*argv, "--product", "bolt"]) == 2
     err = capsys.readouterr().err
     assert err == f"tsdn score: {tmp_path / 'store'}: no registered model for any input product (products: bolt)\n"
+
+
+@pytest.mark.parametrize(
+    ("command", "keys"),
+    [
+        ("train", ("epochs", "model.score_source", "patchcore.coreset_fraction", "promote_metric")),
+        ("score", ("output_map_size", "max_error_fraction", "store_retry_s")),
+        ("serve", ("max_body_bytes", "pointer_ttl_s")),
+        ("ingest", ("image_size",)),
+        ("pipeline", ("train_config",)),
+    ],
+)
+def test_job_help_lists_its_config_keys_with_types_and_defaults(command, keys, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli_main([command, "--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    section = text.split("config keys", 1)[1]
+    for key in keys:
+        (line,) = [row for row in section.splitlines() if row.split()[:1] == [key]]
+        assert " = " in line  # a type and a default

@@ -239,3 +239,14 @@ def test_resize_mask_is_torch_nearest_and_binary(source, target):
     assert got.dtype == np.uint8 and set(np.unique(got)) <= {0, 1}
     np.testing.assert_array_equal(got, want[0, 0].numpy().astype(np.uint8))
     np.testing.assert_array_equal(resize_mask(mask, source), mask > 0)
+
+
+def test_decode_errors_carry_no_object_reprs():
+    # The same bad input gives the same message (an ingest report is identical between reruns).
+    messages = set()
+    for _ in range(2):
+        with pytest.raises(ImageDecodeError) as caught:
+            decode_image(b"definitely not an image", "x.png")
+        messages.add(str(caught.value))
+    (message,) = messages
+    assert " at 0x" not in message and message.startswith("x.png: not a PNG/JPEG/BMP/TIFF image")

@@ -27,14 +27,29 @@ def _brick_crops(n: int, size: int = 64) -> torch.Tensor:
     return torch.stack(crops).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
 
 
+@pytest.mark.parametrize("backend", ["torch", "faiss", "auto"])
 @pytest.mark.parametrize(("query_chunk", "bank_chunk"), [(1, 1), (7, 5), (1000, 1000)])
-def test_nearest_distance_equals_brute_force(query_chunk, bank_chunk):
+def test_nearest_distance_equals_brute_force(query_chunk, bank_chunk, backend):
     gen = torch.Generator().manual_seed(1)
     queries = torch.randn(53, 12, generator=gen)
     bank = torch.randn(31, 12, generator=gen)
     expected = torch.cdist(queries, bank).amin(dim=1)
-    got = pc.nearest_distance(queries, bank, query_chunk, bank_chunk)
-    torch.testing.assert_close(got, expected)
+    got = pc.nearest_distance(queries, bank, query_chunk, bank_chunk, backend=backend)
+    assert got.dtype == queries.dtype and got.shape == (53,)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)  # faiss: |q|^2 + |b|^2 - 2 q.b rounding
+
+
+def test_nearest_distance_auto_uses_faiss_on_cpu_but_torch_under_tracing(monkeypatch):
+    calls = []
+    monkeypatch.setattr(pc, "_faiss_nearest", lambda *args: calls.append(args) or torch.zeros(len(args[1])))
+    queries, bank = torch.randn(4, 3), torch.randn(5, 3)
+    pc.nearest_distance(queries, bank)
+    assert len(calls) == 1  # faiss-cpu is installed by the test extra
+    traced = torch.jit.trace(lambda q: pc.nearest_distance(q, bank), queries, check_trace=False)
+    assert len(calls) == 1  # tracing took the torch path: an exported graph holds the search itself
+    torch.testing.assert_close(traced(queries), torch.cdist(queries, bank).amin(dim=1))
+    with pytest.raises(ValueError, match="backend"):
+        pc.nearest_distance(queries, bank, backend="annoy")
 
 
 def test_nearest_distance_is_zero_for_bank_rows_and_rejects_empty_bank():
