@@ -37,7 +37,7 @@ from torch import nn
 from tsdn.calibration import Calibration
 from tsdn.checkpoint import MODEL_WEIGHTS, load_checkpoint
 from tsdn.model import TSDN
-from tsdn.patchcore import PatchCore
+from tsdn.patchcore import PatchCore, row_distance
 from tsdn.runtime import (
     EXPORT_FORMATS,
     EXPORT_JSON,
@@ -67,8 +67,9 @@ class InferenceGraph(nn.Module):
     """The exported computation: ``image`` (B, 3, S, S) in [0, 1] -> (anomaly_map (B, 1, S, S), anomaly_score (B,)).
 
     TSDN: :meth:`tsdn.model.TSDN.predict` as it is. PatchCore: :meth:`~tsdn.patchcore.PatchCore.embed`, the
-    nearest-bank distance per patch by the expansion ``|q|^2 - 2 q.b + |b|^2`` (what ``torch.cdist`` computes
-    for banks of more than 25 rows) in static blocks of ``cfg.bank_chunk`` bank rows, then
+    nearest bank row per patch by the expansion ``|q|^2 - 2 q.b + |b|^2`` (what ``torch.cdist`` and faiss
+    search with) in static blocks of ``cfg.bank_chunk`` bank rows, the distance to it computed directly
+    (:func:`~tsdn.patchcore.row_distance`, as :func:`~tsdn.patchcore.nearest_distance` returns it), then
     :meth:`~tsdn.patchcore.PatchCore.distance_map`.
     """
 
@@ -89,14 +90,17 @@ class InferenceGraph(nn.Module):
         dim, height, width = (int(n) for n in emb.shape[1:])  # fixed by S; the batch axis stays symbolic
         queries = emb.permute(0, 2, 3, 1).reshape(-1, height * width, dim).float()
         squared = queries.pow(2).sum(dim=-1, keepdim=True)
-        best = None
+        best = index = None
         bank = model.bank
         for start in range(0, int(bank.shape[0]), model.cfg.bank_chunk):
             rows = bank[start : start + model.cfg.bank_chunk].float()
-            block = squared - 2.0 * queries @ rows.T + rows.pow(2).sum(dim=-1)
-            nearest = block.amin(dim=-1)
-            best = nearest if best is None else torch.minimum(best, nearest)
-        grid = best.clamp_min(0.0).sqrt().reshape(-1, 1, height, width)
+            value, found = (squared - 2.0 * queries @ rows.T + rows.pow(2).sum(dim=-1)).min(dim=-1)
+            if best is None:
+                best, index = value, found
+            else:
+                closer = value < best
+                best, index = torch.where(closer, value, best), torch.where(closer, found + start, index)
+        grid = row_distance(queries, bank, index).reshape(-1, 1, height, width)
         return model.distance_map(grid, tuple(int(n) for n in image.shape[-2:]))
 
 
