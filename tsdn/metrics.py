@@ -20,7 +20,16 @@ import math
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["UndefinedMetricError", "aupro", "evaluate", "f1_max", "image_auroc", "pixel_auroc"]
+__all__ = [
+    "UndefinedMetricError",
+    "aupro",
+    "evaluate",
+    "f1_max",
+    "image_auroc",
+    "pixel_auroc",
+    "precision_recall_curve",
+    "roc_curve",
+]
 
 # MVTec AD's reference implementation labels defect regions with 8-connectivity.
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -143,6 +152,52 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
     f1 = 2 * tp / (at_or_above + n_positive)  # 2TP / (2TP + FP + FN) with TP + FP = at_or_above, FN = P - TP
     best = int(np.argmax(f1))
     return float(f1[best]), float(thresholds[best])
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ROC curve of image scores, one point per distinct score (predicting anomalous when ``score >= t``).
+
+    Args:
+        labels: (N,) 0 = normal, 1 = anomalous; both classes present.
+        scores: (N,) anomaly scores.
+
+    Returns:
+        ``(fpr, tpr, thresholds)``, each (K + 1,) for K distinct scores: the first point is ``(0, 0)`` at
+        threshold ``inf``, then thresholds descend (``sklearn.metrics.roc_curve(drop_intermediate=False)``).
+        The trapezoidal area under ``(fpr, tpr)`` is :func:`image_auroc`.
+    """
+    positive = _as_labels("labels", labels)
+    values = _as_scores("scores", scores, positive.shape)
+    n_positive = int(positive.sum())
+    n_negative = positive.size - n_positive
+    if n_positive == 0 or n_negative == 0:
+        msg = f"roc_curve: only one class present ({n_positive} anomalous, {n_negative} normal)"
+        raise UndefinedMetricError(msg)
+    thresholds, at_or_above, (tp,) = _descending_cumsums(values, positive)
+    fpr = np.concatenate(([0.0], (at_or_above - tp) / n_negative))
+    tpr = np.concatenate(([0.0], tp / n_positive))
+    return fpr, tpr, np.concatenate(([np.inf], thresholds.astype(np.float64)))
+
+
+def precision_recall_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The precision-recall curve of image scores, one point per distinct score, thresholds descending.
+
+    Args:
+        labels: (N,) 0 = normal, 1 = anomalous; at least one anomalous.
+        scores: (N,) anomaly scores.
+
+    Returns:
+        ``(precision, recall, thresholds)``, each (K,) for K distinct scores, recall ascending. (sklearn's
+        ``precision_recall_curve`` returns the same points in the opposite order, plus a final ``(1, 0)``.)
+    """
+    positive = _as_labels("labels", labels)
+    values = _as_scores("scores", scores, positive.shape)
+    n_positive = int(positive.sum())
+    if n_positive == 0:
+        msg = "precision_recall_curve: no anomalous sample, recall is undefined"
+        raise UndefinedMetricError(msg)
+    thresholds, at_or_above, (tp,) = _descending_cumsums(values, positive)
+    return tp / at_or_above, tp / n_positive, thresholds.astype(np.float64)
 
 
 def evaluate(

@@ -269,13 +269,13 @@ def _predict(p: argparse.ArgumentParser) -> None:
 def _score(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="store URI holding the registry (s3://bucket/prefix or a folder)")
     p.add_argument("--input", help="folder/S3 prefix of raw images, or ingested shards (.../<product>/test)")
-    p.add_argument("--output", help="output URI: product=<p>/part-*.parquet + _manifest.json")
+    p.add_argument("--output", help="output URI: <product>/part-*.parquet + _manifest.json")
     routing = p.add_mutually_exclusive_group()
     routing.add_argument("--product", help="product line of every input (filters ingested shards)")
     routing.add_argument("--product-from-path", help="path pattern naming the product, e.g. '{product}/**'")
     p.add_argument("--version", help="pin this model version instead of the registry's best")
     p.add_argument("--report", help="folder for an HTML report of the most anomalous images")
-    p.add_argument("--report-top-n", type=int, help="images in the report (default 16)")
+    p.add_argument("--report-max-images", type=int, help="most image cards in the report (default 400)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     _config_args(p, config="tsdn_platform.score:ScoreConfig")
 

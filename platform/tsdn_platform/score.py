@@ -10,45 +10,42 @@ path pattern such as ``{product}/**``), or ingested dataset shards (``part-*.par
 ``<store>/datasets/<dataset>/<product>/test``); with shards, ground truth (``label``, ``mask``) gives
 image/pixel AUROC and AUPRO per product in the manifest.
 
-Output layout (a job "never half-exists")::
+Output layout (a job "never half-exists"; the row contract and layout are :mod:`tsdn_platform.score_rows`)::
 
-    <output>/product=<p>/part-<job>-<attempt>-<task>.parquet
+    <output>/<product>/part-<job>-<attempt>-<task>.parquet
+    <output>/@unrouted/part-...parquet  rows whose path matched no ``product_from_path`` pattern (product null)
     <output>/_manifest.json          written last: inputs seen, rows, errors, model versions, config, timings
     <output>/_staging/<job_id>/...   where the parts are written before they are moved into place
 
 Commit protocol: the parts are staged, moved next to the previous output's parts under names unique to this
-attempt, then ``_manifest.json`` is replaced atomically (the commit point), then every ``product=*`` file the
-new manifest does not list is deleted. A crash before the commit leaves the previous manifest and all of its
+attempt, then ``_manifest.json`` is replaced atomically (the commit point), then every part file the new
+manifest does not list is deleted. A crash before the commit leaves the previous manifest and all of its
 parts intact (plus uncommitted parts, which the next run deletes); the manifest's ``files`` are always exactly
-the committed output. Readers that list ``product=*`` folders instead may see a crashed attempt's extra parts
-until the job runs again.
+the committed output. Readers that list the folders instead may see a crashed attempt's extra parts until the
+job runs again.
 
-Score rows: ``image_id``, ``source_uri``, ``product``, ``model_version``, ``anomaly_score`` (float64),
-``is_anomalous``, ``threshold``, ``score_map``, ``error`` (null, or why the input could not be scored; its
-score columns are then null). ``score_map`` is Arrow's canonical ``arrow.fixed_shape_tensor`` extension
-with ``value_type=halffloat`` and ``shape=[H, W]`` (``output_map_size``, or the model's input size when
-that is null). Reading it needs pyarrow only::
+Score rows (:data:`tsdn_platform.score_rows.SCHEMA`): ``image_id``, ``source_uri``, ``product``,
+``model_version``, ``anomaly_score``, ``normalized_score``, ``is_anomalous``, ``threshold``, ``error`` (null,
+or why the input could not be scored; its score columns are then null), the ground truth of an ingested split
+(``label``, ``defect_type``, ``has_mask``; null for raw images) and the map: ``score_map`` (float16 values,
+row-major) with its ``score_map_height`` and ``score_map_width`` (``output_map_size``, or the model's input
+size when that is null). One schema for every product, so pyarrow, pandas and duckdb read the whole output
+with their defaults::
 
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
+    from tsdn_platform.score_rows import decode_maps
 
-    table = pq.read_table("<output>/product=bottle")                 # or one part file
-    scored = table.filter(pc.is_valid(table["score_map"]))           # error rows hold null maps
-    maps = scored["score_map"].combine_chunks().to_numpy_ndarray()   # (N, H, W) float16
-    # without the extension type registered: the storage is fixed_size_list<halffloat>[H*W]
-    shape = table.schema.field("score_map").type.shape               # [H, W]
+    table = pq.read_table("<output>")          # or "<output>/bottle", or one part file
+    maps = decode_maps(table)                  # one (H, W) float16 array per row, None for error rows
+    # without this package: table["score_map"][i].values.to_numpy().reshape(height[i], width[i])
 
-Rows whose path matches no ``product_from_path`` pattern have a null product and land in
-``product=__HIVE_DEFAULT_PARTITION__`` (Hive's name for a null partition), with ``error`` set.
-Maps of different products may differ in shape, so read one ``product=<p>`` folder at a time; when
-all share one shape (one input size, or ``output_map_size`` set) the whole output reads as one table with
-``pq.read_table("<output>", partitioning=None)`` (the files carry ``product`` themselves, and Hive
-partitioning would add a clashing dictionary column). A product with no registered model gets a 1×1
-map type when ``output_map_size`` is null (all its rows are errors, with null maps); so does that folder.
+(``pandas.read_parquet("<output>")``, ``duckdb.sql("SELECT * FROM '<output>/*/*.parquet'")``: see
+:mod:`tsdn_platform.score_rows`.)
 
 Why a custom datasink instead of ``write_parquet(partition_cols=["product"])``: Arrow's partitioned
-writer drops the partition column from the files (a single file would no longer say its product) and
-needs one schema for all partitions, while maps are typed per product.
+writer drops the partition column from the files (a single file would no longer say its product) and names
+the folders ``product=<p>``, which Hive-style readers turn into a second ``product`` column (see
+:mod:`tsdn_platform.score_rows`); the sink also needs to know each file's rows and errors for the manifest.
 
 Ray Data fuses the decode stage into the scorer actors when both ask for the same resources (CPU-only
 actors): the decoded pixels then never cross the object store. With GPU actors the stages differ in
@@ -96,6 +93,15 @@ from tsdn.image import decode_image, resize_mask, to_rgb
 from tsdn.runtime import RUNTIMES, runtime_format
 from tsdn_platform import store
 from tsdn_platform.config import load_config
+from tsdn_platform.score_rows import (
+    MAP_COLUMNS,
+    SCHEMA,
+    TRUTH_COLUMNS,
+    UNROUTED,
+    decode_maps,
+    encode_maps,
+    product_folder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -105,18 +111,19 @@ __all__ = [
     "ScoreDatasink",
     "ScoreFailed",
     "main",
-    "output_schema",
     "run_scoring",
 ]
 
 MANIFEST = "_manifest.json"
 STAGING = "_staging"
 _SHARD_PATTERN = re.compile(r"(^|/)part-[^/]*\.parquet$")
+# A committed score part, relative to the output: <product or @unrouted>/part-*.parquet (never _staging/...).
+_PART_FILE = re.compile(r"[A-Za-z0-9@][^/]*/part-[^/]*\.parquet")
 # Columns of an ingested shard that scoring reads; ground truth is read separately for the metrics.
 _SHARD_COLUMNS = ["image_id", "product", "image"]
+# Ground truth of the shard contract that the score rows carry along (as label, defect_type, has_mask).
+_TRUTH_COLUMNS = ["label", "defect_type", "mask"]
 _MAX_ERROR_SAMPLES = 20
-# Folder of rows whose path matched no product pattern (product null), named as Hive does null partitions.
-UNROUTED = "__HIVE_DEFAULT_PARTITION__"
 # The config's ``store`` field shadows the module inside the class body.
 _STORE_RETRY_S = store.DEFAULT_RETRY_S
 
@@ -145,7 +152,8 @@ class ScoreConfig:
     model's input size, where the training job measured the registry's test metrics, so both say the same
     numbers; a smaller size makes smaller files, and the manifest's ``map_size`` names it). ``job_id`` defaults to
     a hash of the inputs, model versions and result-shaping settings. ``address``: Ray cluster (default
-    ``$RAY_ADDRESS``, else a local one on 127.0.0.1).
+    ``$RAY_ADDRESS``, else a local one on 127.0.0.1). ``report_dir``: also write the HTML report there
+    (:mod:`tsdn_platform.report`); ``report_max_images``: the most image cards it shows.
 
     ``max_error_fraction``: the job fails, committing nothing, when more than this fraction of rows are errors
     (inputs that cannot be decoded, products without a model); it always fails when no row could be scored.
@@ -174,7 +182,7 @@ class ScoreConfig:
     max_image_pixels: int = 64_000_000
     min_rows_per_file: int = 1024
     report_dir: str | None = None
-    report_top_n: int = 16
+    report_max_images: int = 400
     job_id: str | None = None
     max_error_fraction: float = 1.0
     store_retry_s: float = _STORE_RETRY_S
@@ -191,8 +199,8 @@ class ScoreConfig:
             raise ValueError(msg)
         if self.product_from_path is not None:
             _path_regex(self.product_from_path)
-        if self.batch_size < 1 or self.min_rows_per_file < 1 or self.report_top_n < 1:
-            msg = "batch_size, min_rows_per_file and report_top_n must be >= 1"
+        if self.batch_size < 1 or self.min_rows_per_file < 1 or self.report_max_images < 1:
+            msg = "batch_size, min_rows_per_file and report_max_images must be >= 1"
             raise ValueError(msg)
         low, high = self.num_actors
         if not 1 <= low <= high:
@@ -232,6 +240,7 @@ class _Inputs:
     items: list[dict[str, Any]]  # image_id, source_uri, product (None when unknown)
     shard_files: list[str]
     has_ground_truth: bool
+    truth_columns: list[str] = field(default_factory=list)  # which of _TRUTH_COLUMNS the shards have
 
 
 # --- input listing --------------------------------------------------------------------------------
@@ -319,7 +328,8 @@ def _list_shards(cfg: ScoreConfig, shards: list[str]) -> _Inputs:
     if not items:
         msg = f"{cfg.input}: no shard rows match split={cfg.split!r} product={cfg.product!r}"
         raise ValueError(msg)
-    return _Inputs("ingested", items, shards, has_ground_truth="label" in dataset.schema.names)
+    truth = [c for c in _TRUTH_COLUMNS if c in dataset.schema.names]
+    return _Inputs("ingested", items, shards, has_ground_truth="label" in truth, truth_columns=truth)
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -327,7 +337,7 @@ def _list_shards(cfg: ScoreConfig, shards: list[str]) -> _Inputs:
 
 @dataclass
 class _Models:
-    """Per product: the pinned version and map shape, or why the product cannot be scored."""
+    """Per product: the pinned version and map shape, or why the product cannot be scored (no shape then)."""
 
     versions: dict[str, str]
     shapes: dict[str, tuple[int, int]]
@@ -355,9 +365,6 @@ def _resolve_models(cfg: ScoreConfig, products: Iterable[str]) -> _Models:
         size = cfg.output_map_size or int(meta["input_size"][0])
         models.versions[product] = ref.version
         models.shapes[product] = (size, size)
-    error_rows_shape = (cfg.output_map_size or 1,) * 2  # these rows hold null maps; the type only has to exist
-    for product in [*models.unavailable, UNROUTED]:
-        models.shapes[product] = error_rows_shape
     return models
 
 
@@ -400,19 +407,7 @@ _DECODED_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("width", pa.int32()),
         ("error", pa.string()),
-    ]
-)
-_SCORED_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("source_uri", pa.string()),
-        ("product", pa.string()),
-        ("model_version", pa.string()),
-        ("anomaly_score", pa.float64()),
-        ("is_anomalous", pa.bool_()),
-        ("threshold", pa.float64()),
-        ("score_map", pa.large_binary()),  # raw float16 bytes; typed per product by the datasink
-        ("error", pa.string()),
+        *((name, SCHEMA.field(name).type) for name in TRUTH_COLUMNS),
     ]
 )
 
@@ -458,8 +453,9 @@ def _decode_rows(batch: pa.Table, unavailable: Mapping[str, str], max_pixels: in
                 pixels = np.ascontiguousarray(rgb).tobytes()
             except (ValueError, OSError) as exc:  # ImageDecodeError is a ValueError; store failures are not caught
                 error = str(exc)
+        truth = [row.get(name) for name in TRUTH_COLUMNS]  # raw images have none
         for name, value in zip(
-            _DECODED_SCHEMA.names, (row["image_id"], uri, product, pixels, height, width, error), strict=True
+            _DECODED_SCHEMA.names, (row["image_id"], uri, product, pixels, height, width, error, *truth), strict=True
         ):
             out[name].append(value)
     return pa.table(out, schema=_DECODED_SCHEMA)
@@ -521,54 +517,28 @@ class _Scorer:
             ]
             detections = self._predictors()[product].predict(images, map_size=self._shapes[product])
             results.update(zip(indices, detections, strict=True))
-        out: dict[str, list[Any]] = {name: [] for name in _SCORED_SCHEMA.names}
+        scalars = [name for name in SCHEMA.names if name not in MAP_COLUMNS]
+        out: dict[str, list[Any]] = {name: [] for name in scalars}
+        maps = []
         for i, row in enumerate(rows):
             det = results.get(i)
-            version = self._versions.get(row["product"])
-            values = (
-                row["image_id"],
-                row["source_uri"],
-                row["product"],
-                version,
-                None if det is None else float(det.anomaly_score),
-                None if det is None else bool(det.is_anomalous),
-                None if det is None else float(det.threshold),
-                None if det is None else det.anomaly_map.astype(np.float16).tobytes(),
-                row["error"],
-            )
-            for name, value in zip(_SCORED_SCHEMA.names, values, strict=True):
-                out[name].append(value)
-        return pa.table(out, schema=_SCORED_SCHEMA)
-
-
-def score_map_type(shape: tuple[int, int]) -> pa.DataType:
-    """The ``score_map`` column type: ``arrow.fixed_shape_tensor<halffloat>[H, W]``."""
-    return pa.fixed_shape_tensor(pa.float16(), list(shape))
-
-
-def output_schema(shape: tuple[int, int]) -> pa.Schema:
-    """The score-row schema for a product whose maps are ``shape`` (H, W)."""
-    fields = list(_SCORED_SCHEMA)
-    index = _SCORED_SCHEMA.get_field_index("score_map")
-    fields[index] = pa.field("score_map", score_map_type(shape))
-    return pa.schema(fields)
-
-
-def _typed_maps(column: pa.ChunkedArray, shape: tuple[int, int]) -> pa.ExtensionArray:
-    """Raw float16 bytes (null for error rows) -> a fixed-shape tensor array (null where no map)."""
-    size = shape[0] * shape[1]
-    raw = column.to_pylist()
-    values = np.zeros((len(raw), size), np.float16)
-    for i, data in enumerate(raw):
-        if data is not None:
-            values[i] = np.frombuffer(data, np.float16)
-    mask = pa.array([data is None for data in raw], pa.bool_())
-    storage = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), size, mask=mask)
-    return pa.ExtensionArray.from_storage(score_map_type(shape), storage)
+            values = {
+                **{name: row[name] for name in ("image_id", "source_uri", "product", "error", *TRUTH_COLUMNS)},
+                "model_version": self._versions.get(row["product"]),
+                "anomaly_score": None if det is None else float(det.anomaly_score),
+                "normalized_score": None if det is None else float(det.normalized_score),
+                "is_anomalous": None if det is None else bool(det.is_anomalous),
+                "threshold": None if det is None else float(det.threshold),
+            }
+            for name in scalars:
+                out[name].append(values[name])
+            maps.append(None if det is None else det.anomaly_map)
+        columns = {name: pa.array(out[name], SCHEMA.field(name).type) for name in scalars} | encode_maps(maps)
+        return pa.table({name: columns[name] for name in SCHEMA.names}, schema=SCHEMA)
 
 
 class ScoreDatasink(Datasink):
-    """Writes each write task's rows to ``<staging>/product=<p>/part-<part_prefix>-<task>.parquet`` (zstd).
+    """Writes each write task's rows to ``<staging>/<product>/part-<part_prefix>-<task>.parquet`` (zstd).
 
     ``results`` (on the driver, after the write): one dict per file with ``product``, ``file``, ``rows``,
     ``errors`` and a few ``error_samples``.
@@ -578,13 +548,11 @@ class ScoreDatasink(Datasink):
         self,
         staging: str,
         part_prefix: str,
-        shapes: Mapping[str, tuple[int, int]],
         min_rows: int,
         store_retry_s: float = _STORE_RETRY_S,
     ) -> None:
         self._staging = staging
         self._part_prefix = part_prefix
-        self._shapes = {p: tuple(s) for p, s in shapes.items()}
         self._min_rows = min_rows
         self._store_retry_s = store_retry_s
         self.results: list[dict[str, Any]] = []
@@ -603,12 +571,8 @@ class ScoreDatasink(Datasink):
         for product in sorted({p or UNROUTED for p in table["product"].to_pylist()}):
             # equal() is null for null products, and filter() drops null selections
             part = table.filter(unrouted if product == UNROUTED else pc.equal(table["product"], product))
-            shape = self._shapes[product]
-            maps = _typed_maps(part["score_map"], shape)
-            part = part.set_column(part.schema.get_field_index("score_map"), "score_map", maps)
-            part = part.cast(output_schema(shape))
             name = f"part-{self._part_prefix}-{ctx.task_idx:05d}.parquet"
-            uri = store.join(self._staging, f"product={product}", name)
+            uri = store.join(self._staging, product_folder(None if product == UNROUTED else product), name)
             buffer = pa.BufferOutputStream()
             pq.write_table(part, buffer, compression="zstd")
             with store.retry_budget(self._store_retry_s):
@@ -636,12 +600,17 @@ def _select_shard_rows(batch: pa.Table, uris: Mapping[str, str], split: str | No
     if product is not None:
         batch = batch.filter(pc.field("product") == product)
     sources = [f"{uris[path]}#{image_id}" for path, image_id in zip(batch["path"].to_pylist(), batch["image_id"])]
+    names = batch.column_names
+    nulls = pa.nulls(batch.num_rows)
     return pa.table(
         {
             "image_id": batch["image_id"],
             "source_uri": pa.array(sources, pa.string()),
             "product": batch["product"],
             "image": batch["image"],
+            "label": batch["label"].cast(pa.int8()) if "label" in names else nulls.cast(pa.int8()),
+            "defect_type": batch["defect_type"] if "defect_type" in names else nulls.cast(pa.string()),
+            "has_mask": pc.is_valid(batch["mask"]) if "mask" in names else nulls.cast(pa.bool_()),
         }
     )
 
@@ -650,7 +619,7 @@ def _build_dataset(cfg: ScoreConfig, inputs: _Inputs, models: _Models) -> ray.da
     if inputs.kind == "ingested":
         fs, _ = store.resolve(inputs.shard_files[0])
         paths = {store.resolve(uri)[1]: uri for uri in inputs.shard_files}
-        columns = _SHARD_COLUMNS + (["split"] if cfg.split is not None else [])
+        columns = _SHARD_COLUMNS + inputs.truth_columns + (["split"] if cfg.split is not None else [])
         ds = (
             ray.data.read_parquet(list(paths), filesystem=fs, include_paths=True, partitioning=None)
             .select_columns([*columns, "path"])
@@ -723,14 +692,15 @@ def _ground_truth_metrics(
         files = [r["file"] for r in results if r["product"] == product and r["rows"] > r["errors"]]
         if product not in models.versions or not files:
             continue
-        table = pa.concat_tables(_read_table(uri, ["image_id", "anomaly_score", "score_map"]) for uri in files)
+        columns = ["image_id", "anomaly_score", *MAP_COLUMNS]
+        table = pa.concat_tables(_read_table(uri, columns) for uri in files)
         table = table.filter(pc.is_valid(table["score_map"]))
         rows = [truth[(product, image_id)] for image_id in table["image_id"].to_pylist()]
         labels = np.array([row["label"] for row in rows], np.int64)
         if len(set(labels.tolist())) < 2:
             metrics[product] = {"images": len(rows), "note": "needs both normal and anomalous images"}
             continue
-        maps = table["score_map"].combine_chunks().to_numpy_ndarray().astype(np.float32)
+        maps = np.stack(decode_maps(table)).astype(np.float32)
         masks = np.stack([_read_mask(row.get("mask"), f"{product}/{row['image_id']}:mask", shape) for row in rows])
         scores = table["anomaly_score"].to_numpy()
         result = evaluate(labels, scores, masks=masks, maps=maps)
@@ -744,12 +714,12 @@ def _read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
 
 
 def _remove_uncommitted(output: str, committed: Iterable[str]) -> None:
-    """Delete every ``product=*`` file under ``output`` that is not in ``committed`` (paths relative to it)."""
+    """Delete every ``<folder>/part-*.parquet`` under ``output`` that is not in ``committed`` (relative paths)."""
     keep = set(committed)
     root = output.rstrip("/")
     for uri in store.list_files(root, recursive=True):
         relative = _relative(uri, root)
-        if relative.startswith("product=") and relative not in keep:
+        if _PART_FILE.fullmatch(relative) and relative not in keep:
             store.delete(uri)
 
 
@@ -786,7 +756,7 @@ def _discard(uri: str) -> None:
 
 
 def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
-    """Score every input of ``cfg`` and commit ``<output>/product=<p>/part-*.parquet`` + ``_manifest.json``.
+    """Score every input of ``cfg`` and commit ``<output>/<product>/part-*.parquet`` + ``_manifest.json``.
 
     Returns the manifest (with ``report`` added when ``cfg.report_dir`` is set). Raises :class:`ScoreFailed`
     (too many error rows), :class:`store.StoreError` (the store failed for longer than ``cfg.store_retry_s``)
@@ -818,7 +788,7 @@ def _run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     logger.info("scoring %d %s inputs, job %s, models %s", len(inputs.items), inputs.kind, job_id, models.versions)
 
     attempt = uuid.uuid4().hex[:8]  # part names unique to this attempt: they never overwrite committed parts
-    sink = ScoreDatasink(staging, f"{job_id}-{attempt}", models.shapes, cfg.min_rows_per_file, cfg.store_retry_s)
+    sink = ScoreDatasink(staging, f"{job_id}-{attempt}", cfg.min_rows_per_file, cfg.store_retry_s)
     ds = _build_dataset(cfg, inputs, models)
     # A task's StoreError then reaches the driver as itself (a RayTaskError that is a StoreError, kind intact)
     # instead of a UserCodeException that keeps only its text.
@@ -848,7 +818,7 @@ def _run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
             "rows": sum(r["rows"] for r, _ in mine),
             "errors": sum(r["errors"] for r, _ in mine),
             "model_version": models.versions.get(product),
-            "map_shape": list(models.shapes[product]),
+            "map_shape": list(models.shapes[product]) if product in models.shapes else None,
             "files": [f for _, f in mine],
         }
     manifest: dict[str, Any] = {
@@ -863,7 +833,7 @@ def _run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         "products": products,
         "model_versions": models.versions,
         "unavailable_products": models.unavailable,
-        "score_map": {"extension": "arrow.fixed_shape_tensor", "value_type": "float16"},
+        "score_map": {"values": "float16, row-major", "shape": ["score_map_height", "score_map_width"]},
         "config": to_dict(dataclasses.replace(cfg, job_id=job_id)),
         "timings": {
             "list_s": round(listed - started, 3),
@@ -891,7 +861,8 @@ def _run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         from tsdn_platform.report import write_report
 
         title = f"TSDN scores: {cfg.input}"
-        manifest["report"] = str(write_report(cfg.output, cfg.report_dir, top_n=cfg.report_top_n, title=title))
+        report = write_report(cfg.output, cfg.report_dir, max_images=cfg.report_max_images, title=title)
+        manifest["report"] = str(report)
     return manifest
 
 
@@ -909,7 +880,7 @@ def main(args: argparse.Namespace) -> int:
             "product_from_path": args.product_from_path,
             "version": args.version,
             "report_dir": args.report,
-            "report_top_n": args.report_top_n,
+            "report_max_images": args.report_max_images,
             "address": args.address,
         },
     )

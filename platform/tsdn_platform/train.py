@@ -84,6 +84,7 @@ _RUN_HASH_EXCLUDED = (
     "promote_metric",
     "cache_data",
     "families",
+    "resources_per_worker",  # where the workers run, not what they learn
 )
 FAMILIES = ("tsdn", "patchcore")
 # Each family's run name hashes only what that family learns from.
@@ -108,6 +109,8 @@ class TrainConfig:
         num_workers: Ray Train workers (DDP ranks) per product line.
         use_gpu: one accelerator per worker (``gpus_per_worker``), bf16 autocast, channels_last.
         cpus_per_worker, gpus_per_worker: Ray resources of each worker.
+        resources_per_worker: custom Ray resources each worker also needs (e.g. ``{"trainer": 1}`` to place the
+            DDP workers only on nodes that advertise ``trainer``, one per node when each has one).
         checkpoint_every: validate + checkpoint every N epochs (and always after the last).
         keep_checkpoints: K, the best K checkpoints by ``checkpoint_metric`` are kept.
         checkpoint_metric: ``val_pixel_auroc`` or ``val_image_auroc`` (higher is better).
@@ -144,6 +147,7 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
     checkpoint_metric: Literal["val_pixel_auroc", "val_image_auroc"] = "val_pixel_auroc"
@@ -169,6 +173,11 @@ class TrainConfig:
             (self.batch_size >= 2, "batch_size", ">= 2 (BatchNorm needs two samples)"),
             (self.num_workers >= 1, "num_workers", ">= 1"),
             (self.cpus_per_worker > 0, "cpus_per_worker", "> 0"),
+            (
+                all(k not in ("CPU", "GPU") and v > 0 for k, v in self.resources_per_worker.items()),
+                "resources_per_worker",
+                "custom resource names (not CPU or GPU) with amounts > 0",
+            ),
             (not self.use_gpu or self.gpus_per_worker > 0, "gpus_per_worker", "> 0 with use_gpu"),
             (self.checkpoint_every >= 1, "checkpoint_every", ">= 1"),
             (self.keep_checkpoints >= 1, "keep_checkpoints", ">= 1"),
@@ -712,7 +721,11 @@ def build_trainer(cfg: TrainConfig, product: str, run_name: str, runs_uri: str, 
     from tsdn_platform.ray_session import verbose
 
     fs, runs_path = store.resolve(runs_uri)
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
+    resources = {
+        "CPU": cfg.cpus_per_worker,
+        **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {}),
+        **cfg.resources_per_worker,
+    }
     resolved = dataclasses.replace(cfg, products=[product], run_name=run_name)
     return TorchTrainer(
         train_loop_per_worker,

@@ -319,7 +319,7 @@ def test_score_job_writes_parquet_with_the_best_model(ray_head, runtime_env, ing
     _assert_succeeded(ray_head, "tsdn-score", result)
     manifest = store.read_json(store.join(output, "_manifest.json"))
     fs, _ = store.resolve(output)
-    parts = store.list_files(store.join(output, f"product={trained}"), suffixes=[".parquet"])
+    parts = store.list_files(store.join(output, trained), suffixes=[".parquet"])
     table = pa.concat_tables([pq.read_table(store.resolve(part)[1], filesystem=fs) for part in parts])
     n_test = sum(1 for p in (demo_root / trained / "test").rglob("*") if p.is_file())
     assert table.num_rows == manifest["rows_written"] == n_test
@@ -327,5 +327,9 @@ def test_score_job_writes_parquet_with_the_best_model(ray_head, runtime_env, ing
     rows = table.select(["product", "model_version", "anomaly_score", "threshold", "is_anomalous", "error"]).to_pylist()
     assert {(r["product"], r["model_version"], r["error"]) for r in rows} == {(trained, best, None)}
     assert all(r["is_anomalous"] == (r["anomaly_score"] >= r["threshold"]) for r in rows)
-    assert table.schema.field("score_map").type.shape == [manifest["config"]["output_map_size"]] * 2
+    meta, _ = Registry(ingested.store_uri).model_json(trained, best)
+    side = manifest["config"]["output_map_size"] or int(meta["input_size"][0])  # null: the model's input size
+    shape = (side, side)
+    assert tuple(manifest["products"][trained]["map_shape"]) == shape
+    assert set(zip(table["score_map_height"].to_pylist(), table["score_map_width"].to_pylist())) == {shape}
     assert not store.list_files(store.join(output, "_staging"))  # committed: nothing left half-written

@@ -57,7 +57,7 @@ def test_pipeline_trains_registers_and_scores_the_test_split(ray_local, s3, demo
 
     committed = store.read_json(store.join(cfg.score_output(), "_manifest.json"))
     assert committed["job_id"] == manifest["job_id"]
-    fs, path = store.resolve(store.join(cfg.score_output(), "product=brick"))
+    fs, path = store.resolve(store.join(cfg.score_output(), "brick"))
     table = pq.read_table(path, filesystem=fs)
     assert table.num_rows == n_test
     assert set(table["model_version"].to_pylist()) == {trained.version}

@@ -6,12 +6,15 @@ for idempotence), and an ingested test split with a pinned version, ground truth
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
+import re
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from _browser import dump_dom
 from PIL import Image
 
 from tsdn.checkpoint import checkpoint_files
@@ -39,6 +43,7 @@ from tsdn_platform.score import (
     _path_regex,
     run_scoring,
 )
+from tsdn_platform.score_rows import MAP_COLUMNS, UNROUTED, decode_maps
 from tsdn_platform.store import StoreError
 
 SIZE = 64
@@ -110,19 +115,16 @@ def routed(world):
     )
     first = run_scoring(cfg)
     # A leftover part from an earlier job in the same output must not survive the rerun either.
-    stale = store.join(cfg.output, "product=alpha", "part-stale-00099.parquet")
+    stale = store.join(cfg.output, "alpha", "part-stale-00099.parquet")
     store.copy(store.join(cfg.output, first["products"]["alpha"]["files"][0]), stale)
     second = run_scoring(cfg)
     return {"cfg": cfg, "first": first, "second": second, "stale": stale}
 
 
 def _read_output(output: str) -> pa.Table:
-    """Every score row, maps dropped (their shape may differ by product)."""
-    tables = []
-    for uri in store.list_files(output, suffixes=(".parquet",)):
-        fs, path = store.resolve(uri)
-        tables.append(pq.read_table(path, filesystem=fs).drop_columns(["score_map"]))
-    return pa.concat_tables(tables)
+    """Every score row of the committed output (one pyarrow read of the folder), maps dropped."""
+    fs, path = store.resolve(output)
+    return pq.read_table(path, filesystem=fs).drop_columns(list(MAP_COLUMNS))
 
 
 def _expected(registry: Registry, product: str, version: str, data: bytes, name: str, map_size=None):
@@ -143,9 +145,13 @@ def test_rows_equal_inputs_and_scores_equal_the_in_process_predictor(world, rout
         "product",
         "model_version",
         "anomaly_score",
+        "normalized_score",
         "is_anomalous",
         "threshold",
         "error",
+        "label",
+        "defect_type",
+        "has_mask",
     ]
     versions = {"alpha": "v1", "beta": "b1"}  # best of each product: v2 was never promoted
     for name, data in world["good"].items():
@@ -159,6 +165,8 @@ def test_rows_equal_inputs_and_scores_equal_the_in_process_predictor(world, rout
         assert row["anomaly_score"] == pytest.approx(det.anomaly_score, rel=1e-5)
         assert row["threshold"] == pytest.approx(det.threshold)
         assert row["is_anomalous"] == det.is_anomalous
+        assert row["normalized_score"] == pytest.approx(det.normalized_score, rel=1e-5)
+        assert (row["label"], row["defect_type"], row["has_mask"]) == (None, None, None)  # raw images
     manifest = routed["first"]
     assert manifest["rows_written"] == manifest["input"]["inputs_seen"] == len(rows)
     assert manifest["model_versions"] == versions
@@ -176,46 +184,103 @@ def test_corrupt_wrong_type_and_unroutable_files_become_error_rows(world, routed
         assert row["anomaly_score"] is None and row["is_anomalous"] is None and row["threshold"] is None
         assert name in row["error"]  # the message names the input
     assert "gamma" in rows["gamma/g0.png"]["error"] and rows["gamma/g0.png"]["model_version"] is None
-    assert "pattern" in rows["loose.png"]["error"]
+    assert "pattern" in rows["loose.png"]["error"] and rows["loose.png"]["product"] is None
     assert "max_pixels" in rows["alpha/huge.png"]["error"]
     manifest = routed["first"]
     assert manifest["errors"] == len(world["bad"])
     assert set(manifest["unavailable_products"]) == {"gamma"}
+    assert manifest["products"][UNROUTED]["files"][0].startswith(f"{UNROUTED}/")  # loose.png
+    assert manifest["products"]["gamma"]["map_shape"] is None
     assert sum(p["errors"] for p in manifest["products"].values()) == len(world["bad"])
+
+
+_DEFAULT_READERS = textwrap.dedent(
+    """
+    import json, sys
+    import duckdb
+    import numpy as np
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    root, out = sys.argv[1], sys.argv[2]
+    glob = f"{root}/*/*.parquet"
+    names = [c[0] for c in duckdb.sql(f"DESCRIBE SELECT * FROM '{glob}'").fetchall()]
+    readers = {
+        "pyarrow": pq.read_table(root).to_pylist(),
+        "pandas": pd.read_parquet(root).to_dict("records"),
+        "duckdb": [dict(zip(names, r)) for r in duckdb.sql(f"SELECT * FROM read_parquet('{glob}')").fetchall()],
+    }
+    seen = {}
+    for reader, records in readers.items():
+        for r in records:
+            m, shape = r.pop("score_map"), None
+            if m is not None:
+                shape = [int(r["score_map_height"]), int(r["score_map_width"])]
+                name = f"{out}/{reader}-{r['image_id'].replace('/', '~')}.npy"
+                np.save(name, np.asarray(m, np.float32).reshape(shape))
+            # pandas: NaN for a null float, numpy scalars; make both plain JSON
+            clean = {k: None if v is None or v != v else v.item() if hasattr(v, "item") else v for k, v in r.items()}
+            seen.setdefault(reader, {})[r["image_id"]] = clean | {"shape": shape}
+    types = dict(duckdb.sql(f"SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM '{glob}')").fetchall())
+    json.dump({"rows": seen, "duckdb_types": types, "ray": "ray" in sys.modules}, open(f"{out}/seen.json", "w"))
+    """
+)
+
+
+def _read_with_default_readers(output: str, tmp_path: Path) -> tuple[dict, Path]:
+    """Copy a committed output to a local folder and read it with pyarrow, pandas and duckdb, all defaults, in a
+    process that never imports Ray or this project. Returns (what each reader saw, the folder of its maps)."""
+    local = tmp_path / "output"
+    for uri in store.list_files(output):
+        target = local / uri[len(output.rstrip("/")) + 1 :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(store.read_bytes(uri))
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    subprocess.run([sys.executable, "-c", _DEFAULT_READERS, str(local), str(seen)], check=True, timeout=120)
+    return json.loads((seen / "seen.json").read_text()), seen
+
+
+def _assert_readers_agree(seen: dict, expected: dict[str, dict]) -> None:
+    """Every reader saw exactly the rows of ``expected`` (pyarrow through the store) with the same values."""
+    for reader in ("pyarrow", "pandas", "duckdb"):
+        rows = seen["rows"][reader]
+        assert sorted(rows) == sorted(expected), reader
+        for image_id, want in expected.items():
+            got = rows[image_id]
+            for name in ("product", "model_version", "is_anomalous", "error", "label", "defect_type", "has_mask"):
+                assert got[name] == want[name], (reader, image_id, name)
+            for name in ("anomaly_score", "normalized_score", "threshold"):
+                assert got[name] == pytest.approx(want[name]), (reader, image_id, name)
 
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_score_maps_round_trip_through_pyarrow_alone(world, routed, tmp_path):
-    """The module docstring's recipe, in a process that never imports Ray."""
-    folder = store.join(routed["cfg"].output, "product=alpha")
-    script = textwrap.dedent(
-        """
-        import json, sys
-        import numpy as np
-        import pyarrow.compute as pc
-        import pyarrow.fs
-        import pyarrow.parquet as pq
-
-        fs, path = pyarrow.fs.FileSystem.from_uri(sys.argv[1])
-        table = pq.read_table(path, filesystem=fs)
-        scored = table.filter(pc.is_valid(table["score_map"]))
-        maps = scored["score_map"].combine_chunks().to_numpy_ndarray()
-        np.save(sys.argv[2], maps)
-        json.dump({"ids": scored["image_id"].to_pylist(), "shape": table.schema.field("score_map").type.shape,
-                   "ray": "ray" in sys.modules}, open(sys.argv[3], "w"))
-        """
-    )
-    maps_path, meta_path = tmp_path / "maps.npy", tmp_path / "meta.json"
-    subprocess.run([sys.executable, "-c", script, folder, maps_path, meta_path], check=True, timeout=120)
-    maps, meta = np.load(maps_path), json.loads(meta_path.read_text())
-    assert meta["ray"] is False
-    assert meta["shape"] == [MAP, MAP]
-    assert maps.dtype == np.float16 and maps.shape == (3, MAP, MAP)
-    for image_id, got in zip(meta["ids"], maps):
-        det = _expected(world["registry"], "alpha", "v1", world["good"][image_id], image_id, map_size=(MAP, MAP))
+def test_pyarrow_pandas_and_duckdb_read_the_output_with_their_defaults(world, routed, tmp_path):
+    """issue 14 item 7: the whole output reads as one table, each reader recovers every map with its shape."""
+    seen, maps = _read_with_default_readers(routed["cfg"].output, tmp_path)
+    assert seen["ray"] is False
+    assert seen["duckdb_types"]["score_map"] == "FLOAT[]" and seen["duckdb_types"]["product"] == "VARCHAR"
+    expected = {r["image_id"]: r for r in _read_output(routed["cfg"].output).to_pylist()}
+    assert len(expected) == len(world["good"]) + len(world["bad"])
+    _assert_readers_agree(seen, expected)
+    for reader in ("pyarrow", "pandas", "duckdb"):
+        for image_id, row in expected.items():
+            assert seen["rows"][reader][image_id]["shape"] == (None if row["error"] else [MAP, MAP])
+    for image_id, data in world["good"].items():
+        product = image_id.split("/")[0]
+        version = {"alpha": "v1", "beta": "b1"}[product]
+        det = _expected(world["registry"], product, version, data, image_id, map_size=(MAP, MAP))
         want = det.anomaly_map.astype(np.float16).astype(np.float32)
-        np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=1e-4)
+        for reader in ("pyarrow", "pandas", "duckdb"):
+            got = np.load(maps / f"{reader}-{image_id.replace('/', '~')}.npy")
+            np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-4)
+    fs, path = store.resolve(store.join(routed["cfg"].output, "alpha"))
+    alpha = pq.read_table(path, filesystem=fs)  # one product's folder, and the contract's own decoder
+    decoded = dict(zip(alpha["image_id"].to_pylist(), decode_maps(alpha)))
+    np.testing.assert_array_equal(
+        decoded["alpha/a0.png"].astype(np.float32), np.load(maps / "pyarrow-alpha~a0.png.npy")
+    )
 
 
 @pytest.mark.integration
@@ -341,16 +406,29 @@ def _shard(world) -> str:
     return uri.rsplit("/", 1)[0]
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-def test_ingested_split_with_pinned_version_metrics_and_report_via_the_cli(world, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def ingested(world, tmp_path_factory):
+    """The CLI scoring an ingested split with a pinned version, model-size maps and a report."""
     split_uri = _shard(world)
     output = store.join(world["root"], "scores-ingested")
+    report = tmp_path_factory.mktemp("report")
     argv = ["score", "--store", store.join(world["root"], "store"), "--input", split_uri, "--output", output]
-    argv += ["--version", "v2", "--report", str(tmp_path / "report"), "--report-top-n", "3"]
-    assert cli_main([*argv, "--set", "output_map_size=null"]) == 0
-    out = capsys.readouterr().out  # Ray may print worker lines too; the summary starts with "job_id"
-    summary, _ = json.JSONDecoder().raw_decode(out[out.index('{\n  "job_id"') :])
+    argv += ["--version", "v2", "--report", str(report), "--set", "output_map_size=null"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli_main(argv)
+    printed = out.getvalue()  # Ray may print worker lines too; the summary starts with "job_id"
+    summary, _ = json.JSONDecoder().raw_decode(printed[printed.index('{\n  "job_id"') :])
+    fs, path = store.resolve(store.join(split_uri, "part-00000.parquet"))
+    shard = {r["image_id"]: r for r in pq.read_table(path, filesystem=fs).to_pylist()}
+    return {"code": code, "summary": summary, "output": output, "split": split_uri, "shard": shard}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_ingested_split_with_pinned_version_metrics_and_report_via_the_cli(world, ingested):
+    summary, output, split_uri = ingested["summary"], ingested["output"], ingested["split"]
+    assert ingested["code"] == 0
     manifest = store.read_json(store.join(output, MANIFEST))
     table = _read_output(output)
     assert set(table["model_version"].to_pylist()) == {"v2"}  # pinned, although v1 is the best
@@ -359,22 +437,73 @@ def test_ingested_split_with_pinned_version_metrics_and_report_via_the_cli(world
     shard = store.join(split_uri, "part-00000.parquet")
     for row in table.to_pylist():
         assert row["source_uri"] == f"{shard}#{row['image_id']}"
-    fs, path = store.resolve(shard)
-    images = {r["image_id"]: r["image"] for r in pq.read_table(path, filesystem=fs).to_pylist()}
-    for row in table.to_pylist():
-        det = _expected(world["registry"], "alpha", "v2", images[row["image_id"]], row["image_id"])
+        truth = ingested["shard"][row["image_id"]]
+        assert (row["label"], row["defect_type"]) == (truth["label"], truth["defect_type"])
+        assert row["has_mask"] == (truth["mask"] is not None)
+        det = _expected(world["registry"], "alpha", "v2", truth["image"], row["image_id"])
         assert row["anomaly_score"] == pytest.approx(det.anomaly_score, rel=1e-5)
+        assert row["normalized_score"] == pytest.approx(det.normalized_score, rel=1e-5)
     metrics = manifest["metrics"]["alpha"]
     assert metrics["images"] == 4
     for name in ("image_auroc", "pixel_auroc", "aupro"):
         assert 0.0 <= metrics[name] <= 1.0
     assert summary["job_id"] == manifest["job_id"] and summary["rows_written"] == 4
     page = Path(summary["report"]).read_text()
-    top = sorted(table.to_pylist(), key=lambda r: -r["anomaly_score"])[:3]
-    positions = [page.index(r["image_id"]) for r in top]
-    assert positions == sorted(positions)  # most anomalous first
-    assert page.count('alt="heatmap overlay"') == 3
-    assert "image_auroc" in page
+    ranked = sorted(table.to_pylist(), key=lambda r: -r["normalized_score"])
+    positions = [page.index(f"&mdash; {r['image_id']}</figcaption>") for r in ranked]
+    assert positions == sorted(positions)  # every image, highest normalised score first
+    assert page.count('alt="heatmap overlay"') == 4
+    alpha = re.search(r'<tr data-product="alpha">(.*?)</tr>', page).group(1)
+    assert f"<td>{metrics['pixel_auroc']:.3f}</td><td>{metrics['aupro']:.3f}</td>" in alpha  # the manifest's
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_default_readers_see_the_ground_truth_of_an_ingested_split(ingested, tmp_path):
+    seen, maps = _read_with_default_readers(ingested["output"], tmp_path)
+    expected = {r["image_id"]: r for r in _read_output(ingested["output"]).to_pylist()}
+    assert {r["defect_type"] for r in expected.values()} == {"good", "spot"}
+    _assert_readers_agree(seen, expected)
+    for reader in ("pyarrow", "pandas", "duckdb"):
+        for image_id, row in seen["rows"][reader].items():
+            assert row["label"] == ingested["shard"][image_id]["label"]
+            assert row["shape"] == [SIZE, SIZE]
+            assert np.load(maps / f"{reader}-{image_id.replace('/', '~')}.npy").shape == (SIZE, SIZE)
+
+
+def _visible_cards(dom: str) -> list[dict[str, str]]:
+    cards = []
+    for attrs in re.findall(r'<figure (class="card[^>]*)>', dom):
+        if not re.search(r"\bhidden\b", attrs):
+            cards.append(dict(re.findall(r'data-(\w+)="([^"]*)"', attrs)))
+    return cards
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_report_of_a_real_job_in_a_browser(ingested):
+    """issue 14 item 3: the report of a score job, rendered in headless Chromium after its script ran."""
+    page = Path(ingested["summary"]["report"])
+    rows = _read_output(ingested["output"]).to_pylist()
+    outcomes = Counter(
+        ("TP" if r["is_anomalous"] else "FN") if r["label"] else ("FP" if r["is_anomalous"] else "TN") for r in rows
+    )
+    dom = dump_dom(page)
+    assert len(_visible_cards(dom)) == len(rows) == 4
+    matrix = re.search(r'<table class="confusion" data-product="alpha">(.*?)</table>', dom, re.S).group(1)
+    cells = {name: int(n) for name, n in re.findall(r'data-cell="(\w+)">(\d+)<', matrix)}
+    assert cells == {name: outcomes[name] for name in ("TP", "FP", "FN", "TN")}
+    for kind in ("roc", "pr"):  # the split has both classes
+        assert re.search(rf'<svg class="curve {kind}" data-product="alpha".*?<polyline points="[^"]+"', dom, re.S)
+    for fragment, want in {
+        **{f"outcome={name}": outcomes[name] for name in ("TP", "FP", "FN", "TN")},
+        "defect=spot": 2,
+        "decision=anomalous": sum(r["is_anomalous"] for r in rows),
+        "product=alpha&defect=good": 2,
+    }.items():
+        dom = dump_dom(page, fragment)
+        assert len(_visible_cards(dom)) == want, fragment
+        assert f'<span id="shown">{want}</span>' in dom, fragment
 
 
 @pytest.mark.integration

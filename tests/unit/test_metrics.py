@@ -3,8 +3,19 @@ import math
 import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
+from sklearn.metrics import precision_recall_curve as sk_precision_recall_curve
+from sklearn.metrics import roc_curve as sk_roc_curve
 
-from tsdn.metrics import UndefinedMetricError, aupro, evaluate, f1_max, image_auroc, pixel_auroc
+from tsdn.metrics import (
+    UndefinedMetricError,
+    aupro,
+    evaluate,
+    f1_max,
+    image_auroc,
+    pixel_auroc,
+    precision_recall_curve,
+    roc_curve,
+)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -126,3 +137,27 @@ def test_invalid_inputs_raise():
         image_auroc(np.array([0, 2]), np.array([0.1, 0.2]))
     with pytest.raises(ValueError, match="together"):
         evaluate(np.array([0, 1]), np.array([0.1, 0.2]), masks=np.zeros((2, 2, 2), bool))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_curves_match_sklearn_with_ties(seed: int):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 60)
+    scores = np.round(rng.random(60) + 0.4 * labels, 1)  # many ties
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    want = sk_roc_curve(labels, scores, drop_intermediate=False)
+    for got, expected in zip((fpr, tpr, thresholds), want):
+        np.testing.assert_allclose(got, expected)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(image_auroc(labels, scores))
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    sk_precision, sk_recall, sk_thresholds = sk_precision_recall_curve(labels, scores)
+    np.testing.assert_allclose(precision, sk_precision[:-1][::-1])
+    np.testing.assert_allclose(recall, sk_recall[:-1][::-1])
+    np.testing.assert_allclose(thresholds, sk_thresholds[::-1])
+
+
+def test_curves_need_their_classes():
+    with pytest.raises(UndefinedMetricError, match="only one class"):
+        roc_curve(np.zeros(3), np.arange(3.0))
+    with pytest.raises(UndefinedMetricError, match="no anomalous sample"):
+        precision_recall_curve(np.zeros(3), np.arange(3.0))
