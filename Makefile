@@ -16,7 +16,7 @@ $(BIN)/python:
 # torch/torchvision first, pinned to the builds this kind of machine carries on disk; then the project.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[test,offline]'
+	$(BIN)/pip install --quiet -e '.[test,offline,export]'
 	touch $(STAMP)
 
 install: $(STAMP)

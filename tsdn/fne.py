@@ -101,6 +101,7 @@ class FeatureNormalityEstimator(nn.Module):
         super().__init__()
         self.conv = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True))
         self.pool = nn.AdaptiveAvgPool2d(pool)
+        self.pool_size = pool
         self.mlp = nn.Sequential(
             nn.Flatten(),
             nn.Linear(channels * pool * pool, hidden),
@@ -111,4 +112,9 @@ class FeatureNormalityEstimator(nn.Module):
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.pool(self.conv(features)))
+        hidden = self.conv(features)
+        # Skipped where it is the identity (the default): the same values, and an exported graph then needs no
+        # adaptive pool, which ONNX can only write for input sizes it knows (timm's "same"-padded encoders hide them).
+        if tuple(hidden.shape[-2:]) != (self.pool_size, self.pool_size):
+            hidden = self.pool(hidden)
+        return self.mlp(hidden)

@@ -186,8 +186,12 @@ class TSDN(nn.Module):
                 [encoded[i] for i in stages], [of_recon[i] for i in stages], tuple(image.shape[-2:]), sigma
             )
         if source in ("fused", "all") and has_mask:
-            scales = self.score_scales.float()
-            maps["fused"] = 0.5 * (maps["reconstruction"] / scales[0] + maps["mask"] / scales[1])
+            scales = self.score_scales.float().view(1, 2, 1, 1)
+            # 0.5 * (rec / s_rec + mask / s_mask), written as a sum over a stacked pair (the same float operations):
+            # OpenVINO 2026.4's CPU plugin miscomputes the plain sum of the two blurred maps (it fuses the Add into
+            # a blur convolution and drops a term; measured, tests/unit/test_export.py).
+            stacked = torch.cat([maps["reconstruction"], maps["mask"]], dim=1) / scales
+            maps["fused"] = 0.5 * stacked.sum(dim=1, keepdim=True)
         return maps, out.reconstruction
 
     def _run(

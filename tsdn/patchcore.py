@@ -35,7 +35,14 @@ from tsdn import _config_io
 from tsdn.backbone import Opener, check_input, create_encoder, normalization
 from tsdn.scoring import blur_map, image_score
 
-__all__ = ["PatchCore", "PatchCoreConfig", "PatchCorePrediction", "greedy_coreset", "nearest_distance"]
+__all__ = [
+    "PatchCore",
+    "PatchCoreConfig",
+    "PatchCorePrediction",
+    "greedy_coreset",
+    "nearest_distance",
+    "row_distance",
+]
 
 
 @dataclass(frozen=True)
@@ -130,8 +137,11 @@ def nearest_distance(
     faiss-cpu's exact flat search (``faiss.knn``), 1.4-2.1x faster on one CPU thread for banks of 2k-40k rows
     (``benchmarks/nn_search.py``, BENCHMARKS.md). ``"auto"`` takes faiss for CPU tensors when the optional
     ``faiss-cpu`` package is installed and the call is not being traced or compiled (ONNX export, torch.compile),
-    torch otherwise. Both are exact; they differ by float rounding (about 1e-4 absolute on distances of
-    Lite0 features, measured).
+    torch otherwise. Both search with ``|q|^2 - 2 q.b + |b|^2`` (cdist's matrix-product path, faiss's), which
+    loses small distances to cancellation (an error of about ``sqrt(eps) |q|``, 1e-3 on Lite0 features); so
+    each returns the distance to the row it found computed directly, ``||q - b||``, and the searches (and the
+    exported graph, :mod:`tsdn.export`) then agree to float rounding of that one difference wherever they find
+    the same row, and within the search's rounding where two rows tie.
 
     Args:
         queries: (N, D) float.
@@ -166,11 +176,20 @@ def nearest_distance(
     for start in range(0, queries.shape[0], query_chunk):
         block = queries[start : start + query_chunk]
         best = torch.full((block.shape[0],), math.inf, dtype=queries.dtype, device=queries.device)
+        index = torch.zeros(block.shape[0], dtype=torch.int64, device=queries.device)
         for bank_start in range(0, bank.shape[0], bank_chunk):
             rows = bank[bank_start : bank_start + bank_chunk].to(queries.dtype)
-            best = torch.minimum(best, torch.cdist(block, rows).amin(dim=1))
-        out[start : start + block.shape[0]] = best
+            value, found = torch.cdist(block, rows).min(dim=1)
+            closer = value < best
+            best = torch.where(closer, value, best)
+            index = torch.where(closer, found + bank_start, index)
+        out[start : start + block.shape[0]] = row_distance(block, bank, index)
     return out
+
+
+def row_distance(queries: torch.Tensor, bank: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``||queries[..., i, :] - bank[index[..., i]]||`` computed directly: (..., D), (M, D), (...) -> (...)."""
+    return (queries - bank[index].to(queries.dtype)).pow(2).sum(dim=-1).sqrt()
 
 
 def _faiss() -> Any:
@@ -187,9 +206,10 @@ def _faiss_nearest(faiss: Any, queries: torch.Tensor, bank: torch.Tensor, query_
     parts = []
     for start in range(0, queries.shape[0], query_chunk):
         block = np.ascontiguousarray(queries[start : start + query_chunk].detach().numpy(), dtype=np.float32)
-        squared, _ = faiss.knn(block, base, 1)
-        parts.append(np.sqrt(np.maximum(squared[:, 0], 0.0)))
-    return torch.from_numpy(np.concatenate(parts)).to(queries.dtype)
+        _, index = faiss.knn(block, base, 1)
+        parts.append(index[:, 0])
+    index = torch.from_numpy(np.concatenate(parts).astype(np.int64))
+    return row_distance(queries, bank, index)
 
 
 def greedy_coreset(patches: torch.Tensor, n: int, projection_dim: int = 128, seed: int = 0) -> torch.Tensor:
@@ -336,8 +356,14 @@ class PatchCore(nn.Module):
         batch, dim, height, width = emb.shape
         queries = emb.permute(0, 2, 3, 1).reshape(-1, dim).float()
         dist = nearest_distance(queries, self.bank, self.cfg.query_chunk, self.cfg.bank_chunk)
-        grid = dist.reshape(batch, 1, height, width)
-        full = blur_map(F.interpolate(grid, size=images.shape[-2:], mode="bilinear"), self.cfg.score_sigma)
+        return self.distance_map(dist.reshape(batch, 1, height, width), tuple(images.shape[-2:]))
+
+    def distance_map(self, grid: torch.Tensor, size: tuple[int, int]) -> PatchCorePrediction:
+        """Patch distances (B, 1, h, w) -> the blurred map at ``size`` (H, W) and its image score.
+
+        The step after the search, shared by :meth:`predict` and the exported graph (:mod:`tsdn.export`).
+        """
+        full = blur_map(F.interpolate(grid, size=size, mode="bilinear"), self.cfg.score_sigma)
         return PatchCorePrediction(full, image_score(full, self.cfg.score_topk))
 
     def fit_score_scales(self, images: Any) -> None:

@@ -1,24 +1,30 @@
 """The one prediction path: decoded images of any size and mode -> calibrated detections.
 
-Batch scoring and serving both call :meth:`Predictor.predict`; no other copy of the pre- or
-post-processing exists.
+Batch scoring, serving and the standalone inferencer (``tsdn predict``) all call :meth:`Predictor.predict`; no
+other copy of the pre- or post-processing exists. Only the model call is swapped by runtime: a
+:class:`tsdn.runtime.ModelRunner` (eager torch, ONNX Runtime or OpenVINO). This module imports neither torch
+nor timm, so a Predictor over an exported model runs in a process without them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from tsdn.checkpoint import load_checkpoint
+from tsdn.calibration import Calibration
 from tsdn.image import to_rgb
-from tsdn.model import TSDN, TSDNPrediction
-from tsdn.patchcore import PatchCore, PatchCorePrediction
-from tsdn.scoring import Calibration
+from tsdn.resize import resize_antialiased, resize_bilinear, to_network_input
+from tsdn.runtime import ModelRunner, TorchRunner, load_exported
+
+if TYPE_CHECKING:
+    import torch
+
+    from tsdn.model import TSDN, TSDNPrediction
+    from tsdn.patchcore import PatchCore, PatchCorePrediction
 
 __all__ = ["Detection", "ImageInput", "Predictor", "resize_rgb"]
 
@@ -46,19 +52,25 @@ class Detection:
 
 
 class Predictor:
-    """A model of either family (TSDN or PatchCore) in eval mode with its calibration.
+    """A model of either family (TSDN or PatchCore), eager or exported, with its calibration.
 
     Args:
-        model: the trained (or fitted) model (moved to ``device`` and switched to eval mode).
+        model: the trained (or fitted) torch model (moved to ``device`` and switched to eval mode), or a
+            :class:`tsdn.runtime.ModelRunner` (an exported model on ONNX Runtime or OpenVINO).
         calibration: threshold and score statistics fitted on normal images; None for a model being validated
             (only :meth:`predict_tensor`, which produces the scores a calibration is fitted on, is available).
-        device: where to run; None keeps the model's current device.
-        batch_size: images per forward pass.
+        device: where a torch model runs; None keeps the model's current device.
+        batch_size: images per model call.
+
+    Attributes:
+        model: the torch module, or None for an exported model.
+        runner: the model call :meth:`predict` makes.
+        family: the model family that answers (``tsdn``, ``patchcore``).
     """
 
     def __init__(
         self,
-        model: TSDN | PatchCore,
+        model: TSDN | PatchCore | ModelRunner,
         calibration: Calibration | None,
         device: torch.device | str | None = None,
         batch_size: int = 8,
@@ -66,33 +78,54 @@ class Predictor:
         if batch_size < 1:
             msg = f"Predictor.batch_size: expected >= 1, got {batch_size}"
             raise ValueError(msg)
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.model = model.to(self.device).eval()
+        if isinstance(model, ModelRunner):
+            self.runner: ModelRunner = model
+            self.model = None
+            self.device = None
+        else:
+            runner = TorchRunner(model, device)
+            self.runner, self.model, self.device = runner, runner.model, runner.device
         self.calibration = calibration
         self.batch_size = batch_size
-        self.image_size = model.cfg.image_size
+        self.image_size = self.runner.image_size
+        self.family = self.runner.family
 
     @classmethod
     def from_files(
         cls, files: Mapping[str, bytes], device: torch.device | str | None = None, batch_size: int = 8
     ) -> Predictor:
         """Predictor from checkpoint files (see :func:`tsdn.checkpoint.checkpoint_files`)."""
+        from tsdn.checkpoint import load_checkpoint  # torch: only for the eager runtime
+
         model, calibration, _ = load_checkpoint(files, device)
         return cls(model, calibration, device, batch_size)
 
-    def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        """Images (PIL or numpy; gray, RGB, RGBA, palette, 16-bit; any size) -> (B, 3, S, S) float in [0, 1].
+    @classmethod
+    def from_export(
+        cls, files: Mapping[str, bytes], runtime: str | None = None, batch_size: int = 8, threads: int | None = None
+    ) -> Predictor:
+        """Predictor from an export's files (see :func:`tsdn.runtime.load_exported`); torch is not imported."""
+        exported = load_exported(files, runtime, threads)
+        return cls(exported.runner, exported.calibration, batch_size=batch_size)
 
-        Each image is converted to 8-bit RGB by :func:`tsdn.image.to_rgb` and resized to S x S
-        (bilinear with antialiasing) on the CPU.
+    def preprocess(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """Images (PIL or numpy; gray, RGB, RGBA, palette, 16-bit; any size) -> (B, 3, S, S) float32 in [0, 1].
+
+        Each image is converted to 8-bit RGB by :func:`tsdn.image.to_rgb` and resized to S x S (bilinear with
+        antialiasing, :func:`tsdn.resize.to_network_input`) on the CPU.
         """
         return self._prepare(images)[0]
 
     def predict_tensor(self, batch: torch.Tensor) -> TSDNPrediction | PatchCorePrediction:
-        """Model prediction for an already preprocessed (B, 3, S, S) batch; results on the CPU.
+        """Model prediction for an already preprocessed (B, 3, S, S) batch; results on the CPU (eager torch only).
 
         The model's own typed result (every family's has ``anomaly_map`` (B, 1, S, S) and ``anomaly_score`` (B,)).
         """
+        import torch
+
+        if self.model is None:
+            msg = "predict_tensor: needs the torch model; this predictor runs an export (use predict)"
+            raise ValueError(msg)
         if batch.ndim != 4 or len(batch) == 0:
             msg = f"predict_tensor: expected a non-empty (B, 3, S, S) batch, got {tuple(batch.shape)}"
             raise ValueError(msg)
@@ -116,7 +149,7 @@ class Predictor:
             threshold: overrides the calibrated raw-score threshold.
             map_size: (h, w) of the returned anomaly maps. None: each input's own (H, W). The model's map is
                 resized once (bilinear, antialiased when shrinking) and not at all when ``map_size`` is the
-                network's (S, S), so those maps are exactly the ones :meth:`predict_tensor` returns.
+                network's (S, S), so those maps are exactly the ones the model call returns.
         """
         if self.calibration is None:
             msg = "Predictor.predict: no calibration (this predictor was built for validation); use predict_tensor"
@@ -125,45 +158,45 @@ class Predictor:
         detections = []
         for start in range(0, len(images), self.batch_size):
             batch, sizes = self._prepare(images[start : start + self.batch_size])
-            pred = self.predict_tensor(batch)
-            for anomaly_map, score, size in zip(pred.anomaly_map, pred.anomaly_score.tolist(), sizes):
-                full = _resize_map(anomaly_map[None], map_size or size)
+            maps, scores = self.runner(batch)
+            for anomaly_map, score, size in zip(maps, scores.tolist(), sizes):
                 detections.append(
                     Detection(
                         anomaly_score=score,
                         normalized_score=float(self.calibration.normalize(score, limit)),
                         is_anomalous=score >= limit,
                         threshold=limit,
-                        anomaly_map=full[0, 0].numpy().astype(np.float32, copy=False),
+                        anomaly_map=_resize_map(anomaly_map[0], map_size or size),
                     )
                 )
         return detections
 
-    def _prepare(self, images: Sequence[ImageInput]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        tensors, sizes = [], []
+    def _prepare(self, images: Sequence[ImageInput]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        arrays, sizes = [], []
         for image in images:
             rgb, _ = to_rgb(image)
             sizes.append(rgb.shape[:2])
-            tensors.append(resize_rgb(rgb, self.image_size))
-        if not tensors:
-            return torch.empty(0, 3, self.image_size, self.image_size), sizes
-        return torch.stack(tensors), sizes
+            arrays.append(to_network_input(rgb, self.image_size))
+        if not arrays:
+            return np.empty((0, 3, self.image_size, self.image_size), np.float32), sizes
+        return np.stack(arrays), sizes
 
 
-def _resize_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(1, 1, S, S) -> (1, 1, h, w): bilinear, antialiased when shrinking; the same tensor when the size matches."""
-    if tuple(anomaly_map.shape[-2:]) == tuple(size):
-        return anomaly_map
-    shrinking = size[0] < anomaly_map.shape[-2] or size[1] < anomaly_map.shape[-1]
-    return F.interpolate(anomaly_map, size=size, mode="bilinear", antialias=shrinking, align_corners=False)
+def _resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(S, S) -> (h, w) float32: bilinear, antialiased when shrinking; the same values when the size matches."""
+    if tuple(anomaly_map.shape) == tuple(size):
+        return np.asarray(anomaly_map, dtype=np.float32)
+    if size[0] < anomaly_map.shape[0] or size[1] < anomaly_map.shape[1]:
+        return resize_antialiased(anomaly_map, size)
+    return resize_bilinear(anomaly_map, size)
 
 
-def resize_rgb(rgb: np.ndarray, size: int) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, S, S) float32 in [0, 1]: bilinear with antialiasing.
+def resize_rgb(rgb: np.ndarray, size: int) -> Any:
+    """(H, W, 3) uint8 -> (3, S, S) torch float32 in [0, 1]: :func:`tsdn.resize.to_network_input` as a tensor.
 
-    The project's one resize to the network input: the ingested training shards, batch scoring and serving
-    all go through it, so a model sees in production the pixels it was trained on.
+    For torch callers (ingest's training shards, the benchmarks): the same pixels every runtime's Predictor
+    feeds its model.
     """
-    pixels = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.uint8)).permute(2, 0, 1)[None].float().div_(255.0)
-    resized = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return resized[0].clamp_(0.0, 1.0)
+    import torch
+
+    return torch.from_numpy(to_network_input(np.ascontiguousarray(rgb, dtype=np.uint8), size))

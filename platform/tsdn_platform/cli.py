@@ -242,6 +242,29 @@ def _demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true", help="delete the work folder first")
 
 
+@command("export", "tsdn_platform.export", "Export a registered version as ONNX or OpenVINO IR (the whole graph)")
+def _export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("product", help="product line")
+    p.add_argument("--version", help="the version to export (default: the best)")
+    p.add_argument("--store", required=True, help="store URI holding registry/ (s3://bucket/prefix or a folder)")
+    p.add_argument("--format", required=True, choices=("onnx", "openvino"), help="onnx (ONNX Runtime) or openvino (IR)")
+    p.add_argument("--out", help="folder to write the export to (what `tsdn predict --model` reads)")
+    p.add_argument("--register", action="store_true", help="store it in the registry beside the version's weights")
+
+
+@command("predict", "tsdn_platform.edge", "Score image files with an exported model: no Ray, no torch (edge boxes)")
+def _predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, BMP, TIFF)")
+    p.add_argument("--model", required=True, help="an export folder (tsdn export --out DIR)")
+    p.add_argument("--runtime", choices=("onnxruntime", "openvino"), help="default: the export's own")
+    p.add_argument("--threshold", type=float, help="raw-score threshold override (default: the calibrated one)")
+    p.add_argument(
+        "--include", default="", help="comma-separated extras of the detect answer: mask, anomaly_map, heatmap"
+    )
+    p.add_argument("--out", help="write the JSON lines to this file instead of stdout")
+    p.add_argument("--batch-size", type=int, default=8, help="images per model call (default 8)")
+
+
 @command("score", "tsdn_platform.score", "Batch-score images with each product's best model into Parquet (Ray Data)")
 def _score(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="store URI holding the registry (s3://bucket/prefix or a folder)")

@@ -6,6 +6,8 @@ Layout under ``<store>/registry/<product>/``::
     versions/<version>/model.json          TSDN config + calibration (tsdn.checkpoint)
     versions/<version>/metrics.json        validation/test metrics, dataset manifest hash, run id,
                                            created_at, code version, sha256 of the other files
+    versions/<version>/export/<format>/    exported models (onnx: model.onnx; openvino: model.xml +
+                                           model.bin) + export.json (written last; tsdn.runtime reads it)
     best.json                              the pointer: {"version", "generation", "metric", "value", ...}
 
 A version is complete once its ``metrics.json`` exists: it is written last, so a reader (and the
@@ -47,6 +49,7 @@ from typing import Any, Literal
 
 import pyarrow.fs as pafs
 
+from tsdn.runtime import EXPORT_FORMATS, EXPORT_JSON
 from tsdn_platform import __version__, store
 from tsdn_platform.names import NAME_PATTERN, validate_name
 
@@ -74,6 +77,8 @@ logger = logging.getLogger(__name__)
 # for every registry user (the CLI's `tsdn models`, score drivers). tests/unit/test_project.py keeps them equal.
 MODEL_JSON = "model.json"
 MODEL_FILES = ("model.safetensors", MODEL_JSON)
+# Exports of a version: <version>/export/<format>/{format files, export.json} (formats: tsdn.runtime, numpy-only).
+EXPORT_DIR = "export"
 METRICS_FILE = "metrics.json"
 POINTER_FILE = "best.json"
 STALE_LOCK_S = 60.0
@@ -261,17 +266,90 @@ class Registry:
             msg = f"{store.join(ref.uri, MODEL_JSON)}: not JSON ({exc})"
             raise RegistryError(msg) from exc
 
-    def load_predictor(self, product: str, version: str | None = None, device: Any = None) -> tuple[Any, ModelRef]:
+    def load_predictor(
+        self, product: str, version: str | None = None, device: Any = None, runtime: str = "torch"
+    ) -> tuple[Any, ModelRef]:
         """A ready :class:`tsdn.predict.Predictor` (weights + calibration) and the :class:`ModelRef` it came from.
 
-        ``version`` None loads the best version. The one loader batch scoring and serving use.
+        ``version`` None loads the best version. ``runtime``: ``torch`` builds the module from the weights;
+        ``onnxruntime`` / ``openvino`` load the version's export (:meth:`ensure_export`: made and registered on
+        first use if absent), and then neither torch nor timm is imported. The one loader batch scoring and
+        serving use.
         """
-        from tsdn.checkpoint import load_checkpoint
         from tsdn.predict import Predictor
+
+        if runtime != "torch":
+            from tsdn.runtime import runtime_format
+
+            files, ref = self.ensure_export(product, version, runtime_format(runtime))
+            return Predictor.from_export(files, runtime), ref
+        from tsdn.checkpoint import load_checkpoint
 
         files, ref = self.load_files(product, version)
         model, calibration, _ = load_checkpoint(files)
         return Predictor(model, calibration, device=device), ref
+
+    # --- exported models -------------------------------------------------------------------------
+
+    def export_uri(self, product: str, version: str, fmt: str) -> str:
+        """``<version>/export/<format>/``: where a version's export of ``fmt`` (``onnx``, ``openvino``) lives."""
+        if fmt not in EXPORT_FORMATS:
+            msg = f"export format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}"
+            raise ValueError(msg)
+        return store.join(self.version_uri(product, version), EXPORT_DIR, fmt)
+
+    def load_export(self, product: str, version: str | None, fmt: str) -> tuple[dict[str, bytes] | None, ModelRef]:
+        """The registered export of a version (None when there is none, or it was made from other weights)."""
+        version = self.resolve_version(product, version)
+        metrics = self.metrics(product, version)
+        ref = ModelRef(product=product, version=version, metrics=metrics, uri=self.version_uri(product, version))
+        base = self.export_uri(product, version, fmt)
+        try:
+            meta_bytes = store.read_bytes(store.join(base, EXPORT_JSON))
+        except store.StoreError as exc:
+            if exc.kind == store.NOT_FOUND:
+                return None, ref
+            raise
+        weights = metrics.get("files", {}).get(MODEL_FILES[0], {}).get("sha256")
+        try:
+            made_from = json.loads(meta_bytes).get("source", {}).get("weights_sha256")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            made_from = None
+        if weights is not None and made_from != weights:
+            logger.warning("%s: made from other weights (or unreadable); exporting again", base)
+            return None, ref
+        files = {EXPORT_JSON: meta_bytes}
+        files.update({name: store.read_bytes(store.join(base, name)) for name in EXPORT_FORMATS[fmt]})
+        return files, ref
+
+    def register_export(self, product: str, version: str, files: Mapping[str, bytes]) -> str:
+        """Store an export (from :func:`tsdn.export.export_checkpoint`) beside the version; returns its folder.
+
+        ``export.json`` is written last, so a reader never takes a half-written export for a complete one.
+        """
+        fmt = json.loads(files[EXPORT_JSON])["format"]
+        base = self.export_uri(product, version, fmt)
+        for name in EXPORT_FORMATS[fmt]:
+            store.write_bytes(store.join(base, name), files[name])
+        store.write_bytes(store.join(base, EXPORT_JSON), files[EXPORT_JSON])
+        logger.info("registered the %s export of %s version %s at %s", fmt, product, version, base)
+        return base
+
+    def ensure_export(self, product: str, version: str | None, fmt: str) -> tuple[dict[str, bytes], ModelRef]:
+        """The version's export of ``fmt``; exported from its checkpoint and registered first if absent.
+
+        Exporting imports torch (and onnx); a cluster does it once per version and format. Two processes racing
+        write the same bytes (the export is deterministic), and the loader's sha256 check refuses a mix.
+        """
+        files, ref = self.load_export(product, version, fmt)
+        if files is not None:
+            return files, ref
+        from tsdn.export import export_checkpoint  # torch + onnx: only where an export is made
+
+        checkpoint, ref = self.load_files(product, ref.version)
+        files = export_checkpoint(checkpoint, fmt, {"product": product, "version": ref.version})
+        self.register_export(product, ref.version, files)
+        return files, ref
 
     # --- writing ---------------------------------------------------------------------------------
 

@@ -90,6 +90,7 @@ from ray.data.datasource.datasink import WriteResult
 
 from tsdn._config_io import to_dict
 from tsdn.image import decode_image, resize_mask, to_rgb
+from tsdn.runtime import RUNTIMES, runtime_format
 from tsdn_platform import store
 from tsdn_platform.config import load_config
 from tsdn_platform.score_rows import (
@@ -159,6 +160,10 @@ class ScoreConfig:
     The default 1.0 fails only then; 0 fails on any error row. ``store_retry_s``: how long an unreachable,
     throttling or failing (5xx) store is waited for, on the driver and in every task, before the job fails;
     a failed job commits nothing and leaves the previous output as it was.
+
+    ``runtime``: what the scorer actors run each model on: ``torch`` (the module), ``onnxruntime`` or ``openvino``
+    (the version's registered export; the driver exports and registers any that is missing before the actors
+    start, so the actors import neither torch nor timm). Pre- and post-processing are the Predictor's either way.
     """
 
     store: str = ""
@@ -182,6 +187,7 @@ class ScoreConfig:
     max_error_fraction: float = 1.0
     store_retry_s: float = _STORE_RETRY_S
     address: str | None = None
+    runtime: str = "torch"
 
     def __post_init__(self) -> None:
         for name in ("store", "input", "output"):
@@ -217,6 +223,12 @@ class ScoreConfig:
             raise ValueError(msg)
         if self.store_retry_s < 0:
             msg = f"store_retry_s={self.store_retry_s}: must be >= 0"
+            raise ValueError(msg)
+        if self.runtime not in RUNTIMES:
+            msg = f"runtime={self.runtime!r}: expected one of {', '.join(RUNTIMES)}"
+            raise ValueError(msg)
+        if self.runtime != "torch" and self.num_gpus_per_actor > 0:
+            msg = f"runtime={self.runtime}: runs on the CPU; use runtime torch with num_gpus_per_actor > 0"
             raise ValueError(msg)
 
 
@@ -356,6 +368,16 @@ def _resolve_models(cfg: ScoreConfig, products: Iterable[str]) -> _Models:
     return models
 
 
+def _ensure_exports(cfg: ScoreConfig, models: _Models) -> None:
+    """Export and register (on the driver, once) every pinned version whose export for ``cfg.runtime`` is missing."""
+    from tsdn_platform.registry import Registry
+
+    registry = Registry(cfg.store)
+    fmt = runtime_format(cfg.runtime)
+    for product, version in sorted(models.versions.items()):
+        registry.ensure_export(product, version, fmt)
+
+
 def _job_id(cfg: ScoreConfig, inputs: _Inputs, models: _Models) -> str:
     """Same inputs, models and result-shaping config -> same id, so a rerun replaces its own output."""
     digest = hashlib.sha256()
@@ -368,6 +390,7 @@ def _job_id(cfg: ScoreConfig, inputs: _Inputs, models: _Models) -> str:
         "split": cfg.split,
         "output_map_size": cfg.output_map_size,
         "max_image_pixels": cfg.max_image_pixels,
+        "runtime": cfg.runtime,
     }
     digest.update(json.dumps(key, sort_keys=True).encode())
     return digest.hexdigest()[:16]
@@ -454,8 +477,10 @@ class _Scorer:
         batch_size: int,
         device: str | None,
         store_retry_s: float,
+        runtime: str = "torch",
     ) -> None:
         self._store_uri = store_uri
+        self._runtime = runtime
         self._versions = dict(versions)
         self._shapes = {p: tuple(s) for p, s in shapes.items()}
         self._batch_size = batch_size
@@ -469,7 +494,10 @@ class _Scorer:
 
             registry = Registry(self._store_uri)
             with store.retry_budget(self._store_retry_s):
-                loaded = {p: registry.load_predictor(p, v, device=self._device)[0] for p, v in self._versions.items()}
+                loaded = {
+                    p: registry.load_predictor(p, v, device=self._device, runtime=self._runtime)[0]
+                    for p, v in self._versions.items()
+                }
             for predictor in loaded.values():
                 predictor.batch_size = self._batch_size  # one forward pass per product per Ray Data batch
             self._loaded = loaded
@@ -627,6 +655,7 @@ def _build_dataset(cfg: ScoreConfig, inputs: _Inputs, models: _Models) -> ray.da
             "batch_size": cfg.batch_size,
             "device": "cuda" if cfg.num_gpus_per_actor > 0 else None,
             "store_retry_s": cfg.store_retry_s,
+            "runtime": cfg.runtime,
         },
         batch_format="pyarrow",
         batch_size=cfg.batch_size,
@@ -749,6 +778,8 @@ def _run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         wanted = ", ".join(sorted(models.unavailable)) or "none (no input path matched the product pattern)"
         msg = f"{cfg.store}: no registered model for any input product (products: {wanted})"
         raise ValueError(msg)
+    if cfg.runtime != "torch":
+        _ensure_exports(cfg, models)
     job_id = cfg.job_id or _job_id(cfg, inputs, models)
     staging = store.join(cfg.output, STAGING, job_id)
     store.delete(staging, recursive=True)  # what a crashed attempt of this same job left

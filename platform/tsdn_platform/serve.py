@@ -68,6 +68,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from tsdn._config_io import ConfigError, from_dict
 from tsdn.image import ImageDecodeError, decode_image
 from tsdn.response import INCLUDES, detect_answer
+from tsdn.runtime import RUNTIMES
 from tsdn_platform.api_schema import (
     DETECT_REQUEST_BODY,
     DetectResponse,
@@ -149,6 +150,9 @@ class ServeConfig:
     auth_tokens_file: str | None = None
     auth_required: bool | None = None
     """None: required when any token is configured. True without tokens is an error."""
+    runtime: str = "torch"
+    """What runs the model in a replica: ``torch`` (the module), ``onnxruntime`` or ``openvino`` (the version's
+    registered export, made on first use if absent; replicas then import neither torch nor timm)."""
 
     def __post_init__(self) -> None:
         if not self.store:
@@ -197,6 +201,12 @@ class ServeConfig:
                 raise ConfigError(msg)
         if not self.route_prefix.startswith("/"):
             msg = f"route_prefix: must start with '/', got {self.route_prefix!r}"
+            raise ConfigError(msg)
+        if self.runtime not in RUNTIMES:
+            msg = f"runtime: expected one of {', '.join(RUNTIMES)}, got {self.runtime!r}"
+            raise ConfigError(msg)
+        if self.runtime != "torch" and self.num_gpus_per_replica > 0:
+            msg = f"runtime {self.runtime}: runs on the CPU; use runtime torch with num_gpus_per_replica > 0"
             raise ConfigError(msg)
 
 
@@ -322,8 +332,9 @@ def split_model_id(mid: str) -> tuple[str, str]:
 class TSDNModel:
     """Multiplexed, batched TSDN inference. One request = one decoded image of one model id."""
 
-    def __init__(self, store: str, models_per_replica: int) -> None:
+    def __init__(self, store: str, models_per_replica: int, runtime: str = "torch") -> None:
         self._registry = Registry(store)
+        self._runtime = runtime
 
         # The LRU size comes from the config, so the multiplexed loader is wrapped per instance (Serve
         # detects multiplexing on instance attributes too). It must wrap a plain function, not a bound method.
@@ -335,8 +346,8 @@ class TSDNModel:
 
     def _load(self, mid: str) -> Any:
         product, version = split_model_id(mid)
-        predictor, ref = self._registry.load_predictor(product, version)
-        logger.info("loaded %s (version %s)", product, ref.version)
+        predictor, ref = self._registry.load_predictor(product, version, runtime=self._runtime)
+        logger.info("loaded %s (version %s, runtime %s)", product, ref.version, self._runtime)
         return predictor, ref
 
     def reconfigure(self, user_config: Mapping[str, Any]) -> None:
@@ -392,7 +403,7 @@ class TSDNModel:
                 results[i] = DetectResult(
                     product=ref.product,
                     model_version=ref.version,
-                    family=predictor.model.FAMILY,
+                    family=predictor.family,
                     inference_ms=elapsed_ms,
                     batch_size=len(indices),
                     answer=answer,
@@ -699,7 +710,7 @@ def build_app(cfg: ServeConfig) -> serve.Application:
         model_options["autoscaling_config"] = dict(cfg.autoscaling_config)
     else:
         model_options["num_replicas"] = cfg.num_replicas
-    model = TSDNModel.options(**model_options).bind(cfg.store, cfg.models_per_replica)
+    model = TSDNModel.options(**model_options).bind(cfg.store, cfg.models_per_replica, cfg.runtime)
     return TSDNIngress.options(
         num_replicas=cfg.ingress_replicas,
         max_ongoing_requests=cfg.max_ongoing_requests,

@@ -10,7 +10,7 @@ import pytest
 from tsdn_platform import cli
 
 ROOT = Path(__file__).resolve().parents[2]
-JOBS = ("ingest", "train", "score", "serve", "pipeline")
+JOBS = ("ingest", "train", "score", "serve", "pipeline", "export")
 
 
 @pytest.mark.parametrize("name", JOBS)

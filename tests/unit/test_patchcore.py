@@ -142,3 +142,16 @@ def test_checkpoint_round_trip_and_the_predictor_serve_patchcore_like_tsdn():
 
         meta["family"] = "nosuch"
         load_checkpoint({**files, "model.json": json.dumps(meta).encode()})
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_nearest_distance_keeps_small_distances_exact(backend):
+    """Near-duplicates of bank rows: the search's expansion cancels to noise, the returned distance must not."""
+    if backend == "faiss" and pc._faiss() is None:
+        pytest.skip("faiss-cpu is not installed")
+    gen = torch.Generator().manual_seed(4)
+    bank = torch.randn(300, 384, generator=gen) * 3  # Lite0-like feature magnitudes
+    offsets = torch.randn(50, 384, generator=gen) * 1e-4
+    queries = bank[:50] + offsets
+    got = pc.nearest_distance(queries, bank, 16, 64, backend=backend)
+    torch.testing.assert_close(got, offsets.norm(dim=1), rtol=1e-3, atol=1e-6)

@@ -68,9 +68,9 @@ def test_opaque_alpha_and_16_bit_inputs_match_their_plain_versions(predictor):
 def test_predict_agrees_with_predict_tensor_and_batching(predictor):
     images = _inputs()
     batch = predictor.preprocess(images)
-    assert batch.shape == (len(images), 3, 64, 64) and batch.dtype == torch.float32
+    assert batch.shape == (len(images), 3, 64, 64) and batch.dtype == np.float32
     assert 0 <= batch.min() and batch.max() <= 1
-    pred = predictor.predict_tensor(batch)
+    pred = predictor.predict_tensor(torch.from_numpy(batch))
     scores = [d.anomaly_score for d in predictor.predict(images)]
     one_by_one = Predictor(predictor.model, predictor.calibration, batch_size=1).predict(images)
     np.testing.assert_allclose(scores, pred.anomaly_score.numpy(), rtol=1e-5)
@@ -90,7 +90,7 @@ def test_threshold_override(predictor):
 
 def test_map_size_returns_the_network_maps_unresized_or_one_resize_of_them(predictor):
     images = _inputs()
-    pred = predictor.predict_tensor(predictor.preprocess(images))
+    pred = predictor.predict_tensor(torch.from_numpy(predictor.preprocess(images)))
     at_network = predictor.predict(images, map_size=(64, 64))
     for det, want in zip(at_network, pred.anomaly_map[:, 0].numpy()):
         np.testing.assert_allclose(det.anomaly_map, want, rtol=1e-5, atol=1e-7)  # no resize at all

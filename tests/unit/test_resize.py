@@ -1,0 +1,44 @@
+"""tsdn.resize (numpy + Pillow) equals torch's F.interpolate, the resizes the models were trained and scored with."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tsdn.predict import resize_rgb
+from tsdn.resize import resize_antialiased, resize_bilinear, to_network_input
+
+IMAGE_SHAPES = [(37, 53), (300, 211), (128, 128), (900, 700), (64, 64), (20, 500)]
+MAP_SHAPES = [(37, 53), (129, 31), (300, 200), (64, 64), (16, 24), (200, 40)]
+
+
+def _torch(plane: np.ndarray, size: tuple[int, int], antialias: bool) -> np.ndarray:
+    tensor = torch.from_numpy(plane)[None, None]
+    return F.interpolate(tensor, size=size, mode="bilinear", antialias=antialias, align_corners=False)[0, 0].numpy()
+
+
+@pytest.mark.parametrize(("shape", "side"), [(s, side) for s in IMAGE_SHAPES for side in (64, 128)])
+def test_network_input_equals_torch_antialiased_bilinear(shape, side):
+    rgb = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    pixels = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0
+    want = F.interpolate(pixels, size=(side, side), mode="bilinear", antialias=True, align_corners=False)[0]
+    got = to_network_input(rgb, side)
+    assert got.shape == (3, side, side) and got.dtype == np.float32
+    assert np.abs(got - want.clamp(0, 1).numpy()).max() <= 5e-7  # a few float32 ulps
+    assert torch.equal(resize_rgb(rgb, side), torch.from_numpy(got))
+
+
+@pytest.mark.parametrize("shape", MAP_SHAPES)
+def test_map_resizes_equal_torch(shape):
+    plane = np.random.default_rng(1).random((64, 64)).astype(np.float32)
+    assert np.abs(resize_bilinear(plane, shape) - _torch(plane, shape, antialias=False)).max() <= 2e-6
+    assert np.abs(resize_antialiased(plane, shape) - _torch(plane, shape, antialias=True)).max() <= 5e-6
+
+
+def test_same_size_is_the_identity_and_bad_shapes_are_refused():
+    plane = np.random.default_rng(2).random((32, 48)).astype(np.float32)
+    np.testing.assert_array_equal(resize_bilinear(plane, (32, 48)), plane)
+    with pytest.raises(ValueError, match=r"\(H, W\)"):
+        resize_bilinear(plane[None], (8, 8))
+    with pytest.raises(ValueError, match="uint8"):
+        to_network_input(plane, 32)

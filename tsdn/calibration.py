@@ -1,0 +1,164 @@
+"""The calibration of a model's raw scores: decision threshold and normal-score statistics.
+
+A :class:`Calibration`, fitted on held-out normal images (or on labelled validation scores), turns raw scores
+into decisions (``score >= threshold``) and normalised [0, 1] scores. It travels with the weights in the
+checkpoint (and with every exported model), so batch scoring, serving and the standalone inferencer decide
+identically. numpy only: a process running an exported model applies it without importing torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import numpy as np
+
+from tsdn._config_io import from_dict, to_dict
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["QUANTILES", "Calibration", "fit_calibration"]
+
+# Quantiles of the normal scores stored in every calibration (keys are their decimal strings).
+QUANTILES = (0.5, 0.9, 0.95, 0.99)
+
+ScoreT = TypeVar("ScoreT", float, np.ndarray, "torch.Tensor")
+
+
+@dataclass
+class Calibration:
+    """Decision threshold and normal-score statistics of one trained model (raw score units).
+
+    Attributes:
+        threshold: an image (or pixel) is anomalous when ``score >= threshold``.
+        score_min, score_max, score_mean, score_std: statistics of the held-out normal image scores
+            (``score_std`` is the population standard deviation).
+        score_quantiles: ``{"0.5": q50, "0.9": ..., "0.95": ..., "0.99": ...}`` of the normal scores.
+        n_normal: number of normal scores the statistics come from.
+        method: ``"normal-quantile"`` (threshold = the ``quantile`` of normal scores) or ``"f1-optimal"``
+            (threshold maximising F1 on labelled validation scores).
+        quantile: the quantile used (or that would have been used, for ``"f1-optimal"``).
+    """
+
+    threshold: float
+    score_min: float
+    score_max: float
+    score_mean: float
+    score_std: float
+    score_quantiles: dict[str, float] = field(default_factory=dict)
+    n_normal: int = 0
+    method: Literal["normal-quantile", "f1-optimal"] = "normal-quantile"
+    quantile: float = 0.99
+
+    def __post_init__(self) -> None:
+        numbers = {
+            "threshold": self.threshold,
+            "score_min": self.score_min,
+            "score_max": self.score_max,
+            "score_mean": self.score_mean,
+            "score_std": self.score_std,
+            **{f"score_quantiles.{k}": v for k, v in self.score_quantiles.items()},
+        }
+        bad = [name for name, value in numbers.items() if not math.isfinite(value)]
+        if bad:
+            msg = f"Calibration: non-finite {', '.join(bad)}"
+            raise ValueError(msg)
+        if self.score_min > self.score_max:
+            msg = f"Calibration: score_min {self.score_min} > score_max {self.score_max}"
+            raise ValueError(msg)
+        if self.method not in ("normal-quantile", "f1-optimal"):
+            msg = f"Calibration.method: {self.method!r} is not 'normal-quantile' or 'f1-optimal'"
+            raise ValueError(msg)
+        if not 0 < self.quantile <= 1:
+            msg = f"Calibration.quantile: must lie in (0, 1], got {self.quantile}"
+            raise ValueError(msg)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (the ``calibration`` entry of ``model.json``)."""
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Calibration:
+        """Inverse of :meth:`to_dict`; unknown keys or wrong types raise ``tsdn._config_io.ConfigError``."""
+        return from_dict(cls, data)
+
+    def is_anomalous(self, score: ScoreT) -> bool | np.ndarray | torch.Tensor:
+        """``score >= threshold`` for a float, array or tensor of raw scores (or score maps)."""
+        return score >= self.threshold
+
+    def normalize(self, score: ScoreT, threshold: float | None = None) -> ScoreT:
+        """Map raw scores (or score maps) to [0, 1] so that ``score_min`` -> 0 and the threshold -> 0.5.
+
+        ``clip(0.5 + 0.5 * (score - t) / (t - score_min), 0, 1)`` with ``t`` the threshold, i.e. linear from
+        ``score_min`` (0) through ``t`` (0.5) to ``2 * t - score_min`` (1): non-decreasing, and
+        ``normalize(s) >= 0.5`` exactly when ``s >= t``. If ``t`` does not exceed ``score_min`` (a degenerate
+        calibration, or an override below every normal score) the span is a tiny positive number: a step at ``t``.
+
+        Args:
+            score: a float, a numpy array or a torch tensor of raw scores, any shape.
+            threshold: the threshold the decision applies; None = the calibrated one. A caller that overrides
+                the threshold passes it here, so the normalised score and the decision agree.
+
+        Returns:
+            The same type and shape, values in [0, 1].
+        """
+        limit = self.threshold if threshold is None else float(threshold)
+        span = max(limit - self.score_min, 1e-12 * max(1.0, abs(limit)))
+        scaled = (score - limit) * (0.5 / span) + 0.5
+        if isinstance(scaled, (int, float, np.generic)):
+            return min(max(float(scaled), 0.0), 1.0)
+        return scaled.clip(0.0, 1.0)  # numpy arrays and torch tensors
+
+
+def fit_calibration(
+    normal_scores: np.ndarray,
+    scores: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    quantile: float = 0.99,
+) -> Calibration:
+    """Fit the threshold and score statistics.
+
+    Args:
+        normal_scores: (N,) image scores of held-out normal images (statistics, and the threshold by default).
+        scores: optional (M,) labelled validation scores; with ``labels``.
+        labels: optional (M,) 0 = normal, 1 = anomalous. When they contain at least one anomaly the
+            threshold is the F1-optimal one (:func:`tsdn.metrics.f1_max`); otherwise the quantile rule holds.
+        quantile: the quantile of ``normal_scores`` used as threshold (linear interpolation), in (0, 1].
+
+    Returns:
+        The :class:`Calibration`.
+    """
+    normal = np.asarray(normal_scores, dtype=np.float64).ravel()
+    if normal.size == 0:
+        msg = "fit_calibration: normal_scores is empty"
+        raise ValueError(msg)
+    if not np.isfinite(normal).all():
+        msg = f"fit_calibration: normal_scores holds {int((~np.isfinite(normal)).sum())} NaN/infinite values"
+        raise ValueError(msg)
+    if not 0 < quantile <= 1:
+        msg = f"fit_calibration: quantile must lie in (0, 1], got {quantile}"
+        raise ValueError(msg)
+    if (scores is None) != (labels is None):
+        msg = "fit_calibration: scores and labels must be given together"
+        raise ValueError(msg)
+
+    from tsdn.metrics import f1_max  # here: scipy stays out of processes that only apply a calibration
+
+    method = "normal-quantile"
+    threshold = float(np.quantile(normal, quantile))
+    if labels is not None and np.any(np.asarray(labels) == 1):
+        _, threshold = f1_max(np.asarray(labels), np.asarray(scores))
+        method = "f1-optimal"
+    return Calibration(
+        threshold=threshold,
+        score_min=float(normal.min()),
+        score_max=float(normal.max()),
+        score_mean=float(normal.mean()),
+        score_std=float(normal.std()),
+        score_quantiles={str(q): float(np.quantile(normal, q)) for q in QUANTILES},
+        n_normal=int(normal.size),
+        method=method,
+        quantile=quantile,
+    )

@@ -1,0 +1,67 @@
+"""The project's resizes, in numpy and Pillow: images to the network input, anomaly maps back to the image.
+
+Every path that feeds a model or reads a map resizes here (ingest's training shards, :class:`tsdn.predict.Predictor`
+under every runtime, the score job's stored maps), so a model sees in production the pixels it was trained on
+and no process needs torch to prepare an input.
+
+They equal torch's ``F.interpolate(..., mode="bilinear", align_corners=False)`` (with ``antialias=True`` for
+:func:`resize_antialiased`): Pillow's float ("F") bilinear resample is the same triangle filter whose support
+widens with the downscale factor (torch's antialiased kernel was ported from it), and :func:`resize_bilinear`
+is the two-tap interpolation with half-pixel centres. ``tests/unit/test_resize.py`` measures both against
+torch: network inputs at most 5e-7 apart in [0, 1] (a few float32 ulps; 2.4e-7 measured), maps 2e-6 (bilinear)
+and 5e-6 (antialiased) for maps in [0, 1].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["resize_antialiased", "resize_bilinear", "to_network_input"]
+
+
+def resize_antialiased(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) float -> (h, w) float32, bilinear with antialiasing (torch's ``antialias=True``)."""
+    if plane.ndim != 2:
+        msg = f"resize_antialiased: expected an (H, W) array, got shape {plane.shape}"
+        raise ValueError(msg)
+    height, width = size
+    image = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32), mode="F")
+    return np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.float32)
+
+
+def to_network_input(rgb: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (3, S, S) float32 in [0, 1]: bilinear with antialiasing, per channel."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        msg = f"to_network_input: expected (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}"
+        raise ValueError(msg)
+    pixels = rgb.astype(np.float32) / np.float32(255.0)
+    planes = [resize_antialiased(pixels[:, :, c], (size, size)) for c in range(3)]
+    return np.clip(np.stack(planes), 0.0, 1.0)
+
+
+def _taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices (low, high) and the high tap's weight of each output position, torch's convention."""
+    # float32 arithmetic, as torch computes the scale and the source positions of float maps
+    scale = np.float32(n_in) / np.float32(n_out)
+    source = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0)
+    low = np.minimum(source.astype(np.int64), n_in - 1)
+    high = np.minimum(low + 1, n_in - 1)
+    return low, high, (source - low).astype(np.float32)
+
+
+def resize_bilinear(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) float -> (h, w) float32, two-tap bilinear with half-pixel centres (no antialiasing).
+
+    The map of a detection is brought back to its image's resolution this way (torch's ``bilinear``).
+    """
+    if plane.ndim != 2:
+        msg = f"resize_bilinear: expected an (H, W) array, got shape {plane.shape}"
+        raise ValueError(msg)
+    values = np.asarray(plane, dtype=np.float32)
+    if values.shape == tuple(size):
+        return values.copy()
+    y0, y1, wy = _taps(values.shape[0], size[0])
+    x0, x1, wx = _taps(values.shape[1], size[1])
+    rows = values[y0] * (1.0 - wy)[:, None] + values[y1] * wy[:, None]
+    return rows[:, x0] * (1.0 - wx)[None, :] + rows[:, x1] * wx[None, :]
