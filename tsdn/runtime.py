@@ -47,6 +47,7 @@ __all__ = [
     "load_exported",
     "read_export_dir",
     "runtime_format",
+    "runtime_problem",
 ]
 
 EXPORT_JSON = "export.json"
@@ -55,6 +56,17 @@ EXPORT_VERSION = 1
 EXPORT_FORMATS: dict[str, tuple[str, ...]] = {"onnx": ("model.onnx",), "openvino": ("model.xml", "model.bin")}
 #: the runtimes of scoring and serving; every one but ``torch`` runs an export.
 RUNTIMES = ("torch", "onnxruntime", "openvino")
+
+
+def runtime_problem(runtime: str, gpus: float, gpu_key: str) -> str | None:
+    """Why a job's ``runtime`` setting cannot work (an unknown name, or an exported runtime asked to use GPUs)."""
+    if runtime not in RUNTIMES:
+        return f"runtime={runtime!r}: expected one of {', '.join(RUNTIMES)}"
+    if runtime != "torch" and gpus > 0:
+        return f"runtime={runtime}: runs on the CPU; use runtime torch with {gpu_key} > 0"
+    return None
+
+
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("anomaly_map", "anomaly_score")
 

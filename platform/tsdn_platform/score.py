@@ -90,7 +90,7 @@ from ray.data.datasource.datasink import WriteResult
 
 from tsdn._config_io import to_dict
 from tsdn.image import decode_image, resize_mask, to_rgb
-from tsdn.runtime import RUNTIMES, runtime_format
+from tsdn.runtime import runtime_format, runtime_problem
 from tsdn_platform import store
 from tsdn_platform.config import load_config
 from tsdn_platform.score_rows import (
@@ -224,12 +224,9 @@ class ScoreConfig:
         if self.store_retry_s < 0:
             msg = f"store_retry_s={self.store_retry_s}: must be >= 0"
             raise ValueError(msg)
-        if self.runtime not in RUNTIMES:
-            msg = f"runtime={self.runtime!r}: expected one of {', '.join(RUNTIMES)}"
-            raise ValueError(msg)
-        if self.runtime != "torch" and self.num_gpus_per_actor > 0:
-            msg = f"runtime={self.runtime}: runs on the CPU; use runtime torch with num_gpus_per_actor > 0"
-            raise ValueError(msg)
+        problem = runtime_problem(self.runtime, self.num_gpus_per_actor, "num_gpus_per_actor")
+        if problem is not None:
+            raise ValueError(problem)
 
 
 @dataclass

@@ -68,7 +68,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from tsdn._config_io import ConfigError, from_dict
 from tsdn.image import ImageDecodeError, decode_image
 from tsdn.response import INCLUDES, detect_answer
-from tsdn.runtime import RUNTIMES
+from tsdn.runtime import runtime_problem
 from tsdn_platform.api_schema import (
     DETECT_REQUEST_BODY,
     DetectResponse,
@@ -202,12 +202,9 @@ class ServeConfig:
         if not self.route_prefix.startswith("/"):
             msg = f"route_prefix: must start with '/', got {self.route_prefix!r}"
             raise ConfigError(msg)
-        if self.runtime not in RUNTIMES:
-            msg = f"runtime: expected one of {', '.join(RUNTIMES)}, got {self.runtime!r}"
-            raise ConfigError(msg)
-        if self.runtime != "torch" and self.num_gpus_per_replica > 0:
-            msg = f"runtime {self.runtime}: runs on the CPU; use runtime torch with num_gpus_per_replica > 0"
-            raise ConfigError(msg)
+        problem = runtime_problem(self.runtime, self.num_gpus_per_replica, "num_gpus_per_replica")
+        if problem is not None:
+            raise ConfigError(problem)
 
 
 class ApiError(Exception):

@@ -241,3 +241,16 @@ def test_decisions_are_identical_on_a_real_set():
         assert [d.is_anomalous for d in exported] == [d.is_anomalous for d in eager]
         assert sum(d.is_anomalous for d in eager) not in (0, len(test))  # the decision is not trivial
         np.testing.assert_allclose([d.anomaly_score for d in exported], [d.anomaly_score for d in eager], rtol=1e-4)
+
+
+def test_score_and_serve_refuse_a_runtime_that_cannot_work():
+    from tsdn_platform.score import ScoreConfig
+    from tsdn_platform.serve import ServeConfig
+
+    with pytest.raises(ValueError, match="expected one of torch, onnxruntime, openvino"):
+        ServeConfig(store="s", runtime="tensorrt")
+    with pytest.raises(ValueError, match="num_gpus_per_replica"):
+        ServeConfig(store="s", runtime="onnxruntime", num_gpus_per_replica=1)
+    with pytest.raises(ValueError, match="num_gpus_per_actor"):
+        ScoreConfig(store="s", input="i", output="o", runtime="openvino", num_gpus_per_actor=1)
+    assert ScoreConfig(store="s", input="i", output="o", runtime="onnxruntime").runtime == "onnxruntime"
