@@ -27,15 +27,14 @@ import dataclasses
 import io
 import os
 import platform
-import re
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _actor_memory import ActorMemory
 from PIL import Image
 
 from tsdn.checkpoint import checkpoint_files
@@ -59,39 +58,6 @@ def _texture(seed: int, size: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-class _ActorMemory:
-    """Samples the peak RSS (``VmHWM`` in ``/proc/<pid>/status``, Linux) of Ray's scorer worker processes
-    (their title names ``_Scorer``) in a thread while the job runs."""
-
-    def __init__(self, period_s: float = 0.2) -> None:
-        self.peak_bytes = 0
-        self._period_s = period_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> _ActorMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for proc in Path("/proc").glob("[0-9]*"):
-                try:
-                    if b"_Scorer" not in (proc / "cmdline").read_bytes():
-                        continue
-                    status = (proc / "status").read_text()
-                except OSError:  # the process ended meanwhile
-                    continue
-                match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
-                if match:
-                    self.peak_bytes = max(self.peak_bytes, int(match.group(1)) * 1024)
-            self._stop.wait(self._period_s)
 
 
 def _plain_loop(predictor, images: list[np.ndarray], batch_size: int) -> float:
@@ -164,7 +130,7 @@ def main() -> None:
         for threads in thread_counts:
             torch.set_num_threads(threads)
             loop_rates[threads].append(_plain_loop(predictor, decoded, args.batch_size))
-        with _ActorMemory() as memory:
+        with ActorMemory() as memory:
             manifest = run_scoring(cfg)
         job_seconds.append(manifest["timings"]["score_s"])
         peaks.append(memory.peak_bytes)

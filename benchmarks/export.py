@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _actor_memory import ActorMemory
 
 from tsdn.calibration import fit_calibration
 from tsdn.checkpoint import checkpoint_files
@@ -290,7 +291,7 @@ def score_jobs(workdir: Path, store_uri: str, product: str, images: int) -> dict
     # worker of the torch job showed torch's ~1 GiB; in a fresh one, 500 MiB and no libtorch).
     for runtime in ("onnxruntime", "openvino", "torch"):
         cfg = dataclasses.replace(base, output=str(workdir / f"scores-{runtime}"), runtime=runtime)
-        with _NewActors() as memory:
+        with ActorMemory() as memory:
             manifest = run_scoring(cfg)
         out[runtime] = {
             "images_per_s": images / manifest["timings"]["score_s"],
@@ -298,60 +299,6 @@ def score_jobs(workdir: Path, store_uri: str, product: str, images: int) -> dict
             "libtorch": memory.libtorch,
         }
     return out
-
-
-class _NewActors:
-    """Peak RSS (``VmHWM``) of the scorer actors started while the job runs, and whether any mapped libtorch.
-
-    bench_score.py's sampler takes every ``_Scorer`` process; a previous job's actor can outlive its job for a
-    while, so here processes that existed before the job are left out.
-    """
-
-    def __init__(self, period_s: float = 0.2) -> None:
-        import threading
-
-        self.peak_bytes = 0
-        self.libtorch = False
-        self._period_s = period_s
-        self._before = set(self._scorers())
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def _scorers() -> list[Path]:
-        found = []
-        for proc in Path("/proc").glob("[0-9]*"):
-            try:
-                if b"_Scorer" in (proc / "cmdline").read_bytes():
-                    found.append(proc)
-            except OSError:
-                continue
-        return found
-
-    def __enter__(self) -> _NewActors:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        import re
-
-        while not self._stop.is_set():
-            for proc in self._scorers():
-                if proc in self._before:
-                    continue
-                try:
-                    status = (proc / "status").read_text()
-                    self.libtorch |= "libtorch" in (proc / "maps").read_text()
-                except OSError:
-                    continue
-                match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
-                if match:
-                    self.peak_bytes = max(self.peak_bytes, int(match.group(1)) * 1024)
-            self._stop.wait(self._period_s)
 
 
 def _median(values: list[float]) -> float:

@@ -7,6 +7,7 @@ value of the wrong type is reported the same way everywhere: with its dotted pat
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -157,3 +158,18 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         msg = f"{path}: expected a string, got {value!r}"
         raise ConfigError(msg)
     return value
+
+
+def json_member(files: Mapping[str, bytes], name: str, owner: str) -> dict[str, Any]:
+    """The JSON document ``files[name]`` of a saved artefact (a checkpoint, an export).
+
+    Raises ``ValueError`` naming ``owner`` and ``name`` when the member is missing or is not JSON.
+    """
+    if name not in files:
+        msg = f"{owner}: {name} missing (got {', '.join(sorted(files)) or 'nothing'})"
+        raise ValueError(msg)
+    try:
+        return json.loads(files[name])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        msg = f"{owner} {name}: not JSON ({exc})"
+        raise ValueError(msg) from exc

@@ -17,6 +17,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from tsdn._config_io import json_member
 from tsdn.config import TSDNConfig
 from tsdn.model import TSDN
 from tsdn.patchcore import PatchCore, PatchCoreConfig
@@ -60,15 +61,10 @@ def load_checkpoint(
 
     Returns ``(model, calibration, model_json)``; ``model.cfg`` is the saved config, weights spec included.
     """
-    for name in (MODEL_WEIGHTS, MODEL_JSON):
-        if name not in files:
-            msg = f"checkpoint: {name} missing (got {', '.join(sorted(files)) or 'nothing'})"
-            raise ValueError(msg)
-    try:
-        meta = json.loads(files[MODEL_JSON])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        msg = f"checkpoint {MODEL_JSON}: not JSON ({exc})"
-        raise ValueError(msg) from exc
+    if MODEL_WEIGHTS not in files:
+        msg = f"checkpoint: {MODEL_WEIGHTS} missing (got {', '.join(sorted(files)) or 'nothing'})"
+        raise ValueError(msg)
+    meta = json_member(files, MODEL_JSON, "checkpoint")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         msg = f"checkpoint {MODEL_JSON}: format_version {version!r}, this code reads {FORMAT_VERSION}"

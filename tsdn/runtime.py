@@ -29,6 +29,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
+from tsdn._config_io import json_member
 from tsdn.calibration import Calibration
 
 __all__ = [
@@ -241,14 +242,7 @@ def load_exported(files: Mapping[str, bytes], runtime: str | None = None, thread
 
 
 def _parse_meta(files: Mapping[str, bytes]) -> dict[str, Any]:
-    if EXPORT_JSON not in files:
-        msg = f"export: {EXPORT_JSON} missing (got {', '.join(sorted(files)) or 'nothing'})"
-        raise ValueError(msg)
-    try:
-        meta = json.loads(files[EXPORT_JSON])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        msg = f"export {EXPORT_JSON}: not JSON ({exc})"
-        raise ValueError(msg) from exc
+    meta = json_member(files, EXPORT_JSON, "export")
     if meta.get("export_version") != EXPORT_VERSION:
         msg = f"export {EXPORT_JSON}: export_version {meta.get('export_version')!r}, this code reads {EXPORT_VERSION}"
         raise ValueError(msg)

@@ -49,12 +49,12 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
-def quiet_ray_loggers(data: bool = False) -> None:
+def quiet_ray_loggers() -> None:
     """Ray's INFO narration off (warnings stay), Ray Data progress bars off: the platform prints its own lines.
 
     Runs in the driver and, as the ``worker_process_setup_hook`` of a local cluster, in every worker; does
-    nothing under ``--verbose``. ``data``: also configure Ray Data (importing it) in this process, as the
-    driver, which builds the datasets, does.
+    nothing under ``--verbose``. Ray Data reads :func:`quiet_env` when it is imported; a process that imported it
+    already gets its ``DataContext`` switched instead.
     """
     if verbose():
         return
@@ -70,7 +70,7 @@ def quiet_ray_loggers(data: bool = False) -> None:
     report_logger = os.path.join(os.path.dirname(ray.__file__), *_TRAIN_REPORT_MODULE)
     logging.getLogger(report_logger).setLevel(logging.WARNING)
     os.environ.update(quiet_env())  # read when ray.data (and Ray Train's controller) start
-    if not data and "ray.data" not in sys.modules:  # a worker that never runs Ray Data does not pay for importing it
+    if "ray.data" not in sys.modules:
         return
     from ray.data import DataContext
 
@@ -115,7 +115,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         # On a cluster the job's runtime_env (``ray job submit --runtime-env``) carries the settings;
         # a second runtime_env here would override it.
         logger.info("connecting to Ray at %s", address)
-        quiet_ray_loggers(data=True)
+        quiet_ray_loggers()
         ray.init(address=address, **kwargs)
         return
     _keep_local_cluster_on_loopback()
@@ -128,7 +128,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
     kwargs.setdefault("_temp_dir", tempfile.mkdtemp(prefix="tsdn-ray-"))
     logger.info("starting a local Ray cluster on 127.0.0.1 (logs under %s)", kwargs["_temp_dir"])
     env_vars = {**quiet_env(), **forwarded_env()}
-    quiet_ray_loggers(data=True)
+    quiet_ray_loggers()
     ray.init(
         _node_ip_address="127.0.0.1",
         num_cpus=num_cpus,

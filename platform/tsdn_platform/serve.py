@@ -500,6 +500,14 @@ def _store_failure(what: str, exc: Exception) -> ApiError:
     return ApiError(503, f"{what} unavailable: the model store did not answer; retry later")
 
 
+def _check_product_id(product: str) -> None:
+    """404 for a path segment that cannot be a product id (the registry's one validator)."""
+    try:
+        validate_name(product)
+    except ValueError as exc:
+        raise ApiError(404, f"unknown product: {exc}") from exc
+
+
 def _media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
@@ -580,10 +588,7 @@ class TSDNIngress:
 
     async def _promoted(self, product: str) -> dict[str, Any]:
         """The product's ``best.json`` pointer; 404 for an invalid name or a product with no promoted model."""
-        try:
-            validate_name(product)
-        except ValueError as exc:
-            raise ApiError(404, f"unknown product: {exc}") from exc
+        _check_product_id(product)
         try:
             pointer = await self._pointers.best(product)
         except (RegistryError, StoreError) as exc:
@@ -625,21 +630,13 @@ class TSDNIngress:
         # flag every image and make the heatmap's scale (2 x threshold) empty.
         if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
             raise ApiError(422, f"threshold: must be a finite number > 0, got {threshold}")
-        try:
-            validate_name(product)
-        except ValueError as exc:
-            raise ApiError(404, f"unknown product: {exc}") from exc
+        _check_product_id(product)  # 404 before 415 and 413: the answer for a path that names nothing
         media_type = _media_type(request.headers.get("content-type"))
         if media_type not in IMAGE_TYPES and media_type != MULTIPART:
             allowed = ", ".join(sorted(IMAGE_TYPES | {MULTIPART}))
             raise ApiError(415, f"unsupported content type {media_type or '(none)'!r}; expected one of {allowed}")
         self._check_declared_length(request)
-        try:
-            pointer = await self._pointers.best(product)
-        except (RegistryError, StoreError) as exc:
-            raise _store_failure(f"product {product!r}", exc) from exc
-        if pointer is None:
-            raise ApiError(404, f"unknown product {product!r}: no model is promoted for it")
+        pointer = await self._promoted(product)
         body = await self._read_body(request)
         if media_type == MULTIPART:
             data, name = await _multipart_image(request, body)
