@@ -1,9 +1,10 @@
 """PatchCore settings in one process on a real MVTec-style line (held-out split as benchmarks/recipe.py): image
 score (max vs top-k mean), blur, pooling, strides, coreset size. Each line prints test image / pixel AUROC.
 
-    python benchmarks/patchcore_sweep.py ROOT PRODUCT SIZE [base]
+    python benchmarks/patchcore_sweep.py ROOT PRODUCT SIZE [base [SEED]]
 
 ``base`` runs only the preset settings (the input-size comparison); each line also prints the top-5 % mean.
+``SEED`` (default 0) seeds the coreset's random projection and the patch pool's sampling.
 """
 
 import dataclasses
@@ -27,7 +28,8 @@ data = load_product(Path(root), product, size, 400, 10.0, Path(".tsdn/cache"))
 held = np.arange(len(data["train"])) % HOLDOUT_EVERY == 0
 train = _to_tensor(data["train"][~held])
 test = _to_tensor(data["test"])
-base = PatchCoreConfig(image_size=size, max_patches=40000, coreset_fraction=0.1)
+seed = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+base = PatchCoreConfig(image_size=size, max_patches=40000, coreset_fraction=0.1, seed=seed)
 only_base = sys.argv[4:5] == ["base"]
 for changes in (
     ({},)
@@ -42,7 +44,7 @@ for changes in (
     )
 ):
     cfg = dataclasses.replace(base, **changes)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     m = PatchCore(cfg)
     t = time.perf_counter()
     m.fit(train.split(16))
@@ -55,6 +57,7 @@ for changes in (
             product,
             size,
             changes,
+            f"seed {seed}",
             "topk",
             topk,
             f"img {r['image_auroc']:.3f} pix {r['pixel_auroc']:.3f} fit {fit:.1f}s",
