@@ -1,20 +1,21 @@
-"""The platform across nodes: a three-node Ray cluster on 127.0.0.1 whose nodes share nothing but the S3 store.
+"""The platform across nodes: Ray clusters of three nodes on 127.0.0.1 whose nodes share nothing but the S3 store.
 
-``_multinode.py`` runs the jobs in its own process (this one already holds the tests' single-node cluster):
+``_multinode.py`` runs each scenario in its own process (this one already holds the tests' single-node cluster):
 training with its two DDP workers on two different nodes, reading shards from and checkpointing to S3, then a
-score job whose two actors sit on the two worker nodes.
+score job; a score job that loses one of the two nodes its actors sit on; serving that loses the node of one of
+its two model replicas. Where actors ran is read from the GCS actor table (node ids, dead actors included).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _ports import free_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.multinode]
 
@@ -22,16 +23,13 @@ SCRIPT = Path(__file__).with_name("_multinode.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_training_and_scoring_span_two_nodes_through_s3_only(s3, tmp_path):
-    from tsdn_platform import store
-    from tsdn_platform.registry import Registry
-
-    store_uri = s3.uri("multinode")
+def _run(scenario: str, s3, store_uri: str, tmp_path: Path, *args: str) -> tuple[dict, str]:
+    """Run a scenario of ``_multinode.py`` on ``store_uri`` in its own process; returns its result and output."""
     out = tmp_path / "result.json"
     env = {**os.environ, **s3.env, "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), store_uri, str(tmp_path / "work"), str(out)],
+        [sys.executable, str(SCRIPT), scenario, store_uri, str(tmp_path / "work"), str(out), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -40,20 +38,69 @@ def test_training_and_scoring_span_two_nodes_through_s3_only(s3, tmp_path):
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text()), output
+
+
+def test_training_and_scoring_span_two_nodes_through_s3_only(s3, tmp_path):
+    from tsdn_platform import store
+    from tsdn_platform.registry import Registry
+
+    store_uri = s3.uri("multinode")
+    result, _ = _run("train", s3, store_uri, tmp_path)
     # Two worker nodes with one ``trainer`` slot each: two DDP workers asking for a slot each cannot share a node.
     assert sorted(result["trainer_slots"].values()) == [1.0, 1.0]
     train = result["train"]
     assert train["ok"], train["error"]
-    # Ray Train started a group of two workers (its node_rank groups workers by IP, and every node here is
-    # 127.0.0.1, so it cannot show the placement; the slots above force it).
-    ranks = re.findall(r"world_rank=(\d+), local_rank=\d+, node_rank=\d+", output)
-    assert sorted({int(w) for w in ranks}) == [0, 1], output[-6000:]
+    # The DDP workers ran on both worker nodes, never on the head: node ids of Ray Train's worker actors, from
+    # the GCS actor table (Ray Train's own node_rank groups workers by IP, and every node here is 127.0.0.1).
+    workers = result["actors"]["train"]
+    assert len(workers) >= 2 and {w["node"] for w in workers} == {"node_a", "node_b"}, workers
     # Checkpoints and the model went to S3; nothing of the run was written under the local work folder.
     assert store.list_files(store.join(store_uri, "runs", "brick"), recursive=True)
     assert Registry(store_uri).best("brick")["version"] == train["version"]
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["mvtec"]
-    # Every test image scored exactly once by the actors on the two nodes.
+    # Every test image scored exactly once by the two scorer actors.
     score = result["score"]
     n_test = sum(1 for _ in (tmp_path / "work" / "mvtec" / "brick" / "test").rglob("*.png"))
     assert (score["rows_written"], score["errors"]) == (n_test, 0)
+
+
+def test_a_score_job_that_loses_a_node_commits_every_row_once_or_nothing(s3, tmp_path):
+    result, output = _run("score-node-loss", s3, s3.uri("multinode"), tmp_path)
+    removal, outcome, committed = result["removal"], result["outcome"], result["committed"]
+    # The node went mid-job: both scorer actors were alive, one on each worker node, and most rows still to do.
+    alive = sorted(a["node"] for a in removal["actors"] if a["state"] == "ALIVE")
+    assert alive == ["node_a", "node_b"], removal
+    assert removal["job_running"] and removal["staged_rows"] < len(result["inputs"]) / 2, removal
+    assert outcome["finished"], output[-6000:]
+    if "error" in outcome:
+        # Failed: nothing committed, the previous output is intact.
+        assert committed == result["first"], outcome["error"]
+    else:
+        # Completed (Ray Data restarted the lost actor on the fresh node and re-ran the lost tasks): every input
+        # row exactly once in the committed Parquet, and no other part file beside the manifest's.
+        assert outcome["rows_written"] == committed["rows_written"] == len(result["inputs"])
+        assert sorted(committed["image_ids"]) == sorted(result["inputs"])
+        assert len(set(committed["image_ids"])) == len(committed["image_ids"])
+        assert committed["errors"] == 0
+        assert committed["parts_on_store"] == committed["files"]
+
+
+def test_serving_keeps_answering_when_a_replica_node_is_lost(s3, tmp_path):
+    from _multinode import STREAM_AFTER_LOSS_S
+
+    result, _ = _run("serve-node-loss", s3, s3.uri("multinode"), tmp_path, str(free_ports(1)[0]))
+    print(json.dumps(result))  # the numbers infra/README.md quotes (pytest -s shows them)
+    # The ingress on the head, one model replica on each worker node, and both answered before the loss.
+    assert result["placed"] == {"ingress": ["head"], "replicas": ["node_a", "node_b"]}, result
+    assert sorted(result["served_before"]) == ["node_a", "node_b"], result
+    requests = result["requests"]
+    assert requests["failed_before_removal"] == 0, requests
+    # Only requests caught on the lost replica fail; the router drops it and every later request succeeds on the
+    # other one, long before the stream ends (it runs for STREAM_AFTER_LOSS_S more).
+    assert requests["after_removal"] >= 100, requests
+    assert requests["failed"] <= 10, requests
+    assert requests["last_failure_s"] is None or requests["last_failure_s"] < STREAM_AFTER_LOSS_S / 2, requests
+    assert requests["answered_after_s"] >= STREAM_AFTER_LOSS_S - 1, requests
+    # A fresh node gets the replacement replica that the controller could not place before.
+    assert result["replacement_after_join_s"] < 120, result
