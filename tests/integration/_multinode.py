@@ -1,4 +1,4 @@
-"""``python _multinode.py SCENARIO STORE WORKDIR OUT_JSON [PORT]``: platform jobs on a real multi-node Ray cluster.
+"""``python _multinode.py SCENARIO STORE WORKDIR OUT_JSON [ARG]``: platform jobs on a real multi-node Ray cluster.
 
 Every cluster (``ray.cluster_utils.Cluster``, on 127.0.0.1 only, in Ray's single-host mode as
 ``tsdn_platform.ray_session`` sets it) has a head and two worker nodes, ``node_a`` and ``node_b`` (custom
@@ -12,12 +12,14 @@ Scenarios:
   Ingest a tiny demo dataset into the store, train the ``tiny`` preset (two DDP workers asking for a slot each,
   so one on each worker node) with checkpoints on S3, register the model, then score the ingested test split
   with two scorer actors.
-- ``score-node-loss``: the head has no CPU, so the two scorer actors (one CPU each) sit on the two worker
-  nodes. Commit a first output, then score many small batches into the same output and remove ``node_a``
-  (``Cluster.remove_node``, its raylet and workers killed) once both actors are alive and some parts are
-  staged; a fresh one-CPU node joins so that the lost actor can restart.
-- ``serve-node-loss``: two model replicas on the two worker nodes behind the ingress and the HTTP proxy on the
-  head (127.0.0.1:PORT); a bounded stream of requests runs while ``node_a`` is removed.
+- ``score-node-loss fresh-node|no-spare-node``: the head has no CPU, so the two scorer actors (one CPU each) sit
+  on the two worker nodes. Commit a first output, then score many small batches into the same output and remove
+  ``node_a`` (``Cluster.remove_node``, its raylet and workers killed) once both actors are alive and some parts
+  are staged. ``fresh-node``: a fresh one-CPU node joins, where the lost actor can restart; ``no-spare-node``:
+  none does, and the lost actor can restart only where the pool frees a CPU.
+- ``serve-node-loss PORT``: two model replicas on the two worker nodes behind the ingress and the HTTP proxy on
+  the head (127.0.0.1:PORT); a bounded stream of requests runs while the node of the busier replica is removed,
+  then a fresh node joins for the replacement replica.
 
 OUT_JSON receives the results, including the node of every actor that ran (``actors``: from the GCS actor
 table, which keeps dead actors too).
@@ -41,6 +43,7 @@ SERVE_REPLICA = "ServeReplica:tsdn-multinode:TSDNModel"
 SERVE_INGRESS = "ServeReplica:tsdn-multinode:TSDNIngress"
 WORKERS = ("node_a", "node_b")
 STREAM_AFTER_LOSS_S = 20.0
+SCORE_ROWS = 400
 
 
 def _cluster(head_cpus: int, worker_resources: dict[str, float] | None = None, workers: tuple[str, ...] = WORKERS):
@@ -221,7 +224,7 @@ def _wait(condition, timeout_s: float, what: str, poll_s: float = 0.2) -> float:
     return time.monotonic() - started
 
 
-def _score_node_loss(store_uri: str, workdir: Path, rows: str = "400") -> dict[str, Any]:
+def _score_node_loss(store_uri: str, workdir: Path, fresh_node: str) -> dict[str, Any]:
     import ray
 
     from tsdn_platform import store
@@ -238,7 +241,7 @@ def _score_node_loss(store_uri: str, workdir: Path, rows: str = "400") -> dict[s
         run_scoring(ScoreConfig(input=store.join(store_uri, "first"), **settings))
         first = _committed(output)
 
-        ids = _write_images(store.join(store_uri, "inputs"), int(rows))
+        ids = _write_images(store.join(store_uri, "inputs"), SCORE_ROWS)
         # Small batches and files: many tasks, so that the node goes while most rows are still to be scored.
         cfg = ScoreConfig(input=store.join(store_uri, "inputs"), batch_size=2, min_rows_per_file=8, **settings)
         outcome: dict[str, Any] = {}
@@ -269,7 +272,8 @@ def _score_node_loss(store_uri: str, workdir: Path, rows: str = "400") -> dict[s
         removed_at = time.monotonic()
         cluster.remove_node(nodes["node_a"], allow_graceful=False)
         removal = {"at_s": round(removed_at - started, 2), "job_running": thread.is_alive(), **before}
-        nodes["node_c"] = _add_node(cluster, "node_c")
+        if fresh_node == "fresh-node":
+            nodes["node_c"] = _add_node(cluster, "node_c")
         names = _node_names(cluster, nodes)
         thread.join(timeout=300)
         outcome["finished"] = not thread.is_alive()

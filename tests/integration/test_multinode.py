@@ -65,8 +65,9 @@ def test_training_and_scoring_span_two_nodes_through_s3_only(s3, tmp_path):
     assert (score["rows_written"], score["errors"]) == (n_test, 0)
 
 
-def test_a_score_job_that_loses_a_node_commits_every_row_once_or_nothing(s3, tmp_path):
-    result, output = _run("score-node-loss", s3, s3.uri("multinode"), tmp_path)
+@pytest.mark.parametrize("fresh_node", ["fresh-node", "no-spare-node"])
+def test_a_score_job_that_loses_a_node_commits_every_row_once_or_nothing(s3, tmp_path, fresh_node):
+    result, output = _run("score-node-loss", s3, s3.uri("multinode"), tmp_path, fresh_node)
     removal, outcome, committed = result["removal"], result["outcome"], result["committed"]
     # The node went mid-job: both scorer actors were alive, one on each worker node, and most rows still to do.
     alive = sorted(a["node"] for a in removal["actors"] if a["state"] == "ALIVE")
@@ -77,8 +78,9 @@ def test_a_score_job_that_loses_a_node_commits_every_row_once_or_nothing(s3, tmp
         # Failed: nothing committed, the previous output is intact.
         assert committed == result["first"], outcome["error"]
     else:
-        # Completed (Ray Data restarted the lost actor on the fresh node and re-ran the lost tasks): every input
-        # row exactly once in the committed Parquet, and no other part file beside the manifest's.
+        # Completed (Ray restarted the lost actor, on the fresh node or on node_b's CPU once the pool let go of
+        # the other actor, and re-ran the lost tasks): every input row exactly once in the committed Parquet, and
+        # no other part file beside the manifest's.
         assert outcome["rows_written"] == committed["rows_written"] == len(result["inputs"])
         assert sorted(committed["image_ids"]) == sorted(result["inputs"])
         assert len(set(committed["image_ids"])) == len(committed["image_ids"])
