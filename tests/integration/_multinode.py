@@ -44,6 +44,8 @@ SERVE_INGRESS = "ServeReplica:tsdn-multinode:TSDNIngress"
 WORKERS = ("node_a", "node_b")
 STREAM_AFTER_LOSS_S = 20.0
 SCORE_ROWS = 400
+TRAIN_EPOCHS = 8
+TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's controller writes it once it registered one
 
 
 def _cluster(head_cpus: int, worker_resources: dict[str, float] | None = None, workers: tuple[str, ...] = WORKERS):
@@ -107,7 +109,7 @@ def _train_and_score(store_uri: str, workdir: Path) -> dict[str, Any]:
         cluster.shutdown()
 
 
-def _train(store_uri: str, workdir: Path) -> dict[str, Any]:
+def _train(store_uri: str, workdir: Path, epochs: int | None = None) -> dict[str, Any]:
     from tsdn_platform.config import load_config
     from tsdn_platform.demo_data import make_demo_dataset
     from tsdn_platform.ingest import IngestConfig, run_ingest
@@ -118,6 +120,7 @@ def _train(store_uri: str, workdir: Path) -> dict[str, Any]:
     run_ingest(IngestConfig(source=str(root), store=store_uri, dataset="demo", image_size=64, n_segments=50))
     explicit = {"store": store_uri, "dataset": "demo", "products": "brick"}
     overrides = ["holdout_folds=[0,1,2,3]", "resources_per_worker={trainer: 1}"]
+    overrides += [f"epochs={epochs}"] if epochs else []
     cfg = load_config(TrainConfig, "tiny", overrides, explicit=explicit)
     brick = run_training(cfg)["brick"]
     return {"ok": brick.ok, "error": brick.error, "version": brick.version}
@@ -292,6 +295,55 @@ def _score_node_loss(store_uri: str, workdir: Path, fresh_node: str) -> dict[str
         cluster.shutdown()
 
 
+def _train_node_loss(store_uri: str, workdir: Path) -> dict[str, Any]:
+    import ray
+
+    from tsdn_platform import store
+
+    cluster, nodes = _cluster(head_cpus=2, worker_resources={"trainer": 1.0})
+    try:
+        names = _node_names(cluster, nodes)
+        runs = store.join(store_uri, "runs", "brick")
+        outcome: dict[str, Any] = {}
+
+        def job() -> None:
+            try:
+                outcome.update(_train(store_uri, workdir, epochs=TRAIN_EPOCHS))
+            except Exception as exc:  # the test reads what happened
+                outcome["raised"] = f"{type(exc).__name__}: {exc}"[:2000]
+
+        def registered() -> list[str]:
+            """Checkpoint folders on the store once Ray Train's controller has registered one (its snapshot)."""
+            files = [f[len(runs) + 1 :] for f in store.list_files(runs, recursive=True)]
+            if not any(f.endswith("/" + TRAIN_SNAPSHOT) for f in files):
+                return []
+            return sorted({part for f in files for part in f.split("/") if part.startswith("checkpoint_epoch")})
+
+        thread = threading.Thread(target=job, daemon=True)
+        thread.start()
+        _wait(
+            lambda: not thread.is_alive() or (registered() and _alive(names, TRAIN_WORKER) == ["node_a", "node_b"]),
+            400,
+            "a registered checkpoint with a worker on each node",
+        )
+        removal = {"checkpoints": registered(), "workers": _alive(names, TRAIN_WORKER), "running": thread.is_alive()}
+        removed_at = time.monotonic()
+        cluster.remove_node(nodes["node_a"], allow_graceful=False)
+        # A fresh node with a trainer slot, so that Ray Train can place a worker group of two again.
+        nodes["node_c"] = _add_node(cluster, "node_c", {"trainer": 1.0})
+        names = _node_names(cluster, nodes)
+        regrouped = ["node_b", "node_c"]
+        _wait(lambda: not thread.is_alive() or _alive(names, TRAIN_WORKER) == regrouped, 400, "a new worker group")
+        outcome["regrouped_after_s"] = round(time.monotonic() - removed_at, 2)
+        thread.join(timeout=420)
+        outcome["finished"] = not thread.is_alive()
+        outcome["after_removal_s"] = round(time.monotonic() - removed_at, 2)
+        return {"removal": removal, "outcome": outcome, "actors": {"train": _actors(names, TRAIN_WORKER)}}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
 def _serve_node_loss(store_uri: str, workdir: Path, port: str) -> dict[str, Any]:
     import ray
     from ray import serve
@@ -427,7 +479,15 @@ def main() -> None:
     scenario, store_uri, workdir, out, *rest = sys.argv[1:]
     logging.basicConfig(level=logging.INFO)
     os.environ["TSDN_VERBOSE"] = "1"  # Ray Train's INFO lines name each worker's node rank
-    runs = {"train": _train_and_score, "score-node-loss": _score_node_loss, "serve-node-loss": _serve_node_loss}
+    # Every worker's line as it was printed: the driver's dedup would merge lines that differ only in numbers
+    # (the epoch lines of two worker groups) into "[repeated 2x across cluster]".
+    os.environ["RAY_DEDUP_LOGS"] = "0"
+    runs = {
+        "train": _train_and_score,
+        "score-node-loss": _score_node_loss,
+        "serve-node-loss": _serve_node_loss,
+        "train-node-loss": _train_node_loss,
+    }
     result = runs[scenario](store_uri, Path(workdir), *rest)
     Path(out).write_text(json.dumps(result))
 

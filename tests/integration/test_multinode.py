@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,35 @@ def test_training_and_scoring_span_two_nodes_through_s3_only(s3, tmp_path):
     score = result["score"]
     n_test = sum(1 for _ in (tmp_path / "work" / "mvtec" / "brick" / "test").rglob("*.png"))
     assert (score["rows_written"], score["errors"]) == (n_test, 0)
+
+
+def test_training_that_loses_a_node_resumes_from_the_last_s3_checkpoint_on_a_fresh_node(s3, tmp_path):
+    from _multinode import TRAIN_EPOCHS
+
+    from tsdn_platform.registry import Registry
+
+    store_uri = s3.uri("multinode")
+    result, output = _run("train-node-loss", s3, store_uri, tmp_path)
+    removal, outcome = result["removal"], result["outcome"]
+    # The node went while both DDP workers ran, after Ray Train had registered a checkpoint on S3.
+    assert removal["running"] and removal["workers"] == ["node_a", "node_b"] and removal["checkpoints"], removal
+    assert outcome["finished"] and outcome.get("ok"), outcome
+    assert Registry(store_uri).best("brick")["version"] == outcome["version"]
+    # A second worker group, on node_b and the fresh node_c, took over (within max_failures: 1 of the preset).
+    nodes = [w["node"] for w in result["actors"]["train"]]
+    assert sorted(nodes) == ["node_a", "node_b", "node_b", "node_c"], nodes
+    # ... and resumed from a checkpoint on S3 instead of starting again at epoch 1: the epoch lines of the second
+    # group's rank 0 (another process) start at the epoch after a checkpoint that was on S3 when the node went
+    # (the last one there may still have been uploading, not yet registered) and run on to the last epoch.
+    lines = re.findall(rf"pid=(\d+)\)\S* \[brick\] epoch (\d+)/{TRAIN_EPOCHS} ", output)
+    by_process: dict[str, list[int]] = {}
+    for pid, epoch in lines:
+        by_process.setdefault(pid, []).append(int(epoch))
+    assert len(by_process) == 2, lines
+    first, second = by_process.values()
+    on_s3 = [int(c.removeprefix("checkpoint_epoch")) for c in removal["checkpoints"]]
+    assert first[0] == 1 and second[0] - 1 in on_s3, (by_process, removal)
+    assert second == list(range(second[0], TRAIN_EPOCHS + 1)), by_process
 
 
 @pytest.mark.parametrize("fresh_node", ["fresh-node", "no-spare-node"])
