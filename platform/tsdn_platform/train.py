@@ -78,6 +78,7 @@ _RUN_HASH_EXCLUDED = (
     "products",
     "run_name",
     "max_failures",
+    "max_start_failures",
     "max_concurrent_products",
     "inject_failure_at_epoch",
     "promote",
@@ -115,6 +116,12 @@ class TrainConfig:
         keep_checkpoints: K, the best K checkpoints by ``checkpoint_metric`` are kept.
         checkpoint_metric: ``val_pixel_auroc`` or ``val_image_auroc`` (higher is better).
         max_failures: worker-group restarts (from the latest checkpoint) before a product line fails.
+        max_start_failures: worker-group starts that may fail or time out before a product line fails; each start
+            waits ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` for the workers' resources (60 s; an hour in a quiet
+            job, see :func:`tsdn_platform.ray_session.quiet_env`). -1 (Ray Train's default) waits for ever: right
+            when product lines queue for a shared cluster or an autoscaler adds nodes; on a fixed cluster, a lost
+            node that nothing replaces then stalls the run instead of failing it. Ray Train's
+            ``FailureConfig.controller_failure_limit``.
         validation: ``holdout`` (held-out train/good folds, SURF-distorted) or ``test`` (the test split).
         holdout_folds: ingest ``fold`` values held out for validation and calibration (``holdout`` only).
         eval_batch_size: images per forward pass in validation and the final test evaluation.
@@ -152,6 +159,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     checkpoint_metric: Literal["val_pixel_auroc", "val_image_auroc"] = "val_pixel_auroc"
     max_failures: int = 2
+    max_start_failures: int = -1
     validation: Literal["holdout", "test"] = "holdout"
     holdout_folds: list[int] = field(default_factory=lambda: [0])
     eval_batch_size: int = 16
@@ -182,6 +190,7 @@ class TrainConfig:
             (self.checkpoint_every >= 1, "checkpoint_every", ">= 1"),
             (self.keep_checkpoints >= 1, "keep_checkpoints", ">= 1"),
             (self.max_failures >= -1, "max_failures", ">= -1 (-1 = unlimited)"),
+            (self.max_start_failures >= -1, "max_start_failures", ">= -1 (-1 = unlimited)"),
             (self.validation == "test" or len(self.holdout_folds) >= 1, "holdout_folds", "non-empty"),
             (self.eval_batch_size >= 1, "eval_batch_size", ">= 1"),
             (self.max_concurrent_products >= 0, "max_concurrent_products", ">= 0"),
@@ -735,7 +744,9 @@ def build_trainer(cfg: TrainConfig, product: str, run_name: str, runs_uri: str, 
             name=run_name,
             storage_path=runs_path,
             storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            failure_config=FailureConfig(
+                max_failures=cfg.max_failures, controller_failure_limit=cfg.max_start_failures
+            ),
             # Ray Train's own INFO lines (every report, every checkpoint) only under --verbose; the loop's
             # per-epoch line is the platform's and always shows.
             logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),

@@ -45,6 +45,7 @@ WORKERS = ("node_a", "node_b")
 STREAM_AFTER_LOSS_S = 20.0
 SCORE_ROWS = 400
 TRAIN_EPOCHS = 8
+TRAIN_START_TIMEOUT_S = 15  # Ray Train's worker-group start timeout in the no-spare-node case
 TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's controller writes it once it registered one
 
 
@@ -109,7 +110,7 @@ def _train_and_score(store_uri: str, workdir: Path) -> dict[str, Any]:
         cluster.shutdown()
 
 
-def _train(store_uri: str, workdir: Path, epochs: int | None = None) -> dict[str, Any]:
+def _train(store_uri: str, workdir: Path, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     from tsdn_platform.config import load_config
     from tsdn_platform.demo_data import make_demo_dataset
     from tsdn_platform.ingest import IngestConfig, run_ingest
@@ -119,8 +120,7 @@ def _train(store_uri: str, workdir: Path, epochs: int | None = None) -> dict[str
     make_demo_dataset(root, seed=0, image_size=64, n_train=12, n_test_good=2, n_defects_per_type=1, products=["brick"])
     run_ingest(IngestConfig(source=str(root), store=store_uri, dataset="demo", image_size=64, n_segments=50))
     explicit = {"store": store_uri, "dataset": "demo", "products": "brick"}
-    overrides = ["holdout_folds=[0,1,2,3]", "resources_per_worker={trainer: 1}"]
-    overrides += [f"epochs={epochs}"] if epochs else []
+    overrides = ["holdout_folds=[0,1,2,3]", "resources_per_worker={trainer: 1}", *extra]
     cfg = load_config(TrainConfig, "tiny", overrides, explicit=explicit)
     brick = run_training(cfg)["brick"]
     return {"ok": brick.ok, "error": brick.error, "version": brick.version}
@@ -295,11 +295,16 @@ def _score_node_loss(store_uri: str, workdir: Path, fresh_node: str) -> dict[str
         cluster.shutdown()
 
 
-def _train_node_loss(store_uri: str, workdir: Path) -> dict[str, Any]:
+def _train_node_loss(store_uri: str, workdir: Path, fresh_node: str) -> dict[str, Any]:
     import ray
 
     from tsdn_platform import store
 
+    extra = [f"epochs={TRAIN_EPOCHS}"]
+    if fresh_node == "no-spare-node":
+        # Read by Ray Train's controller, a process of the cluster this process starts.
+        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(TRAIN_START_TIMEOUT_S)
+        extra.append("max_start_failures=1")
     cluster, nodes = _cluster(head_cpus=2, worker_resources={"trainer": 1.0})
     try:
         names = _node_names(cluster, nodes)
@@ -308,7 +313,7 @@ def _train_node_loss(store_uri: str, workdir: Path) -> dict[str, Any]:
 
         def job() -> None:
             try:
-                outcome.update(_train(store_uri, workdir, epochs=TRAIN_EPOCHS))
+                outcome.update(_train(store_uri, workdir, tuple(extra)))
             except Exception as exc:  # the test reads what happened
                 outcome["raised"] = f"{type(exc).__name__}: {exc}"[:2000]
 
@@ -329,12 +334,13 @@ def _train_node_loss(store_uri: str, workdir: Path) -> dict[str, Any]:
         removal = {"checkpoints": registered(), "workers": _alive(names, TRAIN_WORKER), "running": thread.is_alive()}
         removed_at = time.monotonic()
         cluster.remove_node(nodes["node_a"], allow_graceful=False)
-        # A fresh node with a trainer slot, so that Ray Train can place a worker group of two again.
-        nodes["node_c"] = _add_node(cluster, "node_c", {"trainer": 1.0})
-        names = _node_names(cluster, nodes)
-        regrouped = ["node_b", "node_c"]
-        _wait(lambda: not thread.is_alive() or _alive(names, TRAIN_WORKER) == regrouped, 400, "a new worker group")
-        outcome["regrouped_after_s"] = round(time.monotonic() - removed_at, 2)
+        if fresh_node == "fresh-node":
+            # A fresh node with a trainer slot, so that Ray Train can place a worker group of two again.
+            nodes["node_c"] = _add_node(cluster, "node_c", {"trainer": 1.0})
+            names = _node_names(cluster, nodes)
+            regrouped = ["node_b", "node_c"]
+            _wait(lambda: not thread.is_alive() or _alive(names, TRAIN_WORKER) == regrouped, 400, "a new group")
+            outcome["regrouped_after_s"] = round(time.monotonic() - removed_at, 2)
         thread.join(timeout=420)
         outcome["finished"] = not thread.is_alive()
         outcome["after_removal_s"] = round(time.monotonic() - removed_at, 2)

@@ -72,7 +72,7 @@ def test_training_that_loses_a_node_resumes_from_the_last_s3_checkpoint_on_a_fre
     from tsdn_platform.registry import Registry
 
     store_uri = s3.uri("multinode")
-    result, output = _run("train-node-loss", s3, store_uri, tmp_path)
+    result, output = _run("train-node-loss", s3, store_uri, tmp_path, "fresh-node")
     removal, outcome = result["removal"], result["outcome"]
     # The node went while both DDP workers ran, after Ray Train had registered a checkpoint on S3.
     assert removal["running"] and removal["workers"] == ["node_a", "node_b"] and removal["checkpoints"], removal
@@ -93,6 +93,24 @@ def test_training_that_loses_a_node_resumes_from_the_last_s3_checkpoint_on_a_fre
     on_s3 = [int(c.removeprefix("checkpoint_epoch")) for c in removal["checkpoints"]]
     assert first[0] == 1 and second[0] - 1 in on_s3, (by_process, removal)
     assert second == list(range(second[0], TRAIN_EPOCHS + 1)), by_process
+
+
+def test_training_that_loses_a_node_with_none_to_replace_it_fails_cleanly(s3, tmp_path):
+    from _multinode import TRAIN_START_TIMEOUT_S
+
+    from tsdn_platform.registry import Registry
+
+    store_uri = s3.uri("multinode")
+    result, _ = _run("train-node-loss", s3, store_uri, tmp_path, "no-spare-node")
+    removal, outcome = result["removal"], result["outcome"]
+    assert removal["running"] and removal["workers"] == ["node_a", "node_b"] and removal["checkpoints"], removal
+    # No node offers the second trainer slot: the restarted group cannot start, and with max_start_failures: 1
+    # the product line fails after two waits of RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, saying why.
+    assert outcome["finished"] and outcome.get("ok") is False, outcome
+    assert "WorkerGroupStartupTimeoutError" in outcome["error"] or "timed out" in outcome["error"].lower(), outcome
+    assert outcome["after_removal_s"] >= 2 * TRAIN_START_TIMEOUT_S, outcome
+    # Nothing was registered.
+    assert Registry(store_uri).best("brick") is None
 
 
 @pytest.mark.parametrize("fresh_node", ["fresh-node", "no-spare-node"])
