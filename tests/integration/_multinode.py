@@ -12,6 +12,10 @@ Scenarios:
   Ingest a tiny demo dataset into the store, train the ``tiny`` preset (two DDP workers asking for a slot each,
   so one on each worker node) with checkpoints on S3, register the model, then score the ingested test split
   with two scorer actors.
+- ``train-node-loss fresh-node|no-spare-node``: as ``train``, for 8 epochs; ``node_a`` is removed once Ray
+  Train has registered a checkpoint. ``fresh-node``: a node with a ``trainer`` slot joins, for the new worker
+  group to resume on; ``no-spare-node``: none does, and the run has ``max_start_failures: 1`` and a 15 s
+  worker-group start timeout.
 - ``score-node-loss fresh-node|no-spare-node``: the head has no CPU, so the two scorer actors (one CPU each) sit
   on the two worker nodes. Commit a first output, then score many small batches into the same output and remove
   ``node_a`` (``Cluster.remove_node``, its raylet and workers killed) once both actors are alive and some parts
