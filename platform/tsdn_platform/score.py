@@ -91,8 +91,9 @@ from ray.data.datasource.datasink import WriteResult
 from tsdn._config_io import to_dict
 from tsdn.image import decode_image, resize_mask, to_rgb
 from tsdn.runtime import runtime_format, runtime_problem
-from tsdn_platform import store
-from tsdn_platform.config import load_config
+from tsdn_platform import shards, store
+from tsdn_platform.config import ConfigError, load_config
+from tsdn_platform.names import validate_name
 from tsdn_platform.score_rows import (
     MAP_COLUMNS,
     SCHEMA,
@@ -193,40 +194,45 @@ class ScoreConfig:
         for name in ("store", "input", "output"):
             if not getattr(self, name):
                 msg = f"{name} is required"
-                raise ValueError(msg)
+                raise ConfigError(msg)
         if self.product and self.product_from_path:
             msg = f"product={self.product!r} and product_from_path={self.product_from_path!r} exclude each other"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if self.product_from_path is not None:
-            _path_regex(self.product_from_path)
+            try:
+                _path_regex(self.product_from_path)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
         if self.batch_size < 1 or self.min_rows_per_file < 1 or self.report_max_images < 1:
             msg = "batch_size, min_rows_per_file and report_max_images must be >= 1"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         low, high = self.num_actors
         if not 1 <= low <= high:
             msg = f"num_actors={list(self.num_actors)}: expected [min, max] with 1 <= min <= max"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if self.num_cpus_per_actor < 0 or self.num_gpus_per_actor < 0:
             msg = "num_cpus_per_actor and num_gpus_per_actor must be >= 0"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if self.output_map_size is not None and self.output_map_size < 1:
             msg = f"output_map_size={self.output_map_size}: expected a positive size or null (model size)"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if self.max_image_pixels < 1:
             msg = f"max_image_pixels={self.max_image_pixels}: expected >= 1"
-            raise ValueError(msg)
-        if self.job_id is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", self.job_id):
-            msg = f"job_id={self.job_id!r}: use letters, digits, '.', '_' and '-' only"
-            raise ValueError(msg)
+            raise ConfigError(msg)
+        if self.job_id is not None:
+            try:
+                validate_name(self.job_id, "job")
+            except ValueError as exc:
+                raise ConfigError(f"job_id: {exc}") from exc
         if not 0.0 <= self.max_error_fraction <= 1.0:
             msg = f"max_error_fraction={self.max_error_fraction}: expected a fraction in [0, 1]"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if self.store_retry_s < 0:
             msg = f"store_retry_s={self.store_retry_s}: must be >= 0"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         problem = runtime_problem(self.runtime, self.num_gpus_per_actor, "num_gpus_per_actor")
         if problem is not None:
-            raise ValueError(problem)
+            raise ConfigError(problem)
 
 
 @dataclass
@@ -263,33 +269,32 @@ def _path_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out) + r"\Z")
 
 
-def _relative(uri: str, root: str) -> str:
-    return uri[len(root) :].lstrip("/") if uri.startswith(root) else uri
-
-
 def _is_hidden(relative_path: str) -> bool:
     return any(part.startswith((".", "_")) for part in relative_path.split("/"))
 
 
 def _list_inputs(cfg: ScoreConfig) -> _Inputs:
     root = cfg.input.rstrip("/")
-    files = sorted(f for f in store.list_files(root, recursive=True) if not _is_hidden(_relative(f, root)))
+    committed = shards.files_under(root, cfg.split)
+    if committed:  # an ingested dataset, product or split: the manifests list its shards
+        return _list_shards(cfg, committed)
+    files = sorted(f for f in store.list_files(root, recursive=True) if not _is_hidden(store.relative(f, root)))
     if not files:
         msg = f"{cfg.input}: no input files"
         raise ValueError(msg)
-    shards = [f for f in files if _SHARD_PATTERN.search(_relative(f, root))]
-    if shards:
-        # Ingest writes <dataset>/<product>/<split>/part-*.parquet: skip other splits' files unread (the
-        # row filter on ``split`` still decides).
-        in_split = [f for f in shards if cfg.split is not None and f"/{cfg.split}/" in f"/{_relative(f, root)}"]
-        return _list_shards(cfg, in_split or shards)
+    parquet = [f for f in files if _SHARD_PATTERN.search(store.relative(f, root))]
+    if parquet:
+        # Shards without a manifest (written by hand): skip other splits' files unread (the row filter on
+        # ``split`` still decides).
+        in_split = [f for f in parquet if cfg.split is not None and f"/{cfg.split}/" in f"/{store.relative(f, root)}"]
+        return _list_shards(cfg, in_split or parquet)
     if cfg.product is None and cfg.product_from_path is None:
         msg = f"{cfg.input}: raw images need product or product_from_path to choose a model"
         raise ValueError(msg)
     regex = _path_regex(cfg.product_from_path) if cfg.product_from_path else None
     items = []
     for uri in files:
-        rel = _relative(uri, root)
+        rel = store.relative(uri, root)
         product = cfg.product
         if regex is not None:
             match = regex.match(rel)
@@ -342,7 +347,7 @@ class _Models:
 
 
 def _resolve_models(cfg: ScoreConfig, products: Iterable[str]) -> _Models:
-    from tsdn_platform.registry import Registry, UnknownProductError, validate_name
+    from tsdn_platform.registry import Registry, UnknownProductError
 
     registry = Registry(cfg.store)
     models = _Models({}, {}, {})
@@ -423,7 +428,7 @@ def _read_input(row: dict[str, Any]) -> bytes:
         raise ValueError(msg) from exc
 
 
-def _decode_batch(batch: pa.Table, unavailable: Mapping[str, str], max_pixels: int, store_retry_s: float) -> pa.Table:
+def _decode_inputs(batch: pa.Table, unavailable: Mapping[str, str], max_pixels: int, store_retry_s: float) -> pa.Table:
     """Read (raw inputs) and decode one batch into RGB pixels; input errors become rows with ``error`` set.
 
     Output ``pixels``: ``(height, width, 3)`` uint8, row-major bytes.
@@ -632,7 +637,7 @@ def _build_dataset(cfg: ScoreConfig, inputs: _Inputs, models: _Models) -> ray.da
         ds = ray.data.from_items(inputs.items, override_num_blocks=blocks)
     low, high = cfg.num_actors
     return ds.map_batches(
-        _decode_batch,
+        _decode_inputs,
         fn_kwargs={
             "unavailable": models.unavailable,
             "max_pixels": cfg.max_image_pixels,
@@ -715,7 +720,7 @@ def _remove_uncommitted(output: str, committed: Iterable[str]) -> None:
     keep = set(committed)
     root = output.rstrip("/")
     for uri in store.list_files(root, recursive=True):
-        relative = _relative(uri, root)
+        relative = store.relative(uri, root)
         if _PART_FILE.fullmatch(relative) and relative not in keep:
             store.delete(uri)
 
@@ -724,7 +729,7 @@ def _move_into_place(output: str, staging: str, results: list[dict[str, Any]]) -
     """Move the staged parts under ``output``; returns their paths relative to ``output``."""
     moved = []
     for entry in results:
-        relative = _relative(entry["file"], staging.rstrip("/"))
+        relative = store.relative(entry["file"], staging.rstrip("/"))
         store.move(entry["file"], store.join(output, relative))
         moved.append(relative)
     return moved

@@ -294,6 +294,21 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def relative(uri: str, root: str) -> str:
+    """The part of ``uri`` below ``root``: ``relative("s3://b/p/a/x.png", "s3://b/p/") -> "a/x.png"``.
+
+    ``root`` itself gives ``""``. A ``uri`` that is not under ``root`` (by whole path segments) is a caller's
+    mistake and raises ``ValueError`` naming both.
+    """
+    base = root.rstrip("/")
+    if uri == base:
+        return ""
+    if not uri.startswith(base + "/"):
+        msg = f"{uri!r} is not under {root!r}"
+        raise ValueError(msg)
+    return uri[len(base) + 1 :].lstrip("/")
+
+
 def join(uri: str, *parts: str) -> str:
     """``join("s3://b/p/", "a", "b.json") -> "s3://b/p/a/b.json"``; works the same for local paths.
 
@@ -493,6 +508,17 @@ def require(uri: str) -> None:
     if is_s3(uri):
         _check_bucket(uri, fs, path)
     raise StoreError(uri, "not found: nothing is stored there (check the URI)", NOT_FOUND)
+
+
+def list_dirs(uri: str) -> list[str]:
+    """Names of the folders directly under ``uri``, sorted; ``[]`` for a missing prefix.
+
+    On S3 a "folder" is a common key prefix, so only folders holding at least one object are seen.
+    """
+    fs, path = resolve(uri)
+    selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
+    infos = retrying(uri, lambda: fs.get_file_info(selector))
+    return sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory)
 
 
 def list_files(uri: str, recursive: bool = True, suffixes: Iterable[str] | None = None) -> list[str]:

@@ -39,7 +39,7 @@ from tsdn_platform.score import (
     STAGING,
     ScoreConfig,
     ScoreFailed,
-    _decode_batch,
+    _decode_inputs,
     _path_regex,
     run_scoring,
 )
@@ -336,7 +336,7 @@ def test_a_failing_store_is_not_an_error_row(monkeypatch, kind):
     monkeypatch.setattr(store, "read_bytes", read_bytes)
     batch = pa.table({"image_id": ["a.png"], "source_uri": ["s3://b/in/a.png"], "product": ["alpha"]})
     with pytest.raises(StoreError) as info:
-        _decode_batch(batch, unavailable={}, max_pixels=10**6, store_retry_s=0)
+        _decode_inputs(batch, unavailable={}, max_pixels=10**6, store_retry_s=0)
     assert info.value.kind == kind
 
 
@@ -344,7 +344,7 @@ def test_an_input_gone_since_the_listing_is_that_row_s_error(tmp_path):
     (tmp_path / "ok.png").write_bytes(_png(_texture(0, 8, 8)))
     uris = [str(tmp_path / "gone.png"), str(tmp_path / "ok.png")]
     batch = pa.table({"image_id": ["gone.png", "ok.png"], "source_uri": uris, "product": ["alpha", "alpha"]})
-    out = _decode_batch(batch, unavailable={}, max_pixels=10**6, store_retry_s=0).to_pylist()
+    out = _decode_inputs(batch, unavailable={}, max_pixels=10**6, store_retry_s=0).to_pylist()
     assert out[0]["error"] == f"{uris[0]}: no longer exists (listed, then gone before it was read)"
     assert out[1]["error"] is None and (out[1]["height"], out[1]["width"]) == (8, 8)
 

@@ -113,6 +113,16 @@ def test_join():
         assert caught.value.kind == "invalid"
 
 
+def test_relative_is_the_inverse_of_join_and_refuses_what_is_not_under_the_root():
+    assert store.relative("s3://b/p/a/x.png", "s3://b/p/") == "a/x.png"
+    assert store.relative("s3://b/p/a/x.png", "s3://b/p") == "a/x.png"
+    assert store.relative("/tmp/x", "/tmp/x/") == ""
+    assert store.relative(store.join("/tmp/x", "y", "z.json"), "/tmp/x") == "y/z.json"
+    for outside in ("s3://b/px/a.png", "s3://c/p/a.png", "/tmp/other"):  # a shared prefix is not a parent
+        with pytest.raises(ValueError, match="is not under"):
+            store.relative(outside, "s3://b/p" if outside.startswith("s3") else "/tmp/x")
+
+
 def test_store_error_pickles_with_its_kind():
     err = StoreError("s3://b/k", "access denied: nope", "access_denied")
     back = pickle.loads(pickle.dumps(err))
