@@ -17,7 +17,7 @@ from tsdn_platform.cli import build_parser
 from tsdn_platform.config import preset_path
 from tsdn_platform.serve import ServeConfig
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 INFRA = ROOT / "infra"
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from tsdn_platform import cli
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 JOBS = ("ingest", "train", "score", "serve", "pipeline", "export")
 
 
