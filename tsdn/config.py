@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tsdn import _config_io
+from tsdn import config_io
 
 __all__ = ["ABLATIONS", "SCORE_SOURCES", "TSDNConfig", "apply_ablation"]
 
@@ -136,12 +136,12 @@ class TSDNConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON/YAML-safe dict of every field."""
-        return _config_io.to_dict(self)
+        return config_io.to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> TSDNConfig:
         """Strict inverse of :meth:`to_dict`: unknown keys and bad values raise ``ConfigError``."""
-        return _config_io.from_dict(cls, data)
+        return config_io.from_dict(cls, data)
 
 
 def _check(ok: bool, name: str, value: object, expected: str) -> None:

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tsdn._config_io import from_dict, merge
+from tsdn.config_io import from_dict, merge
 from tsdn_platform import layout
 from tsdn_platform.config import ConfigError, config_to_yaml, load_config
 

@@ -85,7 +85,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from tsdn._config_io import to_dict
+from tsdn.config_io import to_dict
 from tsdn.image import decode_image, resize_mask
 from tsdn.runtime import runtime_format, runtime_problem
 from tsdn_platform import shards, store

@@ -46,9 +46,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from tsdn._config_io import ConfigError, from_dict, to_dict
 from tsdn.checkpoint import MODEL_JSON, MODEL_WEIGHTS
 from tsdn.config import TSDNConfig
+from tsdn.config_io import ConfigError, from_dict, to_dict
 from tsdn.patchcore import PatchCoreConfig
 from tsdn_platform import layout, shards, store
 from tsdn_platform.config import config_to_yaml, load_config

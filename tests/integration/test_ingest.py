@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tsdn._config_io import ConfigError
+from tsdn.config_io import ConfigError
 from tsdn.surf import decode_labels, slic_labels
 from tsdn_platform import layout, shards, store
 from tsdn_platform.cli import main as cli_main

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tsdn._config_io import ConfigError
+from tsdn.config_io import ConfigError
 from tsdn_platform import store
 from tsdn_platform.cli import main as cli_main
 from tsdn_platform.config import load_config

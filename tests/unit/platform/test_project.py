@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tsdn._config_io import ConfigError
+from tsdn.config_io import ConfigError
 from tsdn_platform.cli import build_parser
 from tsdn_platform.config import load_config, parse_overrides
 
