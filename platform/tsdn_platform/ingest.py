@@ -525,15 +525,6 @@ def _finish_product(
     return manifest
 
 
-def _discard_staging(staging: str) -> None:
-    """Best-effort cleanup after a failure: it must not wait out another retry budget, nor hide the failure."""
-    try:
-        with store.retry_budget(0):
-            store.delete(staging, recursive=True)
-    except store.StoreError as exc:
-        logger.warning("left %s behind (%s); readers never look there", staging, exc.reason)
-
-
 def run_ingest(cfg: IngestConfig) -> dict[str, Any]:
     """Ingest every product of ``cfg.source``; return the dataset index (also written to the store).
 
@@ -580,7 +571,7 @@ def _run_ingest(cfg: IngestConfig) -> dict[str, Any]:
                 raise IngestError(store.join(cfg.source, product), f"every train image was rejected ({reasons})")
         manifests = {p: _finish_product(cfg, p, by_product[p], planned_skips[p], staging) for p in products}
     except BaseException:
-        _discard_staging(staging)
+        store.discard(staging)
         raise
     store.delete(staging, recursive=True)
 

@@ -516,16 +516,6 @@ def _check_errors(cfg: ScoreConfig, results: list[dict[str, Any]]) -> None:
     raise ScoreFailed(cfg.output, reason)
 
 
-def _discard(uri: str) -> None:
-    """Best-effort cleanup of what a failed attempt staged: it must not wait out another retry budget nor hide
-    the failure (the next attempt of the same job deletes the rest)."""
-    try:
-        with store.retry_budget(0):
-            store.delete(uri, recursive=True)
-    except store.StoreError as exc:
-        logger.warning("left %s behind (%s)", uri, exc.reason)
-
-
 def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     """Score every input of ``cfg`` and commit ``<output>/<product>/part-*.parquet`` + ``_manifest.json``.
 
@@ -575,7 +565,7 @@ def _run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
             raise RuntimeError(msg)
         _check_errors(cfg, results)
     except BaseException:
-        _discard(staging)
+        store.discard(staging)
         raise
     scored = time.perf_counter()
     metrics = _ground_truth_metrics(cfg, inputs, results, models) if inputs.has_ground_truth else None

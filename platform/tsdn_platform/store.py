@@ -24,6 +24,7 @@ import contextlib
 import contextvars
 import errno
 import json
+import logging
 import os
 import random
 import re
@@ -46,13 +47,16 @@ __all__ = [
     "boto3_client",
     "copy",
     "delete",
+    "discard",
     "exists",
     "is_s3",
     "join",
+    "list_dirs",
     "list_files",
     "move",
     "read_bytes",
     "read_json",
+    "relative",
     "replace_bytes",
     "replace_json",
     "require",
@@ -64,6 +68,8 @@ __all__ = [
     "write_bytes",
     "write_json",
 ]
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -543,6 +549,17 @@ def list_files(uri: str, recursive: bool = True, suffixes: Iterable[str] | None 
             continue
         out.append(join(uri, relative))
     return sorted(out)
+
+
+def discard(uri: str) -> None:
+    """Best-effort recursive delete of what a failed job staged: one attempt (no retry budget), and a warning
+    instead of an error, so a cleanup during an outage neither waits out another budget nor hides the failure
+    it follows. Readers never look at staged files; the next run of the job removes what is left."""
+    try:
+        with retry_budget(0):
+            delete(uri, recursive=True)
+    except StoreError as exc:
+        logger.warning("left %s behind (%s); readers never look there", uri, exc.reason)
 
 
 def delete(uri: str, recursive: bool = False) -> None:
