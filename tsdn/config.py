@@ -147,7 +147,7 @@ class TSDNConfig:
 def _check(ok: bool, name: str, value: object, expected: str) -> None:
     if not ok:
         msg = f"TSDNConfig.{name}: expected {expected}, got {value!r}"
-        raise ValueError(msg)
+        raise config_io.ConfigError(msg)
 
 
 _FULL = {"dcd_a": True, "skip": True, "surf": True, "fne": True}
@@ -173,5 +173,5 @@ def apply_ablation(cfg: TSDNConfig, name: str) -> TSDNConfig:
     """``cfg`` with the switches of ablation ``name`` (a key of :data:`ABLATIONS`)."""
     if name not in ABLATIONS:
         msg = f"ablation {name!r}: unknown; expected one of {', '.join(sorted(ABLATIONS))}"
-        raise ValueError(msg)
+        raise config_io.ConfigError(msg)
     return dataclasses.replace(cfg, **ABLATIONS[name])

@@ -100,7 +100,7 @@ class PatchCoreConfig:
         for ok, name, expected in checks:
             if not ok:
                 msg = f"PatchCoreConfig.{name}: expected {expected}, got {getattr(self, name)!r}"
-                raise ValueError(msg)
+                raise config_io.ConfigError(msg)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON/YAML-safe dict of every field."""
