@@ -13,7 +13,7 @@ train image at the training resolution (:mod:`tsdn.surf`), so SURF costs nothing
 Output: the shard contract of :mod:`tsdn_platform.shards` (layout, row schema, manifests).
 
 A re-run over the same source writes the same rows and the same ``content_hash``. A product's shards are
-replaced so that a reader never sees a mix: new shards are staged under ``<product>/_staging-<id>/``, the old
+replaced so that a reader never sees a mix: new shards are staged under ``<dataset>/_staging-<time>-<id>/``, the old
 manifest is removed, the old shards deleted, the staged ones moved in, and the new manifest written last.
 Readers go through the manifest (:func:`tsdn_platform.shards.read_split`), so they see either a complete
 product or a clear "not ingested" error.
@@ -22,6 +22,7 @@ product or a clear "not ingested" error.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import hashlib
 import io
 import json
@@ -78,6 +79,9 @@ _META_COLUMNS = [
 
 # The config's ``store`` field shadows the module inside the class body.
 _STORE_RETRY_S = store.DEFAULT_RETRY_S
+# A staging folder older than this is a dead run's (no ingest of one dataset runs this long on a sane cluster).
+STALE_STAGING_S = 24 * 3600
+_STAMP = "%Y%m%dT%H%M%SZ"
 
 
 @dataclass
@@ -540,6 +544,37 @@ def run_ingest(cfg: IngestConfig) -> dict[str, Any]:
         return _run_ingest(cfg)
 
 
+def _staging_name(now: dt.datetime | None = None) -> str:
+    """``_staging-<UTC time>-<random>``: the time lets a later run tell a crashed run's leftovers by their age."""
+    stamp = (now or dt.datetime.now(dt.timezone.utc)).strftime(_STAMP)
+    return f"_staging-{stamp}-{uuid.uuid4().hex[:12]}"
+
+
+def sweep_stale_staging(root: str, now: dt.datetime | None = None) -> list[str]:
+    """Remove the ``_staging-<time>-*`` folders under a dataset that are older than :data:`STALE_STAGING_S`.
+
+    They are what a run left when it crashed, or failed during an outage that its own cleanup could not bridge
+    (:func:`store.discard`). A younger one may belong to an ingest running now, so it is left alone; a name
+    without a time (from before this format) is left alone too. Returns the names removed.
+    """
+    now = now or dt.datetime.now(dt.timezone.utc)
+    removed = []
+    for name in store.list_dirs(root):
+        parts = name.split("-")
+        if len(parts) != 3 or parts[0] != "_staging":
+            continue
+        try:
+            started = dt.datetime.strptime(parts[1], _STAMP).replace(tzinfo=dt.timezone.utc)
+        except ValueError:
+            continue
+        if (now - started).total_seconds() > STALE_STAGING_S:
+            store.discard(store.join(root, name))
+            removed.append(name)
+    if removed:
+        logger.info("removed %d stale staging folder(s) of earlier runs: %s", len(removed), ", ".join(removed))
+    return removed
+
+
 def _run_ingest(cfg: IngestConfig) -> dict[str, Any]:
     from tsdn_platform.ray_session import init_ray
 
@@ -549,7 +584,8 @@ def _run_ingest(cfg: IngestConfig) -> dict[str, Any]:
     items, planned_skips = _plan(cfg, products)
     init_ray(cfg.address)
     settings = cfg.item_settings()
-    staging = store.join(root, f"_staging-{uuid.uuid4().hex[:12]}")
+    sweep_stale_staging(root)
+    staging = store.join(root, _staging_name())
     chunks: dict[str, list[dict[str, Any]]] = {}
     for item in items:
         chunks.setdefault(item.pop("chunk"), []).append(item)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import io
 import json
@@ -22,7 +23,7 @@ from tsdn.config_io import ConfigError
 from tsdn.surf import decode_labels, slic_labels
 from tsdn_platform import layout, shards, store
 from tsdn_platform.cli import main as cli_main
-from tsdn_platform.ingest import IngestConfig, _process_item, run_ingest
+from tsdn_platform.ingest import IngestConfig, _process_item, _staging_name, run_ingest, sweep_stale_staging
 from tsdn_platform.shards import IngestError, read_manifest, read_split, resize_image
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -383,3 +384,17 @@ def test_cli_ingest(demo_root, ray_local, tmp_path, capsys):
     np.testing.assert_array_equal(row["mask"], expected[0].numpy())
     with pytest.raises(IngestError, match="not ingested"):
         read_split(store_uri, "cli", "brick", "train")
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_stale_staging_folders_of_dead_runs_are_swept_young_ones_kept(kind, s3, tmp_path):
+    root = store.join(s3.uri("sweep") if kind == "s3" else str(tmp_path), "datasets", "demo")
+    now = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.timezone.utc)
+    stale = _staging_name(now - dt.timedelta(hours=25))
+    young = _staging_name(now - dt.timedelta(hours=1))
+    for name in (stale, young, "_staging-0123456789ab"):  # the last: a name from before the time stamp
+        store.write_bytes(store.join(root, name, "brick", "train", "part-00000.parquet"), b"staged")
+    store.write_json(store.join(root, "brick", "manifest.json"), {"files": {}})
+    assert sweep_stale_staging(root, now=now) == [stale]
+    assert store.list_dirs(root) == sorted(["_staging-0123456789ab", young, "brick"])
+    assert sweep_stale_staging(root, now=now) == []
