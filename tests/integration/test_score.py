@@ -21,14 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from _browser import dump_dom
 from PIL import Image
 
-from tsdn.checkpoint import checkpoint_files
-from tsdn.config import TSDNConfig
 from tsdn.image import decode_image, to_rgb
-from tsdn.model import TSDN
 from tsdn.scoring import fit_calibration
 from tsdn_platform import store
 from tsdn_platform.cli import main as cli_main
@@ -38,6 +34,7 @@ from tsdn_platform.score import ScoreConfig, ScoreFailed, _path_regex, run_scori
 from tsdn_platform.score_rows import MANIFEST, MAP_COLUMNS, STAGING, UNROUTED, decode_maps
 from tsdn_platform.score_stages import decode_inputs
 from tsdn_platform.store import StoreError
+from tsdn_platform.testing import register, tiny_model
 
 SIZE = 64
 MAP = 32
@@ -57,11 +54,10 @@ def _texture(seed: int, height: int, width: int) -> np.ndarray:
 
 
 def _register(registry: Registry, product: str, version: str, seed: int, promote: str) -> None:
-    torch.manual_seed(seed)
-    model = TSDN(TSDNConfig(backbone="test_efficientnet", weights="none", image_size=SIZE))
+    model = tiny_model("tsdn", seed, image_size=SIZE)
     calibration = fit_calibration(np.array([0.05, 0.1, 0.15]) * (seed + 1))
     metrics = {"test": {"image_auroc": 0.5}, "run_id": f"{product}-{version}"}
-    registry.register(product, checkpoint_files(model, calibration), metrics, promote=promote, version=version)
+    register(registry, product, model, calibration, metrics, promote=promote, version=version)
 
 
 @pytest.fixture(scope="module")
