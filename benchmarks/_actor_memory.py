@@ -10,11 +10,11 @@ _VM_HWM = re.compile(r"^VmHWM:\s+(\d+) kB", re.MULTILINE)
 
 
 def scorer_processes() -> list[Path]:
-    """``/proc/<pid>`` of every process whose command line names the score job's actor class (``_Scorer``)."""
+    """``/proc/<pid>`` of every process whose command line names the score job's actor class (``Scorer``)."""
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if b"_Scorer" in (proc / "cmdline").read_bytes():
+            if b"Scorer" in (proc / "cmdline").read_bytes():
                 found.append(proc)
         except OSError:  # the process ended meanwhile
             continue

@@ -70,20 +70,11 @@ def make_image(size: int) -> bytes:
 
 
 def register_model(store: str, backbone: str, image_size: int) -> None:
-    import torch
-
-    from tsdn.checkpoint import checkpoint_files
-    from tsdn.config import TSDNConfig
-    from tsdn.model import TSDN
-    from tsdn.scoring import fit_calibration
     from tsdn_platform.registry import Registry
+    from tsdn_platform.testing import calibrate, register, tiny_model
 
-    torch.manual_seed(0)
-    model = TSDN(TSDNConfig(backbone=backbone, weights="none", image_size=image_size)).eval()
-    with torch.no_grad():
-        normal = model.predict(torch.rand(4, 3, image_size, image_size)).anomaly_score.numpy()
-    files = checkpoint_files(model, fit_calibration(normal))
-    Registry(store).register(PRODUCT, files, {"test": {"image_auroc": 0.5}}, promote="always")
+    model = tiny_model("tsdn", seed=0, image_size=image_size, backbone=backbone)
+    register(Registry(store), PRODUCT, model, calibrate(model, seed=0, n=4))
 
 
 class Direct:

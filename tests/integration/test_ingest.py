@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import io
 import json
@@ -18,19 +19,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tsdn._config_io import ConfigError
+from tsdn.config_io import ConfigError
 from tsdn.surf import decode_labels, slic_labels
-from tsdn_platform import store
+from tsdn_platform import layout, shards, store
 from tsdn_platform.cli import main as cli_main
-from tsdn_platform.ingest import (
-    IngestConfig,
-    IngestError,
-    _process_item,
-    read_manifest,
-    read_split,
-    resize_image,
-    run_ingest,
-)
+from tsdn_platform.ingest import IngestConfig, _process_item, _staging_name, run_ingest, sweep_stale_staging
+from tsdn_platform.shards import IngestError, read_manifest, read_split, resize_image
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -319,6 +313,35 @@ def test_an_input_gone_since_the_listing_is_that_input_s_error(tmp_path):
     assert row["error"].startswith("unusable mask: ") and "no longer exists" in row["error"]
 
 
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_readers_find_shards_through_the_manifests_only(ingested, kind):
+    store_uri = ingested[kind]["store"]
+    products = sorted(ingested[kind]["second"]["products"])
+    assert shards.ingested_products(store_uri, "demo") == products
+    assert shards.ingested_products(store_uri, "nosuch") == []
+    brick = layout.dataset_uri(store_uri, "demo", "brick")
+    test_files = shards.committed_files(store_uri, "demo", "brick", "test")
+    assert test_files and all(uri.startswith(store.join(brick, "test") + "/") for uri in test_files)
+    # A shard an interrupted run left beside the committed ones is never returned: only a manifest lists files.
+    stray = store.join(brick, "test", "part-99999.parquet")
+    store.write_bytes(stray, b"not a committed shard")
+    try:
+        assert shards.files_under(store.join(brick, "test")) == test_files
+        assert shards.files_under(brick, "test") == test_files
+        assert shards.files_under(store.join(brick, "test"), "train") == []
+        everything = shards.files_under(layout.dataset_uri(store_uri, "demo"))
+        listed = [shards.committed_files(store_uri, "demo", p, split) for p in products for split in ("train", "test")]
+        assert everything == [uri for files in listed for uri in files]
+        assert stray not in everything
+        assert shards.files_under(store.join(brick, "nothing-here")) is None
+    finally:
+        store.delete(stray)
+    with pytest.raises(IngestError, match="product 'nosuch' is not ingested in dataset 'demo'"):
+        shards.committed_files(store_uri, "demo", "nosuch", "test")
+    with pytest.raises(ValueError, match="split 'val'"):
+        shards.committed_files(store_uri, "demo", "brick", "val")
+
+
 def test_read_split_for_training(ingested, demo_root):
     store_uri = ingested["s3"]["store"]
     train = read_split(store_uri, "demo", "brick", "train", columns=["image", "superpixels", "mask", "label", "fold"])
@@ -361,3 +384,17 @@ def test_cli_ingest(demo_root, ray_local, tmp_path, capsys):
     np.testing.assert_array_equal(row["mask"], expected[0].numpy())
     with pytest.raises(IngestError, match="not ingested"):
         read_split(store_uri, "cli", "brick", "train")
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_stale_staging_folders_of_dead_runs_are_swept_young_ones_kept(kind, s3, tmp_path):
+    root = store.join(s3.uri("sweep") if kind == "s3" else str(tmp_path), "datasets", "demo")
+    now = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.timezone.utc)
+    stale = _staging_name(now - dt.timedelta(hours=25))
+    young = _staging_name(now - dt.timedelta(hours=1))
+    for name in (stale, young, "_staging-0123456789ab"):  # the last: a name from before the time stamp
+        store.write_bytes(store.join(root, name, "brick", "train", "part-00000.parquet"), b"staged")
+    store.write_json(store.join(root, "brick", "manifest.json"), {"files": {}})
+    assert sweep_stale_staging(root, now=now) == [stale]
+    assert store.list_dirs(root) == sorted(["_staging-0123456789ab", young, "brick"])
+    assert sweep_stale_staging(root, now=now) == []

@@ -21,30 +21,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from _browser import dump_dom
 from PIL import Image
 
-from tsdn.checkpoint import checkpoint_files
-from tsdn.config import TSDNConfig
 from tsdn.image import decode_image, to_rgb
-from tsdn.model import TSDN
 from tsdn.scoring import fit_calibration
 from tsdn_platform import store
 from tsdn_platform.cli import main as cli_main
 from tsdn_platform.config import ConfigError, load_config
 from tsdn_platform.registry import Registry
-from tsdn_platform.score import (
-    MANIFEST,
-    STAGING,
-    ScoreConfig,
-    ScoreFailed,
-    _decode_batch,
-    _path_regex,
-    run_scoring,
-)
-from tsdn_platform.score_rows import MAP_COLUMNS, UNROUTED, decode_maps
+from tsdn_platform.score import ScoreConfig, ScoreFailed, _path_regex, run_scoring
+from tsdn_platform.score_rows import MANIFEST, MAP_COLUMNS, STAGING, UNROUTED, decode_maps
+from tsdn_platform.score_stages import decode_inputs
 from tsdn_platform.store import StoreError
+from tsdn_platform.testing import register, tiny_model
 
 SIZE = 64
 MAP = 32
@@ -64,11 +54,10 @@ def _texture(seed: int, height: int, width: int) -> np.ndarray:
 
 
 def _register(registry: Registry, product: str, version: str, seed: int, promote: str) -> None:
-    torch.manual_seed(seed)
-    model = TSDN(TSDNConfig(backbone="test_efficientnet", weights="none", image_size=SIZE))
+    model = tiny_model("tsdn", seed, image_size=SIZE)
     calibration = fit_calibration(np.array([0.05, 0.1, 0.15]) * (seed + 1))
     metrics = {"test": {"image_auroc": 0.5}, "run_id": f"{product}-{version}"}
-    registry.register(product, checkpoint_files(model, calibration), metrics, promote=promote, version=version)
+    register(registry, product, model, calibration, metrics, promote=promote, version=version)
 
 
 @pytest.fixture(scope="module")
@@ -336,7 +325,7 @@ def test_a_failing_store_is_not_an_error_row(monkeypatch, kind):
     monkeypatch.setattr(store, "read_bytes", read_bytes)
     batch = pa.table({"image_id": ["a.png"], "source_uri": ["s3://b/in/a.png"], "product": ["alpha"]})
     with pytest.raises(StoreError) as info:
-        _decode_batch(batch, unavailable={}, max_pixels=10**6, store_retry_s=0)
+        decode_inputs(batch, unavailable={}, max_pixels=10**6, store_retry_s=0)
     assert info.value.kind == kind
 
 
@@ -344,7 +333,7 @@ def test_an_input_gone_since_the_listing_is_that_row_s_error(tmp_path):
     (tmp_path / "ok.png").write_bytes(_png(_texture(0, 8, 8)))
     uris = [str(tmp_path / "gone.png"), str(tmp_path / "ok.png")]
     batch = pa.table({"image_id": ["gone.png", "ok.png"], "source_uri": uris, "product": ["alpha", "alpha"]})
-    out = _decode_batch(batch, unavailable={}, max_pixels=10**6, store_retry_s=0).to_pylist()
+    out = decode_inputs(batch, unavailable={}, max_pixels=10**6, store_retry_s=0).to_pylist()
     assert out[0]["error"] == f"{uris[0]}: no longer exists (listed, then gone before it was read)"
     assert out[1]["error"] is None and (out[1]["height"], out[1]["width"]) == (8, 8)
 

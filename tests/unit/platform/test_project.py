@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tsdn._config_io import ConfigError
+from tsdn.config_io import ConfigError
 from tsdn_platform.cli import build_parser
 from tsdn_platform.config import load_config, parse_overrides
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_stdlib_platform_is_not_shadowed_from_the_repo_root():
