@@ -22,8 +22,8 @@ Scenarios:
   are staged. ``fresh-node``: a fresh one-CPU node joins, where the lost actor can restart; ``no-spare-node``:
   none does, and the lost actor can restart only where the pool frees a CPU.
 - ``serve-node-loss PORT``: two model replicas on the two worker nodes behind the ingress and the HTTP proxy on
-  the head (127.0.0.1:PORT); a bounded stream of requests runs while the node of the busier replica is removed,
-  then a fresh node joins for the replacement replica.
+  the head (127.0.0.1:PORT); a bounded stream of requests runs while the node of the replica that answered more
+  of it is removed, then a fresh node joins for the replacement replica.
 
 OUT_JSON receives the results, including the node of every actor that ran (``actors``: from the GCS actor
 table, which keeps dead actors too).
@@ -155,23 +155,13 @@ IMAGE_SIZE = 64
 
 
 def _register_tiny_model(store_uri: str) -> str:
-    """An untrained tiny TSDN, calibrated on random images, registered as the best ``brick`` model (no training
-    run: node loss is about the jobs that use a model, and a fit costs half a minute here)."""
-    import torch
-
-    from tsdn.checkpoint import checkpoint_files
-    from tsdn.config import TSDNConfig
-    from tsdn.model import TSDN
-    from tsdn.scoring import fit_calibration
+    """An untrained tiny TSDN registered as the best ``brick`` model (no training run: these scenarios are about
+    the jobs that use a model, and a fit costs half a minute here)."""
     from tsdn_platform.registry import Registry
+    from tsdn_platform.testing import calibrate, register, tiny_model
 
-    torch.manual_seed(0)
-    model = TSDN(TSDNConfig(backbone="test_efficientnet", weights="none", image_size=IMAGE_SIZE)).eval()
-    with torch.no_grad():
-        normal = model.predict(torch.rand(6, 3, IMAGE_SIZE, IMAGE_SIZE)).anomaly_score
-    files = checkpoint_files(model, fit_calibration(normal.numpy()))
-    metrics = {"test": {"image_auroc": 0.5}, "run_id": "multinode", "family": model.FAMILY}
-    return Registry(store_uri).register(PRODUCT, files, metrics, promote="always")
+    model = tiny_model("tsdn", image_size=IMAGE_SIZE)
+    return register(Registry(store_uri), PRODUCT, model, calibrate(model))
 
 
 def _png(seed: int) -> bytes:
@@ -381,14 +371,16 @@ def _serve_node_loss(store_uri: str, workdir: Path, port: str) -> dict[str, Any]
         url = f"http://127.0.0.1:{cfg.port}/v1/products/{PRODUCT}/detect"
         stream = _RequestStream(url, _png(0), clients=2, max_requests=1500, max_s=90.0)
         stream.start()
-        # Both replicas loaded the model and answered before the node goes: the busier one's node is removed.
-        _wait(lambda: len(_served(names)) == 2 and min(_served(names).values()) >= 5, 60, "both replicas serving")
+        # The node goes once a replica answers. Serve's router keeps a multiplexed model's requests on the replica
+        # that loaded it while that one keeps up, so the other may have answered none: the busier one's node goes.
+        _wait(lambda: max(_served(names).values(), default=0) >= 5, 60, "a replica answering")
         served = _served(names)
         lost = max(served, key=served.get)
         removed_at = time.monotonic()
         cluster.remove_node(nodes.pop(lost), allow_graceful=False)
         time.sleep(STREAM_AFTER_LOSS_S)  # the stream goes on with one replica
         stream.stop()
+        served_after = _served(names)
         # A fresh node: the controller's replacement replica (pending so far, no CPU free) starts there.
         fresh = "node_c"
         nodes[fresh] = _add_node(cluster, fresh)
@@ -399,6 +391,7 @@ def _serve_node_loss(store_uri: str, workdir: Path, port: str) -> dict[str, Any]
         return {
             "placed": placed,
             "served_before": served,
+            "served_after": served_after,
             "lost": lost,
             "requests": stream.summary(removed_at),
             "replacement_s": round(replaced_s, 2),
