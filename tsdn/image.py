@@ -51,17 +51,23 @@ class ImageDecodeError(ValueError):
         return (type(self), (self.name, self.reason))
 
 
-def decode_image(data: bytes, name: str, max_pixels: int = 64_000_000) -> Image.Image:
+def decode_image(data: bytes, name: str, max_pixels: int = 64_000_000, min_size: int | None = None) -> Image.Image:
     """Decode encoded bytes into a fully loaded PIL image, refusing oversized images before decoding.
 
     The header is parsed first (``Image.open`` reads only the header); an image with more than
     ``max_pixels`` pixels is refused before its pixel data is decompressed, so a small file claiming a
     huge size cannot exhaust memory. Only the pixels of the first frame are loaded.
 
+    With ``min_size``, a JPEG is decoded at the smallest of its DCT scales (1/1, 1/2, 1/4, 1/8) that keeps both
+    sides at least ``min_size`` (Pillow's ``Image.draft``): a 6000x4000 photo for a 352-pixel model decodes
+    as 750x500, an eighth of the pixels each way, without decoding the rest. It is what a model that resizes
+    its input to ``min_size`` needs; other formats have no such scales and decode at full size.
+
     Args:
         data: the file's bytes (PNG, JPEG, BMP or TIFF).
         name: what the bytes are (a path or URI); every error message starts with it.
-        max_pixels: largest accepted ``width * height``.
+        max_pixels: largest accepted ``width * height`` (of the file, before any draft scaling).
+        min_size: smallest side a JPEG may be scaled down to while decoding; None decodes at full size.
 
     Returns:
         A loaded ``PIL.Image.Image`` in its original mode (convert with :func:`to_rgb`).
@@ -88,6 +94,8 @@ def decode_image(data: bytes, name: str, max_pixels: int = 64_000_000) -> Image.
     if width * height == 0:
         raise ImageDecodeError(name, f"empty image ({width}x{height})")
     try:
+        if min_size is not None and image.format in ("JPEG", "MPO"):
+            image.draft(None, (min_size, min_size))  # keeps both sides >= min_size
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(name, f"corrupt or truncated {image.format} ({_without_reprs(exc)})") from exc

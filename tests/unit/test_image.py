@@ -250,3 +250,25 @@ def test_decode_errors_carry_no_object_reprs():
         messages.add(str(caught.value))
     (message,) = messages
     assert " at 0x" not in message and message.startswith("x.png: not a PNG/JPEG/BMP/TIFF image")
+
+
+def _jpeg(width: int, height: int) -> bytes:
+    """A smooth (upsampled noise) JPEG: what a downscaled decode should keep."""
+    small = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(small).resize((width, height), Image.BICUBIC).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def test_a_large_jpeg_decodes_at_the_smallest_dct_scale_that_keeps_min_size():
+    data = _jpeg(4000, 3000)
+    full = decode_image(data, "big.jpg")
+    assert full.size == (4000, 3000)
+    small = decode_image(data, "big.jpg", min_size=352)
+    assert small.size == (500, 375)  # 1/8 each way: both sides >= 352, 1/64 of the decoded bytes
+    assert len(small.tobytes()) * 64 == len(full.tobytes())
+    assert decode_image(data, "big.jpg", min_size=1000).size == (2000, 1500)  # 1/4 would leave 750 < 1000
+    assert decode_image(data, "big.jpg", min_size=4000).size == (4000, 3000)  # never below min_size
+    png = io.BytesIO()
+    full.save(png, format="PNG")
+    assert decode_image(png.getvalue(), "big.png", min_size=352).size == (4000, 3000)  # PNG has no such scales
