@@ -15,8 +15,10 @@ API (JSON; errors are ``{"status": <code>, "reason": "..."}``, never a 500 for b
   overrides the calibrated one), ``include=anomaly_map``. Answer: ``product``, ``model_version``,
   ``anomaly_score``, ``is_anomalous``, ``threshold``, ``inference_ms`` (the ``predict`` call of the batch
   the image was in), ``batch_size`` (images in that call) and, when asked, ``anomaly_map``: a base64 PNG
-  heatmap at the image's resolution whose colour scale tops out at ``vmax`` = 2 x threshold. Errors: 401
-  no bearer token, 403 wrong token, 404 unknown or invalid product id, 413 body over ``max_body_bytes``
+  heatmap at the image's resolution whose colour scale tops out at ``vmax`` = 2 x threshold (a JPEG larger
+  than the model's input is decoded at a reduced DCT scale, 1/2, 1/4 or 1/8 per side, never below the input
+  size, and its maps are at that resolution). Errors: 401 no bearer token, 403 wrong token or one not
+  scoped to the product, 404 unknown or invalid product id, 413 body over ``max_body_bytes``
   (by Content-Length, and by the bytes read), 415 other content types, 422 undecodable image, more than
   ``max_image_pixels`` pixels (refused from the header, before decoding) or a bad query value, 400 a
   malformed multipart body (or more than one file) or Content-Length, 503 store unreachable.
@@ -30,7 +32,9 @@ first use and the old version ages out of the LRU. No restart, and every respons
 that answered.
 
 Auth: tokens come from the environment variable ``auth_tokens_env`` (comma-separated) and/or the file
-``auth_tokens_file`` (one per line, ``#`` comments). They are read once where the application is built
+``auth_tokens_file`` (one per line, ``#`` comments). An entry ``TOKEN gearbox housing`` scopes a token to those
+product lines (403 on any other; ``GET /v1/products`` lists only them); a bare ``TOKEN`` may use every one.
+They are read once where the application is built
 (``tsdn serve``, or the Serve controller's build task for ``serve deploy``); only their SHA-256 digests
 reach the replicas, and a request's token is compared to each digest in constant time. ``auth_required``
 defaults to "on when tokens are configured": the local demo on 127.0.0.1 runs open, and the server refuses
@@ -222,9 +226,23 @@ class ApiError(Exception):
 # --- auth --------------------------------------------------------------------------------------
 
 
+Scope = frozenset[str] | None
+"""The product lines a token may use; None: every one."""
+
+
 def load_tokens(cfg: ServeConfig) -> list[str]:
     """The bearer tokens from ``cfg.auth_tokens_env`` (comma-separated) and ``cfg.auth_tokens_file``."""
-    tokens = [t.strip() for t in os.environ.get(cfg.auth_tokens_env, "").split(",")]
+    return list(load_token_scopes(cfg))
+
+
+def load_token_scopes(cfg: ServeConfig) -> dict[str, Scope]:
+    """Every configured token and the product lines it may use (None: every one).
+
+    An entry is ``TOKEN`` (every product) or ``TOKEN PRODUCT [PRODUCT ...]`` (only those): comma-separated
+    entries in the environment variable ``cfg.auth_tokens_env``, one entry per line in ``cfg.auth_tokens_file``
+    (``#`` starts a comment line). A token listed more than once may use what any of its entries allows.
+    """
+    entries = os.environ.get(cfg.auth_tokens_env, "").split(",")
     if cfg.auth_tokens_file:
         path = Path(cfg.auth_tokens_file)
         try:
@@ -232,8 +250,20 @@ def load_tokens(cfg: ServeConfig) -> list[str]:
         except OSError as exc:
             msg = f"auth_tokens_file {path}: cannot read ({exc})"
             raise ConfigError(msg) from exc
-        tokens += [line.strip() for line in lines if not line.lstrip().startswith("#")]
-    return [t for t in tokens if t]
+        entries += [line for line in lines if not line.lstrip().startswith("#")]
+    scopes: dict[str, Scope] = {}
+    for entry in entries:
+        if not entry.strip():
+            continue
+        token, *products = entry.split()
+        try:
+            scope = frozenset(validate_name(product) for product in products) or None
+        except ValueError as exc:
+            msg = f"auth token entry for products {' '.join(products)!r}: {exc}"
+            raise ConfigError(msg) from exc
+        previous = scopes.get(token, frozenset())
+        scopes[token] = None if previous is None or scope is None else previous | scope
+    return scopes
 
 
 def _digest(token: str) -> bytes:
@@ -245,9 +275,10 @@ def auth_required(cfg: ServeConfig, tokens: list[str]) -> bool:
     return bool(tokens) if cfg.auth_required is None else cfg.auth_required
 
 
-def _auth_digests(cfg: ServeConfig) -> list[bytes] | None:
-    """SHA-256 digests of the accepted tokens, or None when auth is off."""
-    tokens = load_tokens(cfg)
+def _auth_digests(cfg: ServeConfig) -> list[tuple[bytes, Scope]] | None:
+    """SHA-256 digests of the accepted tokens with their scopes, or None when auth is off."""
+    scopes = load_token_scopes(cfg)
+    tokens = list(scopes)
     if not auth_required(cfg, tokens):
         if cfg.auth_required is None and not _is_loopback(cfg.host):
             msg = (
@@ -260,7 +291,7 @@ def _auth_digests(cfg: ServeConfig) -> list[bytes] | None:
     if not tokens:
         msg = f"auth_required is true but no token is configured (env {cfg.auth_tokens_env}, auth_tokens_file)"
         raise ConfigError(msg)
-    return [_digest(t) for t in tokens]
+    return [(_digest(token), scope) for token, scope in scopes.items()]
 
 
 def _is_loopback(host: str) -> bool:
@@ -272,17 +303,22 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _check_token(authorization: str | None, digests: list[bytes]) -> None:
-    """401 without a bearer token, 403 with a wrong one. Every digest is compared, in constant time."""
+def _check_token(authorization: str | None, digests: list[tuple[bytes, Scope]], product: str | None = None) -> Scope:
+    """The scope of the request's token: 401 without a bearer token, 403 with a wrong one or one not scoped to
+    ``product``. Every digest is compared, in constant time."""
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)")
     offered = _digest(token.strip())
-    matched = False
-    for digest in digests:
-        matched |= hmac.compare_digest(offered, digest)
+    matched, scope = False, None
+    for digest, allowed in digests:
+        if hmac.compare_digest(offered, digest):
+            matched, scope = True, allowed
     if not matched:
         raise ApiError(403, "invalid token")
+    if product is not None and scope is not None and product not in scope:
+        raise ApiError(403, f"this token is not allowed to use product {product!r}")
+    return scope
 
 
 # --- the anomaly-map heatmap --------------------------------------------------------------------
@@ -539,7 +575,7 @@ async def _multipart_image(request: Request, body: bytes) -> tuple[bytes, str]:
 class TSDNIngress:
     """The HTTP API (``/v1``): validates and decodes requests, routes them to ``TSDNModel``."""
 
-    def __init__(self, model: Any, cfg: ServeConfig, token_digests: list[bytes] | None) -> None:
+    def __init__(self, model: Any, cfg: ServeConfig, token_digests: list[tuple[bytes, Scope]] | None) -> None:
         self._model = model
         self._cfg = cfg
         self._digests = token_digests
@@ -548,9 +584,11 @@ class TSDNIngress:
         self._version_cache: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
         self._decodes = asyncio.Semaphore(cfg.max_concurrent_decodes)
 
-    def _authorize(self, request: Request) -> None:
-        if self._digests is not None:
-            _check_token(request.headers.get("authorization"), self._digests)
+    def _authorize(self, request: Request, product: str | None = None) -> Scope:
+        """The token's scope (None: every product, or auth off); 401/403 as :func:`_check_token` says."""
+        if self._digests is None:
+            return None
+        return _check_token(request.headers.get("authorization"), self._digests, product)
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -563,10 +601,11 @@ class TSDNIngress:
 
     @api.get("/v1/products", response_model=ProductList, responses=_ERRORS)
     async def products(self, request: Request) -> ProductList:
-        """Every product with a promoted model: version, family, input size, threshold and metrics."""
-        self._authorize(request)
+        """Every product with a promoted model that the token may use: version, family, input size, threshold and
+        metrics."""
+        scope = self._authorize(request)
         try:
-            names = await asyncio.to_thread(self._registry.list_products)
+            names = [n for n in await asyncio.to_thread(self._registry.list_products) if scope is None or n in scope]
             served = []
             for product in names:
                 pointer = await self._pointers.best(product)
@@ -579,7 +618,7 @@ class TSDNIngress:
     @api.get("/v1/products/{product}", response_model=ProductDetails, responses=_ERRORS)
     async def product(self, product: str, request: Request) -> ProductDetails:
         """One product's promoted version in full: calibration, config, training history, selection."""
-        self._authorize(request)
+        self._authorize(request, product)
         pointer = await self._promoted(product)
         try:
             return product_details(product, pointer, *await self._version_files(product, pointer))
@@ -621,7 +660,7 @@ class TSDNIngress:
         include: str | None = Query(None, description=f"comma-separated extras: {', '.join(INCLUDES)}"),
     ) -> DetectResponse:
         """Detect anomalies in one image with the product's promoted model."""
-        self._authorize(request)
+        self._authorize(request, product)
         extras = frozenset(item.strip() for item in (include or "").split(",") if item.strip())
         if extras - set(INCLUDES):
             unknown = ", ".join(sorted(extras - set(INCLUDES)))
@@ -643,8 +682,14 @@ class TSDNIngress:
         else:
             data, name = body, f"{product} request body"
         try:
+            _, model_json = await self._version_files(product, pointer)
+        except (RegistryError, StoreError) as exc:
+            raise _store_failure(f"product {product!r}", exc) from exc
+        # A JPEG decodes at the DCT scale nearest above the model's input (the model resizes to it anyway).
+        input_size = (model_json.get("config") or {}).get("image_size")
+        try:
             async with self._decodes:
-                image = await asyncio.to_thread(decode_image, data, name, self._cfg.max_image_pixels)
+                image = await asyncio.to_thread(decode_image, data, name, self._cfg.max_image_pixels, input_size)
         except ImageDecodeError as exc:
             raise ApiError(422, str(exc)) from exc
         job = DetectRequest(
