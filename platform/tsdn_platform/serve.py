@@ -15,13 +15,14 @@ API (JSON; errors are ``{"status": <code>, "reason": "..."}``, never a 500 for b
   overrides the calibrated one), ``include=anomaly_map``. Answer: ``product``, ``model_version``,
   ``anomaly_score``, ``is_anomalous``, ``threshold``, ``inference_ms`` (the ``predict`` call of the batch
   the image was in), ``batch_size`` (images in that call) and, when asked, ``anomaly_map``: a base64 PNG
-  heatmap at the image's resolution whose colour scale tops out at ``vmax`` = 2 x threshold (a JPEG larger
-  than the model's input is decoded at a reduced DCT scale, 1/2, 1/4 or 1/8 per side, never below the input
-  size, and its maps are at that resolution). Errors: 401 no bearer token, 403 wrong token or one not
-  scoped to the product, 404 unknown or invalid product id, 413 body over ``max_body_bytes``
-  (by Content-Length, and by the bytes read), 415 other content types, 422 undecodable image, more than
-  ``max_image_pixels`` pixels (refused from the header, before decoding) or a bad query value, 400 a
-  malformed multipart body (or more than one file) or Content-Length, 503 store unreachable.
+  heatmap at the image's resolution whose colour scale tops out at ``vmax`` = 2 x threshold (an image more
+  than 4x the model's input on its short side is decoded smaller, a JPEG at a DCT scale and any image reduced
+  on load by an integer factor, never below 4x the input: its maps are at that resolution). Errors: 401 no
+  bearer token, 403 wrong token or one not scoped to the product, 404 unknown or invalid product id, 413
+  body over ``max_body_bytes`` (by Content-Length, and by the bytes read), 415 other content types, 422
+  undecodable image, more than ``max_image_pixels`` pixels (refused from the header, before decoding) or a
+  bad query value, 400 a malformed multipart body (or more than one file) or Content-Length, 503 store
+  unreachable.
 - ``GET /v1/products``: products with a promoted model, their ``model_version`` and ``metrics``.
 - ``GET /healthz``: no auth.
 
@@ -46,6 +47,7 @@ to listen on a non-loopback host without auth unless ``auth_required: false`` sa
 # required query parameter).
 import argparse
 import asyncio
+import ctypes
 import hashlib
 import hmac
 import ipaddress
@@ -109,6 +111,11 @@ MULTIPART = "multipart/form-data"
 BATCH_OPTIONS = ("max_batch_size", "batch_wait_timeout_s")
 BATCH_SIZE = 8
 BATCH_WAIT_S = 0.01
+# A large image is decoded small (tsdn.image.decode_image's min_size) but keeps at least this many times the
+# model's input on each side: the last steps of downscaling stay with the predictor's antialiased resize, so a
+# score moves by ~1-2 % against the full decode (tests/unit/test_predict.py), not ~10 % as at 1x.
+DECODE_KEEP = 4
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
 
 @dataclass
@@ -132,7 +139,8 @@ class ServeConfig:
     default is 64 000 000: a server holds many requests at once, a scorer one batch)."""
     max_concurrent_decodes: int = 2
     """Images an ingress replica decodes at once; more requests wait. Bounds the ingress's decoded-pixel memory
-    to about ``max_concurrent_decodes x max_image_pixels x 4`` bytes however many requests are in flight."""
+    to about ``max_concurrent_decodes x max_image_pixels x 4`` bytes however many requests are in flight; what
+    reaches a model replica is reduced to at most ``(8 x the model's input)^2`` pixels per image."""
     models_per_replica: int = 4
     """Multiplexing LRU size: predictors a model replica keeps loaded. Size it to the working set."""
     max_batch_size: int = BATCH_SIZE
@@ -568,6 +576,20 @@ async def _multipart_image(request: Request, body: bytes) -> tuple[bytes, str]:
         await form.close()
 
 
+def _return_large_frees_to_the_os() -> None:
+    """Fix glibc's mmap threshold at 1 MiB in this process, so every large block it frees goes back to the OS.
+
+    Its dynamic threshold grows to 32 MiB after the first large free; Pillow decodes into 16 MiB blocks, which
+    then come from the decode threads' heap arenas and stay there: a burst of 6300x6300 PNGs left the ingress
+    317 MiB above its baseline (benchmarks/serve_memory.py; 1 MiB above with this). No-op without glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+
+
 # Helpers the ingress calls are defined above it: ``serve.ingress`` captures the class (and the module
 # globals its methods see) when it is decorated.
 @serve.deployment(name="TSDNIngress")
@@ -583,6 +605,7 @@ class TSDNIngress:
         self._pointers = _PointerCache(self._registry, cfg.pointer_ttl_s)
         self._version_cache: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
         self._decodes = asyncio.Semaphore(cfg.max_concurrent_decodes)
+        _return_large_frees_to_the_os()
 
     def _authorize(self, request: Request, product: str | None = None) -> Scope:
         """The token's scope (None: every product, or auth off); 401/403 as :func:`_check_token` says."""
@@ -685,11 +708,13 @@ class TSDNIngress:
             _, model_json = await self._version_files(product, pointer)
         except (RegistryError, StoreError) as exc:
             raise _store_failure(f"product {product!r}", exc) from exc
-        # A JPEG decodes at the DCT scale nearest above the model's input (the model resizes to it anyway).
+        # Nothing larger than the model needs leaves the decode: a JPEG decodes at a DCT scale, any image is
+        # reduced on load, so a replica never receives (or maps) a 40 M pixel image.
         input_size = (model_json.get("config") or {}).get("image_size")
+        keep = DECODE_KEEP * input_size if input_size else None
         try:
             async with self._decodes:
-                image = await asyncio.to_thread(decode_image, data, name, self._cfg.max_image_pixels, input_size)
+                image = await asyncio.to_thread(decode_image, data, name, self._cfg.max_image_pixels, keep)
         except ImageDecodeError as exc:
             raise ApiError(422, str(exc)) from exc
         job = DetectRequest(

@@ -639,23 +639,3 @@ def test_a_token_scoped_to_product_lines_gets_403_on_the_others(server):
     details = httpx.get(f"{server.url}/v1/products/{other}", headers=auth, timeout=HTTP_TIMEOUT_S)
     assert details.status_code == 403
     assert httpx.get(f"{server.url}/v1/products/{allowed}", headers=auth, timeout=HTTP_TIMEOUT_S).status_code == 200
-
-
-@pytest.mark.integration
-@pytest.mark.slow
-def test_a_large_jpeg_is_decoded_at_a_draft_scale_near_the_model_input(server):
-    """A 160x160 JPEG for a 64-pixel model decodes at 1/2 scale (80x80 >= 64): the mask comes back at 80x80,
-    and the score is close to the in-process predictor's on the full decode."""
-    from tsdn_platform.registry import Registry
-
-    rng = np.random.default_rng(3)
-    data = _encode(
-        np.asarray(Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).resize((160, 160))), "JPEG"
-    )
-    answer = server.post("bottle", data, content_type="image/jpeg", include="mask")
-    assert answer.status_code == 200, answer.text
-    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer.json()["mask"]["data"]))))
-    assert mask.shape == (80, 80)
-    predictor, _ = Registry(server.store).load_predictor("bottle")
-    (full,) = predictor.predict([decode_image(data, "large.jpg")])
-    assert answer.json()["anomaly_score"] == pytest.approx(full.anomaly_score, rel=0.05)
