@@ -1,6 +1,6 @@
 """RSS of Ray actor processes, sampled from /proc while a job runs (Linux; benchmarks only).
 
-The score benchmarks read the peak RSS of the scorer actors (``_Scorer``); the serving load test reads the
+The score benchmarks read the peak RSS of the scorer actors (``Scorer``); the serving load test reads the
 current RSS of the Serve replicas (``TSDNModel``, ``TSDNIngress``) over time, before, during and after a load.
 """
 
@@ -15,7 +15,7 @@ _VM_HWM = re.compile(r"^VmHWM:\s+(\d+) kB", re.MULTILINE)
 _VM_RSS = re.compile(r"^VmRSS:\s+(\d+) kB", re.MULTILINE)
 
 
-def actor_processes(marker: bytes = b"_Scorer", ancestor: int | None = None) -> list[Path]:
+def actor_processes(marker: bytes = b"Scorer", ancestor: int | None = None) -> list[Path]:
     """``/proc/<pid>`` of every process whose command line (a Ray worker's title names its actor class) holds
     ``marker`` (the default is the score job's actor class); with ``ancestor``, only its descendants (this
     process's own local cluster, not another job's on a shared machine)."""
@@ -49,7 +49,7 @@ class ActorMemory:
     """
 
     def __init__(
-        self, period_s: float = 0.2, marker: bytes = b"_Scorer", only_new: bool = True, ancestor: int | None = None
+        self, period_s: float = 0.2, marker: bytes = b"Scorer", only_new: bool = True, ancestor: int | None = None
     ) -> None:
         self.peak_bytes = 0
         self.libtorch = False

@@ -39,11 +39,12 @@ import numpy as np
 import torch
 
 from tsdn.config import ABLATIONS, apply_ablation
-from tsdn_platform import store
+from tsdn_platform import layout
 from tsdn_platform.config import config_to_yaml, load_config
-from tsdn_platform.ingest import IngestConfig, read_split, run_ingest
+from tsdn_platform.ingest import IngestConfig, run_ingest
 from tsdn_platform.registry import Registry
 from tsdn_platform.score import ScoreConfig, run_scoring
+from tsdn_platform.shards import read_split
 from tsdn_platform.train import ProductResult, TrainConfig, run_training
 
 logger = logging.getLogger("accuracy")
@@ -122,7 +123,7 @@ def score_run(cfg: TrainConfig, versions: Mapping[str, str], output: str) -> dic
     """The platform's batch-scoring job over the ingested test split with ``versions`` pinned; its manifest."""
     score_cfg = ScoreConfig(
         store=cfg.store,
-        input=store.join(cfg.store, "datasets", cfg.dataset),
+        input=layout.dataset_uri(cfg.store, cfg.dataset),
         output=output,
         versions=dict(versions),
         split="test",

@@ -28,10 +28,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from tsdn_platform import store
+from tsdn_platform import layout, store
 from tsdn_platform.demo_data import make_demo_dataset
-from tsdn_platform.ingest import IngestConfig, _plan, _process_item, _shard_schema, discover, run_ingest
+from tsdn_platform.ingest import IngestConfig, _plan, _process_item, discover, run_ingest
 from tsdn_platform.ray_session import init_ray
+from tsdn_platform.shards import SCHEMA
 
 
 def plain_loop(cfg: IngestConfig, out: Path) -> tuple[float, int]:
@@ -47,7 +48,7 @@ def plain_loop(cfg: IngestConfig, out: Path) -> tuple[float, int]:
     for (product, split), rows in groups.items():
         path = out / product / split / "part-00000.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(rows, schema=_shard_schema()), path, compression="zstd")
+        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path, compression="zstd")
     return time.perf_counter() - start, sum(len(rows) for rows in groups.values())
 
 
@@ -59,7 +60,7 @@ def ray_ingest(cfg: IngestConfig) -> tuple[float, int, float, float]:
     rows = sum(sum(entry["n_rows"].values()) for entry in index["products"].values())
     slic = decode = 0.0
     for product in index["products"]:
-        report_uri = store.join(cfg.store, "datasets", cfg.dataset, product, "ingest_report.json")
+        report_uri = store.join(layout.dataset_uri(cfg.store, cfg.dataset, product), "ingest_report.json")
         timing = store.read_json(report_uri)["timing"]
         slic += timing["slic_s"]
         decode += timing["decode_s"]

@@ -15,7 +15,7 @@ Each repeat times every runtime once, interleaved, so all of them meet the same 
 of ``--repeats`` repeats and the ratio to eager torch of the same repeat (median). The machine is shared: the
 spread across repeats is printed too.
 
-Peak RSS: a fresh process per runtime runs the score job's actor class (``tsdn_platform.score._Scorer``) on
+Peak RSS: a fresh process per runtime runs the score job's actor class (``tsdn_platform.score_stages.Scorer``) on
 ``--rss-images`` decoded images from a local registry, exactly what a Ray Data scorer actor runs per batch
 (without Ray's worker runtime itself), and reports ``VmHWM`` and whether torch was imported. ``--score-job``
 also runs the Ray Data score job (local Ray, a local store) with each runtime and reads the actor's peak RSS
@@ -226,18 +226,17 @@ _RSS_PROBE = """
 import json, sys, resource
 import numpy as np
 import pyarrow as pa
-from tsdn_platform.score import _Scorer
+from tsdn_platform.score_stages import DECODED_SCHEMA, Scorer
 store_uri, product, version, runtime, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-scorer = _Scorer(store_uri, {product: version}, {product: (64, 64)}, 16, None, 60.0, runtime)
+scorer = Scorer(store_uri, {product: version}, {product: (64, 64)}, 16, None, 60.0, runtime)
 rng = np.random.default_rng(0)
 rows = []
 for i in range(n):
     rgb = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
     rows.append({"image_id": str(i), "source_uri": str(i), "product": product, "pixels": rgb.tobytes(),
                  "height": 128, "width": 128, "error": None})
-from tsdn_platform.score import _DECODED_SCHEMA
 for start in range(0, n, 16):
-    scorer(pa.Table.from_pylist(rows[start:start + 16], schema=_DECODED_SCHEMA))
+    scorer(pa.Table.from_pylist(rows[start:start + 16], schema=DECODED_SCHEMA))
 status = open("/proc/self/status").read()
 peak = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
 print(json.dumps({"peak_mib": peak / 1024, "torch": "torch" in sys.modules, "timm": "timm" in sys.modules}))

@@ -26,8 +26,9 @@ import torch
 
 from tsdn.patchcore import PatchCore
 from tsdn_platform.config import load_config
-from tsdn_platform.ingest import IngestConfig, read_split, run_ingest
+from tsdn_platform.ingest import IngestConfig, run_ingest
 from tsdn_platform.registry import Registry
+from tsdn_platform.shards import read_split
 from tsdn_platform.train import TrainConfig, run_training
 
 DATASET = "families"

@@ -17,7 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
-from tsdn_platform import store
+from tsdn_platform import layout, store
 from tsdn_platform.ray_session import init_ray
 from tsdn_platform.registry import Registry
 from tsdn_platform.score import ScoreConfig, run_scoring
@@ -40,8 +40,8 @@ def main() -> None:
         for repeat in range(args.repeats):
             cfg = ScoreConfig(
                 store=args.store,
-                input=store.join(args.store, "datasets", args.dataset, args.product, "test"),
-                output=store.join(args.store, "scores", f"bench-{version}-{repeat}"),
+                input=store.join(layout.dataset_uri(args.store, args.dataset, args.product), "test"),
+                output=layout.scores_uri(args.store, f"bench-{version}-{repeat}"),
                 product=args.product,
                 version=version,
             )

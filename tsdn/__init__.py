@@ -1,6 +1,6 @@
 """TSDN (Park et al.): two-stream decoder anomaly detection as a pure PyTorch library.
 
-The public names below are imported lazily (PEP 562) so that ``import tsdn._config_io`` (the CLI
+The public names below are imported lazily (PEP 562) so that ``import tsdn.config_io`` (the CLI
 and every job config) does not pay for importing torch and timm.
 """
 

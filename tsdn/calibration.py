@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 
-from tsdn._config_io import from_dict, to_dict
+from tsdn.config_io import from_dict, to_dict
 
 if TYPE_CHECKING:
     import torch
@@ -81,7 +81,7 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
-        """Inverse of :meth:`to_dict`; unknown keys or wrong types raise ``tsdn._config_io.ConfigError``."""
+        """Inverse of :meth:`to_dict`; unknown keys or wrong types raise ``tsdn.config_io.ConfigError``."""
         return from_dict(cls, data)
 
     def is_anomalous(self, score: ScoreT) -> bool | np.ndarray | torch.Tensor:

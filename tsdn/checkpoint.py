@@ -17,8 +17,8 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from tsdn._config_io import json_member
 from tsdn.config import TSDNConfig
+from tsdn.config_io import json_member
 from tsdn.model import TSDN
 from tsdn.patchcore import PatchCore, PatchCoreConfig
 from tsdn.scoring import Calibration

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tsdn import _config_io
+from tsdn import config_io
 
 __all__ = ["ABLATIONS", "SCORE_SOURCES", "TSDNConfig", "apply_ablation"]
 
@@ -136,18 +136,18 @@ class TSDNConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON/YAML-safe dict of every field."""
-        return _config_io.to_dict(self)
+        return config_io.to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> TSDNConfig:
         """Strict inverse of :meth:`to_dict`: unknown keys and bad values raise ``ConfigError``."""
-        return _config_io.from_dict(cls, data)
+        return config_io.from_dict(cls, data)
 
 
 def _check(ok: bool, name: str, value: object, expected: str) -> None:
     if not ok:
         msg = f"TSDNConfig.{name}: expected {expected}, got {value!r}"
-        raise ValueError(msg)
+        raise config_io.ConfigError(msg)
 
 
 _FULL = {"dcd_a": True, "skip": True, "surf": True, "fne": True}
@@ -173,5 +173,5 @@ def apply_ablation(cfg: TSDNConfig, name: str) -> TSDNConfig:
     """``cfg`` with the switches of ablation ``name`` (a key of :data:`ABLATIONS`)."""
     if name not in ABLATIONS:
         msg = f"ablation {name!r}: unknown; expected one of {', '.join(sorted(ABLATIONS))}"
-        raise ValueError(msg)
+        raise config_io.ConfigError(msg)
     return dataclasses.replace(cfg, **ABLATIONS[name])

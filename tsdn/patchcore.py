@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tsdn import _config_io
+from tsdn import config_io
 from tsdn.backbone import Opener, check_input, create_encoder, normalization
 from tsdn.scoring import blur_map, image_score
 
@@ -100,16 +100,16 @@ class PatchCoreConfig:
         for ok, name, expected in checks:
             if not ok:
                 msg = f"PatchCoreConfig.{name}: expected {expected}, got {getattr(self, name)!r}"
-                raise ValueError(msg)
+                raise config_io.ConfigError(msg)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON/YAML-safe dict of every field."""
-        return _config_io.to_dict(self)
+        return config_io.to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> PatchCoreConfig:
         """Strict inverse of :meth:`to_dict`."""
-        return _config_io.from_dict(cls, data)
+        return config_io.from_dict(cls, data)
 
 
 class PatchCorePrediction(NamedTuple):

@@ -29,8 +29,8 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
-from tsdn._config_io import json_member
 from tsdn.calibration import Calibration
+from tsdn.config_io import json_member
 
 __all__ = [
     "EXPORT_FORMATS",

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from tsdn._config_io import ConfigError, from_dict, merge, set_dotted, to_dict
+from tsdn.config_io import ConfigError, from_dict, merge, set_dotted, to_dict
 
 __all__ = ["ConfigError", "config_to_yaml", "load_config", "parse_overrides", "preset_path"]
 

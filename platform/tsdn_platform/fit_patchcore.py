@@ -24,7 +24,7 @@ import torch
 
 from tsdn.checkpoint import MODEL_JSON, MODEL_WEIGHTS
 from tsdn.patchcore import PatchCoreConfig
-from tsdn_platform import store
+from tsdn_platform import layout, store
 
 __all__ = ["PatchEmbedder", "fit_patchcore"]
 
@@ -115,7 +115,7 @@ def fit_patchcore(cfg: Any, product: str, run_name: str, datasets: dict[str, Any
     )
     test = evaluate(labels, scores, masks, maps)
 
-    run_uri = store.join(cfg.store, "runs", product, run_name)
+    run_uri = layout.run_uri(cfg.store, product, run_name)
     checkpoint_dir = "patchcore"
     files = checkpoint_files(model, calibration, extra={"training": {"product": product, "run": run_name, "fit": fit}})
     for name in (MODEL_WEIGHTS, MODEL_JSON):

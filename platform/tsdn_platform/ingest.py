@@ -1,4 +1,4 @@
-"""Ingest an MVTec-style tree into the shard contract, and read it back for training.
+"""Ingest an MVTec-style tree into the shard contract (:mod:`tsdn_platform.shards`).
 
 Source layout (a local folder or an ``s3://`` prefix)::
 
@@ -10,28 +10,13 @@ Products are the folders with a ``train/good`` folder. A Ray Data pipeline decod
 image (:mod:`tsdn.image`), pairs and normalises its mask, and precomputes the SLIC label map of every
 train image at the training resolution (:mod:`tsdn.surf`), so SURF costs nothing per training step.
 
-Output, per product (``<dataset> = <store>/datasets/<name>``)::
-
-    <dataset>/<product>/train/part-00000.parquet ...   zstd; rows sorted by image_id
-    <dataset>/<product>/test/part-00000.parquet ...
-    <dataset>/<product>/manifest.json                  written last: counts, files, settings, content_hash
-    <dataset>/<product>/ingest_report.json             every skipped or converted file, with its reason
-    <dataset>/manifest.json                            one entry per product (content hashes, counts)
-    <dataset>/ingest_config.yaml                       the resolved IngestConfig
-
-Shard rows: ``image_id`` (the source path relative to the root, ``<product>/<split>/<defect>/<file>``),
-``product``, ``split``, ``label`` (int8: 0 normal, 1 anomalous), ``defect_type``, ``image`` (the original
-encoded bytes), ``mask`` (binary 0/255 PNG, null for good images), ``height``, ``width`` (original),
-``sha256`` (of ``image``), ``source_mode`` (the original PIL mode), ``superpixels``
-(:func:`tsdn.surf.encode_labels` of the (S, S) SLIC map, train split; null on test), ``fold`` (uint8 0..9
-from the image_id hash, for a stable validation hold-out) and ``notes`` (conversions, e.g.
-``"mask thresholded at 128"``; empty when none).
+Output: the shard contract of :mod:`tsdn_platform.shards` (layout, row schema, manifests).
 
 A re-run over the same source writes the same rows and the same ``content_hash``. A product's shards are
 replaced so that a reader never sees a mix: new shards are staged under ``<product>/_staging-<id>/``, the old
 manifest is removed, the old shards deleted, the staged ones moved in, and the new manifest written last.
-Readers go through the manifest (:func:`read_split`), so they see either a complete product or a clear
-"not ingested" error.
+Readers go through the manifest (:func:`tsdn_platform.shards.read_split`), so they see either a complete
+product or a clear "not ingested" error.
 """
 
 from __future__ import annotations
@@ -57,26 +42,31 @@ import ray
 
 from tsdn_platform import store
 from tsdn_platform.config import ConfigError, config_to_yaml, load_config
+from tsdn_platform.layout import dataset_uri
 from tsdn_platform.names import NAME_PATTERN, validate_name
+from tsdn_platform.shards import (
+    FORMAT,
+    MANIFEST,
+    SCHEMA,
+    SPLITS,
+    IngestError,
+    committed_rows,
+    fold_of,
+    resize_image,
+)
 
 __all__ = [
-    "FORMAT",
     "IMAGE_EXTENSIONS",
     "IngestConfig",
     "IngestError",
     "discover",
     "main",
-    "read_manifest",
-    "read_split",
-    "resize_image",
     "run_ingest",
 ]
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "tsdn-shards/1"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-SPLITS = ("train", "test")
 _TARGET_FILE_BYTES = 128 * 1024 * 1024
 _ROWS_PER_FILE_RANGE = (16, 4096)
 # What the driver pulls back after processing (no pixel bytes): counts, hashes, the report, timings.
@@ -88,18 +78,6 @@ _META_COLUMNS = [
 
 # The config's ``store`` field shadows the module inside the class body.
 _STORE_RETRY_S = store.DEFAULT_RETRY_S
-
-
-class IngestError(ValueError):
-    """The source or the settings cannot produce a dataset; the message names the input. Picklable."""
-
-    def __init__(self, where: str, reason: str) -> None:
-        super().__init__(f"{where}: {reason}")
-        self.where = where
-        self.reason = reason
-
-    def __reduce__(self) -> tuple[type[IngestError], tuple[str, str]]:
-        return (type(self), (self.where, self.reason))
 
 
 @dataclass
@@ -177,13 +155,6 @@ class IngestConfig:
 # --- pixels: one resize for ingest (SLIC input) and the training reader ------------------------------
 
 
-def resize_image(rgb: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (3, S, S) float32 in [0, 1], by :func:`tsdn.predict.resize_rgb` (what serving does)."""
-    from tsdn.predict import resize_rgb
-
-    return resize_rgb(rgb, size).numpy()
-
-
 def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     """(H, W) uint8 0/255 -> (1, S, S) float32 in {0, 1}, by :func:`tsdn.image.resize_mask` (what scoring does)."""
     from tsdn.image import resize_mask
@@ -191,15 +162,7 @@ def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return resize_mask(mask, (size, size))[None].astype(np.float32)
 
 
-def _fold(image_id: str) -> int:
-    return int(hashlib.sha1(image_id.encode()).hexdigest()[:8], 16) % 10
-
-
 # --- discovery (driver) ---------------------------------------------------------------------------
-
-
-def _relative(root: str, uri: str) -> str:
-    return uri[len(root.rstrip("/")) :].lstrip("/")
 
 
 def discover(source: str, products: list[str] | None = None) -> dict[str, list[str]]:
@@ -207,13 +170,13 @@ def discover(source: str, products: list[str] | None = None) -> dict[str, list[s
     files = store.list_files(source)
     by_product: dict[str, list[str]] = {}
     for uri in files:
-        parts = _relative(source, uri).split("/")
+        parts = store.relative(uri, source).split("/")
         if len(parts) >= 2:
             by_product.setdefault(parts[0], []).append(uri)
     found = {
         product: uris
         for product, uris in sorted(by_product.items())
-        if any(_relative(source, u).split("/")[1:3] == ["train", "good"] for u in uris)
+        if any(store.relative(u, source).split("/")[1:3] == ["train", "good"] for u in uris)
     }
     if not found:
         reason = (
@@ -243,7 +206,7 @@ def _plan_product(source: str, product: str, uris: list[str]) -> tuple[list[dict
     """Files of one product -> (items to process, files skipped at planning time with their reason)."""
     masks: dict[tuple[str, str], str] = {}
     for uri in uris:
-        parts = _relative(source, uri).split("/")
+        parts = store.relative(uri, source).split("/")
         if len(parts) == 4 and parts[1] == "ground_truth" and parts[3].lower().endswith(IMAGE_EXTENSIONS):
             stem = posixpath.splitext(parts[3])[0]
             key = (parts[2], stem.removesuffix("_mask"))
@@ -253,7 +216,7 @@ def _plan_product(source: str, product: str, uris: list[str]) -> tuple[list[dict
     skipped: list[dict[str, str]] = []
     used_masks = set()
     for uri in uris:
-        rel = _relative(source, uri)
+        rel = store.relative(uri, source)
         parts = rel.split("/")
         if parts[1] == "ground_truth":
             continue
@@ -288,7 +251,7 @@ def _plan_product(source: str, product: str, uris: list[str]) -> tuple[list[dict
     for uri in sorted(mask_uris - used_masks):
         skipped.append({"file": uri, "reason": "mask without a matching test image"})
     for uri in uris:
-        parts = _relative(source, uri).split("/")
+        parts = store.relative(uri, source).split("/")
         if parts[1] == "ground_truth" and uri not in mask_uris:
             skipped.append({"file": uri, "reason": "not a mask file (expected ground_truth/<defect>/<stem>_mask.png)"})
     items.sort(key=lambda item: item["image_id"])
@@ -363,7 +326,7 @@ def _process_item(item: dict[str, Any], settings: dict[str, Any]) -> dict[str, A
         sha256="",
         source_mode="",
         superpixels=None,
-        fold=_fold(item["image_id"]),
+        fold=fold_of(item["image_id"]),
         notes="",
         error=None,
         decode_s=0.0,
@@ -407,27 +370,6 @@ def _process_item(item: dict[str, Any], settings: dict[str, Any]) -> dict[str, A
         row["superpixels"] = encode_labels(labels)
         row["slic_s"] = time.perf_counter() - start
     return row
-
-
-def _shard_schema() -> pa.Schema:
-    return pa.schema(
-        [
-            ("image_id", pa.string()),
-            ("product", pa.string()),
-            ("split", pa.string()),
-            ("label", pa.int8()),
-            ("defect_type", pa.string()),
-            ("image", pa.binary()),
-            ("mask", pa.binary()),
-            ("height", pa.int32()),
-            ("width", pa.int32()),
-            ("sha256", pa.string()),
-            ("source_mode", pa.string()),
-            ("superpixels", pa.binary()),
-            ("fold", pa.uint8()),
-            ("notes", pa.string()),
-        ]
-    )
 
 
 # --- planning and writing (driver + Ray Data) ---------------------------------------------------------
@@ -487,7 +429,7 @@ def _process_chunk(batch: dict[str, np.ndarray], settings: dict[str, Any], stagi
         rows = [_process_item(item, settings) for item in json.loads(str(batch["items"][0]))]
         valid = sorted((row for row in rows if row["error"] is None), key=lambda row: row["image_id"])
         if valid:
-            shard = pa.Table.from_pylist(valid, schema=_shard_schema())
+            shard = pa.Table.from_pylist(valid, schema=SCHEMA)
             uri = store.join(staging, chunk)
             fs, path = store.resolve(uri)
             if isinstance(fs, pafs.LocalFileSystem):
@@ -504,20 +446,19 @@ def _meta_schema() -> pa.Schema:
         "decode_s": pa.float64(),
         "slic_s": pa.float64(),
     }
-    shard = _shard_schema()
+    shard = SCHEMA
     return pa.schema([(name, shard.field(name).type if name in shard.names else extra[name]) for name in _META_COLUMNS])
 
 
 def _commit(product_uri: str, staged_uri: str) -> dict[str, list[dict[str, Any]]]:
     """Swap a product's staged shards in; return the manifest's ``files`` section. The manifest goes first."""
-    store.delete(store.join(product_uri, "manifest.json"))
+    store.delete(store.join(product_uri, MANIFEST))
     files: dict[str, list[dict[str, Any]]] = {}
     for split in SPLITS:
         store.delete(store.join(product_uri, split), recursive=True)
         files[split] = []
         for index, uri in enumerate(store.list_files(store.join(staged_uri, split), suffixes=(".parquet",))):
-            fs, path = store.resolve(uri)
-            rows = store.retrying(uri, lambda fs=fs, path=path: pq.read_metadata(path, filesystem=fs).num_rows)
+            rows = committed_rows(uri)
             relative = f"{split}/part-{index:05d}.parquet"
             store.move(uri, store.join(product_uri, relative))
             files[split].append({"path": relative, "rows": rows})
@@ -532,7 +473,7 @@ def _content_hash(cfg: IngestConfig, rows: list[dict[str, Any]], skipped: list[d
     for row in sorted(rows, key=lambda r: r["image_id"]):
         fields = (row["image_id"], row["label"], row["defect_type"], row["sha256"], row["mask_sha256"], row["notes"])
         digest.update(json.dumps(fields).encode())
-    for entry in sorted(_relative(cfg.source, s["file"]) for s in skipped):
+    for entry in sorted(store.relative(s["file"], cfg.source) for s in skipped):
         digest.update(entry.encode())
     return f"sha256:{digest.hexdigest()}"
 
@@ -546,7 +487,7 @@ def _finish_product(
         skipped + [{"file": row["source_uri"], "reason": row["error"]} for row in meta if row["error"] is not None],
         key=lambda entry: entry["file"],
     )
-    product_uri = store.join(cfg.store, "datasets", cfg.dataset, product)
+    product_uri = dataset_uri(cfg.store, cfg.dataset, product)
     files = _commit(product_uri, store.join(staging, product))
     counts: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
     for (split, defect), n in sorted(Counter((row["split"], row["defect_type"]) for row in good).items()):
@@ -576,21 +517,12 @@ def _finish_product(
         },
     }
     store.replace_json(store.join(product_uri, "ingest_report.json"), report)
-    store.replace_json(store.join(product_uri, "manifest.json"), manifest)
+    store.replace_json(store.join(product_uri, MANIFEST), manifest)
     rows = manifest["n_rows"]
     logger.info(
         "%s: %d train, %d test rows, %d skipped -> %s", product, rows["train"], rows["test"], len(skipped), product_uri
     )
     return manifest
-
-
-def _discard_staging(staging: str) -> None:
-    """Best-effort cleanup after a failure: it must not wait out another retry budget, nor hide the failure."""
-    try:
-        with store.retry_budget(0):
-            store.delete(staging, recursive=True)
-    except store.StoreError as exc:
-        logger.warning("left %s behind (%s); readers never look there", staging, exc.reason)
 
 
 def run_ingest(cfg: IngestConfig) -> dict[str, Any]:
@@ -612,12 +544,12 @@ def _run_ingest(cfg: IngestConfig) -> dict[str, Any]:
     from tsdn_platform.ray_session import init_ray
 
     products = discover(cfg.source, cfg.products)
-    dataset_uri = store.join(cfg.store, "datasets", cfg.dataset)
-    store.list_files(dataset_uri, recursive=False)  # fail fast (a clear StoreError) if the store is unusable
+    root = dataset_uri(cfg.store, cfg.dataset)
+    store.list_files(root, recursive=False)  # fail fast (a clear StoreError) if the store is unusable
     items, planned_skips = _plan(cfg, products)
     init_ray(cfg.address)
     settings = cfg.item_settings()
-    staging = store.join(dataset_uri, f"_staging-{uuid.uuid4().hex[:12]}")
+    staging = store.join(root, f"_staging-{uuid.uuid4().hex[:12]}")
     chunks: dict[str, list[dict[str, Any]]] = {}
     for item in items:
         chunks.setdefault(item.pop("chunk"), []).append(item)
@@ -639,11 +571,11 @@ def _run_ingest(cfg: IngestConfig) -> dict[str, Any]:
                 raise IngestError(store.join(cfg.source, product), f"every train image was rejected ({reasons})")
         manifests = {p: _finish_product(cfg, p, by_product[p], planned_skips[p], staging) for p in products}
     except BaseException:
-        _discard_staging(staging)
+        store.discard(staging)
         raise
     store.delete(staging, recursive=True)
 
-    index_uri = store.join(dataset_uri, "manifest.json")
+    index_uri = store.join(root, MANIFEST)
     entries = store.read_json(index_uri)["products"] if store.exists(index_uri) else {}
     for product, manifest in manifests.items():
         entries[product] = {key: manifest[key] for key in ("content_hash", "counts", "n_rows", "source")}
@@ -656,104 +588,9 @@ def _run_ingest(cfg: IngestConfig) -> dict[str, Any]:
         "products": dict(sorted(entries.items())),
         "content_hash": f"sha256:{combined.hexdigest()}",
     }
-    store.replace_bytes(store.join(dataset_uri, "ingest_config.yaml"), config_to_yaml(cfg).encode())
+    store.replace_bytes(store.join(root, "ingest_config.yaml"), config_to_yaml(cfg).encode())
     store.replace_json(index_uri, index)
     return index
-
-
-# --- reading --------------------------------------------------------------------------------------
-
-
-def read_manifest(store_uri: str, dataset: str, product: str | None = None) -> dict[str, Any]:
-    """The product's ``manifest.json`` (or the dataset's index when ``product`` is None)."""
-    parts = ("datasets", dataset, product, "manifest.json") if product else ("datasets", dataset, "manifest.json")
-    uri = store.join(store_uri, *parts)
-    try:
-        return store.read_json(uri)
-    except store.StoreError as exc:
-        if exc.kind == "not_found":
-            what = f"product {product!r} of dataset {dataset!r}" if product else f"dataset {dataset!r}"
-            raise IngestError(uri, f"{what} is not ingested (or is being re-ingested); run `tsdn ingest`") from exc
-        raise
-
-
-def _read_shard(batch: dict[str, np.ndarray], columns: list[str]) -> pa.Table:
-    """Ray Data UDF (``batch_size=1``): one shard file URI -> its rows (``columns`` only)."""
-    uri = str(batch["uri"][0])
-    fs, path = store.resolve(uri)
-    return store.retrying(uri, lambda: pq.read_table(path, filesystem=fs, columns=columns))
-
-
-def _decode_batch(batch: dict[str, np.ndarray], image_size: int, image_dtype: str, superpixels: bool):
-    """Ray Data UDF: shard rows -> decoded, resized arrays (see :func:`read_split`)."""
-    from tsdn.image import decode_image, to_rgb
-    from tsdn.surf import decode_labels
-
-    n = len(batch["image_id"])
-    images = np.empty((n, 3, image_size, image_size), dtype=np.float32)
-    masks = np.zeros((n, 1, image_size, image_size), dtype=np.float32)
-    for i in range(n):
-        name = str(batch["image_id"][i])
-        images[i] = resize_image(to_rgb(decode_image(batch["image"][i], name))[0], image_size)
-        if batch["mask"][i] is not None:
-            mask = np.asarray(decode_image(batch["mask"][i], f"{name} (mask)").convert("L"))
-            masks[i] = _resize_mask(mask, image_size)
-    out = {
-        "image": np.round(images * 255.0).astype(np.uint8) if image_dtype == "uint8" else images,
-        "mask": masks,
-        "label": batch["label"].astype(np.int64),
-        "fold": batch["fold"].astype(np.int64),
-        "image_id": batch["image_id"],
-        "defect_type": batch["defect_type"],
-    }
-    if superpixels:
-        shape = (image_size, image_size)
-        out["superpixels"] = np.stack([decode_labels(data, shape).astype(np.int32) for data in batch["superpixels"]])
-    return out
-
-
-def read_split(
-    store_uri: str,
-    dataset: str,
-    product: str,
-    split: str,
-    columns: list[str] | None = None,
-    image_dtype: str = "float32",
-):
-    """A Ray Dataset of one ingested split, decoded and resized to the manifest's ``image_size`` S.
-
-    Rows (numpy per batch; ``iter_torch_batches`` turns the numeric ones into tensors):
-        image:       (3, S, S) float32 in [0, 1] (``image_dtype="float32"``) or uint8 (``"uint8"``)
-        mask:        (1, S, S) float32 in {0, 1}; zeros for good images
-        superpixels: (S, S) int32 SLIC labels 0..K-1 (train split only)
-        label:       int64, 0 normal / 1 anomalous
-        fold:        int64 0..9, stable per image (validation hold-out)
-        image_id, defect_type: str (drop them with ``columns=`` before ``iter_torch_batches``)
-
-    ``columns`` keeps only those output columns. Decoding runs in ``map_batches`` on CPU workers.
-    """
-    if split not in SPLITS:
-        msg = f"split {split!r}: expected one of {', '.join(SPLITS)}"
-        raise ValueError(msg)
-    if image_dtype not in ("float32", "uint8"):
-        msg = f"image_dtype {image_dtype!r}: expected 'float32' or 'uint8'"
-        raise ValueError(msg)
-    manifest = read_manifest(store_uri, dataset, product)
-    product_uri = store.join(store_uri, "datasets", dataset, product)
-    files = [store.join(product_uri, f["path"]) for f in manifest["files"][split]]
-    if not files:
-        raise IngestError(product_uri, f"no {split} rows in this dataset")
-    superpixels = split == "train"
-    needed = ["image_id", "label", "defect_type", "image", "mask", "fold"] + (["superpixels"] if superpixels else [])
-    # One read task per shard file listed in the manifest (never a directory listing, so never a file of another
-    # ingest run); ``ray.data.read_parquet`` would add a metadata pass that costs more than these small reads.
-    ds = ray.data.from_items([{"uri": uri} for uri in files], override_num_blocks=len(files))
-    ds = ds.map_batches(_read_shard, fn_kwargs={"columns": needed}, batch_size=1, batch_format="numpy")
-    kwargs = {"image_size": manifest["image_size"], "image_dtype": image_dtype, "superpixels": superpixels}
-    ds = ds.map_batches(_decode_batch, fn_kwargs=kwargs, batch_size=16, batch_format="numpy")
-    if columns is not None:
-        ds = ds.select_columns(list(columns))
-    return ds
 
 
 # --- CLI ------------------------------------------------------------------------------------------
@@ -774,10 +611,10 @@ def main(args: argparse.Namespace) -> int:
     }
     cfg = load_config(IngestConfig, args.config, args.overrides, explicit=explicit)
     index = run_ingest(cfg)
-    dataset_uri = store.join(cfg.store, "datasets", cfg.dataset)
+    root = dataset_uri(cfg.store, cfg.dataset)
     for product, entry in index["products"].items():
         print(
             f"{product}: {entry['n_rows']['train']} train, {entry['n_rows']['test']} test rows, {entry['content_hash']}"
         )
-    print(f"dataset {cfg.dataset}: {dataset_uri} ({index['content_hash']})")
+    print(f"dataset {cfg.dataset}: {root} ({index['content_hash']})")
     return 0

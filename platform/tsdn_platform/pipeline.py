@@ -28,8 +28,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tsdn._config_io import from_dict, merge
-from tsdn_platform import store
+from tsdn.config_io import from_dict, merge
+from tsdn_platform import layout
 from tsdn_platform.config import ConfigError, config_to_yaml, load_config
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class PipelineConfig:
                 raise ConfigError(msg)
 
     def score_output(self) -> str:
-        return self.output or store.join(self.store, "scores", f"{self.dataset}-test")
+        return self.output or layout.scores_uri(self.store, f"{self.dataset}-test")
 
 
 @dataclass
@@ -108,7 +108,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
-    logger.info("[1/3] ingest %s -> %s", cfg.source, store.join(cfg.store, "datasets", cfg.dataset))
+    logger.info("[1/3] ingest %s -> %s", cfg.source, layout.dataset_uri(cfg.store, cfg.dataset))
     index = run_ingest(ingest_cfg)
     timings["ingest_s"] = time.perf_counter() - started
 
@@ -128,7 +128,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
             merge(
                 {
                     "store": cfg.store,
-                    "input": store.join(cfg.store, "datasets", cfg.dataset),
+                    "input": layout.dataset_uri(cfg.store, cfg.dataset),
                     "output": output,
                     "split": "test",
                     "versions": {p: results[p].version for p in trained},

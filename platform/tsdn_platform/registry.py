@@ -55,7 +55,7 @@ from typing import Any, Literal
 import pyarrow.fs as pafs
 
 from tsdn.runtime import EXPORT_FORMATS, EXPORT_JSON
-from tsdn_platform import __version__, store
+from tsdn_platform import __version__, layout, store
 from tsdn_platform.names import NAME_PATTERN, validate_name
 
 __all__ = [
@@ -185,7 +185,7 @@ class Registry:
 
     def __init__(self, store_uri: str) -> None:
         self.store_uri = store_uri
-        self.root = store.join(store_uri, "registry")
+        self.root = layout.registry_uri(store_uri)
 
     # --- paths -----------------------------------------------------------------------------------
 
@@ -202,11 +202,7 @@ class Registry:
 
     def list_products(self) -> list[str]:
         """Products with at least one complete version, sorted."""
-        fs, path = store.resolve(self.root)
-        selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
-        infos = store.retrying(self.root, lambda: fs.get_file_info(selector))
-        names = sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory)
-        return [name for name in names if NAME_PATTERN.match(name) and self.list_versions(name)]
+        return [name for name in store.list_dirs(self.root) if NAME_PATTERN.match(name) and self.list_versions(name)]
 
     def list_versions(self, product: str) -> list[str]:
         """Complete versions of ``product`` (those with a ``metrics.json``), oldest first."""

@@ -48,7 +48,16 @@ from PIL import Image
 from tsdn.image import colorize, decode_image, to_rgb
 from tsdn_platform import store
 from tsdn_platform.report_stats import OUTCOMES, UNLABELLED, Confusion, ProductStats, outcome, product_stats
-from tsdn_platform.score_rows import MAP_COLUMNS, SCHEMA, UNROUTED, decode_maps
+from tsdn_platform.score_rows import (
+    MAP_COLUMNS,
+    SCHEMA,
+    STAGING,
+    UNROUTED,
+    committed_files,
+    decode_maps,
+    parse_source,
+    read_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -197,12 +206,11 @@ def _from_table(table: pa.Table) -> _Source:
 
 def _from_output(uri: str) -> _Source:
     """A committed job: the small columns of every part now, the maps of the rows that get a card later."""
-    manifest_uri = store.join(uri, "_manifest.json")
-    manifest = store.read_json(manifest_uri) if store.exists(manifest_uri) else None
+    manifest = read_manifest(uri)
     if manifest is not None:
-        files = [store.join(uri, f) for p in manifest.get("products", {}).values() for f in p.get("files", [])]
-    else:
-        files = [f for f in store.list_files(uri, suffixes=(".parquet",)) if "/_staging/" not in f]
+        files = committed_files(uri, manifest)
+    else:  # Parquet score rows written by something else than the score job: every file but the staged ones
+        files = [f for f in store.list_files(uri, suffixes=(".parquet",)) if f"/{STAGING}/" not in f]
     if not files:
         msg = f"{uri}: no score Parquet files"
         raise ValueError(msg)
@@ -234,9 +242,9 @@ def _load_image(source_uri: str | None) -> tuple[np.ndarray, np.ndarray | None]:
     if not source_uri:
         msg = "row has no source_uri"
         raise ValueError(msg)
-    base, _, image_id = source_uri.partition("#")
+    base, image_id = parse_source(source_uri)
     mask = None
-    if image_id and base.endswith(".parquet"):
+    if image_id is not None:
         fs, path = store.resolve(base)
         columns = [c for c in ("image", "mask") if c in pq.read_schema(path, filesystem=fs).names]
         # the filter skips row groups whose statistics exclude the id: no need to read the whole shard

@@ -53,8 +53,9 @@ resources and stay apart, so CPU tasks decode while the GPUs score. Resizing to 
 inside :meth:`tsdn.predict.Predictor.predict`, the one preprocessing path, so batch scores equal serving
 scores for the same bytes.
 
-This module imports torch only where it scores: the write tasks deserialize :class:`ScoreDatasink` from
-it, and a fresh worker then starts in about half the time (torch is 1.6 s of its 3.1 s import here).
+The stages live in :mod:`tsdn_platform.score_stages`, which imports torch only where it scores: the write tasks
+deserialize :class:`~tsdn_platform.score_stages.ScoreDatasink` from it, and a fresh worker then starts in about
+half the time (torch is 1.6 s of its 3.1 s import here).
 
 Why every scorer actor holds the models of all products in the job: one pool stays busy whatever the
 product mix of the input, and a TSDN is small (Lite0 ~4 M parameters, b5 ~30 M), so tens of product
@@ -72,8 +73,7 @@ import logging
 import re
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,38 +84,25 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 import ray.data
-from ray.data import Datasink
-from ray.data.block import BlockAccessor
-from ray.data.datasource.datasink import WriteResult
 
-from tsdn._config_io import to_dict
-from tsdn.image import decode_image, resize_mask, to_rgb
+from tsdn.config_io import to_dict
+from tsdn.image import decode_image, resize_mask
 from tsdn.runtime import runtime_format, runtime_problem
-from tsdn_platform import store
-from tsdn_platform.config import load_config
-from tsdn_platform.score_rows import (
-    MAP_COLUMNS,
-    SCHEMA,
-    TRUTH_COLUMNS,
-    UNROUTED,
-    decode_maps,
-    encode_maps,
-    product_folder,
-)
+from tsdn_platform import shards, store
+from tsdn_platform.config import ConfigError, load_config
+from tsdn_platform.names import validate_name
+from tsdn_platform.score_rows import MANIFEST, MAP_COLUMNS, STAGING, decode_maps
+from tsdn_platform.score_stages import MAX_ERROR_SAMPLES, ScoreDatasink, Scorer, decode_inputs, select_shard_rows
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "MANIFEST",
     "ScoreConfig",
-    "ScoreDatasink",
     "ScoreFailed",
     "main",
     "run_scoring",
 ]
 
-MANIFEST = "_manifest.json"
-STAGING = "_staging"
 _SHARD_PATTERN = re.compile(r"(^|/)part-[^/]*\.parquet$")
 # A committed score part, relative to the output: <product or @unrouted>/part-*.parquet (never _staging/...).
 _PART_FILE = re.compile(r"[A-Za-z0-9@][^/]*/part-[^/]*\.parquet")
@@ -123,7 +110,6 @@ _PART_FILE = re.compile(r"[A-Za-z0-9@][^/]*/part-[^/]*\.parquet")
 _SHARD_COLUMNS = ["image_id", "product", "image"]
 # Ground truth of the shard contract that the score rows carry along (as label, defect_type, has_mask).
 _TRUTH_COLUMNS = ["label", "defect_type", "mask"]
-_MAX_ERROR_SAMPLES = 20
 # The config's ``store`` field shadows the module inside the class body.
 _STORE_RETRY_S = store.DEFAULT_RETRY_S
 
@@ -193,40 +179,45 @@ class ScoreConfig:
         for name in ("store", "input", "output"):
             if not getattr(self, name):
                 msg = f"{name} is required"
-                raise ValueError(msg)
+                raise ConfigError(msg)
         if self.product and self.product_from_path:
             msg = f"product={self.product!r} and product_from_path={self.product_from_path!r} exclude each other"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if self.product_from_path is not None:
-            _path_regex(self.product_from_path)
+            try:
+                _path_regex(self.product_from_path)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
         if self.batch_size < 1 or self.min_rows_per_file < 1 or self.report_max_images < 1:
             msg = "batch_size, min_rows_per_file and report_max_images must be >= 1"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         low, high = self.num_actors
         if not 1 <= low <= high:
             msg = f"num_actors={list(self.num_actors)}: expected [min, max] with 1 <= min <= max"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if self.num_cpus_per_actor < 0 or self.num_gpus_per_actor < 0:
             msg = "num_cpus_per_actor and num_gpus_per_actor must be >= 0"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if self.output_map_size is not None and self.output_map_size < 1:
             msg = f"output_map_size={self.output_map_size}: expected a positive size or null (model size)"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if self.max_image_pixels < 1:
             msg = f"max_image_pixels={self.max_image_pixels}: expected >= 1"
-            raise ValueError(msg)
-        if self.job_id is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", self.job_id):
-            msg = f"job_id={self.job_id!r}: use letters, digits, '.', '_' and '-' only"
-            raise ValueError(msg)
+            raise ConfigError(msg)
+        if self.job_id is not None:
+            try:
+                validate_name(self.job_id, "job")
+            except ValueError as exc:
+                raise ConfigError(f"job_id: {exc}") from exc
         if not 0.0 <= self.max_error_fraction <= 1.0:
             msg = f"max_error_fraction={self.max_error_fraction}: expected a fraction in [0, 1]"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if self.store_retry_s < 0:
             msg = f"store_retry_s={self.store_retry_s}: must be >= 0"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         problem = runtime_problem(self.runtime, self.num_gpus_per_actor, "num_gpus_per_actor")
         if problem is not None:
-            raise ValueError(problem)
+            raise ConfigError(problem)
 
 
 @dataclass
@@ -263,33 +254,32 @@ def _path_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out) + r"\Z")
 
 
-def _relative(uri: str, root: str) -> str:
-    return uri[len(root) :].lstrip("/") if uri.startswith(root) else uri
-
-
 def _is_hidden(relative_path: str) -> bool:
     return any(part.startswith((".", "_")) for part in relative_path.split("/"))
 
 
 def _list_inputs(cfg: ScoreConfig) -> _Inputs:
     root = cfg.input.rstrip("/")
-    files = sorted(f for f in store.list_files(root, recursive=True) if not _is_hidden(_relative(f, root)))
+    committed = shards.files_under(root, cfg.split)
+    if committed:  # an ingested dataset, product or split: the manifests list its shards
+        return _list_shards(cfg, committed)
+    files = sorted(f for f in store.list_files(root, recursive=True) if not _is_hidden(store.relative(f, root)))
     if not files:
         msg = f"{cfg.input}: no input files"
         raise ValueError(msg)
-    shards = [f for f in files if _SHARD_PATTERN.search(_relative(f, root))]
-    if shards:
-        # Ingest writes <dataset>/<product>/<split>/part-*.parquet: skip other splits' files unread (the
-        # row filter on ``split`` still decides).
-        in_split = [f for f in shards if cfg.split is not None and f"/{cfg.split}/" in f"/{_relative(f, root)}"]
-        return _list_shards(cfg, in_split or shards)
+    parquet = [f for f in files if _SHARD_PATTERN.search(store.relative(f, root))]
+    if parquet:
+        # Shards without a manifest (written by hand): skip other splits' files unread (the row filter on
+        # ``split`` still decides).
+        in_split = [f for f in parquet if cfg.split is not None and f"/{cfg.split}/" in f"/{store.relative(f, root)}"]
+        return _list_shards(cfg, in_split or parquet)
     if cfg.product is None and cfg.product_from_path is None:
         msg = f"{cfg.input}: raw images need product or product_from_path to choose a model"
         raise ValueError(msg)
     regex = _path_regex(cfg.product_from_path) if cfg.product_from_path else None
     items = []
     for uri in files:
-        rel = _relative(uri, root)
+        rel = store.relative(uri, root)
         product = cfg.product
         if regex is not None:
             match = regex.match(rel)
@@ -342,7 +332,7 @@ class _Models:
 
 
 def _resolve_models(cfg: ScoreConfig, products: Iterable[str]) -> _Models:
-    from tsdn_platform.registry import Registry, UnknownProductError, validate_name
+    from tsdn_platform.registry import Registry, UnknownProductError
 
     registry = Registry(cfg.store)
     models = _Models({}, {}, {})
@@ -393,223 +383,7 @@ def _job_id(cfg: ScoreConfig, inputs: _Inputs, models: _Models) -> str:
     return digest.hexdigest()[:16]
 
 
-# --- Ray stages -----------------------------------------------------------------------------------
-
-_DECODED_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("source_uri", pa.string()),
-        ("product", pa.string()),
-        ("pixels", pa.large_binary()),
-        ("height", pa.int32()),
-        ("width", pa.int32()),
-        ("error", pa.string()),
-        *((name, SCHEMA.field(name).type) for name in TRUTH_COLUMNS),
-    ]
-)
-
-
-def _read_input(row: dict[str, Any]) -> bytes:
-    """An input's encoded bytes. ValueError when the object vanished since the listing (this input's error);
-    any other :class:`store.StoreError` is the store failing, and propagates to fail the job."""
-    if "image" in row:
-        return row["image"]
-    try:
-        return store.read_bytes(row["source_uri"])
-    except store.StoreError as exc:
-        if exc.kind != store.NOT_FOUND:
-            raise
-        msg = f"{row['source_uri']}: no longer exists (listed, then gone before it was read)"
-        raise ValueError(msg) from exc
-
-
-def _decode_batch(batch: pa.Table, unavailable: Mapping[str, str], max_pixels: int, store_retry_s: float) -> pa.Table:
-    """Read (raw inputs) and decode one batch into RGB pixels; input errors become rows with ``error`` set.
-
-    Output ``pixels``: ``(height, width, 3)`` uint8, row-major bytes.
-    """
-    with store.retry_budget(store_retry_s):
-        return _decode_rows(batch, unavailable, max_pixels)
-
-
-def _decode_rows(batch: pa.Table, unavailable: Mapping[str, str], max_pixels: int) -> pa.Table:
-    rows = batch.to_pylist()
-    out: dict[str, list[Any]] = {name: [] for name in _DECODED_SCHEMA.names}
-    for row in rows:
-        uri = row["source_uri"]
-        product = row["product"]
-        pixels, height, width, error = None, None, None, None
-        if product is None:
-            error = f"{uri}: path does not match the product pattern"
-        elif product in unavailable:
-            error = f"{uri}: {unavailable[product]}"
-        else:
-            try:
-                rgb, _ = to_rgb(decode_image(_read_input(row), uri, max_pixels))
-                height, width = rgb.shape[:2]
-                pixels = np.ascontiguousarray(rgb).tobytes()
-            except (ValueError, OSError) as exc:  # ImageDecodeError is a ValueError; store failures are not caught
-                error = str(exc)
-        truth = [row.get(name) for name in TRUTH_COLUMNS]  # raw images have none
-        for name, value in zip(
-            _DECODED_SCHEMA.names, (row["image_id"], uri, product, pixels, height, width, error, *truth), strict=True
-        ):
-            out[name].append(value)
-    return pa.table(out, schema=_DECODED_SCHEMA)
-
-
-class _Scorer:
-    """Scorer actor: loads every product's pinned Predictor once (on its first batch), then scores decoded batches.
-
-    Not in ``__init__``: an actor whose ``__init__`` raises reaches the driver as an ActorDiedError that keeps
-    its cause only as text, so a store outage while loading weights could not be told from a bug. Raised from
-    a batch, the StoreError reaches the driver as itself.
-    """
-
-    def __init__(
-        self,
-        store_uri: str,
-        versions: Mapping[str, str],
-        shapes: Mapping[str, tuple[int, int]],
-        batch_size: int,
-        device: str | None,
-        store_retry_s: float,
-        runtime: str = "torch",
-    ) -> None:
-        self._store_uri = store_uri
-        self._runtime = runtime
-        self._versions = dict(versions)
-        self._shapes = {p: tuple(s) for p, s in shapes.items()}
-        self._batch_size = batch_size
-        self._device = device
-        self._store_retry_s = store_retry_s
-        self._loaded: dict[str, Any] | None = None
-
-    def _predictors(self) -> dict[str, Any]:
-        if self._loaded is None:
-            from tsdn_platform.registry import Registry
-
-            registry = Registry(self._store_uri)
-            with store.retry_budget(self._store_retry_s):
-                loaded = {
-                    p: registry.load_predictor(p, v, device=self._device, runtime=self._runtime)[0]
-                    for p, v in self._versions.items()
-                }
-            for predictor in loaded.values():
-                predictor.batch_size = self._batch_size  # one forward pass per product per Ray Data batch
-            self._loaded = loaded
-        return self._loaded
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        by_product: dict[str, list[int]] = defaultdict(list)
-        for i, row in enumerate(rows):
-            if row["error"] is None:
-                by_product[row["product"]].append(i)
-        results: dict[int, Any] = {}
-        for product, indices in by_product.items():
-            images = [
-                np.frombuffer(bytearray(rows[i]["pixels"]), np.uint8).reshape(rows[i]["height"], rows[i]["width"], 3)
-                for i in indices
-            ]
-            detections = self._predictors()[product].predict(images, map_size=self._shapes[product])
-            results.update(zip(indices, detections, strict=True))
-        scalars = [name for name in SCHEMA.names if name not in MAP_COLUMNS]
-        out: dict[str, list[Any]] = {name: [] for name in scalars}
-        maps = []
-        for i, row in enumerate(rows):
-            det = results.get(i)
-            values = {
-                **{name: row[name] for name in ("image_id", "source_uri", "product", "error", *TRUTH_COLUMNS)},
-                "model_version": self._versions.get(row["product"]),
-                "anomaly_score": None if det is None else float(det.anomaly_score),
-                "normalized_score": None if det is None else float(det.normalized_score),
-                "is_anomalous": None if det is None else bool(det.is_anomalous),
-                "threshold": None if det is None else float(det.threshold),
-            }
-            for name in scalars:
-                out[name].append(values[name])
-            maps.append(None if det is None else det.anomaly_map)
-        columns = {name: pa.array(out[name], SCHEMA.field(name).type) for name in scalars} | encode_maps(maps)
-        return pa.table({name: columns[name] for name in SCHEMA.names}, schema=SCHEMA)
-
-
-class ScoreDatasink(Datasink):
-    """Writes each write task's rows to ``<staging>/<product>/part-<part_prefix>-<task>.parquet`` (zstd).
-
-    ``results`` (on the driver, after the write): one dict per file with ``product``, ``file``, ``rows``,
-    ``errors`` and a few ``error_samples``.
-    """
-
-    def __init__(
-        self,
-        staging: str,
-        part_prefix: str,
-        min_rows: int,
-        store_retry_s: float = _STORE_RETRY_S,
-    ) -> None:
-        self._staging = staging
-        self._part_prefix = part_prefix
-        self._min_rows = min_rows
-        self._store_retry_s = store_retry_s
-        self.results: list[dict[str, Any]] = []
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self._min_rows
-
-    def write(self, blocks: Iterable[Any], ctx: Any) -> list[dict[str, Any]]:
-        tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
-        if not tables:
-            return []
-        table = pa.concat_tables(tables)
-        written = []
-        unrouted = pc.is_null(table["product"])
-        for product in sorted({p or UNROUTED for p in table["product"].to_pylist()}):
-            # equal() is null for null products, and filter() drops null selections
-            part = table.filter(unrouted if product == UNROUTED else pc.equal(table["product"], product))
-            name = f"part-{self._part_prefix}-{ctx.task_idx:05d}.parquet"
-            uri = store.join(self._staging, product_folder(None if product == UNROUTED else product), name)
-            buffer = pa.BufferOutputStream()
-            pq.write_table(part, buffer, compression="zstd")
-            with store.retry_budget(self._store_retry_s):
-                store.write_bytes(uri, buffer.getvalue().to_pybytes())
-            errors = part.filter(pc.is_valid(part["error"]))["error"].to_pylist()
-            written.append(
-                {
-                    "product": product,
-                    "file": uri,
-                    "rows": part.num_rows,
-                    "errors": len(errors),
-                    "error_samples": errors[:_MAX_ERROR_SAMPLES],
-                }
-            )
-        return written
-
-    def on_write_complete(self, write_result: WriteResult) -> None:
-        self.results = [r for returned in write_result.write_returns for r in returned]
-
-
-def _select_shard_rows(batch: pa.Table, uris: Mapping[str, str], split: str | None, product: str | None) -> pa.Table:
-    """Ingested shard rows -> the decode stage's input; ``source_uri`` = ``<shard uri>#<image_id>``."""
-    if split is not None:
-        batch = batch.filter(pc.field("split") == split)
-    if product is not None:
-        batch = batch.filter(pc.field("product") == product)
-    sources = [f"{uris[path]}#{image_id}" for path, image_id in zip(batch["path"].to_pylist(), batch["image_id"])]
-    names = batch.column_names
-    nulls = pa.nulls(batch.num_rows)
-    return pa.table(
-        {
-            "image_id": batch["image_id"],
-            "source_uri": pa.array(sources, pa.string()),
-            "product": batch["product"],
-            "image": batch["image"],
-            "label": batch["label"].cast(pa.int8()) if "label" in names else nulls.cast(pa.int8()),
-            "defect_type": batch["defect_type"] if "defect_type" in names else nulls.cast(pa.string()),
-            "has_mask": pc.is_valid(batch["mask"]) if "mask" in names else nulls.cast(pa.bool_()),
-        }
-    )
+# --- the Ray Data job -----------------------------------------------------------------------------
 
 
 def _build_dataset(cfg: ScoreConfig, inputs: _Inputs, models: _Models) -> ray.data.Dataset:
@@ -621,7 +395,7 @@ def _build_dataset(cfg: ScoreConfig, inputs: _Inputs, models: _Models) -> ray.da
             ray.data.read_parquet(list(paths), filesystem=fs, include_paths=True, partitioning=None)
             .select_columns([*columns, "path"])
             .map_batches(
-                _select_shard_rows,
+                select_shard_rows,
                 fn_kwargs={"uris": paths, "split": cfg.split, "product": cfg.product},
                 batch_format="pyarrow",
                 batch_size=cfg.batch_size,
@@ -632,7 +406,7 @@ def _build_dataset(cfg: ScoreConfig, inputs: _Inputs, models: _Models) -> ray.da
         ds = ray.data.from_items(inputs.items, override_num_blocks=blocks)
     low, high = cfg.num_actors
     return ds.map_batches(
-        _decode_batch,
+        decode_inputs,
         fn_kwargs={
             "unavailable": models.unavailable,
             "max_pixels": cfg.max_image_pixels,
@@ -644,7 +418,7 @@ def _build_dataset(cfg: ScoreConfig, inputs: _Inputs, models: _Models) -> ray.da
         # tasks would wait for CPUs that a pool sized to the node holds for the whole job.
         num_cpus=cfg.num_cpus_per_actor if cfg.num_gpus_per_actor == 0 else 1,
     ).map_batches(
-        _Scorer,
+        Scorer,
         fn_constructor_kwargs={
             "store_uri": cfg.store,
             "versions": models.versions,
@@ -715,7 +489,7 @@ def _remove_uncommitted(output: str, committed: Iterable[str]) -> None:
     keep = set(committed)
     root = output.rstrip("/")
     for uri in store.list_files(root, recursive=True):
-        relative = _relative(uri, root)
+        relative = store.relative(uri, root)
         if _PART_FILE.fullmatch(relative) and relative not in keep:
             store.delete(uri)
 
@@ -724,7 +498,7 @@ def _move_into_place(output: str, staging: str, results: list[dict[str, Any]]) -
     """Move the staged parts under ``output``; returns their paths relative to ``output``."""
     moved = []
     for entry in results:
-        relative = _relative(entry["file"], staging.rstrip("/"))
+        relative = store.relative(entry["file"], staging.rstrip("/"))
         store.move(entry["file"], store.join(output, relative))
         moved.append(relative)
     return moved
@@ -740,16 +514,6 @@ def _check_errors(cfg: ScoreConfig, results: list[dict[str, Any]]) -> None:
     allowed = "no row could be scored" if errors == rows else f"more than max_error_fraction={cfg.max_error_fraction}"
     reason = f"{errors} of {rows} rows are errors ({allowed}); nothing committed; first error: {samples[0]}"
     raise ScoreFailed(cfg.output, reason)
-
-
-def _discard(uri: str) -> None:
-    """Best-effort cleanup of what a failed attempt staged: it must not wait out another retry budget nor hide
-    the failure (the next attempt of the same job deletes the rest)."""
-    try:
-        with store.retry_budget(0):
-            store.delete(uri, recursive=True)
-    except store.StoreError as exc:
-        logger.warning("left %s behind (%s)", uri, exc.reason)
 
 
 def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
@@ -801,7 +565,7 @@ def _run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
             raise RuntimeError(msg)
         _check_errors(cfg, results)
     except BaseException:
-        _discard(staging)
+        store.discard(staging)
         raise
     scored = time.perf_counter()
     metrics = _ground_truth_metrics(cfg, inputs, results, models) if inputs.has_ground_truth else None
@@ -826,7 +590,7 @@ def _run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         "input": {"uri": cfg.input, "kind": inputs.kind, "inputs_seen": len(inputs.items)},
         "rows_written": rows,
         "errors": sum(r["errors"] for r in results),
-        "error_samples": [e for r in results for e in r["error_samples"]][:_MAX_ERROR_SAMPLES],
+        "error_samples": [e for r in results for e in r["error_samples"]][:MAX_ERROR_SAMPLES],
         "products": products,
         "model_versions": models.versions,
         "unavailable_products": models.unavailable,

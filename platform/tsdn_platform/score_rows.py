@@ -1,4 +1,5 @@
-"""The score-row contract: the columns of a score job's Parquet rows, where they lie, and the one map codec.
+"""The score-row contract: the columns of a score job's Parquet rows, where they lie, the one map codec, the
+``<shard>#<image_id>`` source URIs, and which files a committed job consists of.
 
 The score job (:mod:`tsdn_platform.score`) writes these rows and the report (:mod:`tsdn_platform.report`)
 reads them; both go through this module, and so should any other reader in the project.
@@ -7,7 +8,9 @@ Layout::
 
     <output>/<product>/part-<job>-<attempt>-<task>.parquet   one folder per product line, named after it
     <output>/@unrouted/part-*.parquet                        rows whose product is unknown (product null)
-    <output>/_manifest.json                                  the commit record (see tsdn_platform.score)
+    <output>/_manifest.json                                  the commit record (see tsdn_platform.score);
+                                                             its ``products.<p>.files`` are the job's parts
+    <output>/_staging/<job>/...                              parts not yet committed (never read)
 
 The folders are plain names, not Hive ``key=value`` partitions, and every file carries ``product`` as a plain
 string column: no reader infers a second ``product`` column from the path, whose type would differ by reader
@@ -54,14 +57,33 @@ pandas reads the nullable integer columns as float64 when a column holds nulls (
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tsdn_platform import store
 from tsdn_platform.names import NAME_PATTERN
 
-__all__ = ["MAP_COLUMNS", "SCHEMA", "TRUTH_COLUMNS", "UNROUTED", "decode_maps", "encode_maps", "product_folder"]
+__all__ = [
+    "MANIFEST",
+    "MAP_COLUMNS",
+    "SCHEMA",
+    "STAGING",
+    "TRUTH_COLUMNS",
+    "UNROUTED",
+    "committed_files",
+    "decode_maps",
+    "encode_maps",
+    "parse_source",
+    "product_folder",
+    "read_manifest",
+    "shard_source",
+]
+
+MANIFEST = "_manifest.json"
+STAGING = "_staging"
 
 UNROUTED = "@unrouted"
 MAP_COLUMNS = ("score_map_height", "score_map_width", "score_map")
@@ -96,6 +118,41 @@ def product_folder(product: str | None) -> str:
         msg = f"product {product!r}: not a product name, cannot name a score folder"
         raise ValueError(msg)
     return product
+
+
+def shard_source(shard_uri: str, image_id: str) -> str:
+    """The ``source_uri`` of a row scored from an ingested shard: ``<shard.parquet>#<image_id>``."""
+    return f"{shard_uri}#{image_id}"
+
+
+def parse_source(source_uri: str) -> tuple[str, str | None]:
+    """``source_uri`` -> ``(file or shard URI, image_id in the shard or None)``; the inverse of :func:`shard_source`.
+
+    A plain file URI (a raw image) gives ``(uri, None)``; so does a ``#`` in a raw file's name, since only a
+    ``.parquet`` base names a shard.
+    """
+    base, sep, image_id = source_uri.partition("#")
+    if sep and image_id and base.endswith(".parquet"):
+        return base, image_id
+    return source_uri, None
+
+
+def read_manifest(output: str) -> dict[str, Any] | None:
+    """The committed job's ``_manifest.json`` under ``output``, or None when nothing was committed there."""
+    uri = store.join(output, MANIFEST)
+    return store.read_json(uri) if store.exists(uri) else None
+
+
+def committed_files(output: str, manifest: dict[str, Any] | None = None) -> list[str]:
+    """The URIs of the parts of the job committed at ``output``, as its manifest lists them (every product).
+
+    Raises ValueError when ``output`` holds no committed job (no manifest).
+    """
+    manifest = manifest if manifest is not None else read_manifest(output)
+    if manifest is None:
+        msg = f"{output}: no committed score job (no {MANIFEST})"
+        raise ValueError(msg)
+    return [store.join(output, f) for entry in manifest.get("products", {}).values() for f in entry.get("files", [])]
 
 
 def encode_maps(maps: Sequence[np.ndarray | None]) -> dict[str, pa.Array]:

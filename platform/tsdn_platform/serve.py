@@ -71,7 +71,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from tsdn._config_io import ConfigError, from_dict
+from tsdn.config_io import ConfigError, from_dict
 from tsdn.image import ImageDecodeError, decode_image
 from tsdn.response import INCLUDES, detect_answer
 from tsdn.runtime import runtime_problem

@@ -24,6 +24,7 @@ import contextlib
 import contextvars
 import errno
 import json
+import logging
 import os
 import random
 import re
@@ -46,13 +47,16 @@ __all__ = [
     "boto3_client",
     "copy",
     "delete",
+    "discard",
     "exists",
     "is_s3",
     "join",
+    "list_dirs",
     "list_files",
     "move",
     "read_bytes",
     "read_json",
+    "relative",
     "replace_bytes",
     "replace_json",
     "require",
@@ -64,6 +68,8 @@ __all__ = [
     "write_bytes",
     "write_json",
 ]
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -294,6 +300,21 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def relative(uri: str, root: str) -> str:
+    """The part of ``uri`` below ``root``: ``relative("s3://b/p/a/x.png", "s3://b/p/") -> "a/x.png"``.
+
+    ``root`` itself gives ``""``. A ``uri`` that is not under ``root`` (by whole path segments) is a caller's
+    mistake and raises ``ValueError`` naming both.
+    """
+    base = root.rstrip("/")
+    if uri == base:
+        return ""
+    if not uri.startswith(base + "/"):
+        msg = f"{uri!r} is not under {root!r}"
+        raise ValueError(msg)
+    return uri[len(base) + 1 :].lstrip("/")
+
+
 def join(uri: str, *parts: str) -> str:
     """``join("s3://b/p/", "a", "b.json") -> "s3://b/p/a/b.json"``; works the same for local paths.
 
@@ -495,6 +516,17 @@ def require(uri: str) -> None:
     raise StoreError(uri, "not found: nothing is stored there (check the URI)", NOT_FOUND)
 
 
+def list_dirs(uri: str) -> list[str]:
+    """Names of the folders directly under ``uri``, sorted; ``[]`` for a missing prefix.
+
+    On S3 a "folder" is a common key prefix, so only folders holding at least one object are seen.
+    """
+    fs, path = resolve(uri)
+    selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
+    infos = retrying(uri, lambda: fs.get_file_info(selector))
+    return sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory)
+
+
 def list_files(uri: str, recursive: bool = True, suffixes: Iterable[str] | None = None) -> list[str]:
     """Files under ``uri`` as full URIs in the caller's style (``join(uri, relative)``), sorted.
 
@@ -517,6 +549,17 @@ def list_files(uri: str, recursive: bool = True, suffixes: Iterable[str] | None 
             continue
         out.append(join(uri, relative))
     return sorted(out)
+
+
+def discard(uri: str) -> None:
+    """Best-effort recursive delete of what a failed job staged: one attempt (no retry budget), and a warning
+    instead of an error, so a cleanup during an outage neither waits out another budget nor hides the failure
+    it follows. Readers never look at staged files; the next run of the job removes what is left."""
+    try:
+        with retry_budget(0):
+            delete(uri, recursive=True)
+    except StoreError as exc:
+        logger.warning("left %s behind (%s); readers never look there", uri, exc.reason)
 
 
 def delete(uri: str, recursive: bool = False) -> None:

@@ -5,7 +5,7 @@
 Per product line (each launched from its own zero-CPU Ray task, so the cluster's resources decide how many
 train at once: a trainer whose workers do not fit waits, and Ray Train retries its start until they do):
 
-1. The ingested shards (``tsdn_platform.ingest.read_split``) are split: ``validation: holdout`` trains on the
+1. The ingested shards (``tsdn_platform.shards.read_split``) are split: ``validation: holdout`` trains on the
    train rows whose ``fold`` is not in ``holdout_folds`` and validates on the rest; ``validation: test``
    trains on every train row and validates on the labelled test split (the paper's protocol).
 2. Every worker streams its shard with ``iter_torch_batches``, SURF-fills the batch on its own device from
@@ -46,11 +46,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from tsdn._config_io import ConfigError, from_dict, to_dict
 from tsdn.checkpoint import MODEL_JSON, MODEL_WEIGHTS
 from tsdn.config import TSDNConfig
+from tsdn.config_io import ConfigError, from_dict, to_dict
 from tsdn.patchcore import PatchCoreConfig
-from tsdn_platform import store
+from tsdn_platform import layout, shards, store
+from tsdn_platform.cli import exit_status
 from tsdn_platform.config import config_to_yaml, load_config
 from tsdn_platform.registry import DEFAULT_PROMOTE_METRIC, Registry, validate_name
 
@@ -254,40 +255,22 @@ class ProductResult:
 # --- data --------------------------------------------------------------------------------------------
 
 
-def dataset_uri(cfg: TrainConfig, product: str | None = None) -> str:
-    base = store.join(cfg.store, "datasets", cfg.dataset)
-    return store.join(base, product) if product else base
-
-
 def discover_products(cfg: TrainConfig) -> list[str]:
-    """``cfg.products`` as a list; ``"all"`` = every product of the dataset that has a manifest."""
+    """``cfg.products`` as a list; ``"all"`` = every product the dataset's index lists that has a manifest."""
     if isinstance(cfg.products, list):
         return list(cfg.products)
-    import pyarrow.fs as pafs
-
-    root = dataset_uri(cfg)
-    fs, path = store.resolve(root)
-    selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
-    infos = store.retrying(root, lambda: fs.get_file_info(selector))
-    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
-    products = [n for n in names if store.exists(store.join(root, n, "manifest.json"))]
+    products = shards.ingested_products(cfg.store, cfg.dataset)
     if not products:
+        root = layout.dataset_uri(cfg.store, cfg.dataset)
         msg = f"{root}: no ingested products (no <product>/manifest.json); run `tsdn ingest` first"
         raise ConfigError(msg)
     return products
 
 
 def _manifest(cfg: TrainConfig, product: str) -> tuple[dict[str, Any], str]:
-    uri = store.join(dataset_uri(cfg, product), "manifest.json")
-    try:
-        data = store.read_bytes(uri)
-    except store.StoreError as exc:
-        if exc.kind == "not_found":
-            msg = f"{uri}: product {product!r} is not ingested in dataset {cfg.dataset!r}"
-            raise ConfigError(msg) from exc
-        raise
-    manifest = json.loads(data)
-    digest = manifest.get("content_hash") or hashlib.sha256(data).hexdigest()
+    """The product's manifest and its content hash (what the run name and the registry record)."""
+    manifest = shards.read_manifest(cfg.store, cfg.dataset, product)
+    digest = manifest.get("content_hash") or hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
     return manifest, str(digest)
 
 
@@ -509,7 +492,7 @@ def _train_loop(cfg: TrainConfig, product: str, run_name: str) -> dict[str, Any]
     from tsdn.scoring import fit_calibration
     from tsdn.training import build_optimizer, set_epoch_lr, train_step
 
-    run_uri = store.join(cfg.store, "runs", product, run_name)
+    run_uri = layout.run_uri(cfg.store, product, run_name)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -719,14 +702,12 @@ def load_datasets(cfg: TrainConfig, product: str) -> dict[str, Any]:
     """``{"train", "val", "test"}`` Ray Datasets of one product line (see the module docstring)."""
     from ray.data.expressions import col
 
-    from tsdn_platform.ingest import read_split
-
-    train_all = read_split(
+    train_all = shards.read_split(
         cfg.store, cfg.dataset, product, "train", columns=[*TRAIN_COLUMNS, "fold"], image_dtype="uint8"
     )
     # The test split stays float32: these are exactly the pixels the Predictor feeds the model when the score job
     # scores the same images (uint8 would round them), so the two jobs report the same test metrics.
-    test = read_split(cfg.store, cfg.dataset, product, "test", columns=list(TEST_COLUMNS), image_dtype="float32")
+    test = shards.read_split(cfg.store, cfg.dataset, product, "test", columns=list(TEST_COLUMNS), image_dtype="float32")
     if cfg.validation == "holdout":
         held_out = col("fold").is_in(list(cfg.holdout_folds))
         train = train_all.filter(expr=~held_out).select_columns(list(TRAIN_COLUMNS))
@@ -801,7 +782,7 @@ def run_product(cfg: TrainConfig, product: str) -> ProductResult:
             f"a batch of {cfg.batch_size}; lower batch_size or num_workers"
         )
         raise ConfigError(msg)
-    runs_uri = store.join(cfg.store, "runs", product)
+    runs_uri = layout.run_uri(cfg.store, product)
     fitted = []
     for family in cfg.families:
         run_name = cfg.run_id(manifest_hash, family)
@@ -914,8 +895,6 @@ def _product_task(cfg_dict: dict[str, Any], product: str) -> ProductResult:
 
 def _failed(product: str, exc: BaseException) -> ProductResult:
     """A product line's failure as one line and the exit status it calls for, told by its cause's type."""
-    from tsdn_platform.cli import exit_status
-
     cause = failure_cause(exc)
     text = str(cause).strip().splitlines()
     line = text[0] if text else type(cause).__name__

@@ -28,8 +28,8 @@ from tsdn.model import TSDN
 from tsdn.scoring import fit_calibration
 from tsdn_platform import store
 from tsdn_platform.demo_data import make_demo_dataset
-from tsdn_platform.ingest import IngestError, read_manifest
 from tsdn_platform.registry import Registry
+from tsdn_platform.shards import IngestError, read_manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -18,19 +18,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tsdn._config_io import ConfigError
+from tsdn.config_io import ConfigError
 from tsdn.surf import decode_labels, slic_labels
-from tsdn_platform import store
+from tsdn_platform import layout, shards, store
 from tsdn_platform.cli import main as cli_main
-from tsdn_platform.ingest import (
-    IngestConfig,
-    IngestError,
-    _process_item,
-    read_manifest,
-    read_split,
-    resize_image,
-    run_ingest,
-)
+from tsdn_platform.ingest import IngestConfig, _process_item, run_ingest
+from tsdn_platform.shards import IngestError, read_manifest, read_split, resize_image
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -317,6 +310,35 @@ def test_an_input_gone_since_the_listing_is_that_input_s_error(tmp_path):
     assert row["error"] == f"{tmp_path / 'gone.png'}: no longer exists (listed, then gone before it was read)"
     row = _process_item(_item(tmp_path, "b.png", label=1), settings)  # its mask was never there
     assert row["error"].startswith("unusable mask: ") and "no longer exists" in row["error"]
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_readers_find_shards_through_the_manifests_only(ingested, kind):
+    store_uri = ingested[kind]["store"]
+    products = sorted(ingested[kind]["second"]["products"])
+    assert shards.ingested_products(store_uri, "demo") == products
+    assert shards.ingested_products(store_uri, "nosuch") == []
+    brick = layout.dataset_uri(store_uri, "demo", "brick")
+    test_files = shards.committed_files(store_uri, "demo", "brick", "test")
+    assert test_files and all(uri.startswith(store.join(brick, "test") + "/") for uri in test_files)
+    # A shard an interrupted run left beside the committed ones is never returned: only a manifest lists files.
+    stray = store.join(brick, "test", "part-99999.parquet")
+    store.write_bytes(stray, b"not a committed shard")
+    try:
+        assert shards.files_under(store.join(brick, "test")) == test_files
+        assert shards.files_under(brick, "test") == test_files
+        assert shards.files_under(store.join(brick, "test"), "train") == []
+        everything = shards.files_under(layout.dataset_uri(store_uri, "demo"))
+        listed = [shards.committed_files(store_uri, "demo", p, split) for p in products for split in ("train", "test")]
+        assert everything == [uri for files in listed for uri in files]
+        assert stray not in everything
+        assert shards.files_under(store.join(brick, "nothing-here")) is None
+    finally:
+        store.delete(stray)
+    with pytest.raises(IngestError, match="product 'nosuch' is not ingested in dataset 'demo'"):
+        shards.committed_files(store_uri, "demo", "nosuch", "test")
+    with pytest.raises(ValueError, match="split 'val'"):
+        shards.committed_files(store_uri, "demo", "brick", "val")
 
 
 def test_read_split_for_training(ingested, demo_root):

@@ -34,16 +34,9 @@ from tsdn_platform import store
 from tsdn_platform.cli import main as cli_main
 from tsdn_platform.config import ConfigError, load_config
 from tsdn_platform.registry import Registry
-from tsdn_platform.score import (
-    MANIFEST,
-    STAGING,
-    ScoreConfig,
-    ScoreFailed,
-    _decode_batch,
-    _path_regex,
-    run_scoring,
-)
-from tsdn_platform.score_rows import MAP_COLUMNS, UNROUTED, decode_maps
+from tsdn_platform.score import ScoreConfig, ScoreFailed, _path_regex, run_scoring
+from tsdn_platform.score_rows import MANIFEST, MAP_COLUMNS, STAGING, UNROUTED, decode_maps
+from tsdn_platform.score_stages import decode_inputs
 from tsdn_platform.store import StoreError
 
 SIZE = 64
@@ -336,7 +329,7 @@ def test_a_failing_store_is_not_an_error_row(monkeypatch, kind):
     monkeypatch.setattr(store, "read_bytes", read_bytes)
     batch = pa.table({"image_id": ["a.png"], "source_uri": ["s3://b/in/a.png"], "product": ["alpha"]})
     with pytest.raises(StoreError) as info:
-        _decode_batch(batch, unavailable={}, max_pixels=10**6, store_retry_s=0)
+        decode_inputs(batch, unavailable={}, max_pixels=10**6, store_retry_s=0)
     assert info.value.kind == kind
 
 
@@ -344,7 +337,7 @@ def test_an_input_gone_since_the_listing_is_that_row_s_error(tmp_path):
     (tmp_path / "ok.png").write_bytes(_png(_texture(0, 8, 8)))
     uris = [str(tmp_path / "gone.png"), str(tmp_path / "ok.png")]
     batch = pa.table({"image_id": ["gone.png", "ok.png"], "source_uri": uris, "product": ["alpha", "alpha"]})
-    out = _decode_batch(batch, unavailable={}, max_pixels=10**6, store_retry_s=0).to_pylist()
+    out = decode_inputs(batch, unavailable={}, max_pixels=10**6, store_retry_s=0).to_pylist()
     assert out[0]["error"] == f"{uris[0]}: no longer exists (listed, then gone before it was read)"
     assert out[1]["error"] is None and (out[1]["height"], out[1]["width"]) == (8, 8)
 

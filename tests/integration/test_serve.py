@@ -20,7 +20,7 @@ import pytest
 from _ports import free_ports
 from PIL import Image
 
-from tsdn._config_io import ConfigError
+from tsdn.config_io import ConfigError
 from tsdn.image import decode_image
 from tsdn.response import decode_float_map
 from tsdn_platform.cli import build_parser

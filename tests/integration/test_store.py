@@ -113,6 +113,36 @@ def test_join():
         assert caught.value.kind == "invalid"
 
 
+def test_relative_is_the_inverse_of_join_and_refuses_what_is_not_under_the_root():
+    assert store.relative("s3://b/p/a/x.png", "s3://b/p/") == "a/x.png"
+    assert store.relative("s3://b/p/a/x.png", "s3://b/p") == "a/x.png"
+    assert store.relative("/tmp/x", "/tmp/x/") == ""
+    assert store.relative(store.join("/tmp/x", "y", "z.json"), "/tmp/x") == "y/z.json"
+    for outside in ("s3://b/px/a.png", "s3://c/p/a.png", "/tmp/other"):  # a shared prefix is not a parent
+        with pytest.raises(ValueError, match="is not under"):
+            store.relative(outside, "s3://b/p" if outside.startswith("s3") else "/tmp/x")
+
+
+def test_discard_removes_staged_files_and_never_raises_or_waits(tmp_path, monkeypatch, caplog):
+    staged = tmp_path / "_staging-x"
+    (staged / "a").mkdir(parents=True)
+    (staged / "a" / "part.parquet").write_bytes(b"x")
+    store.discard(str(staged))
+    assert not staged.exists()
+
+    budgets = []
+
+    def failing_delete(uri, recursive=False):
+        budgets.append(store._RETRY_S.get())
+        raise StoreError(uri, "the store is unreachable", "unreachable")
+
+    monkeypatch.setattr(store, "delete", failing_delete)
+    with caplog.at_level("WARNING", logger="tsdn_platform.store"), store.retry_budget(60):
+        store.discard("s3://b/tsdn/_staging/job")  # a cleanup during an outage: one attempt, a warning
+    assert budgets == [0]
+    assert "left s3://b/tsdn/_staging/job behind (the store is unreachable)" in caplog.text
+
+
 def test_store_error_pickles_with_its_kind():
     err = StoreError("s3://b/k", "access denied: nope", "access_denied")
     back = pickle.loads(pickle.dumps(err))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tsdn._config_io import ConfigError
+from tsdn.config_io import ConfigError
 from tsdn_platform import store
 from tsdn_platform.cli import main as cli_main
 from tsdn_platform.config import load_config
@@ -50,7 +50,7 @@ def _config(uri: str, *overrides: str) -> TrainConfig:
 
 
 def _test_images(uri: str, product: str) -> tuple[list[str], torch.Tensor]:
-    from tsdn_platform.ingest import read_split
+    from tsdn_platform.shards import read_split
 
     rows = read_split(uri, "demo", product, "test", columns=["image_id", "image"], image_dtype="uint8").take_all()
     return [str(r["image_id"]) for r in rows], torch.stack([torch.from_numpy(np.array(r["image"])) for r in rows])

@@ -33,7 +33,7 @@ TINY_PATCHCORE = pc.PatchCoreConfig(
 )
 CALIBRATION = fit_calibration([0.1, 0.2, 0.3])
 RUNTIME_OF = {"onnx": "onnxruntime", "openvino": "openvino"}
-TRANSISTOR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mvtec" / "transistor"
+TRANSISTOR = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "mvtec" / "transistor"
 
 
 def _images(n: int = 4) -> list[np.ndarray]:

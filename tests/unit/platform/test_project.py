@@ -1,16 +1,17 @@
 """Project-level invariants: the layout promises in DESIGN.md."""
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tsdn._config_io import ConfigError
+from tsdn.config_io import ConfigError
 from tsdn_platform.cli import build_parser
 from tsdn_platform.config import load_config, parse_overrides
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_stdlib_platform_is_not_shadowed_from_the_repo_root():
@@ -25,12 +26,44 @@ def test_stdlib_platform_is_not_shadowed_from_the_repo_root():
     assert not (ROOT / "platform" / "__init__.py").exists()
 
 
+# What the model package must never pull in: the platform's stack (Ray, the S3 SDKs, Arrow, the web server).
+_PLATFORM_ONLY = ("ray", "boto3", "botocore", "pyarrow", "fastapi", "starlette", "uvicorn", "tsdn_platform")
+
+
 def test_tsdn_stays_pure_pytorch():
-    forbidden = ("import ray", "from ray", "import boto3", "from boto3", "import pyarrow", "from pyarrow")
+    """Import every ``tsdn`` module in a fresh interpreter; none of the platform's packages may be loaded."""
+    script = (
+        "import importlib, pkgutil, sys, tsdn\n"
+        "for info in pkgutil.walk_packages(tsdn.__path__, 'tsdn.'):\n"
+        "    importlib.import_module(info.name)\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({_PLATFORM_ONLY!r})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_tsdn_has_no_deferred_platform_import():
+    """The import-time check misses imports inside functions: read every module's syntax tree for any
+    ``import``/``from`` statement or ``importlib.import_module``/``__import__`` call naming a platform package."""
+
+    def named(node: ast.AST) -> list[str]:
+        if isinstance(node, ast.Import):
+            return [alias.name for alias in node.names]
+        if isinstance(node, ast.ImportFrom):
+            return [node.module or ""] if node.level == 0 else []
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in ("import_module", "__import__") and isinstance(node.args[0].value, str):
+                return [node.args[0].value]
+        return []
+
     offenders = [
-        str(path.relative_to(ROOT))
-        for path in (ROOT / "tsdn").rglob("*.py")
-        if any(line.strip().startswith(forbidden) for line in path.read_text().splitlines())
+        f"{path.relative_to(ROOT)}:{node.lineno} {module}"
+        for path in sorted((ROOT / "tsdn").rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        for module in named(node)
+        if module.split(".")[0] in _PLATFORM_ONLY
     ]
     assert offenders == []
 

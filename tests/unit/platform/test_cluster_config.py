@@ -12,12 +12,12 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.schema import ServeDeploySchema
 
-from tsdn._config_io import from_dict
+from tsdn.config_io import from_dict
 from tsdn_platform.cli import build_parser
 from tsdn_platform.config import preset_path
 from tsdn_platform.serve import ServeConfig
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 INFRA = ROOT / "infra"
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
-from tsdn._config_io import ConfigError
+from tsdn.config_io import ConfigError
 from tsdn.scoring import Calibration, fit_calibration, gaussian_kernel_size, image_score, score_map
 
 

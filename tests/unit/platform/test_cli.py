@@ -12,12 +12,12 @@ from ray.exceptions import RayTaskError
 from tsdn_platform.cli import exit_status
 from tsdn_platform.cli import main as cli_main
 from tsdn_platform.config import ConfigError
-from tsdn_platform.ingest import IngestError
 from tsdn_platform.registry import UnknownProductError
 from tsdn_platform.score import ScoreFailed
+from tsdn_platform.shards import IngestError
 from tsdn_platform.store import StoreError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.parametrize(

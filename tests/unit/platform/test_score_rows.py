@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tsdn_platform import score_rows, store
 from tsdn_platform.score_rows import SCHEMA, UNROUTED, decode_maps, encode_maps, product_folder
 
 
@@ -56,3 +57,28 @@ def test_product_folders_are_plain_names_that_no_reader_skips():
     assert not UNROUTED.startswith(("_", ".")) and "=" not in UNROUTED  # not hidden, not a Hive key
     with pytest.raises(ValueError, match="not a product name"):
         product_folder("_staging")
+
+
+def test_source_uris_of_shard_rows_round_trip_and_raw_files_stay_whole():
+    uri = score_rows.shard_source("s3://b/datasets/d/p/test/part-00000.parquet", "p/test/crack/001.png")
+    assert uri == "s3://b/datasets/d/p/test/part-00000.parquet#p/test/crack/001.png"
+    assert score_rows.parse_source(uri) == ("s3://b/datasets/d/p/test/part-00000.parquet", "p/test/crack/001.png")
+    # A raw image is its own source, even with a '#' in its name (only a .parquet base names a shard).
+    assert score_rows.parse_source("/data/line#2/img.png") == ("/data/line#2/img.png", None)
+    assert score_rows.parse_source("s3://b/x.parquet#") == ("s3://b/x.parquet#", None)
+
+
+def test_committed_files_are_the_manifests_not_a_listing(tmp_path):
+    output = str(tmp_path / "scores")
+    with pytest.raises(ValueError, match="no committed score job"):
+        score_rows.committed_files(output)
+    assert score_rows.read_manifest(output) is None
+    products = {"a": {"files": ["a/part-1.parquet"]}, "@unrouted": {"files": ["@unrouted/part-2.parquet"]}}
+    manifest = {"products": products}
+    store.write_json(store.join(output, score_rows.MANIFEST), manifest)
+    store.write_bytes(store.join(output, "a", "part-stray.parquet"), b"left by a crashed attempt")
+    assert score_rows.read_manifest(output) == manifest
+    assert sorted(score_rows.committed_files(output)) == [
+        store.join(output, "@unrouted/part-2.parquet"),
+        store.join(output, "a/part-1.parquet"),
+    ]

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from tsdn._config_io import ConfigError
 from tsdn.config import ABLATIONS, TSDNConfig, apply_ablation
+from tsdn.config_io import ConfigError
 
 SWITCHES = ("dcd_a", "skip", "surf", "fne")
 
