@@ -666,10 +666,7 @@ def _conditional_writes_supported(client: Any, bucket: str, pointer_key: str) ->
         # Two PUTs; a conflict on either (the first too, when a retry found its own earlier attempt) = enforced.
         answers = [store.retrying(probe_uri, put) for _ in range(2)]
     finally:
-        try:
-            store.retrying(probe_uri, lambda: client.delete_object(Bucket=bucket, Key=probe))
-        except store.StoreError as exc:
-            logger.warning("left the probe %s behind (%s)", probe_uri, exc.reason)
+        store.discard(probe_uri)  # one attempt: after a failure it must not wait out another budget
     supported = "501" not in answers and any(answer is not None for answer in answers)
     with _CAS_LOCK:
         _CAS_SUPPORT[cache_key] = supported
