@@ -113,7 +113,7 @@ BATCH_SIZE = 8
 BATCH_WAIT_S = 0.01
 # A large image is decoded small (tsdn.image.decode_image's min_size) but keeps at least this many times the
 # model's input on each side: the last steps of downscaling stay with the predictor's antialiased resize, so a
-# score moves by ~1-2 % against the full decode (tests/unit/test_predict.py), not ~10 % as at 1x.
+# score moves by ~1-2 % against the full decode (tests/unit/tsdn/test_predict.py), not ~10 % as at 1x.
 DECODE_KEEP = 4
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
@@ -140,7 +140,7 @@ class ServeConfig:
     max_concurrent_decodes: int = 2
     """Images an ingress replica decodes at once; more requests wait. Bounds the ingress's decoded-pixel memory
     to about ``max_concurrent_decodes x max_image_pixels x 4`` bytes however many requests are in flight; what
-    reaches a model replica is reduced to at most ``(8 x the model's input)^2`` pixels per image."""
+    reaches a model replica is reduced until its short side is below 8x the model's input."""
     models_per_replica: int = 4
     """Multiplexing LRU size: predictors a model replica keeps loaded. Size it to the working set."""
     max_batch_size: int = BATCH_SIZE
@@ -581,7 +581,7 @@ def _return_large_frees_to_the_os() -> None:
 
     Its dynamic threshold grows to 32 MiB after the first large free; Pillow decodes into 16 MiB blocks, which
     then come from the decode threads' heap arenas and stay there: a burst of 6300x6300 PNGs left the ingress
-    317 MiB above its baseline (benchmarks/serve_memory.py; 1 MiB above with this). No-op without glibc.
+    317 MiB above its baseline (benchmarks/serve_memory.py; 5 MiB above with this). No-op without glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
