@@ -415,3 +415,60 @@ def test_train_outage_while_registering_keeps_the_pointer(weed, trained, tmp_pat
     pointer = _pointer(store_uri)
     assert pointer["version"] == version and pointer["previous"] == versions[-1]
     assert pointer["generation"] == json.loads(registry_before[f"registry/{PRODUCTS[0]}/best.json"])["generation"] + 1
+
+
+# --- registry promotion (`tsdn models promote`) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def registered(weed: Weed) -> str:
+    """A registry with two versions of the first product: ``v1`` best, ``v2`` registered but not promoted."""
+    store_uri = f"s3://{BUCKET}/faults-promote"
+    registry = Registry(store_uri)
+    torch.manual_seed(0)
+    model = TSDN(TSDNConfig(backbone="test_efficientnet", weights="none", image_size=SIZE))
+    files = checkpoint_files(model, fit_calibration(np.array([0.05, 0.1, 0.15])))
+    registry.register(PRODUCTS[0], files, {"val": {"val_image_auroc": 0.6}}, promote="always", version="v1")
+    registry.register(PRODUCTS[0], files, {"val": {"val_image_auroc": 0.7}}, promote="never", version="v2")
+    return store_uri
+
+
+def _promote_argv(store_uri: str, retry_s: float) -> list[str]:
+    return ["models", "promote", PRODUCTS[0], "v2", "--store", store_uri, "--store-retry-s", str(retry_s)]
+
+
+@pytest.mark.parametrize(
+    "pause_at", ["-", "tsdn_platform.registry:Registry._write_pointer"], ids=["before-the-command", "before-the-write"]
+)
+def test_promotion_outage_outlasting_the_budget_fails_and_keeps_the_pointer(weed, registered, tmp_path, pause_at):
+    store_uri, before = _copy_store(registered, "promote-down")
+    job = _Job(weed, tmp_path, _promote_argv(store_uri, SHORT_RETRY_S), pause_at)
+    if pause_at == "-":
+        weed.stop()
+    else:  # the pointer was read and the version checked: the conditional write is what meets the outage
+        job.wait_paused()
+        weed.stop()
+        job.resume()
+    rc, _, err = job.finish()
+    weed.start()
+    assert rc == 3, err[-4000:]
+    assert ONE_LINE_UNREACHABLE in _last_line(err) and f"after {SHORT_RETRY_S:g} s of retries" in _last_line(err)
+    assert _snapshot(store_uri) == before
+    assert _pointer(store_uri)["version"] == "v1"
+
+
+def test_promotion_outage_shorter_than_the_budget_is_bridged(weed, registered, tmp_path):
+    store_uri, before = _copy_store(registered, "promote-bridged")
+    job = _Job(weed, tmp_path, _promote_argv(store_uri, LONG_RETRY_S), "tsdn_platform.registry:Registry._write_pointer")
+    job.wait_paused()
+    weed.stop()
+    job.resume()
+    time.sleep(OUTAGE_S)
+    weed.start()
+    rc, out, err = job.finish()
+    assert rc == 0, err[-4000:]
+    pointer = _pointer(store_uri)
+    assert json.loads(out) == pointer
+    assert (pointer["version"], pointer["previous"], pointer["generation"]) == ("v2", "v1", 2)
+    changed = {name for name, data in _snapshot(store_uri).items() if before.get(name) != data}
+    assert changed == {f"registry/{PRODUCTS[0]}/best.json"}  # the one object a promotion writes
