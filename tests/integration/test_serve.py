@@ -214,26 +214,11 @@ def _test_images() -> dict[str, bytes]:
 
 
 def _register_tiny_model(registry, product: str, seed: int) -> str:
-    import torch
+    from tsdn_platform.testing import calibrate, register, tiny_model
 
-    from tsdn.checkpoint import checkpoint_files
-    from tsdn.config import TSDNConfig
-    from tsdn.model import TSDN
-    from tsdn.patchcore import PatchCore, PatchCoreConfig
-    from tsdn.scoring import fit_calibration
-
-    torch.manual_seed(seed)
-    images = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
-    if product == PATCHCORE_PRODUCT:
-        model = PatchCore(PatchCoreConfig(backbone="test_efficientnet", weights="none", image_size=64))
-        model.fit([images[:3]])
-    else:
-        model = TSDN(TSDNConfig(backbone="test_efficientnet", weights="none", image_size=64)).eval()
-    with torch.no_grad():
-        normal = model.predict(images).anomaly_score
-    files = checkpoint_files(model, fit_calibration(normal.numpy()))
-    metrics = {"test": {"image_auroc": 0.5 + seed / 100}, "run_id": f"{product}-{seed}", "family": model.FAMILY}
-    return registry.register(product, files, metrics, promote="always")
+    model = tiny_model("patchcore" if product == PATCHCORE_PRODUCT else "tsdn", seed)
+    metrics = {"test": {"image_auroc": 0.5 + seed / 100}, "run_id": f"{product}-{seed}"}
+    return register(registry, product, model, calibrate(model, seed), metrics)
 
 
 def _expected(registry, product: str, images: dict[str, bytes]) -> dict[tuple[str, str], tuple[str, float, float]]:
