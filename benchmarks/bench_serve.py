@@ -270,11 +270,12 @@ def _cpus() -> int:
 
 
 def write_section(path: Path, body: str, title: str = "## Serving") -> None:
-    """Replace the body of ``title`` in ``path`` (up to the next ``## `` heading), leaving the rest alone."""
+    """Replace the body of ``title`` in ``path`` (up to the next ``## `` or ``### `` heading, so a subsection such
+    as ``### Serving memory`` keeps its own text), leaving the rest alone."""
     text = path.read_text()
     start = text.index(title + "\n") + len(title) + 1
-    following = text.find("\n## ", start)
-    end = len(text) if following < 0 else following + 1
+    found = [i for i in (text.find("\n## ", start), text.find("\n### ", start)) if i >= 0]
+    end = min(found) + 1 if found else len(text)
     path.write_text(text[:start] + "\n" + body.rstrip() + "\n\n" + text[end:])
 
 

@@ -51,17 +51,27 @@ class ImageDecodeError(ValueError):
         return (type(self), (self.name, self.reason))
 
 
-def decode_image(data: bytes, name: str, max_pixels: int = 64_000_000) -> Image.Image:
+def decode_image(data: bytes, name: str, max_pixels: int = 64_000_000, min_size: int | None = None) -> Image.Image:
     """Decode encoded bytes into a fully loaded PIL image, refusing oversized images before decoding.
 
     The header is parsed first (``Image.open`` reads only the header); an image with more than
     ``max_pixels`` pixels is refused before its pixel data is decompressed, so a small file claiming a
     huge size cannot exhaust memory. Only the pixels of the first frame are loaded.
 
+    With ``min_size`` (what a model that resizes its input to ``min_size`` needs), a large image is made small
+    as early as its format allows, keeping both sides at least ``min_size``: a JPEG is decoded at the smallest
+    of its DCT scales (1/1, 1/2, 1/4, 1/8) that does (Pillow's ``Image.draft``), without decoding the rest;
+    then any image still at least twice ``min_size`` on both sides is reduced on load by the largest integer
+    factor that does (``Image.reduce``, a box filter), so what leaves this function has a short side below
+    ``2 x min_size``. For a 352-pixel model, a 6000x4000 JPEG decodes as 750x500 (1/8) and a 6300x6300 PNG,
+    decoded whole, is reduced 17-fold to 371x371. A reduced image comes back in 8-bit RGB (L and RGB reduce as
+    they are; other modes go through :func:`to_rgb` first, the conversion the predictor applies anyway).
+
     Args:
         data: the file's bytes (PNG, JPEG, BMP or TIFF).
         name: what the bytes are (a path or URI); every error message starts with it.
-        max_pixels: largest accepted ``width * height``.
+        max_pixels: largest accepted ``width * height`` (of the file, before any draft scaling).
+        min_size: smallest side the image may be scaled down to; None returns it at full size.
 
     Returns:
         A loaded ``PIL.Image.Image`` in its original mode (convert with :func:`to_rgb`).
@@ -88,10 +98,17 @@ def decode_image(data: bytes, name: str, max_pixels: int = 64_000_000) -> Image.
     if width * height == 0:
         raise ImageDecodeError(name, f"empty image ({width}x{height})")
     try:
+        if min_size is not None and image.format in ("JPEG", "MPO"):
+            image.draft(None, (min_size, min_size))  # keeps both sides >= min_size
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(name, f"corrupt or truncated {image.format} ({_without_reprs(exc)})") from exc
-    return image
+    factor = min(image.size) // min_size if min_size else 1
+    if factor < 2:
+        return image
+    if image.mode not in ("L", "RGB"):
+        image = Image.fromarray(to_rgb(image)[0])
+    return image.reduce(factor)
 
 
 def _without_reprs(exc: BaseException) -> str:

@@ -87,6 +87,14 @@ def _config_args(parser: argparse.ArgumentParser, default: str | None = None, co
     )
 
 
+def _seconds(value: str) -> float:
+    seconds = float(value)
+    if not seconds >= 0:  # also refuses nan
+        msg = f"{value!r}: expected seconds >= 0"
+        raise argparse.ArgumentTypeError(msg)
+    return seconds
+
+
 def parse_products(value: str | None) -> list[str] | None:
     """``--products a,b`` -> ``["a", "b"]``; empty or ``all`` -> None (every product line)."""
     if not value or value == "all":
@@ -199,6 +207,12 @@ def _models(p: argparse.ArgumentParser) -> None:
     promote.add_argument("--expected-generation", type=int, help="fail if the pointer is no longer at this generation")
     for action in (listing, show, promote):
         action.add_argument("--store", required=True, help="store URI (s3://bucket/prefix or a folder)")
+        action.add_argument(
+            "--store-retry-s",
+            type=_seconds,
+            default=60.0,  # store.DEFAULT_RETRY_S, spelt out: importing the store here would pull in pyarrow
+            help="how long an unreachable, throttling or failing store is retried before exit 3 (default 60)",
+        )
 
 
 @command("demo-data", "tsdn_platform.demo_data", "Write the MVTec-style demo dataset made from skimage textures")

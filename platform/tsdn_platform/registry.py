@@ -13,6 +13,11 @@ Layout under ``<store>/registry/<product>/``::
 A version is complete once its ``metrics.json`` exists: it is written last, so a reader (and the
 pointer) never sees a half-written version, and :meth:`Registry.list_versions` skips unfinished ones.
 
+Every store access, the pointer's conditional reads and writes included, goes through
+:func:`tsdn_platform.store.retrying`: a transient store failure is waited out for the caller's retry budget
+(``store_retry_s`` of the job, ``--store-retry-s`` of ``tsdn models``), then raised; the pointer is either the
+old one or the new one, never a mix.
+
 The pointer is swapped with compare-and-swap, so two promoters racing never lose an update silently:
 each reads the pointer, decides, and writes generation + 1 only if the pointer is still the one it read.
 
@@ -371,9 +376,7 @@ class Registry:
         if missing:
             msg = f"{self.product_uri(product)}: register needs {', '.join(MODEL_FILES)}; missing {', '.join(missing)}"
             raise ValueError(msg)
-        if promote not in ("better", "always", "never"):
-            msg = f"promote {promote!r}: expected 'better', 'always' or 'never'"
-            raise ValueError(msg)
+        _check_policy(promote)
         version = validate_name(version or new_version_id(str(metrics.get("run_id", uuid.uuid4().hex))), "version")
         base = self.version_uri(product, version)
         if store.exists(store.join(base, METRICS_FILE)):
@@ -391,11 +394,27 @@ class Registry:
             store.write_bytes(store.join(base, name), files[name])
         store.write_json(store.join(base, METRICS_FILE), record)
         logger.info("registered %s version %s at %s", product, version, base)
+        self.apply_policy(product, version, promote, metric)
+        return version
+
+    def apply_policy(
+        self, product: str, version: str, promote: PromotePolicy = "better", metric: str = DEFAULT_PROMOTE_METRIC
+    ) -> bool:
+        """Update the best pointer for the complete ``version`` per ``promote`` (see :meth:`register`); returns
+        whether the pointer names ``version`` afterwards.
+
+        Idempotent: a version that is already best leaves the pointer as it is, so a job whose pointer update
+        failed (the store went down after the version was written) applies the policy again on its next run.
+        """
+        _check_policy(promote)
         if promote == "never":
-            return version
-        value = metric_value(record, metric)
+            current = self.best(product)
+            return bool(current and current["version"] == version)
+        value = metric_value(self.metrics(product, version), metric)
 
         def decide(current: dict[str, Any] | None) -> dict[str, Any] | None:
+            if current is not None and current["version"] == version:
+                return None
             if promote == "better" and current is not None:
                 best_value = current.get("value") if current.get("metric") == metric else None
                 if best_value is None:
@@ -414,8 +433,8 @@ class Registry:
             reason = "promote=always" if promote == "always" else f"better {metric}"
             return self._next_pointer(product, current, version, metric, value, reason)
 
-        self._swap_pointer(product, decide)
-        return version
+        pointer = self._swap_pointer(product, decide)
+        return bool(pointer and pointer["version"] == version)
 
     def promote(
         self,
@@ -489,16 +508,21 @@ class Registry:
             from botocore.exceptions import ClientError
 
             bucket, key = store.s3_bucket_key(uri)
-            try:
-                response = store.boto3_client().get_object(Bucket=bucket, Key=key)
-                data = response["Body"].read()
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                    return None, None
-                raise store.as_store_error(uri, exc) from exc
-            except Exception as exc:
-                raise store.as_store_error(uri, exc) from exc
-            return self._parse_pointer(uri, data), response["ETag"]
+
+            def get() -> tuple[bytes, str] | None:
+                try:
+                    response = store.boto3_client().get_object(Bucket=bucket, Key=key)
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                        return None
+                    raise
+                return response["Body"].read(), response["ETag"]
+
+            found = store.retrying(uri, get)
+            if found is None:
+                return None, None
+            data, etag = found
+            return self._parse_pointer(uri, data), etag
         try:
             data = store.read_bytes(uri)
         except store.StoreError as exc:
@@ -544,15 +568,19 @@ class Registry:
             store.replace_bytes(uri, data)
             return
         condition = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
-        try:
-            client.put_object(Bucket=bucket, Key=key, Body=data, ContentType="application/json", **condition)
-        except ClientError as exc:
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            code = exc.response.get("Error", {}).get("Code")
-            # 412: the ETag no longer matches; 409: AWS's answer to a concurrent conditional write.
-            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
-                raise PointerConflictError(uri, f"changed concurrently ({code})") from exc
-            raise store.as_store_error(uri, exc) from exc
+
+        def put() -> str | None:
+            try:
+                client.put_object(Bucket=bucket, Key=key, Body=data, ContentType="application/json", **condition)
+            except ClientError as exc:
+                return _conflict(exc)
+            return None
+
+        # A PUT retried after an outage may find its own earlier attempt applied: that reads as a conflict, and
+        # the caller re-reads the pointer and decides again (``apply_policy`` then finds its version already best).
+        conflict = store.retrying(uri, put)
+        if conflict is not None:
+            raise PointerConflictError(uri, f"changed concurrently ({conflict})")
 
     @staticmethod
     def _write_pointer_local(uri: str, path: str, data: bytes, generation: int) -> None:
@@ -590,11 +618,28 @@ class Registry:
             _unlink_quietly(lock)
 
 
+def _check_policy(promote: str) -> None:
+    if promote not in typing.get_args(PromotePolicy):
+        msg = f"promote {promote!r}: expected 'better', 'always' or 'never'"
+        raise ValueError(msg)
+
+
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _conflict(exc: Exception) -> str | None:
+    """The error code of a conditional PUT that lost (412: the ETag no longer matches; 409: AWS's answer to a
+    concurrent conditional write); any other failure is raised again for :func:`store.retrying` to classify."""
+    response = getattr(exc, "response", {}) or {}
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    code = response.get("Error", {}).get("Code")
+    if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+        return str(code or status)
+    raise exc
 
 
 def _conditional_writes_supported(client: Any, bucket: str, pointer_key: str) -> bool:
@@ -606,19 +651,23 @@ def _conditional_writes_supported(client: Any, bucket: str, pointer_key: str) ->
         if cache_key in _CAS_SUPPORT:
             return _CAS_SUPPORT[cache_key]
     probe = f"{pointer_key.rsplit('/', 2)[0]}/.conditional-write-probe-{uuid.uuid4().hex}"
-    supported = True
-    try:
-        for _ in range(2):
+    probe_uri = f"s3://{bucket}/{probe}"
+
+    def put() -> str | None:
+        try:
             client.put_object(Bucket=bucket, Key=probe, Body=b"probe", IfNoneMatch="*")
-        supported = False
-    except ClientError as exc:
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if status == 501:
-            supported = False
-        elif status not in (409, 412):
-            raise store.as_store_error(f"s3://{bucket}/{probe}", exc) from exc
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 501:
+                return "501"
+            return _conflict(exc)
+        return None
+
+    try:
+        # Two PUTs; a conflict on either (the first too, when a retry found its own earlier attempt) = enforced.
+        answers = [store.retrying(probe_uri, put) for _ in range(2)]
     finally:
-        client.delete_object(Bucket=bucket, Key=probe)
+        store.discard(probe_uri)  # one attempt: after a failure it must not wait out another budget
+    supported = "501" not in answers and any(answer is not None for answer in answers)
     with _CAS_LOCK:
         _CAS_SUPPORT[cache_key] = supported
     return supported
@@ -636,7 +685,15 @@ def _summary(metrics: Mapping[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """``tsdn models list|show|promote``; errors propagate to the CLI, which prints one line (exit 2 or 3)."""
+    """``tsdn models list|show|promote``; errors propagate to the CLI, which prints one line (exit 2 or 3).
+
+    A store that is unreachable, throttling or failing with 5xx is waited for ``--store-retry-s`` seconds.
+    """
+    with store.retry_budget(args.store_retry_s):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     store.require(args.store)  # a mistyped store is an error, not an empty registry
     registry = Registry(args.store)
     if args.action == "list":

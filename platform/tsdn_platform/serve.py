@@ -15,11 +15,14 @@ API (JSON; errors are ``{"status": <code>, "reason": "..."}``, never a 500 for b
   overrides the calibrated one), ``include=anomaly_map``. Answer: ``product``, ``model_version``,
   ``anomaly_score``, ``is_anomalous``, ``threshold``, ``inference_ms`` (the ``predict`` call of the batch
   the image was in), ``batch_size`` (images in that call) and, when asked, ``anomaly_map``: a base64 PNG
-  heatmap at the image's resolution whose colour scale tops out at ``vmax`` = 2 x threshold. Errors: 401
-  no bearer token, 403 wrong token, 404 unknown or invalid product id, 413 body over ``max_body_bytes``
-  (by Content-Length, and by the bytes read), 415 other content types, 422 undecodable image, more than
-  ``max_image_pixels`` pixels (refused from the header, before decoding) or a bad query value, 400 a
-  malformed multipart body (or more than one file) or Content-Length, 503 store unreachable.
+  heatmap at the image's resolution whose colour scale tops out at ``vmax`` = 2 x threshold (an image more
+  than 4x the model's input on its short side is decoded smaller, a JPEG at a DCT scale and any image reduced
+  on load by an integer factor, never below 4x the input: its maps are at that resolution). Errors: 401 no
+  bearer token, 403 wrong token or one not scoped to the product, 404 unknown or invalid product id, 413
+  body over ``max_body_bytes`` (by Content-Length, and by the bytes read), 415 other content types, 422
+  undecodable image, more than ``max_image_pixels`` pixels (refused from the header, before decoding) or a
+  bad query value, 400 a malformed multipart body (or more than one file) or Content-Length, 503 store
+  unreachable.
 - ``GET /v1/products``: products with a promoted model, their ``model_version`` and ``metrics``.
 - ``GET /healthz``: no auth.
 
@@ -30,7 +33,9 @@ first use and the old version ages out of the LRU. No restart, and every respons
 that answered.
 
 Auth: tokens come from the environment variable ``auth_tokens_env`` (comma-separated) and/or the file
-``auth_tokens_file`` (one per line, ``#`` comments). They are read once where the application is built
+``auth_tokens_file`` (one per line, ``#`` comments). An entry ``TOKEN gearbox housing`` scopes a token to those
+product lines (403 on any other; ``GET /v1/products`` lists only them); a bare ``TOKEN`` may use every one.
+They are read once where the application is built
 (``tsdn serve``, or the Serve controller's build task for ``serve deploy``); only their SHA-256 digests
 reach the replicas, and a request's token is compared to each digest in constant time. ``auth_required``
 defaults to "on when tokens are configured": the local demo on 127.0.0.1 runs open, and the server refuses
@@ -42,6 +47,7 @@ to listen on a non-loopback host without auth unless ``auth_required: false`` sa
 # required query parameter).
 import argparse
 import asyncio
+import ctypes
 import hashlib
 import hmac
 import ipaddress
@@ -105,6 +111,11 @@ MULTIPART = "multipart/form-data"
 BATCH_OPTIONS = ("max_batch_size", "batch_wait_timeout_s")
 BATCH_SIZE = 8
 BATCH_WAIT_S = 0.01
+# A large image is decoded small (tsdn.image.decode_image's min_size) but keeps at least this many times the
+# model's input on each side: the last steps of downscaling stay with the predictor's antialiased resize, so a
+# score moves by ~1-2 % against the full decode (tests/unit/tsdn/test_predict.py), not ~10 % as at 1x.
+DECODE_KEEP = 4
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
 
 @dataclass
@@ -128,7 +139,8 @@ class ServeConfig:
     default is 64 000 000: a server holds many requests at once, a scorer one batch)."""
     max_concurrent_decodes: int = 2
     """Images an ingress replica decodes at once; more requests wait. Bounds the ingress's decoded-pixel memory
-    to about ``max_concurrent_decodes x max_image_pixels x 4`` bytes however many requests are in flight."""
+    to about ``max_concurrent_decodes x max_image_pixels x 4`` bytes however many requests are in flight; what
+    reaches a model replica is reduced until its short side is below 8x the model's input."""
     models_per_replica: int = 4
     """Multiplexing LRU size: predictors a model replica keeps loaded. Size it to the working set."""
     max_batch_size: int = BATCH_SIZE
@@ -222,9 +234,23 @@ class ApiError(Exception):
 # --- auth --------------------------------------------------------------------------------------
 
 
+Scope = frozenset[str] | None
+"""The product lines a token may use; None: every one."""
+
+
 def load_tokens(cfg: ServeConfig) -> list[str]:
     """The bearer tokens from ``cfg.auth_tokens_env`` (comma-separated) and ``cfg.auth_tokens_file``."""
-    tokens = [t.strip() for t in os.environ.get(cfg.auth_tokens_env, "").split(",")]
+    return list(load_token_scopes(cfg))
+
+
+def load_token_scopes(cfg: ServeConfig) -> dict[str, Scope]:
+    """Every configured token and the product lines it may use (None: every one).
+
+    An entry is ``TOKEN`` (every product) or ``TOKEN PRODUCT [PRODUCT ...]`` (only those): comma-separated
+    entries in the environment variable ``cfg.auth_tokens_env``, one entry per line in ``cfg.auth_tokens_file``
+    (``#`` starts a comment line). A token listed more than once may use what any of its entries allows.
+    """
+    entries = os.environ.get(cfg.auth_tokens_env, "").split(",")
     if cfg.auth_tokens_file:
         path = Path(cfg.auth_tokens_file)
         try:
@@ -232,8 +258,20 @@ def load_tokens(cfg: ServeConfig) -> list[str]:
         except OSError as exc:
             msg = f"auth_tokens_file {path}: cannot read ({exc})"
             raise ConfigError(msg) from exc
-        tokens += [line.strip() for line in lines if not line.lstrip().startswith("#")]
-    return [t for t in tokens if t]
+        entries += [line for line in lines if not line.lstrip().startswith("#")]
+    scopes: dict[str, Scope] = {}
+    for entry in entries:
+        if not entry.strip():
+            continue
+        token, *products = entry.split()
+        try:
+            scope = frozenset(validate_name(product) for product in products) or None
+        except ValueError as exc:
+            msg = f"auth token entry for products {' '.join(products)!r}: {exc}"
+            raise ConfigError(msg) from exc
+        previous = scopes.get(token, frozenset())
+        scopes[token] = None if previous is None or scope is None else previous | scope
+    return scopes
 
 
 def _digest(token: str) -> bytes:
@@ -245,9 +283,10 @@ def auth_required(cfg: ServeConfig, tokens: list[str]) -> bool:
     return bool(tokens) if cfg.auth_required is None else cfg.auth_required
 
 
-def _auth_digests(cfg: ServeConfig) -> list[bytes] | None:
-    """SHA-256 digests of the accepted tokens, or None when auth is off."""
-    tokens = load_tokens(cfg)
+def _auth_digests(cfg: ServeConfig) -> list[tuple[bytes, Scope]] | None:
+    """SHA-256 digests of the accepted tokens with their scopes, or None when auth is off."""
+    scopes = load_token_scopes(cfg)
+    tokens = list(scopes)
     if not auth_required(cfg, tokens):
         if cfg.auth_required is None and not _is_loopback(cfg.host):
             msg = (
@@ -260,7 +299,7 @@ def _auth_digests(cfg: ServeConfig) -> list[bytes] | None:
     if not tokens:
         msg = f"auth_required is true but no token is configured (env {cfg.auth_tokens_env}, auth_tokens_file)"
         raise ConfigError(msg)
-    return [_digest(t) for t in tokens]
+    return [(_digest(token), scope) for token, scope in scopes.items()]
 
 
 def _is_loopback(host: str) -> bool:
@@ -272,17 +311,22 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _check_token(authorization: str | None, digests: list[bytes]) -> None:
-    """401 without a bearer token, 403 with a wrong one. Every digest is compared, in constant time."""
+def _check_token(authorization: str | None, digests: list[tuple[bytes, Scope]], product: str | None = None) -> Scope:
+    """The scope of the request's token: 401 without a bearer token, 403 with a wrong one or one not scoped to
+    ``product``. Every digest is compared, in constant time."""
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)")
     offered = _digest(token.strip())
-    matched = False
-    for digest in digests:
-        matched |= hmac.compare_digest(offered, digest)
+    matched, scope = False, None
+    for digest, allowed in digests:
+        if hmac.compare_digest(offered, digest):
+            matched, scope = True, allowed
     if not matched:
         raise ApiError(403, "invalid token")
+    if product is not None and scope is not None and product not in scope:
+        raise ApiError(403, f"this token is not allowed to use product {product!r}")
+    return scope
 
 
 # --- the anomaly-map heatmap --------------------------------------------------------------------
@@ -532,6 +576,20 @@ async def _multipart_image(request: Request, body: bytes) -> tuple[bytes, str]:
         await form.close()
 
 
+def _return_large_frees_to_the_os() -> None:
+    """Fix glibc's mmap threshold at 1 MiB in this process, so every large block it frees goes back to the OS.
+
+    Its dynamic threshold grows to 32 MiB after the first large free; Pillow decodes into 16 MiB blocks, which
+    then come from the decode threads' heap arenas and stay there: a burst of 6300x6300 PNGs left the ingress
+    317 MiB above its baseline (benchmarks/serve_memory.py; 5 MiB above with this). No-op without glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+
+
 # Helpers the ingress calls are defined above it: ``serve.ingress`` captures the class (and the module
 # globals its methods see) when it is decorated.
 @serve.deployment(name="TSDNIngress")
@@ -539,7 +597,7 @@ async def _multipart_image(request: Request, body: bytes) -> tuple[bytes, str]:
 class TSDNIngress:
     """The HTTP API (``/v1``): validates and decodes requests, routes them to ``TSDNModel``."""
 
-    def __init__(self, model: Any, cfg: ServeConfig, token_digests: list[bytes] | None) -> None:
+    def __init__(self, model: Any, cfg: ServeConfig, token_digests: list[tuple[bytes, Scope]] | None) -> None:
         self._model = model
         self._cfg = cfg
         self._digests = token_digests
@@ -547,10 +605,13 @@ class TSDNIngress:
         self._pointers = _PointerCache(self._registry, cfg.pointer_ttl_s)
         self._version_cache: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
         self._decodes = asyncio.Semaphore(cfg.max_concurrent_decodes)
+        _return_large_frees_to_the_os()
 
-    def _authorize(self, request: Request) -> None:
-        if self._digests is not None:
-            _check_token(request.headers.get("authorization"), self._digests)
+    def _authorize(self, request: Request, product: str | None = None) -> Scope:
+        """The token's scope (None: every product, or auth off); 401/403 as :func:`_check_token` says."""
+        if self._digests is None:
+            return None
+        return _check_token(request.headers.get("authorization"), self._digests, product)
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -563,10 +624,11 @@ class TSDNIngress:
 
     @api.get("/v1/products", response_model=ProductList, responses=_ERRORS)
     async def products(self, request: Request) -> ProductList:
-        """Every product with a promoted model: version, family, input size, threshold and metrics."""
-        self._authorize(request)
+        """Every product with a promoted model that the token may use: version, family, input size, threshold and
+        metrics."""
+        scope = self._authorize(request)
         try:
-            names = await asyncio.to_thread(self._registry.list_products)
+            names = [n for n in await asyncio.to_thread(self._registry.list_products) if scope is None or n in scope]
             served = []
             for product in names:
                 pointer = await self._pointers.best(product)
@@ -579,7 +641,7 @@ class TSDNIngress:
     @api.get("/v1/products/{product}", response_model=ProductDetails, responses=_ERRORS)
     async def product(self, product: str, request: Request) -> ProductDetails:
         """One product's promoted version in full: calibration, config, training history, selection."""
-        self._authorize(request)
+        self._authorize(request, product)
         pointer = await self._promoted(product)
         try:
             return product_details(product, pointer, *await self._version_files(product, pointer))
@@ -621,7 +683,7 @@ class TSDNIngress:
         include: str | None = Query(None, description=f"comma-separated extras: {', '.join(INCLUDES)}"),
     ) -> DetectResponse:
         """Detect anomalies in one image with the product's promoted model."""
-        self._authorize(request)
+        self._authorize(request, product)
         extras = frozenset(item.strip() for item in (include or "").split(",") if item.strip())
         if extras - set(INCLUDES):
             unknown = ", ".join(sorted(extras - set(INCLUDES)))
@@ -643,8 +705,16 @@ class TSDNIngress:
         else:
             data, name = body, f"{product} request body"
         try:
+            _, model_json = await self._version_files(product, pointer)
+        except (RegistryError, StoreError) as exc:
+            raise _store_failure(f"product {product!r}", exc) from exc
+        # Nothing larger than the model needs leaves the decode: a JPEG decodes at a DCT scale, any image is
+        # reduced on load, so a replica never receives (or maps) a 40 M pixel image.
+        input_size = (model_json.get("config") or {}).get("image_size")
+        keep = DECODE_KEEP * input_size if input_size else None
+        try:
             async with self._decodes:
-                image = await asyncio.to_thread(decode_image, data, name, self._cfg.max_image_pixels)
+                image = await asyncio.to_thread(decode_image, data, name, self._cfg.max_image_pixels, keep)
         except ImageDecodeError as exc:
             raise ApiError(422, str(exc)) from exc
         job = DetectRequest(

@@ -13,7 +13,8 @@ train at once: a trainer whose workers do not fit waits, and Ray Train retries i
    and channels_last on GPU. Each epoch reports every loss term (mean over all workers) and images/s.
 3. Every ``checkpoint_every`` epochs rank 0 validates, fits the calibration on held-out normal images, and
    reports a checkpoint (weights + ``model.json`` via :mod:`tsdn.checkpoint`, Adam state, history) to
-   ``<store>/runs/<product>/<run>``; ``CheckpointConfig`` keeps the best ``keep_checkpoints`` by
+   ``<store>/runs/<product>/<run>`` (uploaded through the store, so an outage is waited out for
+   ``store_retry_s``); ``CheckpointConfig`` keeps the best ``keep_checkpoints`` by
    ``checkpoint_metric``. ``FailureConfig(max_failures)`` restarts dead workers from the latest checkpoint.
    The run name is a hash of the config and the dataset manifest, so the same command resumes.
 4. After the last epoch rank 0 evaluates the best checkpoint on the test split (image/pixel AUROC, AUPRO,
@@ -37,7 +38,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +51,7 @@ from tsdn.config import TSDNConfig
 from tsdn.config_io import ConfigError, from_dict, to_dict
 from tsdn.patchcore import PatchCoreConfig
 from tsdn_platform import layout, shards, store
+from tsdn_platform.cli import exit_status
 from tsdn_platform.config import config_to_yaml, load_config
 from tsdn_platform.registry import DEFAULT_PROMOTE_METRIC, Registry, validate_name
 
@@ -86,11 +87,13 @@ _RUN_HASH_EXCLUDED = (
     "cache_data",
     "families",
     "resources_per_worker",  # where the workers run, not what they learn
+    "store_retry_s",
 )
 FAMILIES = ("tsdn", "patchcore")
 # Each family's run name hashes only what that family learns from.
 _FAMILY_EXCLUDED = {"tsdn": ("patchcore",), "patchcore": ("model", "epochs", "checkpoint_every", "keep_checkpoints")}
 _FLOAT_METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
+_STORE_RETRY_S = store.DEFAULT_RETRY_S  # the config's field ``store`` shadows the module in the class body
 
 
 @dataclass
@@ -138,6 +141,10 @@ class TrainConfig:
             epoch (turn off for datasets larger than the object store).
         shuffle_buffer_size: rows each worker shuffles per epoch before batching (Ray Data's local shuffle,
             seeded by ``seed``, epoch and rank); 0 keeps the shard order.
+        store_retry_s: how long a store that is unreachable, throttling or failing with 5xx is waited for (on the
+            driver, in each product line's task and in every Train worker, checkpoint uploads included) before that
+            product line fails; then no new version is registered and the best pointer is left as it was. Each
+            worker-group restart (``max_failures``) waits again.
         inject_failure_at_epoch: test knob: in an attempt that started from scratch, the last rank's process
             exits abruptly at the start of this (1-based, >= 2) epoch, after the previous checkpoint is safe.
     """
@@ -171,6 +178,7 @@ class TrainConfig:
     max_concurrent_products: int = 0
     cache_data: bool = True
     shuffle_buffer_size: int = 256
+    store_retry_s: float = _STORE_RETRY_S
     inject_failure_at_epoch: int | None = None
 
     def __post_init__(self) -> None:
@@ -195,6 +203,7 @@ class TrainConfig:
             (self.eval_batch_size >= 1, "eval_batch_size", ">= 1"),
             (self.max_concurrent_products >= 0, "max_concurrent_products", ">= 0"),
             (self.shuffle_buffer_size >= 0, "shuffle_buffer_size", ">= 0 (0 = no shuffle)"),
+            (self.store_retry_s >= 0, "store_retry_s", ">= 0 (seconds)"),
             (
                 self.inject_failure_at_epoch is None or 2 <= self.inject_failure_at_epoch <= self.epochs,
                 "inject_failure_at_epoch",
@@ -231,10 +240,12 @@ class TrainConfig:
 
 @dataclass
 class ProductResult:
-    """What training one product line produced (or why it failed)."""
+    """What training one product line produced (or why it failed: ``error``, one line, and ``status``, the
+    ``tsdn`` exit status that failure calls for, e.g. 3 for a store outage that outlasted ``store_retry_s``)."""
 
     product: str
     ok: bool
+    status: int = 0
     family: str = "tsdn"
     run_name: str = ""
     run_uri: str = ""
@@ -387,17 +398,15 @@ def _clean_number(value: Any) -> Any:
 # --- checkpoints -------------------------------------------------------------------------------------
 
 
-def _save_checkpoint(
-    directory: str, model: Any, optimizer: torch.optim.Optimizer, calibration: Any, state: dict[str, Any]
-) -> None:
-    """Weights + model.json (tsdn.checkpoint), Adam state (safetensors) and the JSON training state."""
+def _checkpoint_files(
+    model: Any, optimizer: torch.optim.Optimizer, calibration: Any, state: dict[str, Any]
+) -> dict[str, bytes]:
+    """Weights + model.json (tsdn.checkpoint), Adam state (safetensors) and the JSON training state, by file name."""
     import safetensors.torch
 
     from tsdn.checkpoint import checkpoint_files
 
-    for name, data in checkpoint_files(model, calibration, extra={"training": state}).items():
-        with open(os.path.join(directory, name), "wb") as handle:
-            handle.write(data)
+    files = checkpoint_files(model, calibration, extra={"training": state})
     optim_state = optimizer.state_dict()
     tensors = {
         f"{index}.{name}": value.detach().cpu().contiguous()
@@ -405,9 +414,26 @@ def _save_checkpoint(
         for name, value in entry.items()
         if torch.is_tensor(value)
     }
-    safetensors.torch.save_file(tensors, os.path.join(directory, CHECKPOINT_OPTIMIZER))
-    with open(os.path.join(directory, CHECKPOINT_STATE), "w") as handle:
-        json.dump({**state, "param_groups": optim_state["param_groups"]}, handle)
+    files[CHECKPOINT_OPTIMIZER] = safetensors.torch.save(tensors)
+    files[CHECKPOINT_STATE] = json.dumps({**state, "param_groups": optim_state["param_groups"]}).encode()
+    return files
+
+
+def _upload_checkpoint(run_uri: str, dir_name: str, files: Mapping[str, bytes]) -> Any:
+    """Write a checkpoint's files into the run folder through the store; returns the ``ray.train.Checkpoint``.
+
+    The platform uploads instead of Ray Train so that a store outage is waited out for ``store_retry_s`` (Ray's
+    own upload retries three times, on top of the AWS SDK's attempts, whatever the budget) and surfaces as a
+    :class:`store.StoreError`. Ray registers the checkpoint only after this returns, so an upload the outage cut
+    short is a folder no kept checkpoint names (a resumed run overwrites it).
+    """
+    import ray.train
+
+    uri = store.join(run_uri, dir_name)
+    for name, data in files.items():
+        store.write_bytes(store.join(uri, name), data)
+    fs, path = store.resolve(uri)
+    return ray.train.Checkpoint(path=path, filesystem=fs)
 
 
 def _load_checkpoint(files: Mapping[str, bytes], device: torch.device) -> tuple[Any, dict[str, Any], dict[str, Any]]:
@@ -426,19 +452,15 @@ def _load_checkpoint(files: Mapping[str, bytes], device: torch.device) -> tuple[
     return model.train(), state, optimizer_state
 
 
-def _read_checkpoint(checkpoint: Any, names: Sequence[str]) -> dict[str, bytes]:
-    """The named files of a reported ``ray.train.Checkpoint``, read straight from its filesystem (S3 or local).
+def _read_checkpoint(run_uri: str, checkpoint: Any, names: Sequence[str]) -> dict[str, bytes]:
+    """The named files of a reported ``ray.train.Checkpoint`` of the run at ``run_uri``, read through the store.
 
     Not through ``Checkpoint.as_directory()``: the workers of one node share its download folder, and a worker
     that arrives after another's download finished downloads again into it while the first is still reading
     (seen as a truncated optimizer file on restart after a worker failure).
     """
-    root = checkpoint.path.rstrip("/")
-    files = {}
-    for name in names:
-        with checkpoint.filesystem.open_input_stream(f"{root}/{name}") as handle:
-            files[name] = handle.read()
-    return files
+    uri = store.join(run_uri, os.path.basename(checkpoint.path.rstrip("/")))
+    return {name: store.read_bytes(store.join(uri, name)) for name in names}
 
 
 def _checkpoint_dir_name(epoch: int) -> str:
@@ -459,9 +481,19 @@ def _reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
-    """The Ray Train worker function. Rank 0 returns the final summary; other ranks return None."""
+    """The Ray Train worker function. Rank 0 returns the final summary; other ranks return None.
+
+    Every store access of the worker (checkpoint reads and uploads) waits out an outage for ``store_retry_s``.
+    """
+    cfg = from_dict(TrainConfig, loop_config["cfg"])
+    with store.retry_budget(cfg.store_retry_s):
+        return _train_loop(cfg, loop_config["product"], loop_config["run_name"])
+
+
+def _train_loop(cfg: TrainConfig, product: str, run_name: str) -> dict[str, Any] | None:
     import ray.train
     import ray.train.torch
+    from ray.train import CheckpointUploadMode
 
     from tsdn.losses import TSDNLoss
     from tsdn.model import TSDN
@@ -469,8 +501,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     from tsdn.scoring import fit_calibration
     from tsdn.training import build_optimizer, set_epoch_lr, train_step
 
-    cfg = from_dict(TrainConfig, loop_config["cfg"])
-    product, run_name = loop_config["product"], loop_config["run_name"]
+    run_uri = layout.run_uri(cfg.store, product, run_name)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -481,7 +512,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     optimizer_state = None
     if checkpoint is not None:
         names = (MODEL_WEIGHTS, MODEL_JSON, CHECKPOINT_STATE, CHECKPOINT_OPTIMIZER)
-        model, state, optimizer_state = _load_checkpoint(_read_checkpoint(checkpoint, names), device)
+        model, state, optimizer_state = _load_checkpoint(_read_checkpoint(run_uri, checkpoint, names), device)
         model.cfg = cfg.model  # loading reset the weights spec to "none"; later checkpoints record the run's own
         start_epoch, history = state["epoch"], state["history"]
     else:
@@ -567,24 +598,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             # stdout, so every printed line reached the driver twice.
             logger.info("[%s] epoch %d/%d %s %.1f images/s", product, epoch, cfg.epochs, shown, metrics["images_per_s"])
         if checkpoint_now and rank == 0:
-            with tempfile.TemporaryDirectory() as directory:
-                state = {"epoch": epoch, "history": history, "product": product, "run": run_name}
-                _save_checkpoint(directory, model, optimizer, calibration, state)
-                ray.train.report(
-                    metrics,
-                    checkpoint=ray.train.Checkpoint.from_directory(directory),
-                    checkpoint_dir_name=_checkpoint_dir_name(epoch),
-                )
+            state = {"epoch": epoch, "history": history, "product": product, "run": run_name}
+            dir_name = _checkpoint_dir_name(epoch)
+            files = _checkpoint_files(model, optimizer, calibration, state)
+            ray.train.report(
+                metrics,
+                checkpoint=_upload_checkpoint(run_uri, dir_name, files),
+                checkpoint_dir_name=dir_name,
+                checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
+            )
         else:
             ray.train.report(metrics)
 
     if rank != 0:
         return None
-    return _final_evaluation(cfg, product, start_epoch, history, Predictor)
+    return _final_evaluation(cfg, product, run_uri, start_epoch, history, Predictor)
 
 
 def _final_evaluation(
-    cfg: TrainConfig, product: str, start_epoch: int, history: list[dict[str, Any]], predictor_cls: Any
+    cfg: TrainConfig, product: str, run_uri: str, start_epoch: int, history: list[dict[str, Any]], predictor_cls: Any
 ) -> dict[str, Any]:
     """Rank 0, after training: the best kept checkpoint, evaluated on the test split with the serving predictor."""
     import ray.train
@@ -597,7 +629,7 @@ def _final_evaluation(
         msg = f"{product}: no checkpoint was reported"
         raise RuntimeError(msg)
     best = max(reported, key=lambda r: (_metric_or_low(r.metrics, cfg.checkpoint_metric), r.metrics["epoch"]))
-    files = _read_checkpoint(best.checkpoint, (MODEL_WEIGHTS, MODEL_JSON))
+    files = _read_checkpoint(run_uri, best.checkpoint, (MODEL_WEIGHTS, MODEL_JSON))
     predictor = predictor_cls.from_files(files, device=ray.train.torch.get_device(), batch_size=cfg.eval_batch_size)
 
     test_shard = ray.train.get_dataset_shard("test")
@@ -851,8 +883,8 @@ def _register(cfg: TrainConfig, product: str, checkpoint_uri: str, record: dict[
         existing = registry.metrics(product, version)
         if existing.get("run_id") == record["run_id"] and existing.get("checkpoint") == record["checkpoint"]:
             logger.info("%s: run %s is already registered as version %s", product, record["run_id"], version)
-            best = registry.best(product)
-            return version, bool(best and best["version"] == version)
+            # The policy again: the run that registered it may have failed before its pointer update.
+            return version, registry.apply_policy(product, version, cfg.promote, cfg.promote_metric)
     files = {name: store.read_bytes(store.join(checkpoint_uri, name)) for name in (MODEL_WEIGHTS, MODEL_JSON)}
     version = registry.register(product, files, record, promote=cfg.promote, metric=cfg.promote_metric)
     best = registry.best(product)
@@ -865,17 +897,64 @@ def _register(cfg: TrainConfig, product: str, checkpoint_uri: str, record: dict[
 def _product_task(cfg_dict: dict[str, Any], product: str) -> ProductResult:
     cfg = from_dict(TrainConfig, cfg_dict)
     try:
-        return run_product(cfg, product)
+        with store.retry_budget(cfg.store_retry_s):
+            return run_product(cfg, product)
     except Exception as exc:
         logger.exception("%s: training failed", product)
-        return ProductResult(product=product, ok=False, error=f"{type(exc).__name__}: {exc}")
+        return _failed(product, exc)
+
+
+def _failed(product: str, exc: BaseException) -> ProductResult:
+    """A product line's failure as one line and the exit status it calls for, told by its cause's type."""
+    cause = failure_cause(exc)
+    text = str(cause).strip().splitlines()
+    line = text[0] if text else type(cause).__name__
+    error = line if isinstance(cause, store.StoreError) else f"{type(cause).__name__}: {line}"
+    return ProductResult(product=product, ok=False, status=exit_status(cause), error=error)
+
+
+def failure_cause(exc: BaseException) -> BaseException:
+    """The store failure behind ``exc`` when there is one, else the first exception Ray wrapped in it.
+
+    Ray Train wraps what failed: a worker's exception sits in ``WorkerGroupError.worker_failures``, the
+    controller's in ``ControllerError.controller_failure``, a task's in ``RayTaskError.cause``. A transient
+    ``OSError`` from pyarrow (Ray Train's own writes to the run folder) counts as a store failure too.
+    """
+    pending, seen = [exc], set()
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, store.StoreError):
+            return current
+        if isinstance(current, OSError) and store.as_store_error("the run folder", current).transient:
+            return store.as_store_error("the run folder", current)
+        pending.extend(_wrapped(current))
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    while _wrapped(exc):
+        exc = _wrapped(exc)[0]
+    return exc
+
+
+def _wrapped(exc: BaseException) -> list[BaseException]:
+    """The exceptions a Ray error carries (a Train worker group's, its controller's, a task's)."""
+    inner = [*getattr(exc, "worker_failures", {}).values()]
+    inner += [getattr(exc, name, None) for name in ("controller_failure", "cause")]
+    return [e for e in inner if isinstance(e, BaseException)]
 
 
 def run_training(cfg: TrainConfig) -> dict[str, ProductResult]:
     """Train every product line of ``cfg``; each in its own zero-CPU Ray task so trainers queue on resources.
 
-    One product's failure is recorded in its :class:`ProductResult` and does not stop the others.
+    One product's failure is recorded in its :class:`ProductResult` and does not stop the others. A store failure
+    on the driver (listing and checking the dataset) outlasting ``cfg.store_retry_s`` raises ``StoreError``.
     """
+    with store.retry_budget(cfg.store_retry_s):
+        return _run_training(cfg)
+
+
+def _run_training(cfg: TrainConfig) -> dict[str, ProductResult]:
     import ray
 
     from tsdn_platform.ray_session import init_ray
@@ -898,7 +977,7 @@ def run_training(cfg: TrainConfig) -> dict[str, ProductResult]:
             try:
                 results[product] = ray.get(ref)
             except Exception as exc:  # the task itself died (e.g. its node was lost)
-                results[product] = ProductResult(product=product, ok=False, error=f"{type(exc).__name__}: {exc}")
+                results[product] = _failed(product, exc)
     return {product: results[product] for product in products}
 
 
@@ -940,8 +1019,8 @@ def main(args: argparse.Namespace) -> int:
         init_ray(address=args.address)
     results = run_training(cfg)
     print(format_table(results))
-    failed = [p for p, r in results.items() if not r.ok]
-    if failed:
-        print(f"tsdn train: failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    failed = [r for r in results.values() if not r.ok]
+    for result in failed:
+        print(f"tsdn train: {result.product}: {result.error}", file=sys.stderr)
+    # A failure that needs a person (1: unexpected, 2: a mistake to fix) outranks one that a later rerun cures (3).
+    return min((r.status for r in failed), default=0)

@@ -324,3 +324,151 @@ def test_score_outage_shorter_than_the_budget_is_bridged(weed, scored, tmp_path)
     assert manifest["attempt"] != previous["attempt"]  # a new commit, as complete as the fault-free one
     assert (manifest["rows_written"], manifest["errors"]) == (previous["rows_written"], 0)
     assert set(_snapshot(output)) == {"_manifest.json", *_committed(output)}  # the old parts are gone
+
+
+# --- train ----------------------------------------------------------------------------------------
+
+
+def _train_argv(store_uri: str, retry_s: float, seed: int) -> list[str]:
+    """One tiny TSDN epoch on the first product (3 training images, 1 held out), promoted always; no restarts."""
+    return [
+        *("train", "--store", store_uri, "--dataset", "demo", "--products", PRODUCTS[0], "--config", "tiny"),
+        *("--promote", "always", "--set", "model.n_segments=40", "--set", "num_workers=1"),
+        *("--set", "epochs=1", "--set", "holdout_folds=[1]", "--set", "max_failures=0"),
+        *("--set", f"seed={seed}", "--set", f"store_retry_s={retry_s}"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(weed: Weed, ingested: dict[str, bytes], tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A store with the ingested dataset, one finished run and its version registered as best."""
+    store_uri = _fresh_store("train-ref")
+    rc, _, err = _Job(weed, tmp_path_factory.mktemp("train-ref"), _train_argv(store_uri, 5, seed=0)).finish()
+    assert rc == 0, err[-4000:]
+    return store_uri
+
+
+def _copy_store(src: str, name: str) -> tuple[str, dict[str, bytes]]:
+    uri = f"s3://{BUCKET}/{name}-{time.monotonic_ns()}"
+    _copy_tree(src, uri)
+    return uri, _snapshot(uri)
+
+
+def _pointer(store_uri: str) -> dict[str, object]:
+    return store.read_json(Registry(store_uri).pointer_uri(PRODUCTS[0]))
+
+
+def test_train_outage_during_a_checkpoint_upload_fails_and_keeps_registry_and_runs(weed, trained, tmp_path):
+    """Rank 0 uploads the checkpoint through the store: the outage outlasts ``store_retry_s`` in the Train worker."""
+    store_uri, before = _copy_store(trained, "train-down-in-upload")
+    job = _Job(
+        weed, tmp_path, _train_argv(store_uri, SHORT_RETRY_S, seed=1), "workers:tsdn_platform.train:_upload_checkpoint"
+    )
+    job.wait_paused()
+    weed.stop()
+    job.resume()
+    rc, _, err = job.finish()
+    weed.start()
+    assert rc == 3, err[-4000:]
+    assert ONE_LINE_UNREACHABLE in _last_line(err) and f"after {SHORT_RETRY_S} s of retries" in _last_line(err)
+    after = _snapshot(store_uri)
+    assert {name: after.get(name) for name in before} == before  # registry, pointer and the old run: the same bytes
+    new = sorted(set(after) - set(before))
+    old_runs = {name.split("/")[2] for name in before if name.startswith("runs/")}
+    assert new and all(name.startswith(f"runs/{PRODUCTS[0]}/") for name in new)  # only the new run's own folder
+    assert not {name.split("/")[2] for name in new} & old_runs
+
+
+@pytest.mark.parametrize(
+    "pause_at",
+    ["workers:tsdn_platform.registry:Registry.register", "workers:tsdn_platform.registry:Registry._swap_pointer"],
+    ids=["before-the-version", "before-the-pointer"],
+)
+def test_train_outage_while_registering_keeps_the_pointer(weed, trained, tmp_path, pause_at):
+    """Down when registration starts: the registry is byte-identical. Down after the version was written, before
+    the pointer update: old versions and the pointer are byte-identical, the new version is complete, and the
+    next run of the same command (it resumes the finished run) applies the promotion policy to it."""
+    store_uri, before = _copy_store(trained, "train-down-in-register")
+    registry = Registry(store_uri)
+    versions = registry.list_versions(PRODUCTS[0])
+    argv = _train_argv(store_uri, SHORT_RETRY_S, seed=2)
+    job = _Job(weed, tmp_path, argv, pause_at)
+    job.wait_paused()
+    weed.stop()
+    job.resume()
+    rc, _, err = job.finish()
+    weed.start()
+    assert rc == 3, err[-4000:]
+    assert ONE_LINE_UNREACHABLE in _last_line(err)
+    after = _snapshot(store_uri)
+    registry_before = {name: data for name, data in before.items() if name.startswith("registry/")}
+    assert {name: after.get(name) for name in registry_before} == registry_before  # old versions, pointer
+    if pause_at.endswith(".register"):  # nothing of the new version was written
+        assert {name: data for name, data in after.items() if name.startswith("registry/")} == registry_before
+        return
+    (version,) = registry.list_versions(PRODUCTS[0])[len(versions) :]  # complete: its files match metrics.json
+    files, ref = registry.load_files(PRODUCTS[0], version)
+    assert ref.version == version and set(files) == {"model.safetensors", "model.json"}
+    rc, _, err = _Job(weed, tmp_path, argv).finish()  # the next run (the same run: it resumes) repairs it
+    assert rc == 0, err[-4000:]
+    assert registry.list_versions(PRODUCTS[0])[len(versions) :] == [version]  # registered once, not twice
+    pointer = _pointer(store_uri)
+    assert pointer["version"] == version and pointer["previous"] == versions[-1]
+    assert pointer["generation"] == json.loads(registry_before[f"registry/{PRODUCTS[0]}/best.json"])["generation"] + 1
+
+
+# --- registry promotion (`tsdn models promote`) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def registered(weed: Weed) -> str:
+    """A registry with two versions of the first product: ``v1`` best, ``v2`` registered but not promoted."""
+    store_uri = f"s3://{BUCKET}/faults-promote"
+    registry = Registry(store_uri)
+    torch.manual_seed(0)
+    model = TSDN(TSDNConfig(backbone="test_efficientnet", weights="none", image_size=SIZE))
+    files = checkpoint_files(model, fit_calibration(np.array([0.05, 0.1, 0.15])))
+    registry.register(PRODUCTS[0], files, {"val": {"val_image_auroc": 0.6}}, promote="always", version="v1")
+    registry.register(PRODUCTS[0], files, {"val": {"val_image_auroc": 0.7}}, promote="never", version="v2")
+    return store_uri
+
+
+def _promote_argv(store_uri: str, retry_s: float) -> list[str]:
+    return ["models", "promote", PRODUCTS[0], "v2", "--store", store_uri, "--store-retry-s", str(retry_s)]
+
+
+@pytest.mark.parametrize(
+    "pause_at", ["-", "tsdn_platform.registry:Registry._write_pointer"], ids=["before-the-command", "before-the-write"]
+)
+def test_promotion_outage_outlasting_the_budget_fails_and_keeps_the_pointer(weed, registered, tmp_path, pause_at):
+    store_uri, before = _copy_store(registered, "promote-down")
+    job = _Job(weed, tmp_path, _promote_argv(store_uri, SHORT_RETRY_S), pause_at)
+    if pause_at == "-":
+        weed.stop()
+    else:  # the pointer was read and the version checked: the conditional write is what meets the outage
+        job.wait_paused()
+        weed.stop()
+        job.resume()
+    rc, _, err = job.finish()
+    weed.start()
+    assert rc == 3, err[-4000:]
+    assert ONE_LINE_UNREACHABLE in _last_line(err) and f"after {SHORT_RETRY_S:g} s of retries" in _last_line(err)
+    assert _snapshot(store_uri) == before
+    assert _pointer(store_uri)["version"] == "v1"
+
+
+def test_promotion_outage_shorter_than_the_budget_is_bridged(weed, registered, tmp_path):
+    store_uri, before = _copy_store(registered, "promote-bridged")
+    job = _Job(weed, tmp_path, _promote_argv(store_uri, LONG_RETRY_S), "tsdn_platform.registry:Registry._write_pointer")
+    job.wait_paused()
+    weed.stop()
+    job.resume()
+    time.sleep(OUTAGE_S)
+    weed.start()
+    rc, out, err = job.finish()
+    assert rc == 0, err[-4000:]
+    pointer = _pointer(store_uri)
+    assert json.loads(out) == pointer
+    assert (pointer["version"], pointer["previous"], pointer["generation"]) == ("v2", "v1", 2)
+    changed = {name for name, data in _snapshot(store_uri).items() if before.get(name) != data}
+    assert changed == {f"registry/{PRODUCTS[0]}/best.json"}  # the one object a promotion writes

@@ -32,6 +32,7 @@ from tsdn_platform.serve import (
     auth_required,
     build_app,
     config_from_args,
+    load_token_scopes,
     load_tokens,
     split_model_id,
 )
@@ -42,6 +43,8 @@ PROMOTED = "grid"  # gets a second version promoted while the server runs
 TOKENS_ENV = "TSDN_TEST_SERVE_TOKENS"
 TOKEN = "env-token-" + uuid.uuid4().hex
 FILE_TOKEN = "file-token-" + uuid.uuid4().hex
+SCOPED_TOKEN = "scoped-token-" + uuid.uuid4().hex  # may detect on bottle and screw only (auth_tokens_file)
+SCOPE = ("bottle", "screw")
 MAX_BODY = 48_000
 MAX_PIXELS = 160 * 160
 HTTP_TIMEOUT_S = 120.0
@@ -101,13 +104,32 @@ def test_auth_defaults_refuse_unsafe_setups(monkeypatch):
 
 
 def test_check_token_statuses():
-    digests = [_digest("alpha"), _digest("beta")]
-    _check_token("Bearer beta", digests)
-    _check_token("bearer  alpha", digests)
-    for header, status in ((None, 401), ("Basic YWxwaGE=", 401), ("Bearer ", 401), ("Bearer gamma", 403)):
+    digests = [(_digest("alpha"), None), (_digest("beta"), frozenset({"gearbox"}))]
+    assert _check_token("Bearer beta", digests, "gearbox") == {"gearbox"}
+    assert _check_token("bearer  alpha", digests, "housing") is None
+    cases = ((None, 401), ("Basic YWxwaGE=", 401), ("Bearer ", 401), ("Bearer gamma", 403), ("Bearer beta", 403))
+    for header, status in cases:
         with pytest.raises(ApiError) as exc:
-            _check_token(header, digests)
+            _check_token(header, digests, "housing")
         assert exc.value.status == status
+
+
+def test_token_scopes_from_env_and_file(tmp_path, monkeypatch):
+    path = tmp_path / "tokens"
+    path.write_text("# comment\nfile-a gearbox housing\nfile-b\nenv-a housing\n")
+    monkeypatch.setenv("TSDN_X_TOKENS", "env-a gearbox, env-b,env-c pump")
+    cfg = ServeConfig(store="s", auth_tokens_env="TSDN_X_TOKENS", auth_tokens_file=str(path))
+    assert load_token_scopes(cfg) == {
+        "env-a": {"gearbox", "housing"},  # listed twice: both entries' products
+        "env-b": None,
+        "env-c": {"pump"},
+        "file-a": {"gearbox", "housing"},
+        "file-b": None,
+    }
+    assert load_tokens(cfg) == ["env-a", "env-b", "env-c", "file-a", "file-b"]
+    monkeypatch.setenv("TSDN_X_TOKENS", "env-a ../etc")
+    with pytest.raises(ConfigError, match="product id"):
+        load_token_scopes(ServeConfig(store="s", auth_tokens_env="TSDN_X_TOKENS"))
 
 
 def test_model_ids_round_trip():
@@ -192,26 +214,11 @@ def _test_images() -> dict[str, bytes]:
 
 
 def _register_tiny_model(registry, product: str, seed: int) -> str:
-    import torch
+    from tsdn_platform.testing import calibrate, register, tiny_model
 
-    from tsdn.checkpoint import checkpoint_files
-    from tsdn.config import TSDNConfig
-    from tsdn.model import TSDN
-    from tsdn.patchcore import PatchCore, PatchCoreConfig
-    from tsdn.scoring import fit_calibration
-
-    torch.manual_seed(seed)
-    images = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
-    if product == PATCHCORE_PRODUCT:
-        model = PatchCore(PatchCoreConfig(backbone="test_efficientnet", weights="none", image_size=64))
-        model.fit([images[:3]])
-    else:
-        model = TSDN(TSDNConfig(backbone="test_efficientnet", weights="none", image_size=64)).eval()
-    with torch.no_grad():
-        normal = model.predict(images).anomaly_score
-    files = checkpoint_files(model, fit_calibration(normal.numpy()))
-    metrics = {"test": {"image_auroc": 0.5 + seed / 100}, "run_id": f"{product}-{seed}", "family": model.FAMILY}
-    return registry.register(product, files, metrics, promote="always")
+    model = tiny_model("patchcore" if product == PATCHCORE_PRODUCT else "tsdn", seed)
+    metrics = {"test": {"image_auroc": 0.5 + seed / 100}, "run_id": f"{product}-{seed}"}
+    return register(registry, product, model, calibrate(model, seed), metrics)
 
 
 def _expected(registry, product: str, images: dict[str, bytes]) -> dict[tuple[str, str], tuple[str, float, float]]:
@@ -246,7 +253,7 @@ def server(s3, ray_local, tmp_path_factory) -> Iterator[Server]:
         for key, (*head, anomaly_map) in _predicted(registry, product, images).items():
             expected[key], maps[key] = tuple(head), anomaly_map
     token_file = tmp_path_factory.mktemp("serve") / "tokens"
-    token_file.write_text(f"{FILE_TOKEN}\n")
+    token_file.write_text(f"{FILE_TOKEN}\n# scoped to two product lines\n{SCOPED_TOKEN} {' '.join(SCOPE)}\n")
     cfg = ServeConfig(
         store=store,
         port=free_ports(1)[0],
@@ -594,3 +601,26 @@ def test_tsdn_serve_command_serves_until_interrupted(tmp_path):
     assert proc.returncode == 0, output
     assert f"at {url}/v1/products" in output
     assert 'curl -s -H "Authorization: Bearer $TOKEN"' in output
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_token_scoped_to_product_lines_gets_403_on_the_others(server):
+    import httpx
+
+    allowed, other = SCOPE[0], "cable"
+    ok = server.post(allowed, server.images["rgb64.png"], token=SCOPED_TOKEN)
+    assert ok.status_code == 200, ok.text
+    _assert_answer(ok.json(), allowed, server.expected[(allowed, "rgb64.png")])
+    for product in (other, "housing"):  # served or not: the scope answers first, so it reveals nothing
+        refused = server.post(product, server.images["rgb64.png"], token=SCOPED_TOKEN)
+        assert refused.status_code == 403, refused.text
+        assert refused.json() == {"status": 403, "reason": f"this token is not allowed to use product {product!r}"}
+    assert server.post(other, server.images["rgb64.png"]).status_code == 200  # an unscoped token may
+    auth = {"Authorization": f"Bearer {SCOPED_TOKEN}"}
+    listed = httpx.get(f"{server.url}/v1/products", headers=auth, timeout=HTTP_TIMEOUT_S)
+    assert listed.status_code == 200
+    assert sorted(p["product"] for p in listed.json()["products"]) == sorted(SCOPE)  # only what it may use
+    details = httpx.get(f"{server.url}/v1/products/{other}", headers=auth, timeout=HTTP_TIMEOUT_S)
+    assert details.status_code == 403
+    assert httpx.get(f"{server.url}/v1/products/{allowed}", headers=auth, timeout=HTTP_TIMEOUT_S).status_code == 200

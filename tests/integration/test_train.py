@@ -18,8 +18,8 @@ from tsdn_platform.config import load_config
 from tsdn_platform.registry import Registry
 from tsdn_platform.train import (
     TrainConfig,
+    _checkpoint_files,
     _load_checkpoint,
-    _save_checkpoint,
     check_manifest,
     preflight,
     run_training,
@@ -264,7 +264,7 @@ def test_test_split_validation_matches_the_model(tiny_model):
     assert labels.tolist() == [0, 0, 1, 1] and 0 <= metrics["val_image_auroc"] <= 1
 
 
-def test_checkpoint_round_trip_restores_weights_adam_and_state(tiny_model, tmp_path):
+def test_checkpoint_round_trip_restores_weights_adam_and_state(tiny_model):
     from tsdn.losses import TSDNLoss
     from tsdn.scoring import fit_calibration
 
@@ -275,8 +275,7 @@ def test_checkpoint_round_trip_restores_weights_adam_and_state(tiny_model, tmp_p
     total.backward()
     optimizer.step()
     state = {"epoch": 3, "history": [{"epoch": 3, "loss": 0.5}]}
-    _save_checkpoint(str(tmp_path), tiny_model, optimizer, fit_calibration(np.array([0.1, 0.2, 0.3])), state)
-    files = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    files = _checkpoint_files(tiny_model, optimizer, fit_calibration(np.array([0.1, 0.2, 0.3])), state)
     model, restored, optimizer_state = _load_checkpoint(files, torch.device("cpu"))
     assert restored == state and model.training
     for (name, a), b in zip(tiny_model.state_dict().items(), model.state_dict().values()):

@@ -250,3 +250,35 @@ def test_decode_errors_carry_no_object_reprs():
         messages.add(str(caught.value))
     (message,) = messages
     assert " at 0x" not in message and message.startswith("x.png: not a PNG/JPEG/BMP/TIFF image")
+
+
+def _jpeg(width: int, height: int) -> bytes:
+    """A smooth (upsampled noise) JPEG: what a downscaled decode should keep."""
+    small = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(small).resize((width, height), Image.BICUBIC).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def test_a_large_jpeg_decodes_at_the_smallest_dct_scale_that_keeps_min_size():
+    data = _jpeg(4000, 3000)
+    full = decode_image(data, "big.jpg")
+    assert full.size == (4000, 3000)
+    small = decode_image(data, "big.jpg", min_size=352)
+    assert small.size == (500, 375)  # 1/8 each way: both sides >= 352, 1/64 of the decoded bytes
+    assert len(small.tobytes()) * 64 == len(full.tobytes())
+    assert decode_image(data, "big.jpg", min_size=1000).size == (2000, 1500)  # 1/4 would leave 750 < 1000
+    assert decode_image(data, "big.jpg", min_size=4000).size == (4000, 3000)  # never below min_size
+
+
+def test_any_other_large_image_is_reduced_on_load_to_rgb():
+    rgb = np.asarray(Image.open(io.BytesIO(_jpeg(4000, 3000))).convert("RGB"))
+    png = _encode(Image.fromarray(rgb), "PNG")
+    reduced = decode_image(png, "big.png", min_size=352)
+    assert reduced.size == (500, 375) and reduced.mode == "RGB"  # 3000 // 352 = 8-fold: short side in [352, 704)
+    np.testing.assert_array_equal(np.asarray(reduced), np.asarray(Image.fromarray(rgb).reduce(8)))
+    assert decode_image(png, "big.png", min_size=1600).size == (4000, 3000)  # a factor below 2: left whole
+    gray16 = (np.linspace(0, 65535, 800 * 600).reshape(600, 800)).astype(np.uint16)
+    reduced16 = decode_image(_encode(Image.fromarray(gray16), "PNG"), "gray16.png", min_size=100)
+    expected = Image.fromarray(to_rgb(gray16)[0]).reduce(6)  # 16-bit: scaled to 8 bits first, as to_rgb does
+    assert reduced16.mode == "RGB" and np.array_equal(np.asarray(reduced16), np.asarray(expected))

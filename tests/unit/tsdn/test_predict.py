@@ -116,3 +116,25 @@ def test_empty_and_invalid_inputs(predictor):
         predictor.predict_tensor(torch.empty(0, 3, 64, 64))
     with pytest.raises(ValueError, match="batch_size"):
         Predictor(predictor.model, predictor.calibration, batch_size=0)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_an_image_decoded_small_scores_like_the_full_decode(predictor, fmt):
+    """Serving decodes a large image small (tsdn.image.decode_image(min_size=4 x S): a JPEG at a DCT scale, any
+    image reduced on load) and leaves the last 4x of downscaling to the predictor's antialiased resize: the
+    score and the map at S x S stay within a few per cent of the full decode's."""
+    import io
+
+    from tsdn.image import decode_image
+
+    small = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(small).resize((2048, 2048), Image.BICUBIC).save(buffer, format=fmt, quality=95)
+    full = decode_image(buffer.getvalue(), "large")
+    reduced = decode_image(buffer.getvalue(), "large", min_size=4 * CFG.image_size)
+    assert reduced.size == (256, 256)  # 1/8 each way: 1/64 of the pixels reach the predictor
+    reference, decoded_small = predictor.predict([full, reduced], map_size=(CFG.image_size, CFG.image_size))
+    assert decoded_small.anomaly_score == pytest.approx(reference.anomaly_score, rel=0.03)
+    np.testing.assert_allclose(
+        decoded_small.anomaly_map, reference.anomaly_map, atol=0.03 * reference.anomaly_map.max()
+    )
