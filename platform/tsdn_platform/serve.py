@@ -67,6 +67,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from PIL import Image
 from ray import serve
+from ray.exceptions import RayActorError
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -483,7 +484,8 @@ api = FastAPI(
 
 @api.exception_handler(ApiError)
 async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    # 401 names the scheme; 503 (store or replica unavailable) tells a client it may retry.
+    headers = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": "1"}}.get(exc.status)
     return JSONResponse({"status": exc.status, "reason": exc.reason}, status_code=exc.status, headers=headers)
 
 
@@ -542,6 +544,14 @@ def _store_failure(what: str, exc: Exception) -> ApiError:
         return ApiError(404, f"{what}: not found in the model registry")
     logger.warning("%s unavailable: %s", what, cause)
     return ApiError(503, f"{what} unavailable: the model store did not answer; retry later")
+
+
+def _replica_lost(model: str, exc: RayActorError) -> ApiError:
+    """The replica answering a request died or became unreachable mid-request (its node was lost): a 503 the
+    client may retry at once, since Serve routes the next request to a live replica (infra/README.md, "Losing a
+    node"). Without this, FastAPI answered a plain 500 outside the JSON error shape."""
+    logger.warning("model %s: its replica was lost mid-request (%s)", model, type(exc).__name__)
+    return ApiError(503, f"model {model}: the replica serving this request was lost; retry")
 
 
 def _check_product_id(product: str) -> None:
@@ -727,6 +737,8 @@ class TSDNIngress:
             result: DetectResult = await self._model.options(multiplexed_model_id=job.model_id).detect.remote(job)
         except (RegistryError, StoreError) as exc:
             raise _store_failure(f"model {job.model_id}", exc) from exc
+        except RayActorError as exc:
+            raise _replica_lost(job.model_id, exc) from exc
         return DetectResponse(
             product=result.product,
             model_version=result.model_version,

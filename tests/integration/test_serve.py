@@ -624,3 +624,21 @@ def test_a_token_scoped_to_product_lines_gets_403_on_the_others(server):
     details = httpx.get(f"{server.url}/v1/products/{other}", headers=auth, timeout=HTTP_TIMEOUT_S)
     assert details.status_code == 403
     assert httpx.get(f"{server.url}/v1/products/{allowed}", headers=auth, timeout=HTTP_TIMEOUT_S).status_code == 200
+
+
+def test_a_replica_lost_mid_request_is_a_503_the_client_may_retry():
+    """What a client gets when the model replica's node goes away under its request (infra/README.md, "Losing a
+    node"): the JSON error shape with a 503 and Retry-After, not FastAPI's plain 500."""
+    import asyncio
+    import json
+
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    from tsdn_platform.serve import _api_error, _replica_lost
+
+    for lost in (ActorDiedError(), ActorUnavailableError("node gone", None)):
+        err = _replica_lost("bottle:v1", lost)
+        assert (err.status, err.reason) == (503, "model bottle:v1: the replica serving this request was lost; retry")
+        response = asyncio.run(_api_error(None, err))
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert json.loads(response.body) == {"status": 503, "reason": err.reason}
