@@ -612,7 +612,7 @@ def _run_ingest(cfg: IngestConfig) -> dict[str, Any]:
     store.delete(staging, recursive=True)
 
     index_uri = store.join(root, MANIFEST)
-    entries = store.read_json(index_uri)["products"] if store.exists(index_uri) else {}
+    entries = (store.read_json_or_none(index_uri) or {}).get("products", {})
     for product, manifest in manifests.items():
         entries[product] = {key: manifest[key] for key in ("content_hash", "counts", "n_rows", "source")}
     combined = hashlib.sha256(json.dumps({p: e["content_hash"] for p, e in sorted(entries.items())}).encode())

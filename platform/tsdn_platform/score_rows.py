@@ -139,8 +139,7 @@ def parse_source(source_uri: str) -> tuple[str, str | None]:
 
 def read_manifest(output: str) -> dict[str, Any] | None:
     """The committed job's ``_manifest.json`` under ``output``, or None when nothing was committed there."""
-    uri = store.join(output, MANIFEST)
-    return store.read_json(uri) if store.exists(uri) else None
+    return store.read_json_or_none(store.join(output, MANIFEST))
 
 
 def committed_files(output: str, manifest: dict[str, Any] | None = None) -> list[str]:

@@ -109,12 +109,10 @@ def read_index(store_uri: str, dataset: str) -> dict[str, Any]:
 
 def _read_json(folder: str, missing: str) -> dict[str, Any]:
     uri = store.join(folder, MANIFEST)
-    try:
-        return store.read_json(uri)
-    except store.StoreError as exc:
-        if exc.kind == "not_found":
-            raise IngestError(uri, f"{missing} (or is being re-ingested); run `tsdn ingest`") from exc
-        raise
+    data = store.read_json_or_none(uri)
+    if data is None:
+        raise IngestError(uri, f"{missing} (or is being re-ingested); run `tsdn ingest`")
+    return data
 
 
 def ingested_products(store_uri: str, dataset: str) -> list[str]:
@@ -147,23 +145,28 @@ def files_under(uri: str, split: str | None = None) -> list[str] | None:
     interrupted run left beside the committed ones is never returned.
     """
     root = uri.rstrip("/")
-    leaf = root.rsplit("/", 1)[-1]
-    if leaf in SPLITS and store.exists(store.join(root.rsplit("/", 1)[0], MANIFEST)):
+    parent, _, leaf = root.rpartition("/")
+    manifest = store.read_json_or_none(store.join(parent, MANIFEST)) if leaf in SPLITS else None
+    if manifest is not None:  # a product's split folder
         if split is not None and split != leaf:
             return []
-        root, split = root.rsplit("/", 1)[0], leaf
-    if not store.exists(store.join(root, MANIFEST)):
-        return None
-    manifest = store.read_json(store.join(root, MANIFEST))
-    if "products" in manifest:  # a dataset's index
-        folders = [store.join(root, p) for p in sorted(manifest["products"])]
-        manifests = [store.read_json(store.join(f, MANIFEST)) for f in folders if store.exists(store.join(f, MANIFEST))]
+        root, split = parent, leaf
     else:
-        folders, manifests = [root], [manifest]
+        manifest = store.read_json_or_none(store.join(root, MANIFEST))
+        if manifest is None:
+            return None
+    if "products" in manifest:  # a dataset's index: each product that has a manifest now (none mid-swap)
+        pairs = [
+            (store.join(root, p), store.read_json_or_none(store.join(root, p, MANIFEST)))
+            for p in sorted(manifest["products"])
+        ]
+        governed = [(folder, product_manifest) for folder, product_manifest in pairs if product_manifest is not None]
+    else:
+        governed = [(root, manifest)]
     splits = [split] if split is not None else list(SPLITS)
     return [
         store.join(folder, entry["path"])
-        for folder, product_manifest in zip(folders, manifests)
+        for folder, product_manifest in governed
         for name in splits
         for entry in product_manifest["files"].get(name, [])
     ]

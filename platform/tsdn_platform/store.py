@@ -56,6 +56,7 @@ __all__ = [
     "move",
     "read_bytes",
     "read_json",
+    "read_json_or_none",
     "relative",
     "replace_bytes",
     "replace_json",
@@ -487,6 +488,19 @@ def read_json(uri: str) -> Any:
         return json.loads(data)
     except ValueError as exc:
         raise StoreError(uri, f"not valid JSON ({exc})", ERROR) from exc
+
+
+def read_json_or_none(uri: str) -> Any:
+    """:func:`read_json`, or None when nothing is stored at ``uri`` (one request, not an exists() and a read).
+
+    Every other failure (a missing bucket, an unreachable store, invalid JSON) raises as from :func:`read_json`.
+    """
+    try:
+        return read_json(uri)
+    except StoreError as exc:
+        if exc.kind == NOT_FOUND:
+            return None
+        raise
 
 
 def write_json(uri: str, obj: Any) -> None:
