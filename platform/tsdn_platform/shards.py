@@ -41,6 +41,7 @@ __all__ = [
     "SPLITS",
     "IngestError",
     "committed_files",
+    "committed_rows",
     "files_under",
     "fold_of",
     "ingested_products",
