@@ -12,6 +12,7 @@ Scenarios:
   Ingest a tiny demo dataset into the store, train the ``tiny`` preset (two DDP workers asking for a slot each,
   so one on each worker node) with checkpoints on S3, register the model, then score the ingested test split
   with two scorer actors.
+- ``train-one-node``: the same training run with both DDP workers on the head (two ``trainer`` slots there).
 - ``train-node-loss fresh-node|no-spare-node``: as ``train``, for 8 epochs; ``node_a`` is removed once Ray
   Train has registered a checkpoint. ``fresh-node``: a node with a ``trainer`` slot joins, for the new worker
   group to resume on; ``no-spare-node``: none does, and the run has ``max_start_failures: 1`` and a 15 s
@@ -53,7 +54,12 @@ TRAIN_START_TIMEOUT_S = 15  # Ray Train's worker-group start timeout in the no-s
 TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's controller writes it once it registered one
 
 
-def _cluster(head_cpus: int, worker_resources: dict[str, float] | None = None, workers: tuple[str, ...] = WORKERS):
+def _cluster(
+    head_cpus: int,
+    worker_resources: dict[str, float] | None = None,
+    workers: tuple[str, ...] = WORKERS,
+    head_resources: dict[str, float] | None = None,
+):
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback only: see tsdn_platform.ray_session
     import ray
     from ray._private import ray_constants
@@ -64,7 +70,12 @@ def _cluster(head_cpus: int, worker_resources: dict[str, float] | None = None, w
     ray_constants.ENABLE_RAY_CLUSTER = False
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": head_cpus, "include_dashboard": False, "node_ip_address": "127.0.0.1"},
+        head_node_args={
+            "num_cpus": head_cpus,
+            "resources": head_resources or {},
+            "include_dashboard": False,
+            "node_ip_address": "127.0.0.1",
+        },
     )
     nodes = {name: _add_node(cluster, name, worker_resources) for name in workers}
     ray.init(address=cluster.address, runtime_env={"env_vars": forwarded_env()})
@@ -114,6 +125,19 @@ def _train_and_score(store_uri: str, workdir: Path) -> dict[str, Any]:
         cluster.shutdown()
 
 
+def _train_on_one_node(store_uri: str, workdir: Path) -> dict[str, Any]:
+    """``train`` with both DDP workers on one node (the head, two ``trainer`` slots) and no score job: the
+    reference for the two-node run's losses."""
+    import ray
+
+    cluster, _ = _cluster(head_cpus=4, workers=(), head_resources={"trainer": 2.0})
+    try:
+        return {"train": _train(store_uri, workdir)}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
 def _train(store_uri: str, workdir: Path, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     from tsdn_platform.config import load_config
     from tsdn_platform.demo_data import make_demo_dataset
@@ -127,7 +151,8 @@ def _train(store_uri: str, workdir: Path, extra: tuple[str, ...] = ()) -> dict[s
     overrides = ["holdout_folds=[0,1,2,3]", "resources_per_worker={trainer: 1}", *extra]
     cfg = load_config(TrainConfig, "tiny", overrides, explicit=explicit)
     brick = run_training(cfg)["brick"]
-    return {"ok": brick.ok, "error": brick.error, "version": brick.version}
+    losses = [epoch["loss"] for epoch in brick.history]
+    return {"ok": brick.ok, "error": brick.error, "version": brick.version, "losses": losses}
 
 
 def _score(store_uri: str) -> dict[str, Any]:
@@ -487,6 +512,7 @@ def main() -> None:
     os.environ["RAY_DEDUP_LOGS"] = "0"
     runs = {
         "train": _train_and_score,
+        "train-one-node": _train_on_one_node,
         "score-node-loss": _score_node_loss,
         "serve-node-loss": _serve_node_loss,
         "train-node-loss": _train_node_loss,
