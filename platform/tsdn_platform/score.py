@@ -91,7 +91,7 @@ from tsdn.runtime import runtime_format, runtime_problem
 from tsdn_platform import shards, store
 from tsdn_platform.config import ConfigError, load_config
 from tsdn_platform.names import validate_name
-from tsdn_platform.score_rows import MANIFEST, MAP_COLUMNS, STAGING, decode_maps
+from tsdn_platform.score_rows import MANIFEST, MAP_COLUMNS, STAGING, decode_maps, row_fingerprint
 from tsdn_platform.score_stages import MAX_ERROR_SAMPLES, ScoreDatasink, Scorer, decode_inputs, select_shard_rows
 
 logger = logging.getLogger(__name__)
@@ -494,6 +494,11 @@ def _remove_uncommitted(output: str, committed: Iterable[str]) -> None:
             store.delete(uri)
 
 
+def _inputs_fingerprint(inputs: _Inputs) -> int:
+    """What :func:`~tsdn_platform.score_rows.row_fingerprint` of the written rows must be: one row per input."""
+    return row_fingerprint([i["product"] for i in inputs.items], [i["image_id"] for i in inputs.items])
+
+
 def _move_into_place(output: str, staging: str, results: list[dict[str, Any]]) -> list[str]:
     """Move the staged parts under ``output``; returns their paths relative to ``output``."""
     moved = []
@@ -562,6 +567,14 @@ def _run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         rows = sum(r["rows"] for r in results)
         if rows != len(inputs.items):
             msg = f"{cfg.input}: {len(inputs.items)} inputs but {rows} rows written to {staging}; not committing"
+            raise RuntimeError(msg)
+        # The same count can hide a row written twice and another never written (a retried task whose first
+        # attempt's output survived): the rows' keys must be the inputs' keys.
+        if sum(r["fingerprint"] for r in results) % 2**64 != _inputs_fingerprint(inputs):
+            msg = (
+                f"{cfg.input}: the {rows} rows written to {staging} are not the {len(inputs.items)} inputs "
+                "(some written twice, others missing); not committing"
+            )
             raise RuntimeError(msg)
         _check_errors(cfg, results)
     except BaseException:

@@ -56,6 +56,7 @@ pandas reads the nullable integer columns as float64 when a column holds nulls (
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,6 +80,7 @@ __all__ = [
     "parse_source",
     "product_folder",
     "read_manifest",
+    "row_fingerprint",
     "shard_source",
 ]
 
@@ -118,6 +120,21 @@ def product_folder(product: str | None) -> str:
         msg = f"product {product!r}: not a product name, cannot name a score folder"
         raise ValueError(msg)
     return product
+
+
+def row_fingerprint(products: Sequence[str | None], image_ids: Sequence[str]) -> int:
+    """An order-free fingerprint of a multiset of rows, keyed by ``(product, image_id)``: the sum of each key's
+    64-bit BLAKE2b digest, modulo 2**64.
+
+    The score job commits only when the rows it wrote have the fingerprint of its inputs, so a row written twice
+    and another missing (which leave the count unchanged) stop the commit. Sums of fingerprints are fingerprints
+    of the union: each write task fingerprints its own rows.
+    """
+    total = 0
+    for product, image_id in zip(products, image_ids, strict=True):
+        key = f"{'' if product is None else product}\x00{image_id}".encode()
+        total += int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+    return total % 2**64
 
 
 def shard_source(shard_uri: str, image_id: str) -> str:

@@ -33,6 +33,7 @@ from tsdn_platform.score_rows import (
     UNROUTED,
     encode_maps,
     product_folder,
+    row_fingerprint,
     shard_source,
 )
 
@@ -194,7 +195,8 @@ class ScoreDatasink(Datasink):
     """Writes each write task's rows to ``<staging>/<product>/part-<part_prefix>-<task>.parquet`` (zstd).
 
     ``results`` (on the driver, after the write): one dict per file with ``product``, ``file``, ``rows``,
-    ``errors`` and a few ``error_samples``.
+    ``fingerprint`` (:func:`~tsdn_platform.score_rows.row_fingerprint` of its rows), ``errors`` and a few
+    ``error_samples``.
     """
 
     def __init__(
@@ -236,6 +238,7 @@ class ScoreDatasink(Datasink):
                     "product": product,
                     "file": uri,
                     "rows": part.num_rows,
+                    "fingerprint": row_fingerprint(part["product"].to_pylist(), part["image_id"].to_pylist()),
                     "errors": len(errors),
                     "error_samples": errors[:MAX_ERROR_SAMPLES],
                 }

@@ -315,6 +315,28 @@ def test_a_crash_before_the_commit_keeps_the_previous_output(routed, monkeypatch
     assert third["rows_written"] == second["rows_written"] and third["attempt"] != second["attempt"]
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+def test_rows_that_are_not_the_inputs_are_never_committed(routed, monkeypatch):
+    """The right number of rows but not the inputs' rows (one written twice, one missing): not committed."""
+    from tsdn_platform.score_stages import ScoreDatasink
+
+    cfg = routed["cfg"]
+    manifest_uri = store.join(cfg.output, MANIFEST)
+    before = store.read_bytes(manifest_uri)
+    on_write_complete = ScoreDatasink.on_write_complete
+
+    def one_row_swapped(self, write_result) -> None:  # runs on the driver, after every write task
+        on_write_complete(self, write_result)
+        self.results[0]["fingerprint"] += 1  # what a different multiset of the same size reads as
+
+    monkeypatch.setattr(ScoreDatasink, "on_write_complete", one_row_swapped)
+    with pytest.raises(RuntimeError, match=r"are not the \d+ inputs .*not committing"):
+        run_scoring(cfg)
+    assert store.read_bytes(manifest_uri) == before
+    assert not store.list_files(store.join(cfg.output, STAGING), recursive=True)  # the attempt's parts are gone
+
+
 @pytest.mark.parametrize("kind", ["unreachable", "throttled", "unavailable", "access_denied", "missing_bucket"])
 def test_a_failing_store_is_not_an_error_row(monkeypatch, kind):
     """issue 15: a store failure while reading an input fails the job; it never becomes that row's error."""

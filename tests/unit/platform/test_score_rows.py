@@ -82,3 +82,21 @@ def test_committed_files_are_the_manifests_not_a_listing(tmp_path):
         store.join(output, "@unrouted/part-2.parquet"),
         store.join(output, "a/part-1.parquet"),
     ]
+
+
+def test_the_row_fingerprint_is_order_free_additive_and_sees_a_row_swapped_for_a_duplicate():
+    products = ["brick", "brick", None, "grass"]
+    ids = ["good/000.png", "crack/001.png", "x.png", "good/000.png"]
+    whole = score_rows.row_fingerprint(products, ids)
+    assert score_rows.row_fingerprint(products[::-1], ids[::-1]) == whole
+    # Sums of the fingerprints of parts are the fingerprint of the whole (what the score job adds up).
+    parts = score_rows.row_fingerprint(products[:1], ids[:1]) + score_rows.row_fingerprint(products[1:], ids[1:])
+    assert parts % 2**64 == whole
+    # The same count, one row written twice and another missing: a different fingerprint.
+    assert score_rows.row_fingerprint([*products[:3], "brick"], [*ids[:3], "good/000.png"]) != whole
+    # The key is (product, image_id): the same image id under another product is another row.
+    fingerprint = score_rows.row_fingerprint
+    assert fingerprint(["grass"], ["good/000.png"]) != fingerprint(["brick"], ["good/000.png"])
+    assert 0 <= whole < 2**64
+    with pytest.raises(ValueError):
+        score_rows.row_fingerprint(["brick"], [])
