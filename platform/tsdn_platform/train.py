@@ -56,9 +56,11 @@ from tsdn_platform.config import config_to_yaml, load_config
 from tsdn_platform.registry import DEFAULT_PROMOTE_METRIC, Registry, validate_name
 
 __all__ = [
+    "FAIL_AT_EPOCH_ENV",
     "ProductResult",
     "TrainConfig",
     "build_trainer",
+    "injected_failure_epoch",
     "load_datasets",
     "main",
     "run_product",
@@ -81,7 +83,6 @@ _RUN_HASH_EXCLUDED = (
     "max_failures",
     "max_start_failures",
     "max_concurrent_products",
-    "inject_failure_at_epoch",
     "promote",
     "promote_metric",
     "cache_data",
@@ -94,6 +95,10 @@ FAMILIES = ("tsdn", "patchcore")
 _FAMILY_EXCLUDED = {"tsdn": ("patchcore",), "patchcore": ("model", "epochs", "checkpoint_every", "keep_checkpoints")}
 _FLOAT_METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 _STORE_RETRY_S = store.DEFAULT_RETRY_S  # the config's field ``store`` shadows the module in the class body
+# Test-only hook, never a config field: in an attempt that started from scratch, the last rank's process exits
+# abruptly at the start of this (1-based, >= 2) epoch, after the previous checkpoint is safe. Set in the driver's
+# environment; the driver hands it to each product line's task, whose Train controller and workers inherit it.
+FAIL_AT_EPOCH_ENV = "TSDN_TEST_FAIL_AT_EPOCH"
 
 
 @dataclass
@@ -145,8 +150,6 @@ class TrainConfig:
             driver, in each product line's task and in every Train worker, checkpoint uploads included) before that
             product line fails; then no new version is registered and the best pointer is left as it was. Each
             worker-group restart (``max_failures``) waits again.
-        inject_failure_at_epoch: test knob: in an attempt that started from scratch, the last rank's process
-            exits abruptly at the start of this (1-based, >= 2) epoch, after the previous checkpoint is safe.
     """
 
     store: str = ""
@@ -179,7 +182,6 @@ class TrainConfig:
     cache_data: bool = True
     shuffle_buffer_size: int = 256
     store_retry_s: float = _STORE_RETRY_S
-    inject_failure_at_epoch: int | None = None
 
     def __post_init__(self) -> None:
         checks = (
@@ -204,11 +206,6 @@ class TrainConfig:
             (self.max_concurrent_products >= 0, "max_concurrent_products", ">= 0"),
             (self.shuffle_buffer_size >= 0, "shuffle_buffer_size", ">= 0 (0 = no shuffle)"),
             (self.store_retry_s >= 0, "store_retry_s", ">= 0 (seconds)"),
-            (
-                self.inject_failure_at_epoch is None or 2 <= self.inject_failure_at_epoch <= self.epochs,
-                "inject_failure_at_epoch",
-                f"None or 2..epochs ({self.epochs})",
-            ),
         )
         for ok, name, expected in checks:
             if not ok:
@@ -259,6 +256,18 @@ class ProductResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     test_scores: dict[str, float] = field(default_factory=dict)
     selection: dict[str, Any] = field(default_factory=dict)
+
+
+def injected_failure_epoch(epochs: int) -> int | None:
+    """The epoch :data:`FAIL_AT_EPOCH_ENV` asks a worker to die at, or None; ``ConfigError`` unless 2..epochs."""
+    raw = os.environ.get(FAIL_AT_EPOCH_ENV, "").strip()
+    if not raw:
+        return None
+    epoch = int(raw) if raw.isdigit() else 0
+    if not 2 <= epoch <= epochs:
+        msg = f"{FAIL_AT_EPOCH_ENV}: expected an epoch 2..epochs ({epochs}), got {raw!r}"
+        raise ConfigError(msg)
+    return epoch
 
 
 # --- data --------------------------------------------------------------------------------------------
@@ -530,9 +539,10 @@ def _train_loop(cfg: TrainConfig, product: str, run_name: str) -> dict[str, Any]
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     calibration = None
+    fail_at_epoch = injected_failure_epoch(cfg.epochs)
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        if cfg.inject_failure_at_epoch == epoch and start_epoch == 0 and rank == world - 1:
+        if fail_at_epoch == epoch and start_epoch == 0 and rank == world - 1:
             ray.train.get_all_reported_checkpoints()  # the previous checkpoint is registered before we die
             print(f"[{product}] injected failure: rank {rank} exits at the start of epoch {epoch}", flush=True)
             os._exit(1)
@@ -960,8 +970,12 @@ def _run_training(cfg: TrainConfig) -> dict[str, ProductResult]:
     from tsdn_platform.ray_session import init_ray
 
     products = preflight(cfg)
+    fail_at_epoch = injected_failure_epoch(cfg.epochs)  # a bad test hook is refused before Ray starts
     init_ray()
     task = ray.remote(num_cpus=0, max_retries=0)(_product_task)
+    # A cluster started earlier in this process does not see the test hook: the task's runtime_env carries it, and
+    # Ray merges a parent's env_vars into the Train controller's and workers' own.
+    hook = {} if fail_at_epoch is None else {"runtime_env": {"env_vars": {FAIL_AT_EPOCH_ENV: str(fail_at_epoch)}}}
     limit = cfg.max_concurrent_products or len(products)
     pending: dict[Any, str] = {}
     queue = list(products)
@@ -970,7 +984,7 @@ def _run_training(cfg: TrainConfig) -> dict[str, ProductResult]:
     while queue or pending:
         while queue and len(pending) < limit:
             product = queue.pop(0)
-            pending[task.options(name=f"train-{product}").remote(cfg_dict, product)] = product
+            pending[task.options(name=f"train-{product}", **hook).remote(cfg_dict, product)] = product
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             product = pending.pop(ref)
