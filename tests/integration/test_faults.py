@@ -362,7 +362,7 @@ def test_train_outage_during_a_checkpoint_upload_fails_and_keeps_registry_and_ru
     """Rank 0 uploads the checkpoint through the store: the outage outlasts ``store_retry_s`` in the Train worker."""
     store_uri, before = _copy_store(trained, "train-down-in-upload")
     job = _Job(
-        weed, tmp_path, _train_argv(store_uri, SHORT_RETRY_S, seed=1), "workers:tsdn_platform.train:_upload_checkpoint"
+        weed, tmp_path, _train_argv(store_uri, SHORT_RETRY_S, seed=1), "workers:tsdn_platform.train_checkpoints:upload"
     )
     job.wait_paused()
     weed.stop()

@@ -19,8 +19,6 @@ from tsdn_platform.registry import Registry
 from tsdn_platform.train import (
     FAIL_AT_EPOCH_ENV,
     TrainConfig,
-    _checkpoint_files,
-    _load_checkpoint,
     check_manifest,
     injected_failure_epoch,
     preflight,
@@ -28,6 +26,7 @@ from tsdn_platform.train import (
     validate_holdout,
     validate_test,
 )
+from tsdn_platform.train_checkpoints import load_state, state_files
 
 PRODUCTS = ("brick", "grass")
 # Folds 0-3 of the ingest's 10 hold out ~40 % of the 12 train images: >= 3 for validation, >= 4 to train.
@@ -291,8 +290,8 @@ def test_checkpoint_round_trip_restores_weights_adam_and_state(tiny_model):
     total.backward()
     optimizer.step()
     state = {"epoch": 3, "history": [{"epoch": 3, "loss": 0.5}]}
-    files = _checkpoint_files(tiny_model, optimizer, fit_calibration(np.array([0.1, 0.2, 0.3])), state)
-    model, restored, optimizer_state = _load_checkpoint(files, torch.device("cpu"))
+    files = state_files(tiny_model, optimizer, fit_calibration(np.array([0.1, 0.2, 0.3])), state)
+    model, restored, optimizer_state = load_state(files, torch.device("cpu"))
     assert restored == state and model.training
     for (name, a), b in zip(tiny_model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
