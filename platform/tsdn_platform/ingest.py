@@ -44,7 +44,7 @@ import ray
 from tsdn_platform import store
 from tsdn_platform.config import ConfigError, config_to_yaml, load_config
 from tsdn_platform.layout import dataset_uri
-from tsdn_platform.names import NAME_PATTERN, validate_name
+from tsdn_platform.names import NAME_PATTERN, parse_products, validate_name
 from tsdn_platform.shards import (
     FORMAT,
     MANIFEST,
@@ -98,7 +98,7 @@ class IngestConfig:
     source: str = ""
     store: str = ""
     dataset: str = ""
-    products: list[str] | None = None
+    products: list[str] | str | None = None
     image_size: int = 352
     n_segments: int = 400
     slic_compactness: float = 10.0
@@ -114,10 +114,9 @@ class IngestConfig:
             if not getattr(self, name):
                 msg = f"{name} is required"
                 raise ConfigError(msg)
+        self.products = parse_products(self.products)
         try:
             validate_name(self.dataset, "dataset")
-            for product in self.products or ():
-                validate_name(product)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         if self.image_size < 16:
@@ -634,14 +633,11 @@ def _run_ingest(cfg: IngestConfig) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> int:
     """``tsdn ingest SOURCE --store STORE --dataset NAME [--products a,b] [--image-size N]``"""
-    from tsdn_platform.cli import parse_products
-
-    products = parse_products(args.products)
     explicit = {
         "source": args.source,
         "store": args.store,
         "dataset": args.dataset,
-        "products": products,
+        "products": args.products,
         "image_size": args.image_size,
         "address": args.address,
     }

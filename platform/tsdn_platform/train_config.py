@@ -17,7 +17,7 @@ from tsdn.config import TSDNConfig
 from tsdn.config_io import ConfigError, to_dict
 from tsdn.patchcore import PatchCoreConfig
 from tsdn_platform import store
-from tsdn_platform.names import validate_name
+from tsdn_platform.names import ALL, parse_products, validate_name
 from tsdn_platform.registry import DEFAULT_PROMOTE_METRIC
 
 __all__ = ["FAMILIES", "ProductResult", "TrainConfig"]
@@ -159,11 +159,7 @@ class TrainConfig:
         if bad or not self.families or len(set(self.families)) != len(self.families):
             msg = f"TrainConfig.families: expected distinct names of {', '.join(FAMILIES)}, got {self.families!r}"
             raise ConfigError(msg)
-        if isinstance(self.products, str):
-            names = [p.strip() for p in self.products.split(",") if p.strip()]
-            self.products = "all" if names in ([], ["all"]) else names
-        for product in self.products if isinstance(self.products, list) else ():
-            validate_name(product)
+        self.products = parse_products(self.products) or ALL
 
     def run_id(self, manifest_hash: str, family: str = "tsdn") -> str:
         """Default run name: the dataset (and family, but for TSDN) plus a hash of what changes what is learnt."""

@@ -109,10 +109,17 @@ def test_load_config_precedence_and_unknown_keys(tmp_path):
 
 
 def test_products_flag_parsing():
-    from tsdn_platform.cli import parse_products
+    from tsdn.config_io import ConfigError
+    from tsdn_platform.names import parse_products
 
     assert parse_products(None) is None and parse_products("") is None and parse_products("all") is None
     assert parse_products("brick, grass,") == ["brick", "grass"]
+    # The one reader of every products setting: lists as YAML gives them, the same meaning of "all".
+    assert parse_products([]) is None and parse_products(["all"]) is None and parse_products([" all "]) is None
+    assert parse_products(["brick", " grass"]) == ["brick", "grass"]
+    for bad in ("brick,../x", ["ok", "a b"], [3]):
+        with pytest.raises(ConfigError, match="product"):
+            parse_products(bad)
 
 
 @pytest.mark.slow
