@@ -28,9 +28,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tsdn.config_io import from_dict, merge
+from tsdn.config_io import check, from_dict, merge
 from tsdn_platform import layout
-from tsdn_platform.config import ConfigError, config_to_yaml, load_config
+from tsdn_platform.config import config_to_yaml, load_config
 from tsdn_platform.names import ALL, parse_products
 
 logger = logging.getLogger(__name__)
@@ -54,9 +54,7 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         for name in ("source", "store", "dataset"):
-            if not getattr(self, name):
-                msg = f"PipelineConfig.{name} is required"
-                raise ConfigError(msg)
+            check(self, bool(getattr(self, name)), name, "a value (required)")
         self.products = parse_products(self.products)
 
     def score_output(self) -> str:

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from tsdn.config_io import ConfigError
+from tsdn.config_io import ConfigError, check
 from tsdn.runtime import runtime_problem
 
 __all__ = ["BATCH_SIZE", "BATCH_WAIT_S", "ServeConfig"]
@@ -66,53 +66,43 @@ class ServeConfig:
     registered export, made on first use if absent; replicas then import neither torch nor timm)."""
 
     def __post_init__(self) -> None:
-        if not self.store:
-            msg = "store: required (a local folder or s3://bucket/prefix holding registry/)"
-            raise ConfigError(msg)
-        positive = {
-            "port": self.port,
-            "max_body_bytes": self.max_body_bytes,
-            "max_image_pixels": self.max_image_pixels,
-            "max_concurrent_decodes": self.max_concurrent_decodes,
-            "models_per_replica": self.models_per_replica,
-            "max_batch_size": self.max_batch_size,
-            "num_replicas": self.num_replicas,
-            "ingress_replicas": self.ingress_replicas,
-            "max_ongoing_requests": self.max_ongoing_requests,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                msg = f"{name}: must be >= 1, got {value}"
-                raise ConfigError(msg)
-        if self.port > 65535:
-            msg = f"port: must be <= 65535, got {self.port}"
-            raise ConfigError(msg)
-        non_negative = {
-            "batch_wait_timeout_s": self.batch_wait_timeout_s,
-            "num_gpus_per_replica": self.num_gpus_per_replica,
-            "num_cpus_per_replica": self.num_cpus_per_replica,
-            "ingress_num_cpus": self.ingress_num_cpus,
-            "pointer_ttl_s": self.pointer_ttl_s,
-        }
-        for name, value in non_negative.items():
-            if not math.isfinite(value) or value < 0:
-                msg = f"{name}: must be a finite number >= 0, got {value}"
-                raise ConfigError(msg)
-        if self.max_ongoing_requests < self.max_batch_size:
-            msg = (
-                f"max_ongoing_requests ({self.max_ongoing_requests}) < max_batch_size ({self.max_batch_size}): "
-                "a replica could never fill a batch"
-            )
-            raise ConfigError(msg)
+        check(self, bool(self.store), "store", "a local folder or s3://bucket/prefix holding registry/")
+        positive = (
+            "port",
+            "max_body_bytes",
+            "max_image_pixels",
+            "max_concurrent_decodes",
+            "models_per_replica",
+            "max_batch_size",
+            "num_replicas",
+            "ingress_replicas",
+            "max_ongoing_requests",
+        )
+        for name in positive:
+            check(self, getattr(self, name) >= 1, name, ">= 1")
+        check(self, self.port <= 65535, "port", "<= 65535")
+        non_negative = (
+            "batch_wait_timeout_s",
+            "num_gpus_per_replica",
+            "num_cpus_per_replica",
+            "ingress_num_cpus",
+            "pointer_ttl_s",
+        )
+        for name in non_negative:
+            value = getattr(self, name)
+            check(self, math.isfinite(value) and value >= 0, name, "a finite number >= 0")
+        check(
+            self,
+            self.max_ongoing_requests >= self.max_batch_size,
+            "max_ongoing_requests",
+            f">= max_batch_size ({self.max_batch_size}), or a replica could never fill a batch",
+        )
         if self.autoscaling_config is not None:
             low = self.autoscaling_config.get("min_replicas", 1)
             high = self.autoscaling_config.get("max_replicas", 1)
-            if not (isinstance(low, int) and isinstance(high, int) and 0 <= low <= high and high >= 1):
-                msg = f"autoscaling_config: need integers 0 <= min_replicas <= max_replicas, >= 1; got {low}, {high}"
-                raise ConfigError(msg)
-        if not self.route_prefix.startswith("/"):
-            msg = f"route_prefix: must start with '/', got {self.route_prefix!r}"
-            raise ConfigError(msg)
+            ok = isinstance(low, int) and isinstance(high, int) and 0 <= low <= high and high >= 1
+            check(self, ok, "autoscaling_config", "integers 0 <= min_replicas <= max_replicas, >= 1")
+        check(self, self.route_prefix.startswith("/"), "route_prefix", "a path starting with '/'")
         problem = runtime_problem(self.runtime, self.num_gpus_per_replica, "num_gpus_per_replica")
         if problem is not None:
             raise ConfigError(problem)

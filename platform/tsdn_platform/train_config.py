@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from tsdn.config import TSDNConfig
-from tsdn.config_io import ConfigError, to_dict
+from tsdn.config_io import check, to_dict
 from tsdn.patchcore import PatchCoreConfig
 from tsdn_platform import store
 from tsdn_platform.names import ALL, parse_products, validate_name
@@ -150,15 +150,12 @@ class TrainConfig:
             (self.store_retry_s >= 0, "store_retry_s", ">= 0 (seconds)"),
         )
         for ok, name, expected in checks:
-            if not ok:
-                msg = f"TrainConfig.{name}: expected {expected}, got {getattr(self, name)!r}"
-                raise ConfigError(msg)
+            check(self, ok, name, expected)
         if isinstance(self.families, str):
             self.families = [f.strip() for f in self.families.split(",") if f.strip()]
-        bad = [f for f in self.families if f not in FAMILIES]
-        if bad or not self.families or len(set(self.families)) != len(self.families):
-            msg = f"TrainConfig.families: expected distinct names of {', '.join(FAMILIES)}, got {self.families!r}"
-            raise ConfigError(msg)
+        distinct = len(set(self.families)) == len(self.families)
+        ok = bool(self.families) and distinct and all(f in FAMILIES for f in self.families)
+        check(self, ok, "families", f"distinct names of {', '.join(FAMILIES)}")
         self.products = parse_products(self.products) or ALL
 
     def run_id(self, manifest_hash: str, family: str = "tsdn") -> str:
