@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from tsdn import config_io
+from tsdn.config_io import check
 
 __all__ = ["ABLATIONS", "SCORE_SOURCES", "TSDNConfig", "apply_ablation"]
 
@@ -101,33 +102,31 @@ class TSDNConfig:
 
     def __post_init__(self) -> None:
         size_ok = self.image_size >= 64 and self.image_size % 32 == 0
-        _check(size_ok, "image_size", self.image_size, "a multiple of 32, >= 64")
-        _check(bool(self.backbone.strip()), "backbone", self.backbone, "a timm model name")
-        _check(bool(self.weights.strip()), "weights", self.weights, "a weights spec")
+        check(self, size_ok, "image_size", "a multiple of 32, >= 64")
+        check(self, bool(self.backbone.strip()), "backbone", "a timm model name")
+        check(self, bool(self.weights.strip()), "weights", "a weights spec")
         for name in ("feature_channels", "n_segments", "n_filled", "fne_hidden"):
-            _check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
-        _check(self.n_filled <= self.n_segments, "n_filled", self.n_filled, f"<= n_segments ({self.n_segments})")
+            check(self, getattr(self, name) >= 1, name, ">= 1")
+        check(self, self.n_filled <= self.n_segments, "n_filled", f"<= n_segments ({self.n_segments})")
         for name in ("slic_compactness", "lr", "gms_c"):
-            _check(getattr(self, name) > 0, name, getattr(self, name), "> 0")
+            check(self, getattr(self, name) > 0, name, "> 0")
         for name in ("w_l2", "w_ssim", "w_gms", "w_mask", "w_fne", "score_sigma"):
-            _check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
-        _check(self.ssim_window >= 3 and self.ssim_window % 2 == 1, "ssim_window", self.ssim_window, "odd, >= 3")
-        _check(self.fne_pool is None or self.fne_pool >= 1, "fne_pool", self.fne_pool, "None or >= 1")
+            check(self, getattr(self, name) >= 0, name, ">= 0")
+        check(self, self.ssim_window >= 3 and self.ssim_window % 2 == 1, "ssim_window", "odd, >= 3")
+        check(self, self.fne_pool is None or self.fne_pool >= 1, "fne_pool", "None or >= 1")
         # DCD_A learns the SURF mask, so it has no target without SURF; the FNE consumes DCD_A's M'.
-        _check(self.surf or not self.dcd_a, "dcd_a", self.dcd_a, "False when surf is False (no mask to learn)")
-        _check(self.dcd_a or not self.fne, "fne", self.fne, "False when dcd_a is False (the FNE needs M')")
-        _check(self.score_source in SCORE_SOURCES, "score_source", self.score_source, " | ".join(SCORE_SOURCES))
+        check(self, self.surf or not self.dcd_a, "dcd_a", "False when surf is False (no mask to learn)")
+        check(self, self.dcd_a or not self.fne, "fne", "False when dcd_a is False (the FNE needs M')")
+        check(self, self.score_source in SCORE_SOURCES, "score_source", " | ".join(SCORE_SOURCES))
         needs_mask = self.score_source in ("mask", "fused")
-        _check(
-            self.dcd_a or not needs_mask, "score_source", self.score_source, "a source without M' when dcd_a is False"
-        )
-        _check(0 <= self.score_topk < 1, "score_topk", self.score_topk, "in [0, 1) (0 = the maximum)")
-        _check(self.encoder_lr_scale >= 0, "encoder_lr_scale", self.encoder_lr_scale, ">= 0 (0 = frozen)")
-        _check(self.lr_schedule in ("constant", "cosine"), "lr_schedule", self.lr_schedule, "constant | cosine")
-        _check(self.mask_loss in ("l2", "bce", "focal"), "mask_loss", self.mask_loss, "l2 | bce | focal")
-        _check(self.mask_warmup_epochs >= 0, "mask_warmup_epochs", self.mask_warmup_epochs, ">= 0")
-        _check(self.surf_fill in ("colour", "image", "noise"), "surf_fill", self.surf_fill, "colour | image | noise")
-        _check(0 <= self.surf_opacity_min <= 1, "surf_opacity_min", self.surf_opacity_min, "in [0, 1]")
+        check(self, self.dcd_a or not needs_mask, "score_source", "a source without M' when dcd_a is False")
+        check(self, 0 <= self.score_topk < 1, "score_topk", "in [0, 1) (0 = the maximum)")
+        check(self, self.encoder_lr_scale >= 0, "encoder_lr_scale", ">= 0 (0 = frozen)")
+        check(self, self.lr_schedule in ("constant", "cosine"), "lr_schedule", "constant | cosine")
+        check(self, self.mask_loss in ("l2", "bce", "focal"), "mask_loss", "l2 | bce | focal")
+        check(self, self.mask_warmup_epochs >= 0, "mask_warmup_epochs", ">= 0")
+        check(self, self.surf_fill in ("colour", "image", "noise"), "surf_fill", "colour | image | noise")
+        check(self, 0 <= self.surf_opacity_min <= 1, "surf_opacity_min", "in [0, 1]")
 
     @property
     def fne_pool_size(self) -> int:
@@ -142,12 +141,6 @@ class TSDNConfig:
     def from_dict(cls, data: Mapping[str, Any] | None) -> TSDNConfig:
         """Strict inverse of :meth:`to_dict`: unknown keys and bad values raise ``ConfigError``."""
         return config_io.from_dict(cls, data)
-
-
-def _check(ok: bool, name: str, value: object, expected: str) -> None:
-    if not ok:
-        msg = f"TSDNConfig.{name}: expected {expected}, got {value!r}"
-        raise config_io.ConfigError(msg)
 
 
 _FULL = {"dcd_a": True, "skip": True, "surf": True, "fne": True}

@@ -20,6 +20,14 @@ class ConfigError(ValueError):
     """A config value or key is invalid; the message names the dotted key."""
 
 
+def check(cfg: Any, ok: bool, name: str, expected: str) -> None:
+    """The one validation idiom of every config's ``__post_init__``: unless ``ok``, raise :class:`ConfigError`
+    ``"<Config>.<name>: expected <expected>, got <value>"`` (the value is ``cfg.<name>``)."""
+    if not ok:
+        msg = f"{type(cfg).__name__}.{name}: expected {expected}, got {getattr(cfg, name, None)!r}"
+        raise ConfigError(msg)
+
+
 def to_dict(obj: Any) -> Any:
     """Dataclass (possibly nested) -> JSON/YAML-safe dict. Tuples become lists."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

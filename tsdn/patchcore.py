@@ -98,9 +98,7 @@ class PatchCoreConfig:
             (self.query_chunk >= 1 and self.bank_chunk >= 1, "query_chunk", "chunks >= 1"),
         )
         for ok, name, expected in checks:
-            if not ok:
-                msg = f"PatchCoreConfig.{name}: expected {expected}, got {getattr(self, name)!r}"
-                raise config_io.ConfigError(msg)
+            config_io.check(self, ok, name, expected)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON/YAML-safe dict of every field."""

@@ -95,13 +95,6 @@ def _seconds(value: str) -> float:
     return seconds
 
 
-def parse_products(value: str | None) -> list[str] | None:
-    """``--products a,b`` -> ``["a", "b"]``; empty or ``all`` -> None (every product line)."""
-    if not value or value == "all":
-        return None
-    return [name.strip() for name in value.split(",") if name.strip()]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tsdn",

@@ -7,7 +7,7 @@ Per product line, inside one Ray task that holds ``cpus_per_worker`` CPUs (and a
    and returning every image's locally aware patch features.
 2. The task folds the stream into a uniform sample of at most ``patchcore.max_patches`` patches (the fit's
    memory bound), then selects the greedy k-center coreset (:func:`tsdn.patchcore.greedy_coreset`).
-3. The model is validated like TSDN (hold-out normals with synthetic defects, :func:`train.validate_holdout`),
+3. The model is validated like TSDN (hold-out normals with synthetic defects, :func:`train_eval.validate_holdout`),
    calibrated on the clean held-out scores, evaluated on the test split, and written as a run
    (``<store>/runs/<product>/<run>/model.safetensors``, ``model.json``, ``metrics.json``) and a registry version
    whose ``family`` is ``patchcore``.
@@ -25,6 +25,7 @@ import torch
 from tsdn.checkpoint import MODEL_JSON, MODEL_WEIGHTS
 from tsdn.patchcore import PatchCoreConfig
 from tsdn_platform import layout, store
+from tsdn_platform.train_eval import collect_test, predict_arrays, shard_batches, validate_holdout, validate_test
 
 __all__ = ["PatchEmbedder", "fit_patchcore"]
 
@@ -55,7 +56,7 @@ def _tuples(cfg: dict[str, Any]) -> dict[str, Any]:
 def fit_patchcore(cfg: Any, product: str, run_name: str, datasets: dict[str, Any]) -> dict[str, Any]:
     """Fit, validate, evaluate and save one product line's PatchCore; returns the run summary.
 
-    ``cfg`` is the :class:`tsdn_platform.train.TrainConfig`; ``datasets`` its ``{"train", "val", "test"}``.
+    ``cfg`` is the :class:`tsdn_platform.train_config.TrainConfig`; ``datasets`` its ``{"train", "val", "test"}``.
     The summary has the keys :func:`tsdn_platform.train.run_product` records (``checkpoint_dir``, ``val``,
     ``test``, ``history``, ``best_epoch``, ``resumed_from_epoch``, ``test_scores``) plus ``fit``.
     """
@@ -66,7 +67,6 @@ def fit_patchcore(cfg: Any, product: str, run_name: str, datasets: dict[str, Any
     from tsdn.patchcore import PatchCore
     from tsdn.predict import Predictor
     from tsdn.scoring import fit_calibration
-    from tsdn_platform.train import _batches, _collect_test, _predict, validate_holdout
 
     pc_cfg = cfg.patchcore
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
@@ -101,17 +101,15 @@ def fit_patchcore(cfg: Any, product: str, run_name: str, datasets: dict[str, Any
     predictor = Predictor(model, calibration=None, device=device, batch_size=cfg.eval_batch_size)
     if cfg.validation == "holdout":
         val, normal_scores = validate_holdout(
-            predictor, _batches(datasets["val"], cfg.eval_batch_size), cfg.validation_seed
+            predictor, shard_batches(datasets["val"], cfg.eval_batch_size), cfg.validation_seed
         )
         calibration = fit_calibration(normal_scores)
     else:
-        from tsdn_platform.train import validate_test
-
-        val, scores, labels = validate_test(predictor, _batches(datasets["val"], cfg.eval_batch_size))
+        val, scores, labels = validate_test(predictor, shard_batches(datasets["val"], cfg.eval_batch_size))
         calibration = fit_calibration(scores[labels == 0], scores, labels)
     predictor.calibration = calibration
-    labels, scores, masks, maps, ids = _collect_test(
-        lambda x: _predict(predictor, x), _batches(datasets["test"], cfg.eval_batch_size)
+    labels, scores, masks, maps, ids = collect_test(
+        lambda x: predict_arrays(predictor, x), shard_batches(datasets["test"], cfg.eval_batch_size)
     )
     test = evaluate(labels, scores, masks, maps)
 

@@ -41,10 +41,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
+from tsdn.config_io import check
 from tsdn_platform import store
 from tsdn_platform.config import ConfigError, config_to_yaml, load_config
 from tsdn_platform.layout import dataset_uri
-from tsdn_platform.names import NAME_PATTERN, validate_name
+from tsdn_platform.names import NAME_PATTERN, parse_products, validate_name
 from tsdn_platform.shards import (
     FORMAT,
     MANIFEST,
@@ -98,7 +99,7 @@ class IngestConfig:
     source: str = ""
     store: str = ""
     dataset: str = ""
-    products: list[str] | None = None
+    products: list[str] | str | None = None
     image_size: int = 352
     n_segments: int = 400
     slic_compactness: float = 10.0
@@ -111,30 +112,18 @@ class IngestConfig:
 
     def __post_init__(self) -> None:
         for name in ("source", "store", "dataset"):
-            if not getattr(self, name):
-                msg = f"{name} is required"
-                raise ConfigError(msg)
+            check(self, bool(getattr(self, name)), name, "a value (required)")
+        self.products = parse_products(self.products)
         try:
             validate_name(self.dataset, "dataset")
-            for product in self.products or ():
-                validate_name(product)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
-        if self.image_size < 16:
-            msg = f"image_size={self.image_size}: must be >= 16"
-            raise ConfigError(msg)
-        if self.n_segments < 1 or self.slic_compactness <= 0:
-            msg = f"n_segments={self.n_segments}, slic_compactness={self.slic_compactness}: must be positive"
-            raise ConfigError(msg)
-        if not 0 < self.mask_threshold < 256:
-            msg = f"mask_threshold={self.mask_threshold}: must lie in 1..255"
-            raise ConfigError(msg)
-        if self.rows_per_file is not None and self.rows_per_file < 1:
-            msg = f"rows_per_file={self.rows_per_file}: must be >= 1"
-            raise ConfigError(msg)
-        if self.store_retry_s < 0:
-            msg = f"store_retry_s={self.store_retry_s}: must be >= 0"
-            raise ConfigError(msg)
+        check(self, self.image_size >= 16, "image_size", ">= 16")
+        check(self, self.n_segments >= 1, "n_segments", ">= 1")
+        check(self, self.slic_compactness > 0, "slic_compactness", "> 0")
+        check(self, 0 < self.mask_threshold < 256, "mask_threshold", "1..255")
+        check(self, self.rows_per_file is None or self.rows_per_file >= 1, "rows_per_file", "None or >= 1")
+        check(self, self.store_retry_s >= 0, "store_retry_s", ">= 0")
 
     def item_settings(self) -> dict[str, Any]:
         """What the per-image work (decode, masks, SLIC) needs, as plain values for Ray tasks."""
@@ -634,14 +623,11 @@ def _run_ingest(cfg: IngestConfig) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> int:
     """``tsdn ingest SOURCE --store STORE --dataset NAME [--products a,b] [--image-size N]``"""
-    from tsdn_platform.cli import parse_products
-
-    products = parse_products(args.products)
     explicit = {
         "source": args.source,
         "store": args.store,
         "dataset": args.dataset,
-        "products": products,
+        "products": args.products,
         "image_size": args.image_size,
         "address": args.address,
     }

@@ -28,9 +28,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tsdn.config_io import from_dict, merge
+from tsdn.config_io import check, from_dict, merge
 from tsdn_platform import layout
-from tsdn_platform.config import ConfigError, config_to_yaml, load_config
+from tsdn_platform.config import config_to_yaml, load_config
+from tsdn_platform.names import ALL, parse_products
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class PipelineConfig:
     source: str = ""
     store: str = ""
     dataset: str = ""
-    products: list[str] | None = None
+    products: list[str] | str | None = None
     train_config: str = "demo"
     train: dict[str, Any] = field(default_factory=dict)
     ingest: dict[str, Any] = field(default_factory=dict)
@@ -53,9 +54,8 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         for name in ("source", "store", "dataset"):
-            if not getattr(self, name):
-                msg = f"PipelineConfig.{name} is required"
-                raise ConfigError(msg)
+            check(self, bool(getattr(self, name)), name, "a value (required)")
+        self.products = parse_products(self.products)
 
     def score_output(self) -> str:
         return self.output or layout.scores_uri(self.store, f"{self.dataset}-test")
@@ -74,7 +74,7 @@ def stage_configs(cfg: PipelineConfig) -> tuple[Any, Any]:
     from tsdn_platform.ingest import IngestConfig
     from tsdn_platform.train import TrainConfig
 
-    shared = {"store": cfg.store, "dataset": cfg.dataset, "products": cfg.products or "all"}
+    shared = {"store": cfg.store, "dataset": cfg.dataset, "products": cfg.products or ALL}
     train_cfg = load_config(TrainConfig, cfg.train_config, explicit=merge(cfg.train, shared))
     model = train_cfg.model
     ingest_cfg = from_dict(
@@ -170,14 +170,11 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from tsdn_platform.cli import parse_products
-
-    products = parse_products(args.products)
     explicit = {
         "source": args.source,
         "store": args.store,
         "dataset": args.dataset,
-        "products": products,
+        "products": args.products,
         "output": args.output,
         "report_dir": args.report,
         "address": args.address,

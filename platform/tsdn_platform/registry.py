@@ -19,17 +19,10 @@ Every store access, the pointer's conditional reads and writes included, goes th
 old one or the new one, never a mix.
 
 The pointer is swapped with compare-and-swap, so two promoters racing never lose an update silently:
-each reads the pointer, decides, and writes generation + 1 only if the pointer is still the one it read.
-
-* S3: ``put_object`` with ``IfMatch=<ETag>`` (``IfNoneMatch="*"`` when creating) through boto3. The first
-  pointer write of a :class:`Registry` probes whether the server enforces these headers (a second
-  ``IfNoneMatch="*"`` PUT of a probe object must fail with 412). AWS S3 and SeaweedFS enforce them. A server
-  that ignores them or answers 501 gets plain PUTs with a warning: each PUT is still atomic (the pointer is
-  never corrupt and never names an incomplete version) but of two racing promoters the last one wins.
-* Local folder: a lock file created with ``O_CREAT | O_EXCL`` beside ``best.json`` serialises writers;
-  the pointer is re-read under the lock and replaced with ``os.replace``. A lock older than
-  :data:`STALE_LOCK_S` is taken to be left by a crashed writer and broken.
-* Any other filesystem: plain atomic replace, with the same warning as an S3 server without conditions.
+each reads the pointer, decides, and writes generation + 1 only if the pointer is still the one it read
+(:func:`tsdn_platform.store.write_if`: S3's ``If-Match``/``If-None-Match`` conditional PUT, a lock file on a
+local folder; a store without conditional writes gets plain atomic replaces and a warning); a lost race re-reads
+and decides again, up to :data:`CAS_ATTEMPTS` times.
 
 Products are independent: each has its own folder and pointer, so two product lines training at once never
 touch each other's entries. :meth:`Registry.load_predictor` is the one loader scoring and serving use.
@@ -42,17 +35,12 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import sys
-import threading
-import time
 import typing
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
-
-import pyarrow.fs as pafs
 
 from tsdn.runtime import EXPORT_FORMATS, EXPORT_JSON
 from tsdn_platform import __version__, layout, store
@@ -86,7 +74,6 @@ MODEL_FILES = ("model.safetensors", MODEL_JSON)
 EXPORT_DIR = "export"
 METRICS_FILE = "metrics.json"
 POINTER_FILE = "best.json"
-STALE_LOCK_S = 60.0
 CAS_ATTEMPTS = 50
 
 PromotePolicy = Literal["better", "always", "never"]
@@ -173,11 +160,6 @@ def _now() -> str:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-# Conditional-write support per (endpoint, bucket), probed once per process.
-_CAS_SUPPORT: dict[tuple[str | None, str], bool] = {}
-_CAS_LOCK = threading.Lock()
 
 
 class Registry:
@@ -485,14 +467,14 @@ class Registry:
         """Read the pointer, ``decide`` the new one (None: leave it), write it iff unchanged; retry on conflict."""
         uri = self.pointer_uri(product)
         for _ in range(CAS_ATTEMPTS):
-            current, token = self._read_pointer(product)
+            current, read = self._read_pointer(product)
             new = decide(current)
             if new is None:
                 return current
             if not store.exists(store.join(self.version_uri(product, new["version"]), METRICS_FILE)):
                 raise UnknownVersionError(self.store_uri, product, new["version"])
             try:
-                self._write_pointer(uri, new, token)
+                self._write_pointer(uri, new, read)
             except PointerConflictError:
                 logger.info("%s: changed while promoting; re-reading", uri)
                 continue
@@ -501,36 +483,11 @@ class Registry:
         msg = f"gave up after {CAS_ATTEMPTS} conflicting updates"
         raise PointerConflictError(uri, msg)
 
-    def _read_pointer(self, product: str) -> tuple[dict[str, Any] | None, Any]:
-        """The pointer and a token for :meth:`_write_pointer`: the ETag on S3, else the generation."""
+    def _read_pointer(self, product: str) -> tuple[dict[str, Any] | None, store.Versioned]:
+        """The pointer (None: no pointer yet) and what :meth:`_write_pointer` compares against."""
         uri = self.pointer_uri(product)
-        if store.is_s3(uri):
-            from botocore.exceptions import ClientError
-
-            bucket, key = store.s3_bucket_key(uri)
-
-            def get() -> tuple[bytes, str] | None:
-                try:
-                    response = store.boto3_client().get_object(Bucket=bucket, Key=key)
-                except ClientError as exc:
-                    if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                        return None
-                    raise
-                return response["Body"].read(), response["ETag"]
-
-            found = store.retrying(uri, get)
-            if found is None:
-                return None, None
-            data, etag = found
-            return self._parse_pointer(uri, data), etag
-        try:
-            data = store.read_bytes(uri)
-        except store.StoreError as exc:
-            if exc.kind == "not_found":
-                return None, 0
-            raise
-        pointer = self._parse_pointer(uri, data)
-        return pointer, pointer["generation"]
+        found = store.read_versioned(uri)
+        return (None if found.data is None else self._parse_pointer(uri, found.data)), found
 
     @staticmethod
     def _parse_pointer(uri: str, data: bytes) -> dict[str, Any]:
@@ -545,132 +502,19 @@ class Registry:
         pointer.setdefault("generation", 0)
         return pointer
 
-    def _write_pointer(self, uri: str, pointer: dict[str, Any], token: Any) -> None:
+    def _write_pointer(self, uri: str, pointer: dict[str, Any], read: store.Versioned) -> None:
+        """Write ``pointer`` iff the pointer is still the one ``read``; :class:`PointerConflictError` if not."""
         data = (json.dumps(pointer, indent=2, sort_keys=True) + "\n").encode()
-        fs, path = store.resolve(uri)
-        if store.is_s3(uri):
-            self._write_pointer_s3(uri, data, token)
-        elif isinstance(fs, pafs.LocalFileSystem):
-            self._write_pointer_local(uri, path, data, token)
-        else:
-            logger.warning("%s: no compare-and-swap on this filesystem; racing promoters: last writer wins", uri)
-            store.replace_bytes(uri, data)
-
-    def _write_pointer_s3(self, uri: str, data: bytes, etag: str | None) -> None:
-        from botocore.exceptions import ClientError
-
-        bucket, key = store.s3_bucket_key(uri)
-        client = store.boto3_client()
-        if not _conditional_writes_supported(client, bucket, key):
-            logger.warning(
-                "%s: the S3 server ignores conditional writes (If-Match); racing promoters: last writer wins", uri
-            )
-            store.replace_bytes(uri, data)
-            return
-        condition = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
-
-        def put() -> str | None:
-            try:
-                client.put_object(Bucket=bucket, Key=key, Body=data, ContentType="application/json", **condition)
-            except ClientError as exc:
-                return _conflict(exc)
-            return None
-
-        # A PUT retried after an outage may find its own earlier attempt applied: that reads as a conflict, and
-        # the caller re-reads the pointer and decides again (``apply_policy`` then finds its version already best).
-        conflict = store.retrying(uri, put)
-        if conflict is not None:
-            raise PointerConflictError(uri, f"changed concurrently ({conflict})")
-
-    @staticmethod
-    def _write_pointer_local(uri: str, path: str, data: bytes, generation: int) -> None:
-        lock = path + ".lock"
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        deadline = time.monotonic() + STALE_LOCK_S
-        while True:
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                break
-            except FileExistsError:
-                try:
-                    age = time.time() - os.stat(lock).st_mtime
-                except FileNotFoundError:
-                    continue
-                if age > STALE_LOCK_S:
-                    logger.warning("%s: breaking a lock %.0f s old (a writer crashed)", lock, age)
-                    _unlink_quietly(lock)
-                    continue
-                if time.monotonic() > deadline:
-                    raise PointerConflictError(uri, f"lock {lock} held for too long") from None
-                time.sleep(0.01)
         try:
-            os.write(fd, f"{os.getpid()}\n".encode())
-            os.close(fd)
-            try:
-                with open(path, "rb") as handle:
-                    found = Registry._parse_pointer(uri, handle.read())["generation"]
-            except FileNotFoundError:
-                found = 0
-            if found != generation:
-                raise PointerConflictError(uri, f"generation is {found}, expected {generation}")
-            store.replace_bytes(uri, data)
-        finally:
-            _unlink_quietly(lock)
+            store.write_if(uri, data, read, content_type="application/json")
+        except store.WriteConflict as exc:
+            raise PointerConflictError(uri, exc.detail) from exc
 
 
 def _check_policy(promote: str) -> None:
     if promote not in typing.get_args(PromotePolicy):
         msg = f"promote {promote!r}: expected 'better', 'always' or 'never'"
         raise ValueError(msg)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _conflict(exc: Exception) -> str | None:
-    """The error code of a conditional PUT that lost (412: the ETag no longer matches; 409: AWS's answer to a
-    concurrent conditional write); any other failure is raised again for :func:`store.retrying` to classify."""
-    response = getattr(exc, "response", {}) or {}
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    code = response.get("Error", {}).get("Code")
-    if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
-        return str(code or status)
-    raise exc
-
-
-def _conditional_writes_supported(client: Any, bucket: str, pointer_key: str) -> bool:
-    """Probe once per (endpoint, bucket): does a second ``IfNoneMatch="*"`` PUT of an object fail with 412?"""
-    from botocore.exceptions import ClientError
-
-    cache_key = (store.s3_endpoint(), bucket)
-    with _CAS_LOCK:
-        if cache_key in _CAS_SUPPORT:
-            return _CAS_SUPPORT[cache_key]
-    probe = f"{pointer_key.rsplit('/', 2)[0]}/.conditional-write-probe-{uuid.uuid4().hex}"
-    probe_uri = f"s3://{bucket}/{probe}"
-
-    def put() -> str | None:
-        try:
-            client.put_object(Bucket=bucket, Key=probe, Body=b"probe", IfNoneMatch="*")
-        except ClientError as exc:
-            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 501:
-                return "501"
-            return _conflict(exc)
-        return None
-
-    try:
-        # Two PUTs; a conflict on either (the first too, when a retry found its own earlier attempt) = enforced.
-        answers = [store.retrying(probe_uri, put) for _ in range(2)]
-    finally:
-        store.discard(probe_uri)  # one attempt: after a failure it must not wait out another budget
-    supported = "501" not in answers and any(answer is not None for answer in answers)
-    with _CAS_LOCK:
-        _CAS_SUPPORT[cache_key] = supported
-    return supported
 
 
 # --- CLI: tsdn models list|show|promote ---------------------------------------------------------------

@@ -32,14 +32,14 @@ promotion every new request is routed to the new version's model id; the model d
 first use and the old version ages out of the LRU. No restart, and every response names the version
 that answered.
 
-Auth: tokens come from the environment variable ``auth_tokens_env`` (comma-separated) and/or the file
-``auth_tokens_file`` (one per line, ``#`` comments). An entry ``TOKEN gearbox housing`` scopes a token to those
-product lines (403 on any other; ``GET /v1/products`` lists only them); a bare ``TOKEN`` may use every one.
-They are read once where the application is built
-(``tsdn serve``, or the Serve controller's build task for ``serve deploy``); only their SHA-256 digests
-reach the replicas, and a request's token is compared to each digest in constant time. ``auth_required``
-defaults to "on when tokens are configured": the local demo on 127.0.0.1 runs open, and the server refuses
-to listen on a non-loopback host without auth unless ``auth_required: false`` says so explicitly.
+Auth (:mod:`tsdn_platform.serve_auth`): bearer tokens, each optionally scoped to product lines, read once where
+the application is built; only their SHA-256 digests reach the replicas. ``auth_required`` defaults to "on when
+tokens are configured": the local demo on 127.0.0.1 runs open, and the server refuses to listen on a
+non-loopback host without auth unless ``auth_required: false`` says so explicitly.
+
+This module is the HTTP ingress and the application around it; the settings are
+:mod:`tsdn_platform.serve_config`, the model deployment :mod:`tsdn_platform.serve_model` (their public names are
+re-exported here).
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at run time, and
@@ -48,34 +48,26 @@ to listen on a non-loopback host without auth unless ``auth_required: false`` sa
 import argparse
 import asyncio
 import ctypes
-import hashlib
-import hmac
-import ipaddress
 import logging
 import math
-import os
 import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from PIL import Image
 from ray import serve
 from ray.exceptions import RayActorError
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from tsdn.config_io import ConfigError, from_dict
+from tsdn.config_io import from_dict
 from tsdn.image import ImageDecodeError, decode_image
-from tsdn.response import INCLUDES, detect_answer
-from tsdn.runtime import runtime_problem
+from tsdn.response import INCLUDES
 from tsdn_platform.api_schema import (
     DETECT_REQUEST_BODY,
     DetectResponse,
@@ -86,22 +78,34 @@ from tsdn_platform.api_schema import (
     product_summary,
 )
 from tsdn_platform.config import load_config
-from tsdn_platform.registry import Registry, RegistryError, validate_name
+from tsdn_platform.names import validate_name
+from tsdn_platform.registry import Registry, RegistryError
+from tsdn_platform.serve_auth import (
+    ApiError,
+    Scope,
+    auth_digests,
+    auth_required,
+    check_token,
+    load_token_scopes,
+    load_tokens,
+)
+from tsdn_platform.serve_config import ServeConfig
+from tsdn_platform.serve_model import DetectRequest, DetectResult, TSDNModel, model_id, split_model_id
 from tsdn_platform.store import StoreError, require
-
-if TYPE_CHECKING:  # the ingress process never imports torch
-    from tsdn.predict import Detection
 
 __all__ = [
     "ApiError",
     "ServeConfig",
+    "TSDNModel",
     "app_builder",
     "auth_required",
     "build_app",
     "config_from_args",
+    "load_token_scopes",
     "load_tokens",
     "main",
     "run_server",
+    "split_model_id",
     "start_server",
 ]
 
@@ -109,362 +113,11 @@ logger = logging.getLogger(__name__)
 
 IMAGE_TYPES = frozenset({"image/png", "image/jpeg"})
 MULTIPART = "multipart/form-data"
-BATCH_OPTIONS = ("max_batch_size", "batch_wait_timeout_s")
-BATCH_SIZE = 8
-BATCH_WAIT_S = 0.01
 # A large image is decoded small (tsdn.image.decode_image's min_size) but keeps at least this many times the
 # model's input on each side: the last steps of downscaling stay with the predictor's antialiased resize, so a
 # score moves by ~1-2 % against the full decode (tests/unit/tsdn/test_predict.py), not ~10 % as at 1x.
 DECODE_KEEP = 4
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
-
-
-@dataclass
-class ServeConfig:
-    """``tsdn serve`` / ``serve deploy`` settings (YAML + ``--set`` overrides, validated).
-
-    ``host``, ``port``, ``app_name`` and ``route_prefix`` are used by ``tsdn serve`` only; under
-    ``serve deploy`` the Serve config file's ``http_options`` and application entry decide them.
-    """
-
-    store: str = ""
-    """Store URI holding ``registry/`` (a local folder or ``s3://bucket/prefix``)."""
-    host: str = "127.0.0.1"
-    port: int = 8000
-    app_name: str = "tsdn"
-    route_prefix: str = "/"
-    max_body_bytes: int = 20 * 1024 * 1024
-    """413 above this, checked on Content-Length and on the bytes actually read, before decoding."""
-    max_image_pixels: int = 40_000_000
-    """422 above this ``width * height``, refused from the header before any pixel is decoded (batch scoring's
-    default is 64 000 000: a server holds many requests at once, a scorer one batch)."""
-    max_concurrent_decodes: int = 2
-    """Images an ingress replica decodes at once; more requests wait. Bounds the ingress's decoded-pixel memory
-    to about ``max_concurrent_decodes x max_image_pixels x 4`` bytes however many requests are in flight; what
-    reaches a model replica is reduced until its short side is below 8x the model's input."""
-    models_per_replica: int = 4
-    """Multiplexing LRU size: predictors a model replica keeps loaded. Size it to the working set."""
-    max_batch_size: int = BATCH_SIZE
-    """Dynamic batching; 1 switches batching off. Changeable at run time through ``user_config``."""
-    batch_wait_timeout_s: float = BATCH_WAIT_S
-    num_replicas: int = 1
-    """Model replicas when ``autoscaling_config`` is not set."""
-    autoscaling_config: dict[str, Any] | None = None
-    """Ray Serve autoscaling for the model deployment (``min_replicas``, ``max_replicas``, ...)."""
-    num_gpus_per_replica: float = 0.0
-    num_cpus_per_replica: float = 1.0
-    ingress_replicas: int = 1
-    ingress_num_cpus: float = 0.25
-    max_ongoing_requests: int = 64
-    """Per replica, both deployments; at least ``max_batch_size`` so that batches can fill."""
-    pointer_ttl_s: float = 2.0
-    """A promotion is served at most this long after ``best.json`` changes."""
-    auth_tokens_env: str = "TSDN_SERVE_TOKENS"
-    auth_tokens_file: str | None = None
-    auth_required: bool | None = None
-    """None: required when any token is configured. True without tokens is an error."""
-    runtime: str = "torch"
-    """What runs the model in a replica: ``torch`` (the module), ``onnxruntime`` or ``openvino`` (the version's
-    registered export, made on first use if absent; replicas then import neither torch nor timm)."""
-
-    def __post_init__(self) -> None:
-        if not self.store:
-            msg = "store: required (a local folder or s3://bucket/prefix holding registry/)"
-            raise ConfigError(msg)
-        positive = {
-            "port": self.port,
-            "max_body_bytes": self.max_body_bytes,
-            "max_image_pixels": self.max_image_pixels,
-            "max_concurrent_decodes": self.max_concurrent_decodes,
-            "models_per_replica": self.models_per_replica,
-            "max_batch_size": self.max_batch_size,
-            "num_replicas": self.num_replicas,
-            "ingress_replicas": self.ingress_replicas,
-            "max_ongoing_requests": self.max_ongoing_requests,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                msg = f"{name}: must be >= 1, got {value}"
-                raise ConfigError(msg)
-        if self.port > 65535:
-            msg = f"port: must be <= 65535, got {self.port}"
-            raise ConfigError(msg)
-        non_negative = {
-            "batch_wait_timeout_s": self.batch_wait_timeout_s,
-            "num_gpus_per_replica": self.num_gpus_per_replica,
-            "num_cpus_per_replica": self.num_cpus_per_replica,
-            "ingress_num_cpus": self.ingress_num_cpus,
-            "pointer_ttl_s": self.pointer_ttl_s,
-        }
-        for name, value in non_negative.items():
-            if not math.isfinite(value) or value < 0:
-                msg = f"{name}: must be a finite number >= 0, got {value}"
-                raise ConfigError(msg)
-        if self.max_ongoing_requests < self.max_batch_size:
-            msg = (
-                f"max_ongoing_requests ({self.max_ongoing_requests}) < max_batch_size ({self.max_batch_size}): "
-                "a replica could never fill a batch"
-            )
-            raise ConfigError(msg)
-        if self.autoscaling_config is not None:
-            low = self.autoscaling_config.get("min_replicas", 1)
-            high = self.autoscaling_config.get("max_replicas", 1)
-            if not (isinstance(low, int) and isinstance(high, int) and 0 <= low <= high and high >= 1):
-                msg = f"autoscaling_config: need integers 0 <= min_replicas <= max_replicas, >= 1; got {low}, {high}"
-                raise ConfigError(msg)
-        if not self.route_prefix.startswith("/"):
-            msg = f"route_prefix: must start with '/', got {self.route_prefix!r}"
-            raise ConfigError(msg)
-        problem = runtime_problem(self.runtime, self.num_gpus_per_replica, "num_gpus_per_replica")
-        if problem is not None:
-            raise ConfigError(problem)
-
-
-class ApiError(Exception):
-    """An HTTP error with a reason, answered as ``{"status": ..., "reason": ...}``. Picklable."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(f"{status}: {reason}")
-        self.status = status
-        self.reason = reason
-
-    def __reduce__(self) -> tuple[type["ApiError"], tuple[int, str]]:
-        return (type(self), (self.status, self.reason))
-
-
-# --- auth --------------------------------------------------------------------------------------
-
-
-Scope = frozenset[str] | None
-"""The product lines a token may use; None: every one."""
-
-
-def load_tokens(cfg: ServeConfig) -> list[str]:
-    """The bearer tokens from ``cfg.auth_tokens_env`` (comma-separated) and ``cfg.auth_tokens_file``."""
-    return list(load_token_scopes(cfg))
-
-
-def load_token_scopes(cfg: ServeConfig) -> dict[str, Scope]:
-    """Every configured token and the product lines it may use (None: every one).
-
-    An entry is ``TOKEN`` (every product) or ``TOKEN PRODUCT [PRODUCT ...]`` (only those): comma-separated
-    entries in the environment variable ``cfg.auth_tokens_env``, one entry per line in ``cfg.auth_tokens_file``
-    (``#`` starts a comment line). A token listed more than once may use what any of its entries allows.
-    """
-    entries = os.environ.get(cfg.auth_tokens_env, "").split(",")
-    if cfg.auth_tokens_file:
-        path = Path(cfg.auth_tokens_file)
-        try:
-            lines = path.read_text().splitlines()
-        except OSError as exc:
-            msg = f"auth_tokens_file {path}: cannot read ({exc})"
-            raise ConfigError(msg) from exc
-        entries += [line for line in lines if not line.lstrip().startswith("#")]
-    scopes: dict[str, Scope] = {}
-    for entry in entries:
-        if not entry.strip():
-            continue
-        token, *products = entry.split()
-        try:
-            scope = frozenset(validate_name(product) for product in products) or None
-        except ValueError as exc:
-            msg = f"auth token entry for products {' '.join(products)!r}: {exc}"
-            raise ConfigError(msg) from exc
-        previous = scopes.get(token, frozenset())
-        scopes[token] = None if previous is None or scope is None else previous | scope
-    return scopes
-
-
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
-
-
-def auth_required(cfg: ServeConfig, tokens: list[str]) -> bool:
-    """``cfg.auth_required``, or when unset (None): whether any token is configured."""
-    return bool(tokens) if cfg.auth_required is None else cfg.auth_required
-
-
-def _auth_digests(cfg: ServeConfig) -> list[tuple[bytes, Scope]] | None:
-    """SHA-256 digests of the accepted tokens with their scopes, or None when auth is off."""
-    scopes = load_token_scopes(cfg)
-    tokens = list(scopes)
-    if not auth_required(cfg, tokens):
-        if cfg.auth_required is None and not _is_loopback(cfg.host):
-            msg = (
-                f"host {cfg.host}: refusing to serve without auth on a non-loopback address; configure tokens "
-                f"(env {cfg.auth_tokens_env} or auth_tokens_file) or set auth_required: false explicitly"
-            )
-            raise ConfigError(msg)
-        logger.warning("serving WITHOUT authentication (no token configured)")
-        return None
-    if not tokens:
-        msg = f"auth_required is true but no token is configured (env {cfg.auth_tokens_env}, auth_tokens_file)"
-        raise ConfigError(msg)
-    return [(_digest(token), scope) for token, scope in scopes.items()]
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _check_token(authorization: str | None, digests: list[tuple[bytes, Scope]], product: str | None = None) -> Scope:
-    """The scope of the request's token: 401 without a bearer token, 403 with a wrong one or one not scoped to
-    ``product``. Every digest is compared, in constant time."""
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)")
-    offered = _digest(token.strip())
-    matched, scope = False, None
-    for digest, allowed in digests:
-        if hmac.compare_digest(offered, digest):
-            matched, scope = True, allowed
-    if not matched:
-        raise ApiError(403, "invalid token")
-    if product is not None and scope is not None and product not in scope:
-        raise ApiError(403, f"this token is not allowed to use product {product!r}")
-    return scope
-
-
-# --- the anomaly-map heatmap --------------------------------------------------------------------
-
-# Matplotlib's "inferno" sampled at 0, 1/4, 1/2, 3/4, 1; linear in between.
-# --- the model deployment -----------------------------------------------------------------------
-
-
-@dataclass
-class DetectRequest:
-    """One decoded image for one model id (``"<product>@<version>"``)."""
-
-    model_id: str
-    image: Image.Image
-    threshold: float | None = None
-    include: frozenset[str] = frozenset()
-
-
-@dataclass
-class DetectResult:
-    """What the model deployment answers for one image: who answered and :func:`tsdn.response.detect_answer`."""
-
-    product: str
-    model_version: str
-    family: str
-    inference_ms: float
-    batch_size: int
-    answer: dict[str, Any]
-
-
-def model_id(product: str, version: str) -> str:
-    return f"{product}@{version}"
-
-
-def split_model_id(mid: str) -> tuple[str, str]:
-    product, sep, version = mid.partition("@")
-    if not sep or not product or not version:
-        msg = f"model id {mid!r}: expected '<product>@<version>'"
-        raise ValueError(msg)
-    return product, version
-
-
-@serve.deployment(name="TSDNModel")
-class TSDNModel:
-    """Multiplexed, batched TSDN inference. One request = one decoded image of one model id."""
-
-    def __init__(self, store: str, models_per_replica: int, runtime: str = "torch") -> None:
-        self._registry = Registry(store)
-        self._runtime = runtime
-
-        # The LRU size comes from the config, so the multiplexed loader is wrapped per instance (Serve
-        # detects multiplexing on instance attributes too). It must wrap a plain function, not a bound method.
-        async def load(mid: str) -> Any:
-            return await asyncio.to_thread(self._load, mid)
-
-        self._get_model = serve.multiplexed(max_num_models_per_replica=models_per_replica)(load)
-        self._batching: dict[str, float] = {"max_batch_size": BATCH_SIZE, "batch_wait_timeout_s": BATCH_WAIT_S}
-
-    def _load(self, mid: str) -> Any:
-        product, version = split_model_id(mid)
-        predictor, ref = self._registry.load_predictor(product, version, runtime=self._runtime)
-        logger.info("loaded %s (version %s, runtime %s)", product, ref.version, self._runtime)
-        return predictor, ref
-
-    def reconfigure(self, user_config: Mapping[str, Any]) -> None:
-        """``user_config``: ``max_batch_size`` (>= 1; 1 = no batching) and ``batch_wait_timeout_s`` (>= 0)."""
-        unknown = sorted(set(user_config) - set(BATCH_OPTIONS))
-        if unknown:
-            msg = f"user_config: unknown key(s) {', '.join(unknown)}; expected {', '.join(BATCH_OPTIONS)}"
-            raise ValueError(msg)
-        size = user_config.get("max_batch_size", self._batching["max_batch_size"])
-        wait = user_config.get("batch_wait_timeout_s", self._batching["batch_wait_timeout_s"])
-        if not isinstance(size, int) or size < 1:
-            msg = f"user_config.max_batch_size: expected an integer >= 1, got {size!r}"
-            raise ValueError(msg)
-        if not isinstance(wait, (int, float)) or not math.isfinite(wait) or wait < 0:
-            msg = f"user_config.batch_wait_timeout_s: expected a number >= 0, got {wait!r}"
-            raise ValueError(msg)
-        self._detect_batch.set_max_batch_size(size)
-        self._detect_batch.set_batch_wait_timeout_s(float(wait))
-        self._batching = {"max_batch_size": size, "batch_wait_timeout_s": float(wait)}
-
-    def batch_settings(self) -> dict[str, float]:
-        """The batching settings in force: ``max_batch_size`` and ``batch_wait_timeout_s``."""
-        return dict(self._batching)
-
-    async def detect(self, request: DetectRequest) -> DetectResult:
-        result = await self._detect_batch(request)
-        if isinstance(result, Exception):
-            raise result
-        return result
-
-    @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
-    async def _detect_batch(self, requests: list[DetectRequest]) -> list[DetectResult | Exception]:
-        # Serve already splits batches by multiplexed model id; grouping by the id each request carries
-        # makes "one model per predict call" hold by construction. A threshold override is a predict
-        # argument, so it splits a group too. A failing group fails only its own requests.
-        groups: dict[tuple[str, float | None], list[int]] = {}
-        for index, request in enumerate(requests):
-            groups.setdefault((request.model_id, request.threshold), []).append(index)
-        results: dict[int, DetectResult | Exception] = {}
-        for (mid, threshold), indices in groups.items():
-            try:
-                predictor, ref = await self._get_model(mid)
-                images = [requests[i].image for i in indices]
-                start = time.perf_counter()
-                detections = await asyncio.to_thread(predictor.predict, images, threshold)
-                elapsed_ms = (time.perf_counter() - start) * 1000.0
-                answers = await asyncio.to_thread(_answers, detections, [requests[i].include for i in indices])
-            except Exception as exc:
-                logger.exception("inference failed for %s", mid)
-                results.update(dict.fromkeys(indices, exc))
-                continue
-            for i, answer in zip(indices, answers):
-                results[i] = DetectResult(
-                    product=ref.product,
-                    model_version=ref.version,
-                    family=predictor.family,
-                    inference_ms=elapsed_ms,
-                    batch_size=len(indices),
-                    answer=answer,
-                )
-        return [results[i] for i in range(len(requests))]
-
-
-def _answers(detections: "list[Detection]", includes: list[frozenset[str]]) -> list[dict[str, Any]]:
-    """Each detection's answer (PNG and float-map encoding run here, off the replica's event loop)."""
-    return [
-        detect_answer(
-            anomaly_score=detection.anomaly_score,
-            normalized_score=detection.normalized_score,
-            threshold=detection.threshold,
-            anomaly_map=detection.anomaly_map,
-            include=include,
-        )
-        for detection, include in zip(detections, includes)
-    ]
 
 
 # --- the ingress --------------------------------------------------------------------------------
@@ -618,10 +271,10 @@ class TSDNIngress:
         _return_large_frees_to_the_os()
 
     def _authorize(self, request: Request, product: str | None = None) -> Scope:
-        """The token's scope (None: every product, or auth off); 401/403 as :func:`_check_token` says."""
+        """The token's scope (None: every product, or auth off); 401/403 as :func:`check_token` says."""
         if self._digests is None:
             return None
-        return _check_token(request.headers.get("authorization"), self._digests, product)
+        return check_token(request.headers.get("authorization"), self._digests, product)
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -791,7 +444,7 @@ def build_app(cfg: ServeConfig) -> serve.Application:
         num_replicas=cfg.ingress_replicas,
         max_ongoing_requests=cfg.max_ongoing_requests,
         ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
-    ).bind(model, cfg, _auth_digests(cfg))
+    ).bind(model, cfg, auth_digests(cfg))
 
 
 def app_builder(args: Mapping[str, Any]) -> serve.Application:

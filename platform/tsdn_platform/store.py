@@ -13,6 +13,10 @@ the AWS SDK inside each request (:data:`S3_MAX_ATTEMPTS`), then again here for a
 budget allows (:func:`retry_budget`, default :data:`DEFAULT_RETRY_S`); then they are reported. Jobs treat a
 ``not_found`` object as a fact about that input, and every other kind as the store failing: the job fails.
 
+Compare-and-swap (:func:`read_versioned`, then :func:`write_if`) replaces an object only if it is still the one
+that was read: S3's conditional PUT (``If-Match``), a lock file on a local folder. The registry's best pointer is
+its one user; it decides what to write, this module only how.
+
 The filesystem objects pickle, so the ``(fs, path)`` pair from :func:`resolve` can be handed to Ray Data
 (``filesystem=fs``) and Ray Train (``storage_filesystem=fs``) and works on every worker that has the same
 AWS settings (``tsdn_platform.ray_session`` forwards them).
@@ -23,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -32,7 +37,9 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -41,10 +48,14 @@ import pyarrow.fs as pafs
 __all__ = [
     "DEFAULT_RETRY_S",
     "S3_MAX_ATTEMPTS",
+    "STALE_LOCK_S",
     "TRANSIENT",
     "StoreError",
+    "Versioned",
+    "WriteConflict",
     "as_store_error",
     "boto3_client",
+    "conditional_writes_supported",
     "copy",
     "delete",
     "discard",
@@ -57,6 +68,7 @@ __all__ = [
     "read_bytes",
     "read_json",
     "read_json_or_none",
+    "read_versioned",
     "relative",
     "replace_bytes",
     "replace_json",
@@ -67,6 +79,7 @@ __all__ = [
     "s3_bucket_key",
     "s3_endpoint",
     "write_bytes",
+    "write_if",
     "write_json",
 ]
 
@@ -638,3 +651,199 @@ def boto3_client(**config: Any) -> Any:
     options.update(config)
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or ("us-east-1" if endpoint else None)
     return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=Config(**options))
+
+
+# --- compare-and-swap ---------------------------------------------------------------------------------
+
+# A local lock file older than this is taken to be left by a crashed writer and broken.
+STALE_LOCK_S = 60.0
+_CAS_LOCK = threading.Lock()
+_CAS_SUPPORT: dict[tuple[str | None, str], bool] = {}  # (endpoint, bucket) -> the server enforces conditions
+
+
+class WriteConflict(Exception):
+    """A conditional write (:func:`write_if`) lost: the object changed since it was read. Picklable."""
+
+    def __init__(self, uri: str, detail: str) -> None:
+        super().__init__(f"{uri}: {detail}")
+        self.uri = uri
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.uri, self.detail))
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """An object as read for a conditional write: its bytes (None: absent) and the tag :func:`write_if` compares
+    (the ETag on S3, the SHA-256 of the bytes elsewhere; None when absent)."""
+
+    data: bytes | None
+    tag: str | None
+
+
+def read_versioned(uri: str) -> Versioned:
+    """The object at ``uri`` and its tag for :func:`write_if`; ``Versioned(None, None)`` when it does not exist."""
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = s3_bucket_key(uri)
+
+        def get() -> Versioned:
+            try:
+                response = boto3_client().get_object(Bucket=bucket, Key=key)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return Versioned(None, None)
+                raise
+            return Versioned(response["Body"].read(), response["ETag"])
+
+        return retrying(uri, get)
+    try:
+        data = read_bytes(uri)
+    except StoreError as exc:
+        if exc.kind == NOT_FOUND:
+            return Versioned(None, None)
+        raise
+    return Versioned(data, _content_tag(data))
+
+
+def write_if(uri: str, data: bytes, expected: Versioned, content_type: str = "application/octet-stream") -> None:
+    """Replace the object at ``uri`` with ``data`` only if it is still the one :func:`read_versioned` returned
+    (absent, if it was absent); else raise :class:`WriteConflict`. The write itself is atomic.
+
+    * S3: ``put_object`` with ``IfMatch=<ETag>`` (``IfNoneMatch="*"`` when creating) through boto3. The first
+      conditional write to a bucket probes whether the server enforces these headers
+      (:func:`conditional_writes_supported`). A server that ignores them or answers 501 gets a plain atomic PUT,
+      with a warning: of two racing writers the last one wins.
+    * Local folder: a lock file created with ``O_CREAT | O_EXCL`` beside the object serialises writers; the
+      object is re-read under the lock and replaced with ``os.replace``. A lock older than :data:`STALE_LOCK_S`
+      is broken; waiting longer than that for a held one is a conflict.
+    * Any other filesystem: plain atomic replace, with the same warning as an S3 server without conditions.
+    """
+    fs, path = resolve(uri)
+    if is_s3(uri):
+        _write_if_s3(uri, data, expected.tag, content_type)
+    elif isinstance(fs, pafs.LocalFileSystem):
+        _write_if_local(uri, path, data, expected.tag)
+    else:
+        logger.warning("%s: no compare-and-swap on this filesystem; racing writers: last writer wins", uri)
+        replace_bytes(uri, data)
+
+
+def _content_tag(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_if_s3(uri: str, data: bytes, etag: str | None, content_type: str) -> None:
+    from botocore.exceptions import ClientError
+
+    bucket, key = s3_bucket_key(uri)
+    client = boto3_client()
+    if not conditional_writes_supported(bucket, key, client):
+        logger.warning("%s: the S3 server ignores conditional writes (If-Match); racing writers: last writer wins", uri)
+        replace_bytes(uri, data)
+        return
+    condition = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
+
+    def put() -> str | None:
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type, **condition)
+        except ClientError as exc:
+            return _conflict(exc)
+        return None
+
+    # A PUT retried after an outage may find its own earlier attempt applied: that reads as a conflict, and the
+    # caller re-reads the object and decides again.
+    conflict = retrying(uri, put)
+    if conflict is not None:
+        raise WriteConflict(uri, f"changed concurrently ({conflict})")
+
+
+def _write_if_local(uri: str, path: str, data: bytes, tag: str | None) -> None:
+    lock = path + ".lock"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    deadline = time.monotonic() + STALE_LOCK_S
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                age = time.time() - os.stat(lock).st_mtime
+            except FileNotFoundError:
+                continue
+            if age > STALE_LOCK_S:
+                logger.warning("%s: breaking a lock %.0f s old (a writer crashed)", lock, age)
+                _unlink_quietly(lock)
+                continue
+            if time.monotonic() > deadline:
+                raise WriteConflict(uri, f"lock {lock} held for too long") from None
+            time.sleep(0.01)
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
+        try:
+            with open(path, "rb") as handle:
+                found = _content_tag(handle.read())
+        except FileNotFoundError:
+            found = None
+        if found != tag:
+            raise WriteConflict(uri, "changed since it was read")
+        replace_bytes(uri, data)
+    finally:
+        _unlink_quietly(lock)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _conflict(exc: Exception) -> str | None:
+    """The error code of a conditional PUT that lost (412: the ETag no longer matches; 409: AWS's answer to a
+    concurrent conditional write); any other failure is raised again for :func:`retrying` to classify."""
+    response = getattr(exc, "response", {}) or {}
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    code = response.get("Error", {}).get("Code")
+    if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+        return str(code or status)
+    raise exc
+
+
+def conditional_writes_supported(bucket: str, key: str, client: Any = None) -> bool:
+    """Probe once per (endpoint, bucket): does a second ``IfNoneMatch="*"`` PUT of an object fail with 412?
+
+    The probe object lives two levels above ``key`` (for ``registry/<product>/best.json``, in ``registry/``)
+    and is deleted after the probe.
+    """
+    from botocore.exceptions import ClientError
+
+    client = client or boto3_client()
+    cache_key = (s3_endpoint(), bucket)
+    with _CAS_LOCK:
+        if cache_key in _CAS_SUPPORT:
+            return _CAS_SUPPORT[cache_key]
+    probe = f"{key.rsplit('/', 2)[0]}/.conditional-write-probe-{uuid.uuid4().hex}"
+    probe_uri = f"s3://{bucket}/{probe}"
+
+    def put() -> str | None:
+        try:
+            client.put_object(Bucket=bucket, Key=probe, Body=b"probe", IfNoneMatch="*")
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 501:
+                return "501"
+            return _conflict(exc)
+        return None
+
+    try:
+        # Two PUTs; a conflict on either (the first too, when a retry found its own earlier attempt) = enforced.
+        answers = [retrying(probe_uri, put) for _ in range(2)]
+    finally:
+        discard(probe_uri)  # one attempt: after a failure it must not wait out another budget
+    supported = "501" not in answers and any(answer is not None for answer in answers)
+    with _CAS_LOCK:
+        _CAS_SUPPORT[cache_key] = supported
+    return supported

@@ -3,7 +3,7 @@
 ``PAUSE_AT`` is ``module:attribute`` (``-`` for none), e.g. ``tsdn_platform.ingest:_commit`` or
 ``ray.data.dataset:Dataset.take_all``; with a ``workers:`` prefix the point is patched in every Ray worker
 process of the job's local cluster too (through its ``worker_process_setup_hook``), for code that runs in a task
-or a Train worker, e.g. ``workers:tsdn_platform.train:_upload_checkpoint``. On the first call in any process the
+or a Train worker, e.g. ``workers:tsdn_platform.train_checkpoints:upload``. On the first call in any process the
 job creates ``SIGNAL_DIR/paused`` and waits for ``SIGNAL_DIR/resume`` before going on, so a test can stop the S3
 server at exactly that point of the job. The exit status is the CLI's.
 """

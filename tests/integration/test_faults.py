@@ -143,6 +143,41 @@ def _last_line(err: str) -> str:
     return lines[-1] if lines else err[-2000:]
 
 
+def _run_through_outage(
+    weed: Weed, tmp: Path, argv: list[str], pause_at: str = "-", outage_s: float | None = None
+) -> tuple[int, str, str]:
+    """Run the CLI with the store down from ``pause_at`` on (``-``: from before the job starts).
+
+    ``outage_s=None``: the store stays down until the job has finished (an outage outlasting any budget), then
+    comes back; otherwise it comes back after ``outage_s`` while the job still runs (an outage to bridge).
+    Returns the job's exit status, stdout and stderr.
+    """
+    if pause_at == "-":
+        weed.stop()
+        job = _Job(weed, tmp, argv)
+    else:
+        job = _Job(weed, tmp, argv, pause_at)
+        job.wait_paused()
+        weed.stop()
+        job.resume()
+    if outage_s is not None:
+        time.sleep(outage_s)
+        weed.start()
+        return job.finish()
+    try:
+        return job.finish()
+    finally:
+        weed.start()
+
+
+def _assert_store_failure(rc: int, err: str, retry_s: float | None = None) -> None:
+    """Exit 3 and one last line naming the unreachable store (and, given ``retry_s``, the budget it outlasted)."""
+    assert rc == 3, err[-4000:]
+    assert ONE_LINE_UNREACHABLE in _last_line(err)
+    if retry_s is not None:
+        assert f"after {retry_s:g} s of retries" in _last_line(err)
+
+
 # --- ingest ---------------------------------------------------------------------------------------
 
 
@@ -179,12 +214,8 @@ def _fresh_store(name: str) -> str:
 
 def test_ingest_outage_before_the_first_read_fails_and_keeps_the_dataset(weed, source, ingested, tmp_path):
     store_uri = _fresh_store("ingest-down-at-start")
-    weed.stop()
-    job = _Job(weed, tmp_path, _ingest_argv(source, store_uri, SHORT_RETRY_S))
-    rc, _, err = job.finish()
-    weed.start()
-    assert rc == 3, err[-4000:]
-    assert ONE_LINE_UNREACHABLE in _last_line(err) and f"after {SHORT_RETRY_S} s of retries" in _last_line(err)
+    rc, _, err = _run_through_outage(weed, tmp_path, _ingest_argv(source, store_uri, SHORT_RETRY_S))
+    _assert_store_failure(rc, err, SHORT_RETRY_S)
     assert "Traceback" not in err
     assert _snapshot(store_uri) == ingested
 
@@ -192,26 +223,16 @@ def test_ingest_outage_before_the_first_read_fails_and_keeps_the_dataset(weed, s
 def test_ingest_outage_outlasting_the_budget_in_the_map_fails_and_keeps_the_dataset(weed, source, ingested, tmp_path):
     """issue 15 item 1: this outage used to commit a shrunken dataset ("11 skipped") with exit 0."""
     store_uri = _fresh_store("ingest-down-in-map")
-    job = _Job(weed, tmp_path, _ingest_argv(source, store_uri, SHORT_RETRY_S), "ray.data.dataset:Dataset.take_all")
-    job.wait_paused()
-    weed.stop()
-    job.resume()
-    rc, _, err = job.finish()
-    weed.start()
-    assert rc == 3, err[-4000:]
-    assert ONE_LINE_UNREACHABLE in _last_line(err)
+    argv = _ingest_argv(source, store_uri, SHORT_RETRY_S)
+    rc, _, err = _run_through_outage(weed, tmp_path, argv, "ray.data.dataset:Dataset.take_all")
+    _assert_store_failure(rc, err)
     assert _snapshot(store_uri) == ingested  # every manifest, shard and report byte-identical
 
 
 def test_ingest_outage_shorter_than_the_budget_in_the_map_is_bridged(weed, source, ingested, tmp_path):
     store_uri = f"s3://{BUCKET}/ingest-bridged-{time.monotonic_ns()}"
-    job = _Job(weed, tmp_path, _ingest_argv(source, store_uri, LONG_RETRY_S), "ray.data.dataset:Dataset.take_all")
-    job.wait_paused()
-    weed.stop()
-    job.resume()
-    time.sleep(OUTAGE_S)
-    weed.start()
-    rc, _, err = job.finish()
+    argv = _ingest_argv(source, store_uri, LONG_RETRY_S)
+    rc, _, err = _run_through_outage(weed, tmp_path, argv, "ray.data.dataset:Dataset.take_all", OUTAGE_S)
     assert rc == 0, err[-4000:]
     assert _same_dataset(_snapshot(store_uri)) == _same_dataset(ingested)  # same shards, manifests, skips
 
@@ -221,14 +242,8 @@ def test_ingest_outage_shorter_than_the_budget_in_the_map_is_bridged(weed, sourc
 )
 def test_ingest_outage_during_the_commit_never_leaves_a_mix(weed, source, ingested, tmp_path, pause_at):
     store_uri = _fresh_store("ingest-down-in-commit")
-    job = _Job(weed, tmp_path, _ingest_argv(source, store_uri, SHORT_RETRY_S), pause_at)
-    job.wait_paused()
-    weed.stop()
-    job.resume()
-    rc, _, err = job.finish()
-    weed.start()
-    assert rc == 3, err[-4000:]
-    assert ONE_LINE_UNREACHABLE in _last_line(err)
+    rc, _, err = _run_through_outage(weed, tmp_path, _ingest_argv(source, store_uri, SHORT_RETRY_S), pause_at)
+    _assert_store_failure(rc, err)
     after = _snapshot(store_uri)
     first = PRODUCTS[0]
     if pause_at.endswith(":_commit"):  # the first step (removing the old manifest) failed: nothing changed
@@ -292,17 +307,9 @@ def _fresh_output(scored: dict[str, str], name: str) -> tuple[str, dict[str, byt
 def test_score_outage_outlasting_the_budget_fails_and_keeps_the_previous_output(weed, scored, tmp_path, pause_at):
     """issue 15 item 2: this outage used to commit an all-error output over the good one, exit 0."""
     output, before = _fresh_output(scored, "score-down")
-    job = _Job(weed, tmp_path, _score_argv(scored["store"], scored["input"], output, SHORT_RETRY_S), pause_at)
-    if pause_at == "-":  # down before the first read
-        weed.stop()
-    else:
-        job.wait_paused()
-        weed.stop()
-        job.resume()
-    rc, _, err = job.finish()
-    weed.start()
-    assert rc == 3, err[-4000:]
-    assert ONE_LINE_UNREACHABLE in _last_line(err)
+    argv = _score_argv(scored["store"], scored["input"], output, SHORT_RETRY_S)
+    rc, _, err = _run_through_outage(weed, tmp_path, argv, pause_at)  # "-": down before the first read
+    _assert_store_failure(rc, err)
     assert _committed(output) == before
     rows = store.read_json(store.join(output, "_manifest.json"))
     assert rows["errors"] == 0 and rows["rows_written"] > 0
@@ -311,13 +318,7 @@ def test_score_outage_outlasting_the_budget_fails_and_keeps_the_previous_output(
 def test_score_outage_shorter_than_the_budget_is_bridged(weed, scored, tmp_path):
     output, _ = _fresh_output(scored, "score-bridged")
     argv = _score_argv(scored["store"], scored["input"], output, LONG_RETRY_S)
-    job = _Job(weed, tmp_path, argv, "ray.data.dataset:Dataset.write_datasink")
-    job.wait_paused()
-    weed.stop()
-    job.resume()
-    time.sleep(OUTAGE_S)
-    weed.start()
-    rc, _, err = job.finish()
+    rc, _, err = _run_through_outage(weed, tmp_path, argv, "ray.data.dataset:Dataset.write_datasink", OUTAGE_S)
     assert rc == 0, err[-4000:]
     manifest = store.read_json(store.join(output, "_manifest.json"))
     previous = store.read_json(store.join(scored["output"], "_manifest.json"))
@@ -361,16 +362,9 @@ def _pointer(store_uri: str) -> dict[str, object]:
 def test_train_outage_during_a_checkpoint_upload_fails_and_keeps_registry_and_runs(weed, trained, tmp_path):
     """Rank 0 uploads the checkpoint through the store: the outage outlasts ``store_retry_s`` in the Train worker."""
     store_uri, before = _copy_store(trained, "train-down-in-upload")
-    job = _Job(
-        weed, tmp_path, _train_argv(store_uri, SHORT_RETRY_S, seed=1), "workers:tsdn_platform.train:_upload_checkpoint"
-    )
-    job.wait_paused()
-    weed.stop()
-    job.resume()
-    rc, _, err = job.finish()
-    weed.start()
-    assert rc == 3, err[-4000:]
-    assert ONE_LINE_UNREACHABLE in _last_line(err) and f"after {SHORT_RETRY_S} s of retries" in _last_line(err)
+    argv = _train_argv(store_uri, SHORT_RETRY_S, seed=1)
+    rc, _, err = _run_through_outage(weed, tmp_path, argv, "workers:tsdn_platform.train_checkpoints:upload")
+    _assert_store_failure(rc, err, SHORT_RETRY_S)
     after = _snapshot(store_uri)
     assert {name: after.get(name) for name in before} == before  # registry, pointer and the old run: the same bytes
     new = sorted(set(after) - set(before))
@@ -392,14 +386,8 @@ def test_train_outage_while_registering_keeps_the_pointer(weed, trained, tmp_pat
     registry = Registry(store_uri)
     versions = registry.list_versions(PRODUCTS[0])
     argv = _train_argv(store_uri, SHORT_RETRY_S, seed=2)
-    job = _Job(weed, tmp_path, argv, pause_at)
-    job.wait_paused()
-    weed.stop()
-    job.resume()
-    rc, _, err = job.finish()
-    weed.start()
-    assert rc == 3, err[-4000:]
-    assert ONE_LINE_UNREACHABLE in _last_line(err)
+    rc, _, err = _run_through_outage(weed, tmp_path, argv, pause_at)
+    _assert_store_failure(rc, err)
     after = _snapshot(store_uri)
     registry_before = {name: data for name, data in before.items() if name.startswith("registry/")}
     assert {name: after.get(name) for name in registry_before} == registry_before  # old versions, pointer
@@ -442,30 +430,17 @@ def _promote_argv(store_uri: str, retry_s: float) -> list[str]:
 )
 def test_promotion_outage_outlasting_the_budget_fails_and_keeps_the_pointer(weed, registered, tmp_path, pause_at):
     store_uri, before = _copy_store(registered, "promote-down")
-    job = _Job(weed, tmp_path, _promote_argv(store_uri, SHORT_RETRY_S), pause_at)
-    if pause_at == "-":
-        weed.stop()
-    else:  # the pointer was read and the version checked: the conditional write is what meets the outage
-        job.wait_paused()
-        weed.stop()
-        job.resume()
-    rc, _, err = job.finish()
-    weed.start()
-    assert rc == 3, err[-4000:]
-    assert ONE_LINE_UNREACHABLE in _last_line(err) and f"after {SHORT_RETRY_S:g} s of retries" in _last_line(err)
+    # before-the-write: the pointer was read and the version checked; the conditional write meets the outage.
+    rc, _, err = _run_through_outage(weed, tmp_path, _promote_argv(store_uri, SHORT_RETRY_S), pause_at)
+    _assert_store_failure(rc, err, SHORT_RETRY_S)
     assert _snapshot(store_uri) == before
     assert _pointer(store_uri)["version"] == "v1"
 
 
 def test_promotion_outage_shorter_than_the_budget_is_bridged(weed, registered, tmp_path):
     store_uri, before = _copy_store(registered, "promote-bridged")
-    job = _Job(weed, tmp_path, _promote_argv(store_uri, LONG_RETRY_S), "tsdn_platform.registry:Registry._write_pointer")
-    job.wait_paused()
-    weed.stop()
-    job.resume()
-    time.sleep(OUTAGE_S)
-    weed.start()
-    rc, out, err = job.finish()
+    argv = _promote_argv(store_uri, LONG_RETRY_S)
+    rc, out, err = _run_through_outage(weed, tmp_path, argv, "tsdn_platform.registry:Registry._write_pointer", OUTAGE_S)
     assert rc == 0, err[-4000:]
     pointer = _pointer(store_uri)
     assert json.loads(out) == pointer

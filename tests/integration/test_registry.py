@@ -18,7 +18,6 @@ from tsdn_platform.registry import (
     RegistryError,
     UnknownProductError,
     UnknownVersionError,
-    _conditional_writes_supported,
     metric_value,
     new_version_id,
     validate_name,
@@ -187,7 +186,7 @@ def test_racing_promoters_without_expectation_lose_no_update(registry):
 def test_seaweedfs_enforces_conditional_writes(s3):
     uri = s3.uri("probe")
     bucket, key = store.s3_bucket_key(store.join(uri, "registry", "p", "best.json"))
-    assert _conditional_writes_supported(store.boto3_client(), bucket, key) is True
+    assert store.conditional_writes_supported(bucket, key, store.boto3_client()) is True
     assert store.list_files(uri) == []  # the probe object is cleaned up
 
 

@@ -27,8 +27,6 @@ from tsdn_platform.cli import build_parser
 from tsdn_platform.serve import (
     ApiError,
     ServeConfig,
-    _check_token,
-    _digest,
     auth_required,
     build_app,
     config_from_args,
@@ -36,6 +34,7 @@ from tsdn_platform.serve import (
     load_tokens,
     split_model_id,
 )
+from tsdn_platform.serve_auth import check_token, token_digest
 
 CACHED_PRODUCTS = ("bottle", "cable", "screw")  # three products, a cache of two
 PATCHCORE_PRODUCT = "screw"  # served by the second model family, through the same predictor path
@@ -104,13 +103,13 @@ def test_auth_defaults_refuse_unsafe_setups(monkeypatch):
 
 
 def test_check_token_statuses():
-    digests = [(_digest("alpha"), None), (_digest("beta"), frozenset({"gearbox"}))]
-    assert _check_token("Bearer beta", digests, "gearbox") == {"gearbox"}
-    assert _check_token("bearer  alpha", digests, "housing") is None
+    digests = [(token_digest("alpha"), None), (token_digest("beta"), frozenset({"gearbox"}))]
+    assert check_token("Bearer beta", digests, "gearbox") == {"gearbox"}
+    assert check_token("bearer  alpha", digests, "housing") is None
     cases = ((None, 401), ("Basic YWxwaGE=", 401), ("Bearer ", 401), ("Bearer gamma", 403), ("Bearer beta", 403))
     for header, status in cases:
         with pytest.raises(ApiError) as exc:
-            _check_token(header, digests, "housing")
+            check_token(header, digests, "housing")
         assert exc.value.status == status
 
 

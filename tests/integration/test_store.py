@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import pickle
 import socket
 import time
@@ -376,3 +377,48 @@ def test_s3_endpoint_down_is_a_clear_error(s3, monkeypatch):
     assert str(info.value).startswith(uri)
     assert f"127.0.0.1:{closed_port}" in str(info.value)
     assert pickle.loads(pickle.dumps(info.value)).kind == "unreachable"
+
+
+# --- compare-and-swap ---------------------------------------------------------------------------------
+
+
+def _compare_and_swap(uri: str) -> None:
+    """write_if replaces an object only if it is still the one read; creating needs it to be still absent."""
+    absent = store.read_versioned(uri)
+    assert absent == store.Versioned(None, None)
+    store.write_if(uri, b"one", absent)
+    first = store.read_versioned(uri)
+    assert first.data == b"one" and first.tag is not None
+    with pytest.raises(store.WriteConflict, match="changed"):
+        store.write_if(uri, b"stale create", absent)  # it exists now
+    store.write_if(uri, b"two", first)
+    with pytest.raises(store.WriteConflict) as lost:
+        store.write_if(uri, b"lost", first)  # changed since `first` was read
+    assert store.read_bytes(uri) == b"two"
+    assert pickle.loads(pickle.dumps(lost.value)).detail == lost.value.detail
+
+
+def test_local_compare_and_swap_leaves_no_lock(tmp_path):
+    uri = str(tmp_path / "p" / "pointer.json")
+    _compare_and_swap(uri)
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["pointer.json"]
+
+
+def test_local_compare_and_swap_breaks_a_stale_lock(tmp_path, caplog):
+    uri = str(tmp_path / "pointer.json")
+    lock = tmp_path / "pointer.json.lock"
+    lock.write_text("12345\n")
+    old = time.time() - store.STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    store.write_if(uri, b"one", store.read_versioned(uri))
+    assert store.read_bytes(uri) == b"one" and not lock.exists()
+    assert "breaking a lock" in caplog.text
+
+
+@pytest.mark.integration
+def test_s3_compare_and_swap(s3):
+    root = s3.uri("cas")
+    _compare_and_swap(store.join(root, "registry", "p", "pointer.json"))
+    bucket, key = store.s3_bucket_key(store.join(root, "registry", "p", "best.json"))
+    assert store.conditional_writes_supported(bucket, key) is True  # SeaweedFS enforces If-Match / If-None-Match
+    assert store.list_files(root) == [store.join(root, "registry", "p", "pointer.json")]  # no probe left behind

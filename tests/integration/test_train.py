@@ -17,15 +17,16 @@ from tsdn_platform.cli import main as cli_main
 from tsdn_platform.config import load_config
 from tsdn_platform.registry import Registry
 from tsdn_platform.train import (
+    FAIL_AT_EPOCH_ENV,
     TrainConfig,
-    _checkpoint_files,
-    _load_checkpoint,
     check_manifest,
+    injected_failure_epoch,
     preflight,
     run_training,
     validate_holdout,
     validate_test,
 )
+from tsdn_platform.train_checkpoints import load_state, state_files
 
 PRODUCTS = ("brick", "grass")
 # Folds 0-3 of the ingest's 10 hold out ~40 % of the 12 train images: >= 3 for validation, >= 4 to train.
@@ -102,8 +103,9 @@ def test_two_products_train_checkpoint_register_and_reproduce(ingested, capsys):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_a_killed_worker_restarts_from_the_checkpoint(ingested):
-    cfg = _config(ingested, "epochs=3", "seed=1", "inject_failure_at_epoch=2", "max_failures=1")
+def test_a_killed_worker_restarts_from_the_checkpoint(ingested, monkeypatch):
+    monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "2")
+    cfg = _config(ingested, "epochs=3", "seed=1", "max_failures=1")
     (result,) = run_training(cfg).values()
     assert result.ok, result.error
     assert result.resumed_from_epoch == 1  # the restarted workers loaded the epoch-1 checkpoint
@@ -114,8 +116,10 @@ def test_a_killed_worker_restarts_from_the_checkpoint(ingested):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_rerunning_an_interrupted_run_resumes_it(ingested):
-    interrupted = run_training(_config(ingested, "epochs=3", "seed=2", "inject_failure_at_epoch=2", "max_failures=0"))
+def test_rerunning_an_interrupted_run_resumes_it(ingested, monkeypatch):
+    with monkeypatch.context() as mp:
+        mp.setenv(FAIL_AT_EPOCH_ENV, "2")
+        interrupted = run_training(_config(ingested, "epochs=3", "seed=2", "max_failures=0"))
     (failed,) = interrupted.values()
     assert not failed.ok and failed.error
     (result,) = run_training(_config(ingested, "epochs=3", "seed=2")).values()
@@ -164,22 +168,33 @@ def test_both_families_train_register_and_the_better_one_is_promoted(ingested):
         np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_config_products_validation_and_run_name():
+def test_config_products_validation_and_run_name(monkeypatch):
     cfg = _config("/tmp/store")
     assert cfg.products == ["brick"]
     assert load_config(TrainConfig, "tiny", [], explicit={"store": "s", "dataset": "d"}).products == "all"
-    same = dataclasses.replace(cfg, products=["grass"], inject_failure_at_epoch=2, max_failures=0, promote="always")
+    same = dataclasses.replace(cfg, products=["grass"], max_failures=0, promote="always")
     assert same.run_id("sha256:x") == cfg.run_id("sha256:x")  # re-running the same command resumes
     assert dataclasses.replace(cfg, epochs=5).run_id("sha256:x") != cfg.run_id("sha256:x")
     assert cfg.run_id("sha256:y") != cfg.run_id("sha256:x")  # new data, new run
     assert dataclasses.replace(cfg, run_name="mine").run_id("sha256:x") == "mine"
     for override, field_name in (
         ("batch_size=1", "batch_size"),
-        ("inject_failure_at_epoch=1", "inject_failure_at_epoch"),
         ("shuffle_buffer_size=-1", "shuffle_buffer_size"),
     ):
         with pytest.raises(ConfigError, match=field_name):
             _config("/tmp/store", override)
+    # The failure injection is a test hook, not a config field: the old key is unknown like any other.
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\).*inject_failure_at_epoch"):
+        _config("/tmp/store", "inject_failure_at_epoch=2")
+    assert injected_failure_epoch(3) is None
+    for value, ok in (("2", True), ("3", True), ("1", False), ("4", False), ("two", False), ("-2", False)):
+        monkeypatch.setenv(FAIL_AT_EPOCH_ENV, value)
+        if ok:
+            assert injected_failure_epoch(3) == int(value)
+        else:
+            with pytest.raises(ConfigError, match=rf"{FAIL_AT_EPOCH_ENV}: expected an epoch 2\.\.epochs \(3\), got"):
+                injected_failure_epoch(3)
+    monkeypatch.delenv(FAIL_AT_EPOCH_ENV)
     with pytest.raises(ValueError, match="expected 1-64"):
         _config("/tmp/store", "products=[../x]")
     with pytest.raises(ConfigError, match=r"image_size=64 but .* ingested with 128"):
@@ -275,8 +290,8 @@ def test_checkpoint_round_trip_restores_weights_adam_and_state(tiny_model):
     total.backward()
     optimizer.step()
     state = {"epoch": 3, "history": [{"epoch": 3, "loss": 0.5}]}
-    files = _checkpoint_files(tiny_model, optimizer, fit_calibration(np.array([0.1, 0.2, 0.3])), state)
-    model, restored, optimizer_state = _load_checkpoint(files, torch.device("cpu"))
+    files = state_files(tiny_model, optimizer, fit_calibration(np.array([0.1, 0.2, 0.3])), state)
+    model, restored, optimizer_state = load_state(files, torch.device("cpu"))
     assert restored == state and model.training
     for (name, a), b in zip(tiny_model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name

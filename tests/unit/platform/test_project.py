@@ -109,10 +109,17 @@ def test_load_config_precedence_and_unknown_keys(tmp_path):
 
 
 def test_products_flag_parsing():
-    from tsdn_platform.cli import parse_products
+    from tsdn.config_io import ConfigError
+    from tsdn_platform.names import parse_products
 
     assert parse_products(None) is None and parse_products("") is None and parse_products("all") is None
     assert parse_products("brick, grass,") == ["brick", "grass"]
+    # The one reader of every products setting: lists as YAML gives them, the same meaning of "all".
+    assert parse_products([]) is None and parse_products(["all"]) is None and parse_products([" all "]) is None
+    assert parse_products(["brick", " grass"]) == ["brick", "grass"]
+    for bad in ("brick,../x", ["ok", "a b"], [3]):
+        with pytest.raises(ConfigError, match="product"):
+            parse_products(bad)
 
 
 @pytest.mark.slow
@@ -140,3 +147,28 @@ def test_the_registry_names_the_checkpoint_files_as_tsdn_writes_them():
     from tsdn_platform import registry
 
     assert registry.MODEL_FILES == (MODEL_WEIGHTS, MODEL_JSON) and registry.MODEL_JSON == MODEL_JSON
+
+
+def test_every_config_names_class_field_expectation_and_value():
+    """``config_io.check`` is the one idiom: ``<Config>.<field>: expected <what>, got <value>``."""
+    from tsdn.config import TSDNConfig
+    from tsdn.config_io import ConfigError
+    from tsdn.patchcore import PatchCoreConfig
+    from tsdn_platform.ingest import IngestConfig
+    from tsdn_platform.serve_config import ServeConfig
+    from tsdn_platform.train_config import TrainConfig
+
+    cases = (
+        (lambda: TSDNConfig(ssim_window=8), "TSDNConfig.ssim_window: expected odd, >= 3, got 8"),
+        (lambda: PatchCoreConfig(pool=2), "PatchCoreConfig.pool: expected odd, >= 1, got 2"),
+        (lambda: TrainConfig(store="s", dataset="d", epochs=0), "TrainConfig.epochs: expected >= 1, got 0"),
+        (lambda: ServeConfig(store="s", port=70000), "ServeConfig.port: expected <= 65535, got 70000"),
+        (
+            lambda: IngestConfig(source="a", store="b", dataset="c", image_size=8),
+            "IngestConfig.image_size: expected >= 16, got 8",
+        ),
+    )
+    for build, message in cases:
+        with pytest.raises(ConfigError) as caught:
+            build()
+        assert str(caught.value) == message

@@ -1,0 +1,183 @@
+"""Validation and test evaluation of a model being trained (rank 0 of the Train workers, and PatchCore's fit).
+
+:func:`validate_holdout` is the leak-free validation on held-out ``train/good`` images with synthetic defects
+(checkpoint selection, calibration and promotion come from it); :func:`validate_test` the paper's protocol on the
+labelled test split; :func:`final_evaluation` scores the best kept checkpoint on the test split with the serving
+predictor after the last epoch. The batching helpers turn shard batches into the model's input.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from tsdn.checkpoint import MODEL_JSON, MODEL_WEIGHTS
+from tsdn_platform import train_checkpoints
+from tsdn_platform.train_config import TrainConfig
+
+__all__ = [
+    "as_images",
+    "collect_test",
+    "final_evaluation",
+    "metric_or_low",
+    "predict_arrays",
+    "shard_batches",
+    "validate_holdout",
+    "validate_test",
+]
+
+
+def as_images(images: Any) -> torch.Tensor:
+    """Shard images -> (B, 3, S, S) float32 in [0, 1] (uint8 shards are scaled)."""
+    tensor = torch.as_tensor(images)
+    if tensor.dtype == torch.uint8:
+        return tensor.float().div_(255.0)
+    return tensor.float()
+
+
+def shard_batches(shard: Any, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Numpy batches of a (non-split) validation/test shard; every row is kept."""
+    yield from shard.iter_batches(batch_size=batch_size, batch_format="numpy")
+
+
+def predict_arrays(predictor: Any, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``predictor.predict_tensor`` -> scores (B,) and maps (B, S, S) as numpy float32."""
+    pred = predictor.predict_tensor(images)
+    return pred.anomaly_score.numpy(), pred.anomaly_map[:, 0].numpy()
+
+
+def validate_holdout(
+    predictor: Any, batches: Iterable[Mapping[str, np.ndarray]], seed: int
+) -> tuple[dict[str, float], np.ndarray]:
+    """Leak-free validation: held-out normal images, clean and with one synthetic defect each.
+
+    The defects are :func:`tsdn.defects.validation_set`'s (drawn scratches, stains, holes, cracks, colour spots
+    and cut-paste patches), not SURF's training distortion, so the metric measures whether the model finds
+    defects it never trained on; no test image is involved. Before scoring, the model's ``score_scales`` are
+    fitted on the clean copies (the ``fused`` source reads them).
+
+    Args:
+        predictor: a :class:`tsdn.predict.Predictor` around the model being validated.
+        batches: numpy batches of the held-out shard (``image`` (B, 3, S, S) uint8 or float).
+        seed: the validation draws (the same set at every validation and for every version).
+
+    Returns:
+        ``({"val_image_auroc", "val_pixel_auroc"}, clean image scores (N,))``; the clean scores calibrate.
+    """
+    from tsdn.defects import validation_set
+    from tsdn.metrics import image_auroc, pixel_auroc
+
+    clean = [_as_uint8_hwc(batch["image"]) for batch in batches]
+    if not clean:
+        msg = "validation: the held-out split is empty; ingest more train images or change holdout_folds"
+        raise ValueError(msg)
+    normal = np.concatenate(clean)
+    val = validation_set(normal, seed=seed)
+    images = torch.from_numpy(val.images).permute(0, 3, 1, 2).float().div_(255.0)
+    predictor.model.fit_score_scales(list(images[: len(normal)].split(predictor.batch_size)))
+    pred = predictor.predict_tensor(images)
+    scores, maps = pred.anomaly_score.numpy(), pred.anomaly_map[:, 0].numpy()
+    metrics = {
+        "val_image_auroc": image_auroc(val.labels, scores),
+        "val_pixel_auroc": pixel_auroc(val.masks, maps),
+    }
+    return metrics, scores[val.labels == 0]
+
+
+def _as_uint8_hwc(images: Any) -> np.ndarray:
+    """Shard images (B, 3, S, S) uint8 or float in [0, 1] -> (B, S, S, 3) uint8."""
+    array = np.asarray(images)
+    if array.dtype != np.uint8:
+        array = np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return np.ascontiguousarray(array.transpose(0, 2, 3, 1))
+
+
+def collect_test(
+    predict: Any, batches: Iterable[Mapping[str, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Run ``predict(images) -> (scores, maps)`` over the test split; returns labels, scores, masks, maps, ids."""
+    labels, scores, masks, maps, ids = [], [], [], [], []
+    for batch in batches:
+        batch_scores, batch_maps = predict(as_images(batch["image"]))
+        scores.append(batch_scores)
+        maps.append(batch_maps)
+        labels.append(np.asarray(batch["label"]).astype(np.int64))
+        masks.append((np.asarray(batch["mask"]).reshape(batch_maps.shape) > 0).astype(np.uint8))
+        ids.extend(str(i) for i in batch["image_id"])
+    if not scores:
+        msg = "test split is empty"
+        raise ValueError(msg)
+    return np.concatenate(labels), np.concatenate(scores), np.concatenate(masks), np.concatenate(maps), ids
+
+
+def validate_test(
+    predictor: Any, batches: Iterable[Mapping[str, np.ndarray]]
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """The paper's protocol: validate on the labelled test split. Returns metrics, scores (N,), labels (N,).
+
+    The model's ``score_scales`` are fitted on the test split's normal images first (this protocol reads the
+    test labels anyway).
+    """
+    from tsdn.metrics import image_auroc, pixel_auroc
+
+    rows = list(batches)
+    normal = [as_images(b["image"])[np.asarray(b["label"]) == 0] for b in rows]
+    normal = [n for n in normal if len(n)]
+    if normal:
+        predictor.model.fit_score_scales(normal)
+    labels, scores, masks, maps, _ = collect_test(lambda x: predict_arrays(predictor, x), rows)
+    metrics = {"val_image_auroc": image_auroc(labels, scores), "val_pixel_auroc": pixel_auroc(masks, maps)}
+    return metrics, scores, labels
+
+
+def _clean_number(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def final_evaluation(
+    cfg: TrainConfig, product: str, run_uri: str, start_epoch: int, history: list[dict[str, Any]], predictor_cls: Any
+) -> dict[str, Any]:
+    """Rank 0, after training: the best kept checkpoint, evaluated on the test split with the serving predictor."""
+    import ray.train
+    import ray.train.torch
+
+    from tsdn.metrics import evaluate
+
+    reported = ray.train.get_all_reported_checkpoints()
+    if not reported:
+        msg = f"{product}: no checkpoint was reported"
+        raise RuntimeError(msg)
+    best = max(reported, key=lambda r: (metric_or_low(r.metrics, cfg.checkpoint_metric), r.metrics["epoch"]))
+    files = train_checkpoints.read_reported(run_uri, best.checkpoint, (MODEL_WEIGHTS, MODEL_JSON))
+    predictor = predictor_cls.from_files(files, device=ray.train.torch.get_device(), batch_size=cfg.eval_batch_size)
+
+    test_shard = ray.train.get_dataset_shard("test")
+    labels, scores, masks, maps, ids = collect_test(
+        lambda x: predict_arrays(predictor, x), shard_batches(test_shard, cfg.eval_batch_size)
+    )
+    # Maps at the score job's precision (its Parquet stores float16): one metric, one value in both jobs.
+    test = evaluate(labels, scores, masks, maps.astype(np.float16).astype(np.float32))
+    return {
+        "checkpoint_dir": os.path.basename(best.checkpoint.path.rstrip("/")),
+        "best_epoch": int(best.metrics["epoch"]),
+        "val": {k: _clean_number(v) for k, v in best.metrics.items() if k.startswith("val_")},
+        "test": {k: _clean_number(float(v)) for k, v in test.items()},
+        "history": history,
+        "resumed_from_epoch": start_epoch,
+        "test_scores": dict(zip(ids, scores.tolist())),
+    }
+
+
+def metric_or_low(metrics: Mapping[str, Any], name: str) -> float:
+    """``metrics[name]`` as a float, or -inf when it is missing or not finite (it then ranks last)."""
+    value = metrics.get(name)
+    if value is None or not isinstance(value, int | float) or not math.isfinite(float(value)):
+        return -math.inf
+    return float(value)
