@@ -1,6 +1,6 @@
 """Training-recipe experiments on a real MVTec-style product line, in one process (no Ray), on the shipped code.
 
-What the Ray Train job does per product line, minus Ray: the same preprocessing (``tsdn.predict.resize_rgb``,
+What the Ray Train job does per product line, minus Ray: the same preprocessing (``tsdn.resize.to_network_input``,
 ``tsdn.surf.slic_labels``), the same training step (``tsdn.training.train_step``), the same synthetic-defect
 validation (``tsdn.defects.validation_set``) and the same metrics. Every ``--eval-every`` epochs it prints one
 line per score source with the leak-free validation metrics beside the test metrics, so that a run shows both
@@ -33,7 +33,7 @@ from tsdn.defects import validation_set
 from tsdn.losses import TSDNLoss
 from tsdn.metrics import evaluate
 from tsdn.model import TSDN
-from tsdn.predict import resize_rgb
+from tsdn.resize import to_network_input
 from tsdn.scoring import image_score
 from tsdn.surf import slic_labels
 from tsdn.training import build_optimizer, set_epoch_lr, train_step
@@ -47,6 +47,11 @@ HOLDOUT_EVERY = 8  # every 8th train/good image (sorted by name) is held out for
 def _read_rgb(path: Path) -> np.ndarray:
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
+
+
+def resize_rgb(rgb: np.ndarray, size: int) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, S, S) float32 tensor: the network input every runtime's Predictor feeds."""
+    return torch.from_numpy(to_network_input(np.ascontiguousarray(rgb, dtype=np.uint8), size))
 
 
 def load_product(root: Path, product: str, size: int, n_segments: int, compactness: float, cache: Path) -> dict:

@@ -13,7 +13,7 @@ import re
 import numpy as np
 from PIL import Image
 
-__all__ = ["FORMATS", "ImageDecodeError", "colorize", "decode_image", "encode_png", "resize_mask", "to_rgb"]
+__all__ = ["FORMATS", "ImageDecodeError", "colorize", "decode_image", "encode_png", "to_rgb"]
 
 FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 # Pillow reports multi-picture JPEGs (phone and camera files) as MPO; they decode as their first JPEG frame.
@@ -244,23 +244,3 @@ def encode_png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels, mode="L" if pixels.ndim == 2 else "RGB").save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """(H, W) ground-truth mask (any dtype; nonzero = defect) -> (h, w) uint8 in {0, 1}, nearest neighbour.
-
-    The project's one mask resampling: the training job's test metrics (masks of the ingested shards) and the
-    score job's metrics both go through it. Source pixel of output pixel ``i`` is ``floor(i * H / h)``, the
-    rule of ``torch.nn.functional.interpolate(mode="nearest")``, computed here in numpy so an edge box needs
-    no torch.
-    """
-    if mask.ndim != 2 or mask.size == 0:
-        msg = f"resize_mask: expected a non-empty (H, W) mask, got shape {mask.shape}"
-        raise ValueError(msg)
-    binary = (np.asarray(mask) > 0).astype(np.uint8)
-    height, width = shape
-    if (height, width) == binary.shape:
-        return binary
-    rows = np.minimum(np.floor(np.arange(height) * np.float32(binary.shape[0] / height)), binary.shape[0] - 1)
-    cols = np.minimum(np.floor(np.arange(width) * np.float32(binary.shape[1] / width)), binary.shape[1] - 1)
-    return binary[rows.astype(np.int64)[:, None], cols.astype(np.int64)[None, :]]

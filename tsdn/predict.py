@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from tsdn.calibration import Calibration
 from tsdn.image import to_rgb
-from tsdn.resize import resize_antialiased, resize_bilinear, to_network_input
+from tsdn.resize import resize_map, to_network_input
 from tsdn.runtime import ModelRunner, TorchRunner, load_exported
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from tsdn.model import TSDN, TSDNPrediction
     from tsdn.patchcore import PatchCore, PatchCorePrediction
 
-__all__ = ["Detection", "ImageInput", "Predictor", "resize_rgb"]
+__all__ = ["Detection", "ImageInput", "Predictor"]
 
 ImageInput = Image.Image | np.ndarray
 
@@ -166,7 +166,7 @@ class Predictor:
                         normalized_score=float(self.calibration.normalize(score, limit)),
                         is_anomalous=score >= limit,
                         threshold=limit,
-                        anomaly_map=_resize_map(anomaly_map[0], map_size or size),
+                        anomaly_map=resize_map(anomaly_map[0], map_size or size),
                     )
                 )
         return detections
@@ -180,23 +180,3 @@ class Predictor:
         if not arrays:
             return np.empty((0, 3, self.image_size, self.image_size), np.float32), sizes
         return np.stack(arrays), sizes
-
-
-def _resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(S, S) -> (h, w) float32: bilinear, antialiased when shrinking; the same values when the size matches."""
-    if tuple(anomaly_map.shape) == tuple(size):
-        return np.asarray(anomaly_map, dtype=np.float32)
-    if size[0] < anomaly_map.shape[0] or size[1] < anomaly_map.shape[1]:
-        return resize_antialiased(anomaly_map, size)
-    return resize_bilinear(anomaly_map, size)
-
-
-def resize_rgb(rgb: np.ndarray, size: int) -> Any:
-    """(H, W, 3) uint8 -> (3, S, S) torch float32 in [0, 1]: :func:`tsdn.resize.to_network_input` as a tensor.
-
-    For torch callers (ingest's training shards, the benchmarks): the same pixels every runtime's Predictor
-    feeds its model.
-    """
-    import torch
-
-    return torch.from_numpy(to_network_input(np.ascontiguousarray(rgb, dtype=np.uint8), size))

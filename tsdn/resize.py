@@ -1,4 +1,5 @@
-"""The project's resizes, in numpy and Pillow: images to the network input, anomaly maps back to the image.
+"""The project's resizes, in numpy and Pillow: images to the network input, anomaly maps back to the image,
+ground-truth masks to a map's grid.
 
 Every path that feeds a model or reads a map resizes here (ingest's training shards, :class:`tsdn.predict.Predictor`
 under every runtime, the score job's stored maps), so a model sees in production the pixels it was trained on
@@ -17,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-__all__ = ["resize_antialiased", "resize_bilinear", "to_network_input"]
+__all__ = ["resize_antialiased", "resize_bilinear", "resize_map", "resize_mask", "to_network_input"]
 
 
 def resize_antialiased(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -65,3 +66,32 @@ def resize_bilinear(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     x0, x1, wx = _taps(values.shape[1], size[1])
     rows = values[y0] * (1.0 - wy)[:, None] + values[y1] * wy[:, None]
     return rows[:, x0] * (1.0 - wx)[None, :] + rows[:, x1] * wx[None, :]
+
+
+def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(S, S) -> (h, w) float32: bilinear, antialiased when shrinking; the same values when the size matches."""
+    if tuple(anomaly_map.shape) == tuple(size):
+        return np.asarray(anomaly_map, dtype=np.float32)
+    if size[0] < anomaly_map.shape[0] or size[1] < anomaly_map.shape[1]:
+        return resize_antialiased(anomaly_map, size)
+    return resize_bilinear(anomaly_map, size)
+
+
+def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) ground-truth mask (any dtype; nonzero = defect) -> (h, w) uint8 in {0, 1}, nearest neighbour.
+
+    The project's one mask resampling: the training job's test metrics (masks of the ingested shards) and the
+    score job's metrics both go through it. Source pixel of output pixel ``i`` is ``floor(i * H / h)``, the
+    rule of ``torch.nn.functional.interpolate(mode="nearest")``, computed here in numpy so an edge box needs
+    no torch.
+    """
+    if mask.ndim != 2 or mask.size == 0:
+        msg = f"resize_mask: expected a non-empty (H, W) mask, got shape {mask.shape}"
+        raise ValueError(msg)
+    binary = (np.asarray(mask) > 0).astype(np.uint8)
+    height, width = shape
+    if (height, width) == binary.shape:
+        return binary
+    rows = np.minimum(np.floor(np.arange(height) * np.float32(binary.shape[0] / height)), binary.shape[0] - 1)
+    cols = np.minimum(np.floor(np.arange(width) * np.float32(binary.shape[1] / width)), binary.shape[1] - 1)
+    return binary[rows.astype(np.int64)[:, None], cols.astype(np.int64)[None, :]]

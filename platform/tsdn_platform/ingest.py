@@ -149,8 +149,8 @@ class IngestConfig:
 
 
 def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """(H, W) uint8 0/255 -> (1, S, S) float32 in {0, 1}, by :func:`tsdn.image.resize_mask` (what scoring does)."""
-    from tsdn.image import resize_mask
+    """(H, W) uint8 0/255 -> (1, S, S) float32 in {0, 1}, by :func:`tsdn.resize.resize_mask` (what scoring does)."""
+    from tsdn.resize import resize_mask
 
     return resize_mask(mask, (size, size))[None].astype(np.float32)
 

@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from tsdn.image import colorize, decode_image, to_rgb
+from tsdn.resize import resize_map, resize_mask
 from tsdn_platform import store
 from tsdn_platform.report_stats import OUTCOMES, UNLABELLED, Confusion, ProductStats, outcome, product_stats
 from tsdn_platform.score_rows import (
@@ -74,8 +75,7 @@ _ROW_COLUMNS = tuple(name for name in SCHEMA.names if name not in MAP_COLUMNS)
 def overlay_heatmap(image: np.ndarray, score_map: np.ndarray, vmax: float, alpha: float = 0.5) -> np.ndarray:
     """``image``: (H, W, 3) uint8; ``score_map``: (h, w) float, resized to (H, W) -> (H, W, 3) uint8 blend."""
     height, width = image.shape[:2]
-    resized = Image.fromarray(np.asarray(score_map, np.float32), mode="F").resize((width, height), Image.BILINEAR)
-    colours = colorize(np.asarray(resized), vmax).astype(np.float32)
+    colours = colorize(resize_map(np.asarray(score_map, np.float32), (height, width)), vmax).astype(np.float32)
     return np.rint((1.0 - alpha) * image.astype(np.float32) + alpha * colours).astype(np.uint8)
 
 
@@ -283,7 +283,7 @@ def _draw_outline(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     if mask is None:
         return image
     height, width = image.shape[:2]
-    small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)) > 0
+    small = resize_mask(np.asarray(mask, np.uint8), (height, width)) > 0
     out = image.copy()
     out[mask_outline(small)] = _OUTLINE
     return out

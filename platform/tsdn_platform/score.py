@@ -86,7 +86,8 @@ import ray
 import ray.data
 
 from tsdn.config_io import check, to_dict
-from tsdn.image import decode_image, resize_mask
+from tsdn.image import decode_image
+from tsdn.resize import resize_mask
 from tsdn.runtime import runtime_format, runtime_problem
 from tsdn_platform import shards, store
 from tsdn_platform.config import ConfigError, load_config

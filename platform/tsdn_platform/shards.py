@@ -183,10 +183,10 @@ def committed_rows(uri: str) -> int:
 
 
 def resize_image(rgb: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (3, S, S) float32 in [0, 1], by :func:`tsdn.predict.resize_rgb` (what serving does)."""
-    from tsdn.predict import resize_rgb
+    """(H, W, 3) uint8 -> (3, S, S) float32 in [0, 1], by :func:`tsdn.resize.to_network_input` (what serving does)."""
+    from tsdn.resize import to_network_input
 
-    return resize_rgb(rgb, size).numpy()
+    return to_network_input(np.ascontiguousarray(rgb, dtype=np.uint8), size)
 
 
 def _read_shard(batch: dict[str, np.ndarray], columns: list[str]) -> pa.Table:
@@ -198,7 +198,8 @@ def _read_shard(batch: dict[str, np.ndarray], columns: list[str]) -> pa.Table:
 
 def _decode_rows(batch: dict[str, np.ndarray], image_size: int, image_dtype: str, superpixels: bool):
     """Ray Data UDF: shard rows -> decoded, resized arrays (see :func:`read_split`)."""
-    from tsdn.image import decode_image, resize_mask, to_rgb
+    from tsdn.image import decode_image, to_rgb
+    from tsdn.resize import resize_mask
     from tsdn.surf import decode_labels
 
     n = len(batch["image_id"])

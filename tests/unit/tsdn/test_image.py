@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tsdn.image import ImageDecodeError, colorize, decode_image, encode_png, resize_mask, to_rgb
+from tsdn.image import ImageDecodeError, colorize, decode_image, encode_png, to_rgb
 
 RNG = np.random.default_rng(0)
 
@@ -225,20 +225,6 @@ def test_encode_png_round_trips_gray_and_rgb():
         np.testing.assert_array_equal(np.asarray(image), pixels)
     with pytest.raises(ValueError, match="uint8"):
         encode_png(gray.astype(np.float32))
-
-
-@pytest.mark.parametrize(
-    ("source", "target"), [((900, 900), (128, 128)), ((1408, 512), (64, 64)), ((37, 91), (128, 96))]
-)
-def test_resize_mask_is_torch_nearest_and_binary(source, target):
-    import torch
-
-    mask = (RNG.random(source) > 0.7).astype(np.uint8) * 255
-    want = torch.nn.functional.interpolate(torch.from_numpy(mask > 0).float()[None, None], size=target, mode="nearest")
-    got = resize_mask(mask, target)
-    assert got.dtype == np.uint8 and set(np.unique(got)) <= {0, 1}
-    np.testing.assert_array_equal(got, want[0, 0].numpy().astype(np.uint8))
-    np.testing.assert_array_equal(resize_mask(mask, source), mask > 0)
 
 
 def test_decode_errors_carry_no_object_reprs():

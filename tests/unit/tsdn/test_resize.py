@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tsdn.predict import resize_rgb
-from tsdn.resize import resize_antialiased, resize_bilinear, to_network_input
+from tsdn.resize import resize_antialiased, resize_bilinear, resize_map, resize_mask, to_network_input
 
 IMAGE_SHAPES = [(37, 53), (300, 211), (128, 128), (900, 700), (64, 64), (20, 500)]
 MAP_SHAPES = [(37, 53), (129, 31), (300, 200), (64, 64), (16, 24), (200, 40)]
@@ -25,7 +24,6 @@ def test_network_input_equals_torch_antialiased_bilinear(shape, side):
     got = to_network_input(rgb, side)
     assert got.shape == (3, side, side) and got.dtype == np.float32
     assert np.abs(got - want.clamp(0, 1).numpy()).max() <= 5e-7  # a few float32 ulps
-    assert torch.equal(resize_rgb(rgb, side), torch.from_numpy(got))
 
 
 @pytest.mark.parametrize("shape", MAP_SHAPES)
@@ -42,3 +40,24 @@ def test_same_size_is_the_identity_and_bad_shapes_are_refused():
         resize_bilinear(plane[None], (8, 8))
     with pytest.raises(ValueError, match="uint8"):
         to_network_input(plane, 32)
+
+
+@pytest.mark.parametrize(
+    ("source", "target"), [((900, 900), (128, 128)), ((1408, 512), (64, 64)), ((37, 91), (128, 96))]
+)
+def test_resize_mask_is_torch_nearest_and_binary(source, target):
+    mask = (np.random.default_rng(3).random(source) > 0.7).astype(np.uint8) * 255
+    want = F.interpolate(torch.from_numpy(mask > 0).float()[None, None], size=target, mode="nearest")
+    got = resize_mask(mask, target)
+    assert got.dtype == np.uint8 and set(np.unique(got)) <= {0, 1}
+    np.testing.assert_array_equal(got, want[0, 0].numpy().astype(np.uint8))
+    np.testing.assert_array_equal(resize_mask(mask, source), mask > 0)
+
+
+def test_resize_map_shrinks_antialiased_and_grows_bilinear():
+    plane = np.random.default_rng(4).random((64, 64)).astype(np.float32)
+    np.testing.assert_array_equal(resize_map(plane, (64, 64)), plane)
+    np.testing.assert_array_equal(resize_map(plane, (32, 48)), resize_antialiased(plane, (32, 48)))
+    np.testing.assert_array_equal(resize_map(plane, (128, 96)), resize_bilinear(plane, (128, 96)))
+    # one side shrinking is enough to need the antialiased filter
+    np.testing.assert_array_equal(resize_map(plane, (32, 128)), resize_antialiased(plane, (32, 128)))
