@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BUCKET, Weed, aws_env, start_weed
+from _seaweed import BUCKET, Weed, aws_env, pointed_at, start_weed
 
 from tsdn.checkpoint import checkpoint_files
 from tsdn.config import TSDNConfig
@@ -53,11 +53,7 @@ def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Weed]:
     """A private server (other tests keep theirs), with this process's store pointed at it for the module."""
     server = start_weed(tmp_path_factory.mktemp("seaweedfs-faults"))
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN", "RAY_ADDRESS"):
-                mp.delenv(name, raising=False)
-            for name, value in aws_env(server.endpoint).items():
-                mp.setenv(name, value)
+        with pointed_at(server.endpoint, unset=("RAY_ADDRESS",)):
             yield server
     finally:
         server.stop()
