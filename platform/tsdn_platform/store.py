@@ -721,10 +721,11 @@ def write_if(uri: str, data: bytes, expected: Versioned, content_type: str = "ap
       is broken; waiting longer than that for a held one is a conflict.
     * Any other filesystem: plain atomic replace, with the same warning as an S3 server without conditions.
     """
-    fs, path = resolve(uri)
     if is_s3(uri):
         _write_if_s3(uri, data, expected.tag, content_type)
-    elif isinstance(fs, pafs.LocalFileSystem):
+        return
+    fs, path = resolve(uri)  # after the S3 branch: boto3 writes there, no pyarrow filesystem is needed
+    if isinstance(fs, pafs.LocalFileSystem):
         _write_if_local(uri, path, data, expected.tag)
     else:
         logger.warning("%s: no compare-and-swap on this filesystem; racing writers: last writer wins", uri)
