@@ -54,6 +54,11 @@ class TSDNConfig:
             images (``TSDN.score_scales``, fitted with the calibration) so neither swamps the other.
         score_topk: image score = the mean of the top ``score_topk`` fraction of the map's pixels;
             0 = the map's maximum (the paper).
+        score_normalization: ``none`` (the paper) or ``pixel``: every position of the map is standardised,
+            ``(map - mean) / std``, by the mean and standard deviation of the map at that position over the
+            normal training images (:meth:`tsdn.model.TSDN.fit_normal_stats`, after training; buffers saved
+            with the weights), so that a position every normal image lights up (an edge the decoder never
+            reconstructs sharply) no longer outscores a defect elsewhere. The std is blurred like the map.
 
     Training recipe (read by :mod:`tsdn.training`; the defaults are the paper's):
         encoder_lr_scale: the encoder's learning rate is ``lr * encoder_lr_scale``; 0 freezes it
@@ -93,6 +98,7 @@ class TSDNConfig:
     fne: bool = True
     score_source: ScoreSource = "reconstruction"
     score_topk: float = 0.0
+    score_normalization: Literal["none", "pixel"] = "none"
     encoder_lr_scale: float = 1.0
     lr_schedule: Literal["constant", "cosine"] = "constant"
     mask_loss: Literal["l2", "bce", "focal"] = "l2"
@@ -121,6 +127,7 @@ class TSDNConfig:
         needs_mask = self.score_source in ("mask", "fused")
         check(self, self.dcd_a or not needs_mask, "score_source", "a source without M' when dcd_a is False")
         check(self, 0 <= self.score_topk < 1, "score_topk", "in [0, 1) (0 = the maximum)")
+        check(self, self.score_normalization in ("none", "pixel"), "score_normalization", "none | pixel")
         check(self, self.encoder_lr_scale >= 0, "encoder_lr_scale", ">= 0 (0 = frozen)")
         check(self, self.lr_schedule in ("constant", "cosine"), "lr_schedule", "constant | cosine")
         check(self, self.mask_loss in ("l2", "bce", "focal"), "mask_loss", "l2 | bce | focal")

@@ -225,6 +225,8 @@ def _meta(
         "family": model.FAMILY,
         "score_source": cfg.score_source if isinstance(model, TSDN) else "patch_distance",
         "score_topk": cfg.score_topk,
+        # per-position statistics are constants of the exported graph
+        "score_normalization": getattr(cfg, "score_normalization", "none"),
         "backbone": cfg.backbone,
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32", "range": [0.0, 1.0]},
         "outputs": {

@@ -6,6 +6,7 @@ variants of Tables 3 and 4 inside this one module.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -78,6 +79,10 @@ class TSDN(nn.Module):
     ``score_scales`` (buffer, saved with the weights): the typical image score of the reconstruction and
     of the mask map on held-out normal images (:meth:`fit_score_scales`), which the ``fused`` source
     divides each map by; ones until fitted.
+
+    With ``score_normalization: pixel``, ``normal_mean`` and ``normal_std`` ((1, 1, S, S) buffers) and
+    ``normal_count`` (the number of images they came from) standardise the score source's map per position;
+    :meth:`fit_normal_stats` sets them from normal training images, and :meth:`predict` refuses to run before.
     """
 
     FAMILY = "tsdn"
@@ -103,6 +108,13 @@ class TSDN(nn.Module):
             len(reductions) - 1
         ]
         self.register_buffer("score_scales", torch.ones(2))
+        self._normal_stats_ready = cfg.score_normalization == "none"
+        if cfg.score_normalization == "pixel":
+            side = cfg.image_size
+            self.register_buffer("normal_mean", torch.zeros(1, 1, side, side))
+            self.register_buffer("normal_std", torch.ones(1, 1, side, side))
+            self.register_buffer("normal_count", torch.zeros((), dtype=torch.int64))
+            self.register_load_state_dict_post_hook(_after_load)
         if self.frozen_encoder:
             self.encoder.requires_grad_(False)
 
@@ -132,7 +144,7 @@ class TSDN(nn.Module):
             image: (B, 3, H, W) float in [0, 1].
         """
         maps, reconstruction = self._source_maps(image, self.cfg.score_source)
-        anomaly_map = maps[self.cfg.score_source]
+        anomaly_map = self._normalize(maps[self.cfg.score_source])
         return TSDNPrediction(anomaly_map, image_score(anomaly_map, self.cfg.score_topk), reconstruction)
 
     def component_maps(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -162,6 +174,76 @@ class TSDN(nn.Module):
         scales = [torch.cat(maxima[name]).float().mean() if maxima[name] else torch.ones(()) for name in maxima]
         self.score_scales.copy_(torch.stack(scales).clamp_min(1e-6).to(self.score_scales))
         return self.score_scales.clone()
+
+    @torch.no_grad()
+    def normal_stat_sums(self, images: Iterable[torch.Tensor]) -> torch.Tensor:
+        """Sums for :meth:`set_normal_stats` over normal images: a (1 + 2 * S * S,) float64 tensor holding the
+        image count, then the per-position sum and sum of squares of the score source's raw map at S x S.
+
+        Sums, so that data-parallel workers can add theirs (an all-reduce) before one :meth:`set_normal_stats`.
+
+        Args:
+            images: (B, 3, S, S) batches in [0, 1] of normal images (eval mode, on the model's device).
+        """
+        if self.training:
+            msg = "normal_stat_sums: call in eval mode (model.eval()), as for scoring"
+            raise RuntimeError(msg)
+        side = self.cfg.image_size
+        sums = torch.zeros(1 + 2 * side * side, dtype=torch.float64, device=self.score_scales.device)
+        for batch in images:
+            values = self._source_maps(batch, self.cfg.score_source)[0][self.cfg.score_source]
+            if values.shape[-2:] != (side, side):
+                msg = f"normal_stat_sums: images must be {side}x{side} (image_size), got {tuple(batch.shape[-2:])}"
+                raise ValueError(msg)
+            flat = values.double().flatten(start_dim=1)
+            sums[0] += flat.shape[0]
+            sums[1 : 1 + side * side] += flat.sum(dim=0)
+            sums[1 + side * side :] += flat.pow(2).sum(dim=0)
+        return sums
+
+    @torch.no_grad()
+    def set_normal_stats(self, sums: torch.Tensor) -> int:
+        """Set ``normal_mean``/``normal_std`` from :meth:`normal_stat_sums` (added over workers); returns the count.
+
+        The per-position variance is blurred with ``score_sigma`` (a few hundred images estimate it noisily;
+        the map is blurred alike) and its square root floored at 1 % of its mean, so that a position where
+        every normal map is the same does not divide by zero.
+        """
+        if self.cfg.score_normalization != "pixel":
+            msg = "set_normal_stats: the model's score_normalization is 'none'"
+            raise ValueError(msg)
+        side = self.cfg.image_size
+        count = int(sums[0].item())
+        if count < 2:
+            msg = f"set_normal_stats: per-position statistics need at least 2 normal images, got {count}"
+            raise ValueError(msg)
+        mean = sums[1 : 1 + side * side] / count
+        var = (sums[1 + side * side :] / count - mean.pow(2)).clamp_min(0.0) * (count / (count - 1))
+        var = blur_map(var.view(1, 1, side, side).float(), self.cfg.score_sigma)
+        std = var.sqrt()
+        std = std.clamp_min(0.01 * float(std.mean()) + 1e-12)
+        self.normal_mean.copy_(mean.view(1, 1, side, side).to(self.normal_mean))
+        self.normal_std.copy_(std.to(self.normal_std))
+        self.normal_count.fill_(count)
+        self._normal_stats_ready = True
+        return count
+
+    def fit_normal_stats(self, images: Iterable[torch.Tensor]) -> int:
+        """:meth:`normal_stat_sums` then :meth:`set_normal_stats`, in one process; returns the image count."""
+        return self.set_normal_stats(self.normal_stat_sums(images))
+
+    def _normalize(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        if self.cfg.score_normalization == "none":
+            return anomaly_map
+        if not self._normal_stats_ready:
+            msg = "TSDN: score_normalization is 'pixel' but fit_normal_stats was never called on normal images"
+            raise RuntimeError(msg)
+        mean, std = self.normal_mean, self.normal_std
+        if mean.shape[-2:] != anomaly_map.shape[-2:]:
+            size = tuple(anomaly_map.shape[-2:])
+            mean = F.interpolate(mean, size=size, mode="bilinear", align_corners=False)
+            std = F.interpolate(std, size=size, mode="bilinear", align_corners=False)
+        return (anomaly_map - mean) / std
 
     def _source_maps(self, image: torch.Tensor, source: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Maps for ``source`` (a score source, "scales" = reconstruction + mask, or "all")."""
@@ -226,3 +308,8 @@ class TSDN(nn.Module):
 
     def _check_input(self, image: torch.Tensor) -> None:
         check_input(image, self.stride, "TSDN")
+
+
+def _after_load(module: nn.Module, incompatible_keys: object) -> None:
+    """A loaded state carries fitted per-position statistics when its ``normal_count`` is above 0."""
+    module._normal_stats_ready = int(module.normal_count) > 0

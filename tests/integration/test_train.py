@@ -116,6 +116,29 @@ def test_a_killed_worker_restarts_from_the_checkpoint(ingested, monkeypatch):
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_per_position_statistics_sum_both_ranks_shards(ingested):
+    """``score_normalization: pixel`` on two DDP workers: the statistics cover the whole train split."""
+    from tsdn_platform.shards import read_split
+
+    cfg = _config(ingested, "epochs=1", "seed=3", "model.score_source=feature", "model.score_normalization=pixel")
+    assert cfg.num_workers == 2
+    (result,) = run_training(cfg).values()
+    assert result.ok, result.error
+    folds = read_split(ingested, "demo", PRODUCTS[0], "train", columns=["fold"]).take_all()
+    n_train = sum(1 for row in folds if int(row["fold"]) not in cfg.holdout_folds)
+    registry = Registry(ingested)
+    predictor, _ = registry.load_predictor(PRODUCTS[0], result.version)
+    assert predictor.model.cfg.score_normalization == "pixel"
+    # Both ranks' shards, not rank 0's alone; Ray Train splits the train set equally, dropping the remainder
+    assert int(predictor.model.normal_count) == n_train - n_train % cfg.num_workers > n_train // cfg.num_workers
+    record = store.read_json(store.join(registry.metrics(PRODUCTS[0], result.version)["run_uri"], "metrics.json"))
+    ids, images = _test_images(ingested, PRODUCTS[0])
+    scores = predictor.predict_tensor(images.float() / 255.0).anomaly_score.numpy()
+    np.testing.assert_allclose(scores, [record["test_scores"][i] for i in ids], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_rerunning_an_interrupted_run_resumes_it(ingested, monkeypatch):
     with monkeypatch.context() as mp:
         mp.setenv(FAIL_AT_EPOCH_ENV, "2")

@@ -90,6 +90,17 @@ def test_tsdn_export_reproduces_torch_for_every_score_source(source, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+@pytest.mark.parametrize("source", ["fused", "feature"])
+def test_tsdn_export_carries_the_per_position_normalization(source, fmt):
+    model = _tsdn(source, score_normalization="pixel")
+    side = TINY.image_size
+    model.fit_normal_stats([torch.rand(4, 3, side, side, generator=torch.Generator().manual_seed(1))])
+    files = export_model(model, CALIBRATION, fmt)
+    assert json.loads(files[EXPORT_JSON])["score_normalization"] == "pixel"
+    _assert_parity(model, files, RUNTIME_OF[fmt], _images(5))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_patchcore_export_searches_the_whole_bank(fmt):
     model = _patchcore()
     assert model.bank.shape[0] > 2 * TINY_PATCHCORE.bank_chunk  # the graph's search runs over several blocks

@@ -47,6 +47,7 @@ def test_recipe_defaults_are_the_papers():
         "constant",
     )
     assert (cfg.mask_loss, cfg.mask_warmup_epochs, cfg.surf_fill, cfg.surf_opacity_min) == ("l2", 0, "colour", 1.0)
+    assert cfg.score_normalization == "none"
 
 
 @pytest.mark.parametrize(
@@ -60,6 +61,7 @@ def test_recipe_defaults_are_the_papers():
         ("mask_warmup_epochs", -1),
         ("surf_fill", "paint"),
         ("surf_opacity_min", 1.5),
+        ("score_normalization", "image"),
     ],
 )
 def test_recipe_fields_are_validated(field, value):
@@ -134,6 +136,60 @@ def test_score_scales_travel_with_the_checkpoint_and_old_checkpoints_load():
     legacy, _, _ = load_checkpoint(old)
     assert legacy.cfg.score_source == "reconstruction"
     torch.testing.assert_close(legacy.score_scales, torch.ones(2))
+
+
+def test_pixel_normalization_standardises_each_position_by_the_normal_images():
+    model = _model(score_source="feature", score_normalization="pixel").eval()
+    normal = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    probe = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="fit_normal_stats"):
+            model.predict(probe)  # unfitted statistics would silently score the raw map
+        assert model.fit_normal_stats(normal.split(4)) == 6
+        raw_normal = model.component_maps(normal)["feature"]
+        raw_probe = model.component_maps(probe)["feature"]
+        pred = model.predict(probe)
+    mean = raw_normal.mean(dim=0, keepdim=True)
+    std = blur_map(raw_normal.var(dim=0, keepdim=True), TINY.score_sigma).sqrt()
+    std = std.clamp_min(0.01 * float(std.mean()))
+    torch.testing.assert_close(model.normal_mean, mean)
+    torch.testing.assert_close(model.normal_std, std)
+    torch.testing.assert_close(pred.anomaly_map, (raw_probe - mean) / std)
+    torch.testing.assert_close(pred.anomaly_score, pred.anomaly_map.flatten(1).amax(1))
+    # the normal images' own maps are centred at every position
+    torch.testing.assert_close(((raw_normal - mean) / std).mean(dim=0), torch.zeros(1, 64, 64), atol=1e-5, rtol=0)
+
+
+def test_normal_stat_sums_add_over_workers_like_one_pass():
+    model = _model(score_normalization="pixel").eval()
+    normal = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        halves = model.normal_stat_sums([normal[:2]]) + model.normal_stat_sums([normal[2:4], normal[4:]])
+        whole = model.normal_stat_sums([normal])
+    torch.testing.assert_close(halves, whole)
+    assert int(whole[0]) == 6
+    with pytest.raises(ValueError, match="at least 2 normal images"):
+        model.set_normal_stats(model.normal_stat_sums([normal[:1]]))
+    with pytest.raises(RuntimeError, match="eval mode"):
+        model.train().normal_stat_sums([normal])
+    with pytest.raises(ValueError, match="score_normalization is 'none'"):
+        _model().set_normal_stats(whole)
+
+
+def test_normal_statistics_travel_with_the_checkpoint():
+    model = _model(score_normalization="pixel").eval()
+    with torch.inference_mode():
+        model.fit_normal_stats([torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(6))])
+    loaded, _, meta = load_checkpoint(checkpoint_files(model, fit_calibration(np.array([0.1, 0.2, 0.3]))))
+    assert meta["config"]["score_normalization"] == "pixel" and int(loaded.normal_count) == 4
+    torch.testing.assert_close(loaded.normal_std, model.normal_std)
+    probe = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.predict(probe).anomaly_map, model.predict(probe).anomaly_map)
+    # a checkpoint saved before any fit is refused at prediction, not scored on the raw map
+    unfitted, _, _ = load_checkpoint(checkpoint_files(_model(score_normalization="pixel"), fit_calibration(np.ones(3))))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="fit_normal_stats"):
+        unfitted.predict(probe)
 
 
 def test_top_k_image_score():
