@@ -99,12 +99,18 @@ def _to_tensor(images_u8: np.ndarray) -> torch.Tensor:
 
 @torch.no_grad()
 def source_maps(model: TSDN, images: torch.Tensor, batch_size: int) -> dict[str, np.ndarray]:
-    """Every source's (N, S, S) float32 map."""
+    """Every source's raw (N, S, S) float32 map; with ``score_normalization`` also the model's own map (what
+    ``predict`` returns: the configured source, normalised) as ``<source>/<normalization>``."""
     model.eval()
     parts: dict[str, list[np.ndarray]] = {}
+    normalized = model.cfg.score_normalization != "none"
     for start in range(0, len(images), batch_size):
-        for name, values in model.component_maps(images[start : start + batch_size]).items():
+        batch = images[start : start + batch_size]
+        for name, values in model.component_maps(batch).items():
             parts.setdefault(name, []).append(values[:, 0].float().numpy())
+        if normalized:
+            name = f"{model.cfg.score_source}/{model.cfg.score_normalization}"
+            parts.setdefault(name, []).append(model.predict(batch).anomaly_map[:, 0].float().numpy())
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 
@@ -169,6 +175,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         if epoch % args.eval_every == 0 or last:
             model.eval()
             model.fit_score_scales(_to_tensor(val_clean))
+            if cfg.score_normalization != "none":
+                model.fit_normal_stats(train_images.split(args.eval_batch))  # the training images, as the job does
             val_maps = source_maps(model, val_images, args.eval_batch)
             test_maps = source_maps(model, test_images, args.eval_batch)
             row["val"] = metrics_per_source(val_maps, val.labels, val.masks, cfg.score_topk)
@@ -189,6 +197,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 handle.write(json.dumps(row) + "\n")
         if last:
             break
+    if args.save_model:
+        Path(args.save_model).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"config": dataclasses.asdict(cfg), "state_dict": model.state_dict()}, args.save_model)
     return rows
 
 
@@ -207,6 +218,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default=".tsdn/cache")
     parser.add_argument("--out", default=None, help="JSON-lines file the rows are appended to")
+    parser.add_argument("--save-model", default=None, help="file the last epoch's config and weights are saved to")
     return parser.parse_args(argv)
 
 
