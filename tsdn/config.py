@@ -59,6 +59,7 @@ class TSDNConfig:
             normal training images (:meth:`tsdn.model.TSDN.fit_normal_stats`, after training; buffers saved
             with the weights), so that a position every normal image lights up (an edge the decoder never
             reconstructs sharply) no longer outscores a defect elsewhere. The std is blurred like the map.
+            Not with ``fused`` (validation refits its scales after the statistics are taken).
 
     Training recipe (read by :mod:`tsdn.training`; the defaults are the paper's):
         encoder_lr_scale: the encoder's learning rate is ``lr * encoder_lr_scale``; 0 freezes it
@@ -128,6 +129,9 @@ class TSDNConfig:
         check(self, self.dcd_a or not needs_mask, "score_source", "a source without M' when dcd_a is False")
         check(self, 0 <= self.score_topk < 1, "score_topk", "in [0, 1) (0 = the maximum)")
         check(self, self.score_normalization in ("none", "pixel"), "score_normalization", "none | pixel")
+        # The fused map divides by score_scales, which validation refits after the statistics were taken.
+        fused_pixel = self.score_normalization == "pixel" and self.score_source == "fused"
+        check(self, not fused_pixel, "score_normalization", "'none' with score_source fused (its scales move)")
         check(self, self.encoder_lr_scale >= 0, "encoder_lr_scale", ">= 0 (0 = frozen)")
         check(self, self.lr_schedule in ("constant", "cosine"), "lr_schedule", "constant | cosine")
         check(self, self.mask_loss in ("l2", "bce", "focal"), "mask_loss", "l2 | bce | focal")

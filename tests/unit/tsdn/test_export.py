@@ -90,7 +90,7 @@ def test_tsdn_export_reproduces_torch_for_every_score_source(source, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
-@pytest.mark.parametrize("source", ["fused", "feature"])
+@pytest.mark.parametrize("source", ["reconstruction", "feature"])
 def test_tsdn_export_carries_the_per_position_normalization(source, fmt):
     model = _tsdn(source, score_normalization="pixel")
     side = TINY.image_size

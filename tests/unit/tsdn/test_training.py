@@ -174,6 +174,8 @@ def test_normal_stat_sums_add_over_workers_like_one_pass():
         model.train().normal_stat_sums([normal])
     with pytest.raises(ValueError, match="score_normalization is 'none'"):
         _model().set_normal_stats(whole)
+    with pytest.raises(ValueError, match="score_normalization"):
+        dataclasses.replace(TINY, score_source="fused", score_normalization="pixel")
 
 
 def test_normal_statistics_travel_with_the_checkpoint():
