@@ -106,11 +106,13 @@ def source_maps(model: TSDN, images: torch.Tensor, batch_size: int) -> dict[str,
     normalized = model.cfg.score_normalization != "none"
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
-        for name, values in model.component_maps(batch).items():
+        components = model.component_maps(batch)
+        for name, values in components.items():
             parts.setdefault(name, []).append(values[:, 0].float().numpy())
-        if normalized:
+        if normalized:  # from the same forward pass: predict would run the model again
             name = f"{model.cfg.score_source}/{model.cfg.score_normalization}"
-            parts.setdefault(name, []).append(model.predict(batch).anomaly_map[:, 0].float().numpy())
+            values = model.normalize_map(components[model.cfg.score_source])
+            parts.setdefault(name, []).append(values[:, 0].float().numpy())
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 

@@ -144,7 +144,7 @@ class TSDN(nn.Module):
             image: (B, 3, H, W) float in [0, 1].
         """
         maps, reconstruction = self._source_maps(image, self.cfg.score_source)
-        anomaly_map = self._normalize(maps[self.cfg.score_source])
+        anomaly_map = self.normalize_map(maps[self.cfg.score_source])
         return TSDNPrediction(anomaly_map, image_score(anomaly_map, self.cfg.score_topk), reconstruction)
 
     def component_maps(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -232,7 +232,9 @@ class TSDN(nn.Module):
         """:meth:`normal_stat_sums` then :meth:`set_normal_stats`, in one process; returns the image count."""
         return self.set_normal_stats(self.normal_stat_sums(images))
 
-    def _normalize(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+    def normalize_map(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        """The score source's raw (B, 1, H, W) map (as :meth:`component_maps` gives it) -> the map :meth:`predict`
+        returns: unchanged with ``score_normalization: none``, standardised per position with ``pixel``."""
         if self.cfg.score_normalization == "none":
             return anomaly_map
         if not self._normal_stats_ready:

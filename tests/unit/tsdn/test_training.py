@@ -155,6 +155,7 @@ def test_pixel_normalization_standardises_each_position_by_the_normal_images():
     torch.testing.assert_close(model.normal_mean, mean)
     torch.testing.assert_close(model.normal_std, std)
     torch.testing.assert_close(pred.anomaly_map, (raw_probe - mean) / std)
+    torch.testing.assert_close(model.normalize_map(raw_probe), pred.anomaly_map)
     torch.testing.assert_close(pred.anomaly_score, pred.anomaly_map.flatten(1).amax(1))
     # the normal images' own maps are centred at every position
     torch.testing.assert_close(((raw_normal - mean) / std).mean(dim=0), torch.zeros(1, 64, 64), atol=1e-5, rtol=0)
