@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         if epoch % args.eval_every == 0 or last:
             model.eval()
             model.fit_score_scales(_to_tensor(val_clean))
-            if cfg.score_normalization != "none":
+            if model.normal_fit_steps:
                 model.fit_normal_stats(train_images.split(args.eval_batch))  # the training images, as the job does
             val_maps = source_maps(model, val_images, args.eval_batch)
             test_maps = source_maps(model, test_images, args.eval_batch)

@@ -60,6 +60,14 @@ class TSDNConfig:
             with the weights), so that a position every normal image lights up (an edge the decoder never
             reconstructs sharply) no longer outscores a defect elsewhere. The std is blurred like the map.
             Not with ``fused`` (validation refits its scales after the statistics are taken).
+        feature_distance: how the ``feature`` source compares the encoder features of I and of R per
+            position: ``cosine`` (``1 - cos(f_I, f_R)``) or ``mahalanobis``: the residual ``f_I - f_R`` whitened
+            by its mean and covariance over every position of the normal training images
+            (:meth:`tsdn.model.TSDN.fit_normal_stats`; buffers saved with the weights), ``sqrt(r' P r / C)``, so
+            that residual directions every normal image has (texture the decoder cannot reproduce) count
+            little and unusual ones count much. Only with ``score_source: feature``.
+        feature_shrinkage: with ``mahalanobis``, the covariance is shrunk toward a scaled identity,
+            ``(1 - a) * cov + a * mean(diag(cov)) * I``, so that a few hundred images estimate it stably.
 
     Training recipe (read by :mod:`tsdn.training`; the defaults are the paper's):
         encoder_lr_scale: the encoder's learning rate is ``lr * encoder_lr_scale``; 0 freezes it
@@ -100,6 +108,8 @@ class TSDNConfig:
     score_source: ScoreSource = "reconstruction"
     score_topk: float = 0.0
     score_normalization: Literal["none", "pixel"] = "none"
+    feature_distance: Literal["cosine", "mahalanobis"] = "cosine"
+    feature_shrinkage: float = 0.01
     encoder_lr_scale: float = 1.0
     lr_schedule: Literal["constant", "cosine"] = "constant"
     mask_loss: Literal["l2", "bce", "focal"] = "l2"
@@ -132,6 +142,11 @@ class TSDNConfig:
         # The fused map divides by score_scales, which validation refits after the statistics were taken.
         fused_pixel = self.score_normalization == "pixel" and self.score_source == "fused"
         check(self, not fused_pixel, "score_normalization", "'none' with score_source fused (its scales move)")
+        distances = ("cosine", "mahalanobis")
+        check(self, self.feature_distance in distances, "feature_distance", "cosine | mahalanobis")
+        maha_ok = self.feature_distance == "cosine" or self.score_source == "feature"
+        check(self, maha_ok, "feature_distance", "'cosine' unless score_source is feature (it whitens that map)")
+        check(self, 0 < self.feature_shrinkage <= 1, "feature_shrinkage", "in (0, 1]")
         check(self, self.encoder_lr_scale >= 0, "encoder_lr_scale", ">= 0 (0 = frozen)")
         check(self, self.lr_schedule in ("constant", "cosine"), "lr_schedule", "constant | cosine")
         check(self, self.mask_loss in ("l2", "bce", "focal"), "mask_loss", "l2 | bce | focal")

@@ -227,6 +227,7 @@ def _meta(
         "score_topk": cfg.score_topk,
         # per-position statistics are constants of the exported graph
         "score_normalization": getattr(cfg, "score_normalization", "none"),
+        "feature_distance": getattr(cfg, "feature_distance", "cosine"),
         "backbone": cfg.backbone,
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32", "range": [0.0, 1.0]},
         "outputs": {

@@ -17,7 +17,7 @@ from tsdn.backbone import Opener, check_input, create_encoder, normalization
 from tsdn.config import TSDNConfig
 from tsdn.decoder import Decoder
 from tsdn.fne import FeatureNormalityEstimator, normality_target
-from tsdn.scoring import blur_map, feature_distance_map, image_score, score_map
+from tsdn.scoring import blur_map, feature_distance_map, image_score, score_map, whitened_distance_map
 
 __all__ = ["TSDN", "TSDNOutput", "TSDNPrediction"]
 
@@ -83,6 +83,10 @@ class TSDN(nn.Module):
     With ``score_normalization: pixel``, ``normal_mean`` and ``normal_std`` ((1, 1, S, S) buffers) and
     ``normal_count`` (the number of images they came from) standardise the score source's map per position;
     :meth:`fit_normal_stats` sets them from normal training images, and :meth:`predict` refuses to run before.
+
+    With ``feature_distance: mahalanobis``, ``feature_mean_<k>`` (C_k,) and ``feature_whitening_<k>`` (C_k, C_k)
+    per compared encoder stage k and ``feature_count`` (the number of images) whiten the feature residual
+    ``f_I - f_R``; :meth:`fit_normal_stats` fits them first (the per-position statistics are of the whitened map).
     """
 
     FAMILY = "tsdn"
@@ -109,14 +113,28 @@ class TSDN(nn.Module):
         ]
         self.register_buffer("score_scales", torch.ones(2))
         self._normal_stats_ready = cfg.score_normalization == "none"
+        self._whitening_ready = cfg.feature_distance == "cosine"
         if cfg.score_normalization == "pixel":
             side = cfg.image_size
             self.register_buffer("normal_mean", torch.zeros(1, 1, side, side))
             self.register_buffer("normal_std", torch.ones(1, 1, side, side))
             self.register_buffer("normal_count", torch.zeros((), dtype=torch.int64))
+        if cfg.feature_distance == "mahalanobis":
+            for k, stage in enumerate(self.feature_stages):
+                self.register_buffer(f"feature_mean_{k}", torch.zeros(channels[stage]))
+                self.register_buffer(f"feature_whitening_{k}", torch.eye(channels[stage]))
+            self.register_buffer("feature_count", torch.zeros((), dtype=torch.int64))
+        if self.normal_fit_steps:
             self.register_load_state_dict_post_hook(_after_load)
         if self.frozen_encoder:
             self.encoder.requires_grad_(False)
+
+    @property
+    def normal_fit_steps(self) -> tuple[str, ...]:
+        """What :meth:`fit_normal_stats` fits from normal training images, in order: ``whitening`` (with
+        ``feature_distance: mahalanobis``), then ``pixel`` (with ``score_normalization: pixel``); () for neither."""
+        steps = ("whitening",) if self.cfg.feature_distance == "mahalanobis" else ()
+        return steps + (("pixel",) if self.cfg.score_normalization == "pixel" else ())
 
     @property
     def frozen_encoder(self) -> bool:
@@ -176,18 +194,25 @@ class TSDN(nn.Module):
         return self.score_scales.clone()
 
     @torch.no_grad()
-    def normal_stat_sums(self, images: Iterable[torch.Tensor]) -> torch.Tensor:
-        """Sums for :meth:`set_normal_stats` over normal images: a (1 + 2 * S * S,) float64 tensor holding the
-        image count, then the per-position sum and sum of squares of the score source's raw map at S x S.
+    def normal_stat_sums(self, images: Iterable[torch.Tensor], step: str = "pixel") -> torch.Tensor:
+        """Sums for :meth:`set_normal_stats` over normal images, a float64 vector whose first entry is the image
+        count. ``pixel``: then the per-position sum and sum of squares of the score source's raw map at S x S
+        (``1 + 2 * S * S``). ``whitening``: then per compared stage the sum of the residuals ``f_I - f_R`` over
+        every position (C_k) and of their outer products (C_k * C_k).
 
         Sums, so that data-parallel workers can add theirs (an all-reduce) before one :meth:`set_normal_stats`.
+        Steps are fitted in :attr:`normal_fit_steps` order: ``pixel``'s map reads the fitted whitening.
 
         Args:
             images: (B, 3, S, S) batches in [0, 1] of normal images (eval mode, on the model's device).
+            step: one of :attr:`normal_fit_steps`.
         """
+        self._check_step(step, "normal_stat_sums")
         if self.training:
             msg = "normal_stat_sums: call in eval mode (model.eval()), as for scoring"
             raise RuntimeError(msg)
+        if step == "whitening":
+            return self._whitening_sums(images)
         side = self.cfg.image_size
         sums = torch.zeros(1 + 2 * side * side, dtype=torch.float64, device=self.score_scales.device)
         for batch in images:
@@ -202,21 +227,23 @@ class TSDN(nn.Module):
         return sums
 
     @torch.no_grad()
-    def set_normal_stats(self, sums: torch.Tensor) -> int:
-        """Set ``normal_mean``/``normal_std`` from :meth:`normal_stat_sums` (added over workers); returns the count.
+    def set_normal_stats(self, sums: torch.Tensor, step: str = "pixel") -> int:
+        """Set one step's buffers from :meth:`normal_stat_sums` (added over workers); returns the image count.
 
-        The per-position variance is blurred with ``score_sigma`` (a few hundred images estimate it noisily;
-        the map is blurred alike) and its square root floored at 1 % of its mean, so that a position where
-        every normal map is the same does not divide by zero.
+        ``pixel``: the per-position variance is blurred with ``score_sigma`` (a few hundred images estimate it
+        noisily; the map is blurred alike) and its square root floored at 1 % of its mean, so that a position
+        where every normal map is the same does not divide by zero. ``whitening``: the covariance is shrunk by
+        ``feature_shrinkage`` toward a scaled identity and ``W = diag(1 / sqrt(eigenvalues)) V'``.
         """
-        if self.cfg.score_normalization != "pixel":
-            msg = "set_normal_stats: the model's score_normalization is 'none'"
-            raise ValueError(msg)
-        side = self.cfg.image_size
+        self._check_step(step, "set_normal_stats")
         count = int(sums[0].item())
         if count < 2:
-            msg = f"set_normal_stats: per-position statistics need at least 2 normal images, got {count}"
+            msg = f"set_normal_stats: {step} statistics need at least 2 normal images, got {count}"
             raise ValueError(msg)
+        if step == "whitening":
+            self._set_whitening(sums[1:], count)
+            return count
+        side = self.cfg.image_size
         mean = sums[1 : 1 + side * side] / count
         var = (sums[1 + side * side :] / count - mean.pow(2)).clamp_min(0.0) * (count / (count - 1))
         var = blur_map(var.view(1, 1, side, side).float(), self.cfg.score_sigma)
@@ -229,8 +256,61 @@ class TSDN(nn.Module):
         return count
 
     def fit_normal_stats(self, images: Iterable[torch.Tensor]) -> int:
-        """:meth:`normal_stat_sums` then :meth:`set_normal_stats`, in one process; returns the image count."""
-        return self.set_normal_stats(self.normal_stat_sums(images))
+        """Every step of :attr:`normal_fit_steps` (:meth:`normal_stat_sums` then :meth:`set_normal_stats`) in one
+        process; ``images`` is read once per step. Returns the image count."""
+        if not self.normal_fit_steps:
+            msg = "fit_normal_stats: the model has nothing to fit (feature_distance cosine, score_normalization none)"
+            raise ValueError(msg)
+        batches = list(images)
+        count = 0
+        for step in self.normal_fit_steps:
+            count = self.set_normal_stats(self.normal_stat_sums(batches, step), step)
+        return count
+
+    def _check_step(self, step: str, caller: str) -> None:
+        if step not in self.normal_fit_steps:
+            steps = " | ".join(self.normal_fit_steps) or "none (feature_distance cosine, score_normalization none)"
+            msg = f"{caller}: step {step!r} is not one this model fits: {steps}"
+            raise ValueError(msg)
+
+    def _whitening_sums(self, images: Iterable[torch.Tensor]) -> torch.Tensor:
+        widths = [getattr(self, f"feature_mean_{k}").numel() for k in range(len(self.feature_stages))]
+        device = self.score_scales.device
+        sums = torch.zeros(1 + sum(c + c * c for c in widths), dtype=torch.float64, device=device)
+        for batch in images:
+            residuals = self._feature_residuals(batch)[0]
+            sums[0] += batch.shape[0]
+            offset = 1
+            for residual, c in zip(residuals, widths, strict=True):
+                rows = residual.double().permute(0, 2, 3, 1).reshape(-1, c)
+                sums[offset : offset + c] += rows.sum(dim=0)
+                sums[offset + c : offset + c + c * c] += (rows.T @ rows).flatten()
+                offset += c + c * c
+        return sums
+
+    def _set_whitening(self, sums: torch.Tensor, count: int) -> None:
+        offset = 0
+        shrink = self.cfg.feature_shrinkage
+        for k in range(len(self.feature_stages)):
+            mean_buffer = getattr(self, f"feature_mean_{k}")
+            c = mean_buffer.numel()
+            positions = count * self._stage_positions(k)
+            mean = sums[offset : offset + c] / positions
+            second = sums[offset + c : offset + c + c * c].view(c, c) / positions
+            cov = (second - torch.outer(mean, mean)) * (positions / (positions - 1))
+            cov = (1 - shrink) * cov + shrink * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(c, dtype=cov.dtype)
+            eigenvalues, vectors = torch.linalg.eigh(cov.cpu())
+            whitening = (vectors * eigenvalues.clamp_min(1e-12).rsqrt()).T  # diag(1 / sqrt(l)) V'
+            mean_buffer.copy_(mean.to(mean_buffer))
+            getattr(self, f"feature_whitening_{k}").copy_(whitening.to(mean_buffer))
+            offset += c + c * c
+        self.feature_count.fill_(count)
+        self._whitening_ready = True
+
+    def _stage_positions(self, k: int) -> int:
+        """Positions per image of compared stage k at the configured input size."""
+        reduction = self.encoder.feature_info.reduction()[self.feature_stages[k]]
+        return (self.cfg.image_size // reduction) ** 2
 
     def normalize_map(self, anomaly_map: torch.Tensor) -> torch.Tensor:
         """The score source's raw (B, 1, H, W) map (as :meth:`component_maps` gives it) -> the map :meth:`predict`
@@ -266,9 +346,22 @@ class TSDN(nn.Module):
         if want["feature"]:
             stages = self.feature_stages
             of_recon = self.encoder((out.reconstruction - self.mean) / self.std)  # I's features: `encoded`
-            maps["feature"] = feature_distance_map(
-                [encoded[i] for i in stages], [of_recon[i] for i in stages], tuple(image.shape[-2:]), sigma
-            )
+            size = tuple(image.shape[-2:])
+            if self.cfg.feature_distance == "cosine":
+                maps["feature"] = feature_distance_map(
+                    [encoded[i] for i in stages], [of_recon[i] for i in stages], size, sigma
+                )
+            else:
+                if not self._whitening_ready:
+                    msg = "TSDN: feature_distance is 'mahalanobis' but fit_normal_stats was never called"
+                    raise RuntimeError(msg)
+                maps["feature"] = whitened_distance_map(
+                    [encoded[i] - of_recon[i] for i in stages],
+                    [getattr(self, f"feature_mean_{k}") for k in range(len(stages))],
+                    [getattr(self, f"feature_whitening_{k}") for k in range(len(stages))],
+                    size,
+                    sigma,
+                )
         if source in ("fused", "all") and has_mask:
             scales = self.score_scales.float().view(1, 2, 1, 1)
             # 0.5 * (rec / s_rec + mask / s_mask), written as a sum over a stacked pair (the same float operations):
@@ -277,6 +370,13 @@ class TSDN(nn.Module):
             stacked = torch.cat([maps["reconstruction"], maps["mask"]], dim=1) / scales
             maps["fused"] = 0.5 * stacked.sum(dim=1, keepdim=True)
         return maps, out.reconstruction
+
+    def _feature_residuals(self, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per compared stage ``f_I - f_R`` (B, C_k, h_k, w_k) of ``image``, and R."""
+        encoded = self.encoder((image - self.mean) / self.std)
+        out = self._run(image, with_targets=False, with_mask=False, fne_gate=True, encoded=encoded)
+        of_recon = self.encoder((out.reconstruction - self.mean) / self.std)
+        return [encoded[i] - of_recon[i] for i in self.feature_stages], out.reconstruction
 
     def _run(
         self,
@@ -313,5 +413,8 @@ class TSDN(nn.Module):
 
 
 def _after_load(module: nn.Module, incompatible_keys: object) -> None:
-    """A loaded state carries fitted per-position statistics when its ``normal_count`` is above 0."""
-    module._normal_stats_ready = int(module.normal_count) > 0
+    """A loaded state carries fitted statistics when its ``normal_count`` / ``feature_count`` is above 0."""
+    if hasattr(module, "normal_count"):
+        module._normal_stats_ready = int(module.normal_count) > 0
+    if hasattr(module, "feature_count"):
+        module._whitening_ready = int(module.feature_count) > 0

@@ -25,6 +25,7 @@ __all__ = [
     "gaussian_kernel_size",
     "image_score",
     "score_map",
+    "whitened_distance_map",
 ]
 
 
@@ -88,6 +89,38 @@ def feature_distance_map(
         msg = "feature_distance_map: no feature stage given"
         raise ValueError(msg)
     return blur_map(total / len(image_features), sigma)
+
+
+def whitened_distance_map(
+    residuals: list[torch.Tensor],
+    means: list[torch.Tensor],
+    whitenings: list[torch.Tensor],
+    size: tuple[int, int],
+    sigma: float,
+) -> torch.Tensor:
+    """Mean over stages of the Mahalanobis norm ``sqrt(|W (r - m)|^2 / C)`` per position, upsampled and blurred.
+
+    Args:
+        residuals: per stage, (B, C_s, h_s, w_s) ``f_I - f_R``.
+        means: per stage, (C_s,) the residual's mean over normal images.
+        whitenings: per stage, (C_s, C_s) ``W`` with ``W' W`` = the inverse of the residual's covariance.
+        size: (H, W) of the output map.
+        sigma: blur std in pixels at ``size``.
+
+    Returns:
+        (B, 1, H, W) >= 0; about 1 where a normal image's residual is typical.
+    """
+    total = None
+    for residual, mean, whitening in zip(residuals, means, whitenings, strict=True):
+        centred = residual.float() - mean.view(1, -1, 1, 1)
+        white = torch.nn.functional.conv2d(centred, whitening[:, :, None, None])  # W (r - m) at every position
+        distance = white.pow(2).mean(dim=1, keepdim=True).sqrt()
+        up = torch.nn.functional.interpolate(distance, size=size, mode="bilinear", align_corners=False)
+        total = up if total is None else total + up
+    if total is None:
+        msg = "whitened_distance_map: no feature stage given"
+        raise ValueError(msg)
+    return blur_map(total / len(residuals), sigma)
 
 
 def image_score(anomaly_map: torch.Tensor, topk: float = 0.0) -> torch.Tensor:

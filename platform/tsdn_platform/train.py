@@ -11,11 +11,11 @@ train at once: a trainer whose workers do not fit waits, and Ray Train retries i
 2. Every worker streams its shard with ``iter_torch_batches``, SURF-fills the batch on its own device from
    the precomputed superpixels, and steps Adam on the DDP-wrapped model (``prepare_model``); bf16 autocast
    and channels_last on GPU. Each epoch reports every loss term (mean over all workers) and images/s.
-3. Every ``checkpoint_every`` epochs (with ``score_normalization: pixel``, after every rank has added its train
-   shard's per-position map sums to the model's normal statistics) rank 0 validates, fits the calibration on
-   held-out normal images, and reports a checkpoint (weights + ``model.json`` via :mod:`tsdn.checkpoint`, Adam
-   state, history) to ``<store>/runs/<product>/<run>`` (uploaded through the store, so an outage is waited out for
-   ``store_retry_s``); ``CheckpointConfig`` keeps the best ``keep_checkpoints`` by
+3. Every ``checkpoint_every`` epochs (with ``feature_distance: mahalanobis`` or ``score_normalization: pixel``,
+   after every rank has added its train shard's sums to the model's normal statistics) rank 0 validates, fits
+   the calibration on held-out normal images, and reports a checkpoint (weights + ``model.json`` via
+   :mod:`tsdn.checkpoint`, Adam state, history) to ``<store>/runs/<product>/<run>`` (uploaded through the store,
+   so an outage is waited out for ``store_retry_s``); ``CheckpointConfig`` keeps the best ``keep_checkpoints`` by
    ``checkpoint_metric``. ``FailureConfig(max_failures)`` restarts dead workers from the latest checkpoint.
    The run name is a hash of the config and the dataset manifest, so the same command resumes.
 4. After the last epoch rank 0 evaluates the best checkpoint on the test split (image/pixel AUROC, AUPRO,
@@ -234,15 +234,17 @@ def _train_loop(cfg: TrainConfig, product: str, run_name: str) -> dict[str, Any]
             "epoch_s": elapsed,
         }
         checkpoint_now = epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs
-        if checkpoint_now and cfg.model.score_normalization == "pixel":
-            # Every rank reads its own train shard (a streaming split: all of them iterate together); the
-            # per-position sums are added over the ranks, so rank 0's statistics cover the whole train split.
+        if checkpoint_now and model.normal_fit_steps:
+            # Every rank reads its own train shard once per step (a streaming split: all of them iterate
+            # together); the sums are added over the ranks, so every rank's statistics cover the whole train
+            # split. The whitening comes first: the per-position statistics are of the whitened map.
             model.eval()
-            train_images = (
-                train_eval.as_images(batch["image"])
-                for batch in shard.iter_torch_batches(batch_size=cfg.eval_batch_size, device=device)
-            )
-            model.set_normal_stats(_reduce_sum(model.normal_stat_sums(train_images)))
+            for step in model.normal_fit_steps:
+                train_images = (
+                    train_eval.as_images(batch["image"])
+                    for batch in shard.iter_torch_batches(batch_size=cfg.eval_batch_size, device=device)
+                )
+                model.set_normal_stats(_reduce_sum(model.normal_stat_sums(train_images, step)), step)
         if checkpoint_now and rank == 0:
             predictor = Predictor(model, calibration=None, device=device, batch_size=cfg.eval_batch_size)
             if cfg.validation == "holdout":

@@ -117,10 +117,18 @@ def test_a_killed_worker_restarts_from_the_checkpoint(ingested, monkeypatch):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_per_position_statistics_sum_both_ranks_shards(ingested):
-    """``score_normalization: pixel`` on two DDP workers: the statistics cover the whole train split."""
+    """``feature_distance: mahalanobis`` and ``score_normalization: pixel`` on two DDP workers: both steps'
+    statistics cover the whole train split."""
     from tsdn_platform.shards import read_split
 
-    cfg = _config(ingested, "epochs=1", "seed=3", "model.score_source=feature", "model.score_normalization=pixel")
+    cfg = _config(
+        ingested,
+        "epochs=1",
+        "seed=3",
+        "model.score_source=feature",
+        "model.score_normalization=pixel",
+        "model.feature_distance=mahalanobis",
+    )
     assert cfg.num_workers == 2
     (result,) = run_training(cfg).values()
     assert result.ok, result.error
@@ -129,8 +137,11 @@ def test_per_position_statistics_sum_both_ranks_shards(ingested):
     registry = Registry(ingested)
     predictor, _ = registry.load_predictor(PRODUCTS[0], result.version)
     assert predictor.model.cfg.score_normalization == "pixel"
+    assert predictor.model.cfg.feature_distance == "mahalanobis"
     # Both ranks' shards, not rank 0's alone; Ray Train splits the train set equally, dropping the remainder
-    assert int(predictor.model.normal_count) == n_train - n_train % cfg.num_workers > n_train // cfg.num_workers
+    expected = n_train - n_train % cfg.num_workers
+    assert int(predictor.model.normal_count) == expected > n_train // cfg.num_workers
+    assert int(predictor.model.feature_count) == expected
     record = store.read_json(store.join(registry.metrics(PRODUCTS[0], result.version)["run_uri"], "metrics.json"))
     ids, images = _test_images(ingested, PRODUCTS[0])
     scores = predictor.predict_tensor(images.float() / 255.0).anomaly_score.numpy()

@@ -101,6 +101,18 @@ def test_tsdn_export_carries_the_per_position_normalization(source, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+@pytest.mark.parametrize("normalization", ["none", "pixel"])
+def test_tsdn_export_carries_the_feature_whitening(normalization, fmt):
+    model = _tsdn("feature", feature_distance="mahalanobis", score_normalization=normalization)
+    side = TINY.image_size
+    model.fit_normal_stats([torch.rand(6, 3, side, side, generator=torch.Generator().manual_seed(2))])
+    files = export_model(model, CALIBRATION, fmt)
+    meta = json.loads(files[EXPORT_JSON])
+    assert meta["feature_distance"] == "mahalanobis" and meta["score_normalization"] == normalization
+    _assert_parity(model, files, RUNTIME_OF[fmt], _images(5))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_patchcore_export_searches_the_whole_bank(fmt):
     model = _patchcore()
     assert model.bank.shape[0] > 2 * TINY_PATCHCORE.bank_chunk  # the graph's search runs over several blocks

@@ -8,6 +8,7 @@ import kornia
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tsdn.checkpoint import checkpoint_files, load_checkpoint
 from tsdn.config import TSDNConfig
@@ -173,7 +174,7 @@ def test_normal_stat_sums_add_over_workers_like_one_pass():
         model.set_normal_stats(model.normal_stat_sums([normal[:1]]))
     with pytest.raises(RuntimeError, match="eval mode"):
         model.train().normal_stat_sums([normal])
-    with pytest.raises(ValueError, match="score_normalization is 'none'"):
+    with pytest.raises(ValueError, match="not one this model fits"):
         _model().set_normal_stats(whole)
     with pytest.raises(ValueError, match="score_normalization"):
         dataclasses.replace(TINY, score_source="fused", score_normalization="pixel")
@@ -193,6 +194,64 @@ def test_normal_statistics_travel_with_the_checkpoint():
     unfitted, _, _ = load_checkpoint(checkpoint_files(_model(score_normalization="pixel"), fit_calibration(np.ones(3))))
     with torch.inference_mode(), pytest.raises(RuntimeError, match="fit_normal_stats"):
         unfitted.predict(probe)
+
+
+def _whitening_reference(residuals: list[torch.Tensor], shrink: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per stage: the residual's mean and the shrunk covariance's inverse, in float64 from the residuals."""
+    out = []
+    for residual in residuals:
+        rows = residual.double().permute(0, 2, 3, 1).reshape(-1, residual.shape[1])
+        cov = torch.cov(rows.T)
+        cov = (1 - shrink) * cov + shrink * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
+        out.append((rows.mean(dim=0), torch.linalg.inv(cov)))
+    return out
+
+
+def test_mahalanobis_feature_distance_whitens_the_residual_by_the_normal_images():
+    model = _model(score_source="feature", feature_distance="mahalanobis", feature_shrinkage=0.1).eval()
+    normal = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    probe = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    assert model.normal_fit_steps == ("whitening",)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="fit_normal_stats"):
+            model.predict(probe)  # an unfitted whitening (the identity) would silently score another map
+        assert model.fit_normal_stats(normal.split(4)) == 6 and int(model.feature_count) == 6
+        reference = _whitening_reference(model._feature_residuals(normal)[0], shrink=0.1)
+        probe_residuals = model._feature_residuals(probe)[0]
+        pred = model.predict(probe)
+    expected = 0
+    for k, ((mean, precision), residual) in enumerate(zip(reference, probe_residuals, strict=True)):
+        whitening = getattr(model, f"feature_whitening_{k}").double()
+        torch.testing.assert_close(getattr(model, f"feature_mean_{k}").double(), mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(whitening.T @ whitening, precision, rtol=1e-3, atol=1e-3)
+        centred = residual.double() - mean.view(1, -1, 1, 1)
+        squared = torch.einsum("bchw,cd,bdhw->bhw", centred, precision, centred) / len(mean)
+        up = F.interpolate(squared.sqrt()[:, None], size=(64, 64), mode="bilinear", align_corners=False)
+        expected = expected + up / len(reference)
+    torch.testing.assert_close(pred.anomaly_map, blur_map(expected.float(), TINY.score_sigma), rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="feature_distance"):
+        dataclasses.replace(TINY, score_source="reconstruction", feature_distance="mahalanobis")
+
+
+def test_whitening_sums_add_over_workers_and_come_before_the_pixel_statistics():
+    model = _model(score_source="feature", feature_distance="mahalanobis", score_normalization="pixel").eval()
+    assert model.normal_fit_steps == ("whitening", "pixel")
+    normal = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(10))
+    with torch.inference_mode():
+        halves = model.normal_stat_sums([normal[:2]], "whitening") + model.normal_stat_sums([normal[2:]], "whitening")
+        torch.testing.assert_close(halves, model.normal_stat_sums([normal], "whitening"))
+        with pytest.raises(RuntimeError, match="fit_normal_stats"):
+            model.normal_stat_sums([normal], "pixel")  # the pixel step reads the whitened map
+        model.fit_normal_stats(iter(normal.split(3)))  # read once per step: an iterator is fine too
+        whitened = model.component_maps(normal)["feature"]
+    torch.testing.assert_close(model.normal_mean, whitened.mean(dim=0, keepdim=True))
+    assert int(model.normal_count) == int(model.feature_count) == 6
+    loaded, _, meta = load_checkpoint(checkpoint_files(model, fit_calibration(np.array([0.1, 0.2, 0.3]))))
+    assert meta["config"]["feature_distance"] == "mahalanobis" and int(loaded.feature_count) == 6
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.predict(normal).anomaly_map, model.predict(normal).anomaly_map)
+    with pytest.raises(ValueError, match="not one this model fits"):
+        _model(score_normalization="pixel").eval().normal_stat_sums([normal], "whitening")
 
 
 def test_top_k_image_score():
