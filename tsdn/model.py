@@ -197,8 +197,8 @@ class TSDN(nn.Module):
     def normal_stat_sums(self, images: Iterable[torch.Tensor], step: str = "pixel") -> torch.Tensor:
         """Sums for :meth:`set_normal_stats` over normal images, a float64 vector whose first entry is the image
         count. ``pixel``: then the per-position sum and sum of squares of the score source's raw map at S x S
-        (``1 + 2 * S * S``). ``whitening``: then per compared stage the sum of the residuals ``f_I - f_R`` over
-        every position (C_k) and of their outer products (C_k * C_k).
+        (``1 + 2 * S * S``). ``whitening``: then per compared stage the number of positions, the sum of the
+        residuals ``f_I - f_R`` over every position (C_k) and of their outer products (C_k * C_k).
 
         Sums, so that data-parallel workers can add theirs (an all-reduce) before one :meth:`set_normal_stats`.
         Steps are fitted in :attr:`normal_fit_steps` order: ``pixel``'s map reads the fitted whitening.
@@ -276,16 +276,17 @@ class TSDN(nn.Module):
     def _whitening_sums(self, images: Iterable[torch.Tensor]) -> torch.Tensor:
         widths = [getattr(self, f"feature_mean_{k}").numel() for k in range(len(self.feature_stages))]
         device = self.score_scales.device
-        sums = torch.zeros(1 + sum(c + c * c for c in widths), dtype=torch.float64, device=device)
+        sums = torch.zeros(1 + sum(1 + c + c * c for c in widths), dtype=torch.float64, device=device)
         for batch in images:
             residuals = self._feature_residuals(batch)[0]
             sums[0] += batch.shape[0]
             offset = 1
             for residual, c in zip(residuals, widths, strict=True):
                 rows = residual.double().permute(0, 2, 3, 1).reshape(-1, c)
-                sums[offset : offset + c] += rows.sum(dim=0)
-                sums[offset + c : offset + c + c * c] += (rows.T @ rows).flatten()
-                offset += c + c * c
+                sums[offset] += rows.shape[0]
+                sums[offset + 1 : offset + 1 + c] += rows.sum(dim=0)
+                sums[offset + 1 + c : offset + 1 + c + c * c] += (rows.T @ rows).flatten()
+                offset += 1 + c + c * c
         return sums
 
     def _set_whitening(self, sums: torch.Tensor, count: int) -> None:
@@ -294,23 +295,18 @@ class TSDN(nn.Module):
         for k in range(len(self.feature_stages)):
             mean_buffer = getattr(self, f"feature_mean_{k}")
             c = mean_buffer.numel()
-            positions = count * self._stage_positions(k)
-            mean = sums[offset : offset + c] / positions
-            second = sums[offset + c : offset + c + c * c].view(c, c) / positions
+            positions = float(sums[offset])
+            mean = sums[offset + 1 : offset + 1 + c] / positions
+            second = sums[offset + 1 + c : offset + 1 + c + c * c].view(c, c) / positions
             cov = (second - torch.outer(mean, mean)) * (positions / (positions - 1))
             cov = (1 - shrink) * cov + shrink * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(c, dtype=cov.dtype)
             eigenvalues, vectors = torch.linalg.eigh(cov.cpu())
             whitening = (vectors * eigenvalues.clamp_min(1e-12).rsqrt()).T  # diag(1 / sqrt(l)) V'
             mean_buffer.copy_(mean.to(mean_buffer))
             getattr(self, f"feature_whitening_{k}").copy_(whitening.to(mean_buffer))
-            offset += c + c * c
+            offset += 1 + c + c * c
         self.feature_count.fill_(count)
         self._whitening_ready = True
-
-    def _stage_positions(self, k: int) -> int:
-        """Positions per image of compared stage k at the configured input size."""
-        reduction = self.encoder.feature_info.reduction()[self.feature_stages[k]]
-        return (self.cfg.image_size // reduction) ** 2
 
     def normalize_map(self, anomaly_map: torch.Tensor) -> torch.Tensor:
         """The score source's raw (B, 1, H, W) map (as :meth:`component_maps` gives it) -> the map :meth:`predict`
