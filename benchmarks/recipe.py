@@ -23,12 +23,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
+from tsdn.config import TSDNConfig
 from tsdn.defects import validation_set
 from tsdn.losses import TSDNLoss
 from tsdn.metrics import evaluate
@@ -91,6 +92,29 @@ def load_product(root: Path, product: str, size: int, n_segments: int, compactne
     }
     np.savez(path, **data)
     return data
+
+
+class SavedRun(NamedTuple):
+    """A model saved by ``--save-model``, in eval mode, with its product's data as the run split it."""
+
+    model: TSDN
+    data: dict
+    held: np.ndarray  # True for the held-out train images (every HOLDOUT_EVERY-th)
+    seed: int
+    val: Any  # tsdn.defects.validation_set of the held-out images, as the run drew it
+
+
+def load_saved_run(model_path: str, root: str, product: str) -> SavedRun:
+    """Load ``<name>-s<seed>.pt`` (``--save-model``) and the data it was trained on; the seed is read from the name."""
+    saved = torch.load(model_path, weights_only=False)
+    cfg = TSDNConfig(**saved["config"])
+    model = TSDN(cfg)
+    model.load_state_dict(saved["state_dict"])
+    model.eval()
+    data = load_product(Path(root), product, cfg.image_size, cfg.n_segments, cfg.slic_compactness, Path(".tsdn/cache"))
+    held = np.arange(len(data["train"])) % HOLDOUT_EVERY == 0
+    seed = int(model_path.split("-s")[-1].split(".")[0])
+    return SavedRun(model, data, held, seed, validation_set(data["train"][held], data["train"][~held], seed=seed))
 
 
 def _to_tensor(images_u8: np.ndarray) -> torch.Tensor:

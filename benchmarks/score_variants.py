@@ -19,15 +19,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipe import HOLDOUT_EVERY, _to_tensor, load_product
+from recipe import _to_tensor, load_saved_run
 
-from tsdn.config import TSDNConfig
-from tsdn.defects import validation_set
 from tsdn.metrics import image_auroc, pixel_auroc
 from tsdn.model import TSDN
 from tsdn.scoring import blur_map, image_score
@@ -126,15 +123,7 @@ def variants(m: Maps, held_out: Maps, train: Maps) -> dict[str, Variant]:
 
 def main(model_path: str, root: str, product: str, out_path: str) -> None:
     torch.set_num_threads(2)
-    saved = torch.load(model_path, weights_only=False)
-    cfg = TSDNConfig(**saved["config"])
-    model = TSDN(cfg)
-    model.load_state_dict(saved["state_dict"])
-    model.eval()
-    data = load_product(Path(root), product, cfg.image_size, cfg.n_segments, cfg.slic_compactness, Path(".tsdn/cache"))
-    held = np.arange(len(data["train"])) % HOLDOUT_EVERY == 0
-    seed = int(model_path.split("-s")[-1].split(".")[0])
-    val = validation_set(data["train"][held], data["train"][~held], seed=seed)
+    model, data, held, seed, val = load_saved_run(model_path, root, product)
     held_out, train = (
         raw_maps(model, _to_tensor(data["train"][held])),
         raw_maps(model, _to_tensor(data["train"][~held])),
