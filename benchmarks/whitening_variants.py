@@ -46,13 +46,10 @@ def residuals(model: TSDN, images: torch.Tensor, batch_size: int = 16) -> tuple[
     res: dict[int, list[torch.Tensor]] = {s: [] for s in model.feature_stages}
     feats: dict[int, list[torch.Tensor]] = {s: [] for s in model.feature_stages}
     for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size]
-        encoded = model.encoder((x - model.mean) / model.std)
-        out = model._run(x, with_targets=False, with_mask=model.dcd_a is not None, fne_gate=True, encoded=encoded)
-        of_recon = model.encoder((out.reconstruction - model.mean) / model.std)
-        for s in model.feature_stages:
-            res[s].append((encoded[s] - of_recon[s]).double())
-            feats[s].append(encoded[s].double())
+        residual, features = model._feature_residuals(images[start : start + batch_size])
+        for s, r, f in zip(model.feature_stages, residual, features, strict=True):
+            res[s].append(r.double())
+            feats[s].append(f.double())
     return {s: torch.cat(v) for s, v in res.items()}, {s: torch.cat(v) for s, v in feats.items()}
 
 
