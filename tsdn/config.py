@@ -49,7 +49,7 @@ class TSDNConfig:
     Inference (what the paper leaves open or where measurement chose otherwise; ``tsdn/README.md``):
         score_source: which map scores an image. ``reconstruction`` = the paper's Eq. 4, blurred
             ||I - R||_2; ``mask`` = DCD_A's M', blurred alike; ``feature`` = 1 - cosine similarity of the
-            encoder's stride-8 and stride-16 features of I and of R, upsampled and blurred; ``fused`` = the
+            encoder's features of I and of R at ``feature_strides``, upsampled and blurred; ``fused`` = the
             mean of the reconstruction and mask maps, each divided by its scale on held-out normal
             images (``TSDN.score_scales``, fitted with the calibration) so neither swamps the other.
         score_topk: image score = the mean of the top ``score_topk`` fraction of the map's pixels;
@@ -68,6 +68,9 @@ class TSDNConfig:
             little and unusual ones count much. Only with ``score_source: feature``.
         feature_shrinkage: with ``mahalanobis``, the covariance is shrunk toward a scaled identity,
             ``(1 - a) * cov + a * mean(diag(cov)) * I``, so that a few hundred images estimate it stably.
+        feature_strides: the encoder strides (output strides of its stages, e.g. 4, 8, 16, 32) whose features
+            the ``feature`` source compares; each stage's distance map is upsampled to S x S and the stages
+            are averaged. A stride the encoder lacks is refused when the model is built.
 
     Training recipe (read by :mod:`tsdn.training`; the defaults are the paper's):
         encoder_lr_scale: the encoder's learning rate is ``lr * encoder_lr_scale``; 0 freezes it
@@ -110,6 +113,7 @@ class TSDNConfig:
     score_normalization: Literal["none", "pixel"] = "none"
     feature_distance: Literal["cosine", "mahalanobis"] = "cosine"
     feature_shrinkage: float = 0.01
+    feature_strides: tuple[int, ...] = (8, 16)
     encoder_lr_scale: float = 1.0
     lr_schedule: Literal["constant", "cosine"] = "constant"
     mask_loss: Literal["l2", "bce", "focal"] = "l2"
@@ -147,6 +151,9 @@ class TSDNConfig:
         maha_ok = self.feature_distance == "cosine" or self.score_source == "feature"
         check(self, maha_ok, "feature_distance", "'cosine' unless score_source is feature (it whitens that map)")
         check(self, 0 < self.feature_shrinkage <= 1, "feature_shrinkage", "in (0, 1]")
+        strides_ok = len(self.feature_strides) >= 1 and all(s >= 1 for s in self.feature_strides)
+        strides_ok = strides_ok and len(set(self.feature_strides)) == len(self.feature_strides)
+        check(self, strides_ok, "feature_strides", "a non-empty list of distinct encoder strides (e.g. [8, 16])")
         check(self, self.encoder_lr_scale >= 0, "encoder_lr_scale", ">= 0 (0 = frozen)")
         check(self, self.lr_schedule in ("constant", "cosine"), "lr_schedule", "constant | cosine")
         check(self, self.mask_loss in ("l2", "bce", "focal"), "mask_loss", "l2 | bce | focal")

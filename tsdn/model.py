@@ -90,8 +90,6 @@ class TSDN(nn.Module):
     """
 
     FAMILY = "tsdn"
-    #: Encoder strides whose features the ``feature`` score source compares (those the encoder has).
-    FEATURE_STRIDES = (8, 16)
 
     def __init__(self, cfg: TSDNConfig, opener: Opener | None = None) -> None:
         super().__init__()
@@ -108,9 +106,12 @@ class TSDN(nn.Module):
         self.dcd_a = Decoder(c, channels, reductions, out_channels=1, use_skips=cfg.skip) if cfg.dcd_a else None
         self.fne = FeatureNormalityEstimator(c, cfg.fne_hidden, cfg.fne_pool_size) if cfg.fne else None
         self.dcd_n = Decoder(c, channels, reductions, out_channels=3, use_skips=cfg.skip)
-        self.feature_stages = [i for i, r in enumerate(reductions) if r in self.FEATURE_STRIDES] or [
-            len(reductions) - 1
-        ]
+        missing = sorted(set(cfg.feature_strides) - set(reductions))
+        if missing and cfg.score_source == "feature":
+            msg = f"TSDN: feature_strides {missing} are not strides of {cfg.backbone}'s stages {reductions}"
+            raise ValueError(msg)
+        #: The encoder stages the ``feature`` source compares, in stride order.
+        self.feature_stages = [i for i, r in enumerate(reductions) if r in cfg.feature_strides] or [len(reductions) - 1]
         self.register_buffer("score_scales", torch.ones(2))
         self._normal_stats_ready = cfg.score_normalization == "none"
         self._whitening_ready = cfg.feature_distance == "cosine"

@@ -101,9 +101,10 @@ def test_tsdn_export_carries_the_per_position_normalization(source, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
-@pytest.mark.parametrize("normalization", ["none", "pixel"])
-def test_tsdn_export_carries_the_feature_whitening(normalization, fmt):
-    model = _tsdn("feature", feature_distance="mahalanobis", score_normalization=normalization)
+@pytest.mark.parametrize(("normalization", "strides"), [("none", (8, 16)), ("pixel", (8, 16, 32))])
+def test_tsdn_export_carries_the_feature_whitening(normalization, strides, fmt):
+    model = _tsdn("feature", feature_distance="mahalanobis", score_normalization=normalization, feature_strides=strides)
+    assert len(model.feature_stages) == len(strides)
     side = TINY.image_size
     model.fit_normal_stats([torch.rand(6, 3, side, side, generator=torch.Generator().manual_seed(2))])
     files = export_model(model, CALIBRATION, fmt)
