@@ -118,8 +118,9 @@ def test_a_killed_worker_restarts_from_the_checkpoint(ingested, monkeypatch):
 @pytest.mark.slow
 def test_per_position_statistics_sum_both_ranks_shards(ingested):
     """``feature_distance: mahalanobis`` and ``score_normalization: pixel`` on two DDP workers: both steps'
-    statistics cover the whole train split."""
+    statistics cover the whole train split. The run records its held-out count and says that it is small."""
     from tsdn_platform.shards import read_split
+    from tsdn_platform.train import SMALL_HOLDOUT, small_holdout_warning
 
     cfg = _config(
         ingested,
@@ -134,6 +135,7 @@ def test_per_position_statistics_sum_both_ranks_shards(ingested):
     assert result.ok, result.error
     folds = read_split(ingested, "demo", PRODUCTS[0], "train", columns=["fold"]).take_all()
     n_train = sum(1 for row in folds if int(row["fold"]) not in cfg.holdout_folds)
+    n_holdout = len(folds) - n_train
     registry = Registry(ingested)
     predictor, _ = registry.load_predictor(PRODUCTS[0], result.version)
     assert predictor.model.cfg.score_normalization == "pixel"
@@ -146,6 +148,10 @@ def test_per_position_statistics_sum_both_ranks_shards(ingested):
     ids, images = _test_images(ingested, PRODUCTS[0])
     scores = predictor.predict_tensor(images.float() / 255.0).anomaly_score.numpy()
     np.testing.assert_allclose(scores, [record["test_scores"][i] for i in ids], rtol=1e-5, atol=1e-6)
+    assert record["holdout_images"] == n_holdout == predictor.calibration.n_normal
+    assert 0 < n_holdout < SMALL_HOLDOUT  # 12 train images, 4 of 10 folds held out
+    # the Ray task that trained the line logged small_holdout_warning's line (unit-tested) in its worker
+    assert small_holdout_warning(PRODUCTS[0], n_holdout, cfg.holdout_folds)
 
 
 @pytest.mark.integration

@@ -54,7 +54,7 @@ def test_every_train_preset_resolves(preset):
     if preset == "paper":
         paper = TSDNConfig()
         recipe = ("score_source", "encoder_lr_scale", "lr_schedule", "mask_loss", "surf_fill", "surf_opacity_min")
-        recipe = (*recipe, "score_normalization", "feature_distance", "score_sigma", "skip")
+        recipe = (*recipe, "score_normalization", "feature_distance", "feature_strides", "score_sigma", "skip")
         assert all(getattr(cfg.model, k) == getattr(paper, k) for k in recipe)
         assert cfg.families == ["tsdn"]
     if "patchcore" in cfg.families and "tsdn" in cfg.families:

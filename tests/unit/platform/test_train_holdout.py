@@ -1,0 +1,21 @@
+"""What training says about a small held-out split (tsdn_platform.train.small_holdout_warning)."""
+
+from __future__ import annotations
+
+from tsdn_platform.train import SMALL_HOLDOUT, small_holdout_warning
+
+
+def test_a_small_held_out_split_is_named_with_its_size_and_folds():
+    line = small_holdout_warning("grass", 4, [0])
+    assert line == (
+        "grass: only 4 held-out normal image(s) (holdout_folds [0]): the validation metrics, the family it promotes "
+        "and the calibrated threshold (the 99 % quantile of their scores) are rough estimates; hold out more folds "
+        "or ingest more train images"
+    )
+    assert small_holdout_warning("grass", SMALL_HOLDOUT - 1, (0, 1)).startswith("grass: only 9 held-out")
+
+
+def test_a_large_held_out_split_or_test_validation_says_nothing():
+    assert small_holdout_warning("transistor", SMALL_HOLDOUT, [0]) is None
+    assert small_holdout_warning("transistor", 27, [0]) is None
+    assert small_holdout_warning("transistor", None, [0]) is None  # validation: test has no held-out split
