@@ -56,13 +56,10 @@ def all_stages(model: TSDN, images: torch.Tensor, batch_size: int = 16) -> tuple
     res: dict[int, list[torch.Tensor]] = {strides[i]: [] for i in keep}
     feats: dict[int, list[torch.Tensor]] = {strides[i]: [] for i in keep}
     for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        encoded = model.encoder((batch - model.mean) / model.std)
-        out = model._run(batch, with_targets=False, with_mask=False, fne_gate=True, encoded=encoded)
-        of_recon = model.encoder((out.reconstruction - model.mean) / model.std)
-        for i in keep:
-            res[strides[i]].append((encoded[i] - of_recon[i]).double())
-            feats[strides[i]].append(encoded[i].double())
+        residual, features = model._feature_residuals(images[start : start + batch_size], keep)
+        for i, r, f in zip(keep, residual, features, strict=True):
+            res[strides[i]].append(r.double())
+            feats[strides[i]].append(f.double())
     return {s: torch.cat(v) for s, v in res.items()}, {s: torch.cat(v) for s, v in feats.items()}
 
 

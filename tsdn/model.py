@@ -368,12 +368,16 @@ class TSDN(nn.Module):
             maps["fused"] = 0.5 * stacked.sum(dim=1, keepdim=True)
         return maps, out.reconstruction
 
-    def _feature_residuals(self, image: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per compared stage, ``f_I - f_R`` and ``f_I`` (B, C_k, h_k, w_k) of ``image``."""
+    def _feature_residuals(
+        self, image: torch.Tensor, stages: list[int] | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per encoder stage (``stages``, indices; None = the compared ones), ``f_I - f_R`` and ``f_I``
+        (B, C_k, h_k, w_k) of ``image``."""
+        stages = self.feature_stages if stages is None else stages
         encoded = self.encoder((image - self.mean) / self.std)
         out = self._run(image, with_targets=False, with_mask=False, fne_gate=True, encoded=encoded)
         of_recon = self.encoder((out.reconstruction - self.mean) / self.std)
-        return [encoded[i] - of_recon[i] for i in self.feature_stages], [encoded[i] for i in self.feature_stages]
+        return [encoded[i] - of_recon[i] for i in stages], [encoded[i] for i in stages]
 
     def _run(
         self,
