@@ -80,6 +80,15 @@ def predicted(model: TSDN, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([model.predict(batch).anomaly_map for batch in images.split(16)])
 
 
+def per_type_auroc(labels: np.ndarray, scores: np.ndarray, defects: np.ndarray) -> dict[str, float]:
+    """The image AUROC of each defect type against the good test images."""
+    good = defects == "good"
+    return {
+        kind: round(float(image_auroc(labels[good | (defects == kind)], scores[good | (defects == kind)])), 4)
+        for kind in sorted(set(defects.tolist()) - {"good"})
+    }
+
+
 def main(model_path: str, root: str, product: str, out_path: str) -> None:
     torch.set_num_threads(2)
     model, data, held, seed, val = load_saved_run(model_path, root, product)
@@ -124,11 +133,7 @@ def main(model_path: str, root: str, product: str, out_path: str) -> None:
     results: dict[str, dict] = {}
     for name, amap in test.items():
         scores = image_score(amap).numpy()
-        good = defects == "good"
-        per_type = {
-            kind: round(float(image_auroc(labels[good | (defects == kind)], scores[good | (defects == kind)])), 4)
-            for kind in sorted(set(defects.tolist()) - {"good"})
-        }
+        per_type = per_type_auroc(labels, scores, defects)
         val_scores = image_score(validation[name]).numpy()
         threshold = float(np.quantile(val_scores[val.labels == 0], 0.99))  # the platform's calibration rule
         results[name] = {
