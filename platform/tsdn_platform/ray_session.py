@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ _CHATTY_LOGGERS = ("ray.data", "ray.train", "ray.serve", "ray.tune", "ray.util.p
 
 _PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 _TRAIN_REPORT_MODULE = ("train", "v2", "_internal", "execution", "context.py")
+_EXCLUDE_RESOURCES_WARNING = r"`ExecutionOptions\.exclude_resources` is deprecated"
 
 
 def verbose() -> bool:
@@ -69,6 +71,9 @@ def quiet_ray_loggers() -> None:
 
     report_logger = os.path.join(os.path.dirname(ray.__file__), *_TRAIN_REPORT_MODULE)
     logging.getLogger(report_logger).setLevel(logging.WARNING)
+    # Ray Train's default DataConfig copies ``exclude_resources`` into new ExecutionOptions on every fit, which
+    # Ray 2.60 itself deprecates: a warning per training run about Ray's own call, not about the platform's.
+    warnings.filterwarnings("ignore", message=_EXCLUDE_RESOURCES_WARNING, category=DeprecationWarning)
     os.environ.update(quiet_env())  # read when ray.data (and Ray Train's controller) start
     if "ray.data" not in sys.modules:
         return

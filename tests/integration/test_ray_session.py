@@ -107,17 +107,28 @@ def test_local_cluster_has_its_own_temp_dir_and_quiet_workers(ray_local):
     @ray.remote(num_cpus=0)
     def levels() -> dict[str, object]:
         import logging
+        import warnings
 
+        from ray.data import ExecutionOptions, ExecutionResources  # reads RAY_DATA_LOGGING_CONFIG
+
+        with warnings.catch_warnings(record=True) as caught:
+            # what Ray Train's default DataConfig does on every fit (Ray 2.60 deprecates its own call)
+            ExecutionOptions(exclude_resources=ExecutionResources.zero())
         return {
             "data": logging.getLogger("ray.data").level,
             "train": logging.getLogger("ray.train").level,
+            "progress": logging.getLogger("ray.data._internal.progress").getEffectiveLevel(),
             "progress_bars_off": os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS"),
+            "warnings": [str(w.message) for w in caught],
         }
 
     if os.environ.get("TSDN_VERBOSE"):
         pytest.skip("TSDN_VERBOSE is set: this session asked for Ray's own logs")
     seen = ray.get(levels.remote())
     assert seen["train"] == logging.WARNING and seen["progress_bars_off"] == "1"
+    # "Progress bars disabled" (the job's own choice) stays off the console; other Ray Data warnings stay on
+    assert seen["progress"] == logging.ERROR and seen["data"] != logging.ERROR
+    assert not [w for w in seen["warnings"] if "exclude_resources" in w], seen["warnings"]
 
 
 def test_quiet_env_and_loggers_follow_verbose(monkeypatch):
