@@ -57,5 +57,11 @@ def test_every_train_preset_resolves(preset):
         recipe = (*recipe, "score_normalization", "feature_distance", "feature_strides", "score_sigma", "skip")
         assert all(getattr(cfg.model, k) == getattr(paper, k) for k in recipe)
         assert cfg.families == ["tsdn"]
+    if preset == "cpu":  # the demo preset's measured TSDN at 192 px, comparing the stride-32 stage too
+        demo = load_config(TrainConfig, "demo", ["store=s", "dataset=d"]).model
+        changed = {k for k in vars(demo) if getattr(demo, k) != getattr(cfg.model, k)}
+        assert changed == {"image_size", "feature_strides"}, changed
+        assert cfg.model.image_size == 192 and tuple(cfg.model.feature_strides) == (8, 16, 32)
+        assert cfg.families == ["tsdn"] and cfg.epochs == 20
     if "patchcore" in cfg.families and "tsdn" in cfg.families:
         assert cfg.patchcore.image_size == cfg.model.image_size  # both read the same shards
