@@ -42,6 +42,7 @@ _CHATTY_LOGGERS = ("ray.data", "ray.train", "ray.serve", "ray.tune", "ray.util.p
 
 
 _PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_PROGRESS_LOGGER = "ray.data._internal.progress"  # its one warning: "Progress bars disabled"
 _TRAIN_REPORT_MODULE = ("train", "v2", "_internal", "execution", "context.py")
 _EXCLUDE_RESOURCES_WARNING = r"`ExecutionOptions\.exclude_resources` is deprecated"
 
@@ -65,6 +66,9 @@ def quiet_ray_loggers() -> None:
     # Ray Train's placement-group cleaner polls the State API, which needs the dashboard a local cluster does not
     # start; it then warns every few seconds that the API "may be temporarily unavailable" (20 lines a demo).
     logging.getLogger(_PG_CLEANER_LOGGER).setLevel(logging.ERROR)
+    # Ray Data warns once per process that progress bars are off, which the quiet job did itself. Workers get this
+    # from RAY_DATA_LOGGING_CONFIG; the driver has usually imported ray.data before that is set, so set it here.
+    logging.getLogger(_PROGRESS_LOGGER).setLevel(logging.ERROR)
     # Every ``ray.train.report`` call is logged at INFO by a logger named after its module's *file path*
     # (``logging.getLogger(__file__)``), outside the ``ray.train`` hierarchy that LoggingConfig filters.
     import ray

@@ -4,6 +4,7 @@ import ipaddress
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -139,5 +140,19 @@ def test_quiet_env_and_loggers_follow_verbose(monkeypatch):
     assert quiet["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1"
     assert Path(quiet["RAY_DATA_LOGGING_CONFIG"]).is_file()  # shipped as package data
     assert int(quiet["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"]) >= 600
+    for key, value in quiet.items():  # restored after the test, as is every logger level quiet_ray_loggers sets
+        monkeypatch.setenv(key, value)
+    touched = [*ray_session._CHATTY_LOGGERS, ray_session._PG_CLEANER_LOGGER, ray_session._PROGRESS_LOGGER]
+    levels = {name: logging.getLogger(name).level for name in touched}
+    progress = logging.getLogger(ray_session._PROGRESS_LOGGER)
+    try:
+        progress.setLevel(logging.NOTSET)  # the driver: ray.data imported before RAY_DATA_LOGGING_CONFIG was set
+        with warnings.catch_warnings():
+            ray_session.quiet_ray_loggers()
+        assert progress.getEffectiveLevel() == logging.ERROR  # "Progress bars disabled" stays off the console
+        assert logging.getLogger("ray.data").getEffectiveLevel() == logging.WARNING  # its other warnings stay on
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
     monkeypatch.setenv(ray_session.VERBOSE_ENV, "1")
     assert ray_session.verbose() and ray_session.quiet_env() == {}
