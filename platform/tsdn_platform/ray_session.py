@@ -66,8 +66,8 @@ def quiet_ray_loggers() -> None:
     # Ray Train's placement-group cleaner polls the State API, which needs the dashboard a local cluster does not
     # start; it then warns every few seconds that the API "may be temporarily unavailable" (20 lines a demo).
     logging.getLogger(_PG_CLEANER_LOGGER).setLevel(logging.ERROR)
-    # Ray Data warns once per process that progress bars are off, which the quiet job did itself. Workers get this
-    # from RAY_DATA_LOGGING_CONFIG; the driver has usually imported ray.data before that is set, so set it here.
+    # Ray Data warns once per process that progress bars are off, which the quiet job did itself. A level on the
+    # logger holds whenever ray.data is imported (the driver imports it before RAY_DATA_LOGGING_CONFIG is set).
     logging.getLogger(_PROGRESS_LOGGER).setLevel(logging.ERROR)
     # Every ``ray.train.report`` call is logged at INFO by a logger named after its module's *file path*
     # (``logging.getLogger(__file__)``), outside the ``ray.train`` hierarchy that LoggingConfig filters.
