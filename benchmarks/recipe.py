@@ -38,10 +38,11 @@ from tsdn.defects import validation_set
 from tsdn.losses import TSDNLoss
 from tsdn.metrics import evaluate
 from tsdn.model import TSDN
-from tsdn.resize import to_network_input
+from tsdn.resize import input_shape, to_network_input
 from tsdn.scoring import image_score
 from tsdn.surf import slic_labels
 from tsdn.training import build_optimizer, set_epoch_lr, train_step
+from tsdn_platform.cli import image_size_arg
 from tsdn_platform.config import load_config
 from tsdn_platform.train import TrainConfig
 
@@ -55,8 +56,8 @@ def _read_rgb(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def resize_rgb(rgb: np.ndarray, size: int) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, S, S) float32 tensor: the network input every runtime's Predictor feeds."""
+def resize_rgb(rgb: np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, h, w) float32 tensor at ``size`` (S or (h, w)): the input every Predictor feeds."""
     return torch.from_numpy(to_network_input(np.ascontiguousarray(rgb, dtype=np.uint8), size))
 
 
@@ -69,10 +70,14 @@ def preprocessing_version() -> str:
     return hashlib.sha256("".join(code).encode()).hexdigest()[:12]
 
 
-def load_product(root: Path, product: str, size: int, n_segments: int, compactness: float, cache: Path) -> dict:
-    """Train images + SLIC labels and test images + masks + labels at ``size``, cached as one .npz."""
+def load_product(
+    root: Path, product: str, size: int | tuple[int, int], n_segments: int, compactness: float, cache: Path
+) -> dict:
+    """Train images + SLIC labels and test images + masks + labels at ``size`` (S or (h, w)), cached as one .npz."""
     cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"{product}-{size}-{n_segments}-{compactness:g}-{preprocessing_version()}.npz"
+    height, width = input_shape(size)
+    name = str(height) if height == width else f"{height}x{width}"  # square: the cache name older runs used
+    path = cache / f"{product}-{name}-{n_segments}-{compactness:g}-{preprocessing_version()}.npz"
     if path.exists():
         with np.load(path) as data:
             return {k: data[k] for k in data.files}
@@ -87,11 +92,11 @@ def load_product(root: Path, product: str, size: int, n_segments: int, compactne
             test_images.append(resize_rgb(_read_rgb(image_path), size))
             good = defect_dir.name == "good"
             if good:
-                mask = np.zeros((size, size), dtype=np.uint8)
+                mask = np.zeros((height, width), dtype=np.uint8)
             else:
                 mask_path = base / "ground_truth" / defect_dir.name / f"{image_path.stem}_mask.png"
                 with Image.open(mask_path) as m:
-                    mask = (np.asarray(m.convert("L").resize((size, size), Image.NEAREST)) > 0).astype(np.uint8)
+                    mask = (np.asarray(m.convert("L").resize((width, height), Image.NEAREST)) > 0).astype(np.uint8)
             test_masks.append(mask)
             test_labels.append(0 if good else 1)
             defect_types.append(defect_dir.name)
@@ -246,7 +251,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", required=True, help="MVTec-style root holding <product>/train, test, ground_truth")
     parser.add_argument("--product", required=True)
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--size", type=image_size_arg, default=256, help="S or HxW (e.g. 320x128)")
     parser.add_argument("--config", default="demo", help="train preset or YAML file (its model section is used)")
     parser.add_argument("--set", action="append", default=[], help="key=value override of the train config")
     parser.add_argument("--epochs", type=int, default=1000, help="upper bound; --minutes usually ends the run")

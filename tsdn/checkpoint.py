@@ -43,7 +43,7 @@ def checkpoint_files(
         "family": model.FAMILY,
         "config": model.cfg.to_dict(),
         "backbone": model.cfg.backbone,
-        "input_size": [model.cfg.image_size, model.cfg.image_size],
+        "input_size": list(model.cfg.input_shape),
         "normalization": {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()},
         "calibration": calibration.to_dict(),
         "extra": dict(extra or {}),

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from tsdn import config_io
 from tsdn.config_io import check
+from tsdn.resize import input_shape
 
 __all__ = ["ABLATIONS", "SCORE_SOURCES", "TSDNConfig", "apply_ablation"]
 
@@ -25,7 +26,9 @@ class TSDNConfig:
     """Hyper-parameters of one TSDN model. Defaults reproduce Park et al. (Sec. 3.1).
 
     Attributes:
-        image_size: side S of the square network input; images are resized to S x S (paper: 352).
+        image_size: side S of the square network input, images resized to S x S (paper: 352); or [H, W] for a
+            product line shot at another aspect (KolektorSDD's 250 x 630 parts: [320, 128]), so that resizing
+            does not squash a defect along one axis. Each side a multiple of 32.
         backbone: timm model name of the encoder (paper: EfficientNet-b5).
         weights: encoder weights spec for :func:`tsdn.backbone.resolve_weights` ("hub", "none",
             "package:efficientnet-lite0", a local .safetensors/.pth path, or a store URI).
@@ -86,7 +89,7 @@ class TSDNConfig:
             from ``[surf_opacity_min, 1]``; 1 = opaque (the paper).
     """
 
-    image_size: int = 352
+    image_size: int | tuple[int, int] = 352
     backbone: str = "efficientnet_b5"
     weights: str = "hub"
     feature_channels: int = 64
@@ -122,8 +125,13 @@ class TSDNConfig:
     surf_opacity_min: float = 1.0
 
     def __post_init__(self) -> None:
-        size_ok = self.image_size >= 64 and self.image_size % 32 == 0
-        check(self, size_ok, "image_size", "a multiple of 32, >= 64")
+        if isinstance(self.image_size, list):  # a YAML or JSON list given to the constructor directly
+            object.__setattr__(self, "image_size", tuple(self.image_size))
+        sides = self.image_size if isinstance(self.image_size, tuple) else (self.image_size,)
+        size_ok = len(sides) == (2 if isinstance(self.image_size, tuple) else 1) and all(
+            isinstance(side, int) and side >= 64 and side % 32 == 0 for side in sides
+        )
+        check(self, size_ok, "image_size", "S or [H, W], each a multiple of 32, >= 64")
         check(self, bool(self.backbone.strip()), "backbone", "a timm model name")
         check(self, bool(self.weights.strip()), "weights", "a weights spec")
         for name in ("feature_channels", "n_segments", "n_filled", "fne_hidden"):
@@ -163,8 +171,13 @@ class TSDNConfig:
 
     @property
     def fne_pool_size(self) -> int:
-        """P of the FNE's adaptive pooling (``fne_pool``, or S // 32 when unset)."""
-        return self.fne_pool if self.fne_pool is not None else self.image_size // 32
+        """P of the FNE's adaptive pooling (``fne_pool``, or the short side // 32 when unset)."""
+        return self.fne_pool if self.fne_pool is not None else min(self.input_shape) // 32
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """(H, W) of the network input: (S, S) for ``image_size: S``, (H, W) for ``image_size: [H, W]``."""
+        return input_shape(self.image_size)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON/YAML-safe dict of every field."""

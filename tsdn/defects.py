@@ -185,8 +185,8 @@ class ValidationSet(NamedTuple):
     """Held-out normal images and defective copies of them.
 
     Attributes:
-        images: (2N, S, S, 3) uint8: the N clean images, then their N defective copies.
-        masks: (2N, S, S) uint8 in {0, 1}.
+        images: (2N, H, W, 3) uint8: the N clean images, then their N defective copies.
+        masks: (2N, H, W) uint8 in {0, 1}.
         labels: (2N,) int64, 0 for the clean half, 1 for the defective half.
         defects: (2N,) the defect family of each image ("good" for the clean half).
     """
@@ -203,8 +203,9 @@ def validation_set(
     """A leak-free validation set from held-out normal images: each clean and with one synthetic defect.
 
     Args:
-        normal: (N, S, S, 3) uint8 held-out normal images, N >= 1.
-        donors: (M, S, S, 3) uint8 images that ``cut_paste`` takes its patches from (other normal images);
+        normal: (N, H, W, 3) uint8 held-out normal images, N >= 1. When H != W each defect is drawn in a square
+            window of side min(H, W) at a random place (the drawers scale with the short side).
+        donors: (M, H, W, 3) uint8 images that ``cut_paste`` takes its patches from (other normal images);
             None = the held-out images themselves (each takes from the next one).
         seed: the draws; the same arguments always give the same set.
         defects: families used in turn (image i gets ``defects[i % len(defects)]``).
@@ -213,7 +214,7 @@ def validation_set(
         The :class:`ValidationSet`.
     """
     if normal.ndim != 4 or normal.shape[-1] != 3 or len(normal) == 0:
-        msg = f"validation_set: expected (N >= 1, S, S, 3) images, got shape {normal.shape}"
+        msg = f"validation_set: expected (N >= 1, H, W, 3) images, got shape {normal.shape}"
         raise ValueError(msg)
     unknown = sorted(set(defects) - set(VALIDATION_DEFECTS))
     if unknown or not defects:
@@ -222,14 +223,22 @@ def validation_set(
     donors = normal if donors is None or len(donors) == 0 else donors
     rng = np.random.default_rng([seed, 104_729])
     images, masks, kinds = [], [], []
+    height, width = normal.shape[1:3]
+    side = min(height, width)
     for i, clean in enumerate(normal):
         kind = defects[i % len(defects)]
-        base = clean.astype(np.float32) / 255.0
+        image = clean.astype(np.float32) / 255.0
+        mask = np.zeros((height, width), dtype=bool)
+        # The drawers work on a square; an image of another aspect gets its defect in a square window of its
+        # short side at a random place along the long one (a square image: the whole image, no draw spent).
+        top = int(rng.integers(0, height - side + 1)) if height > side else 0
+        left = int(rng.integers(0, width - side + 1)) if width > side else 0
+        window = (slice(top, top + side), slice(left, left + side))
         if kind == "cut_paste":
             donor = donors[(i + 1) % len(donors)].astype(np.float32) / 255.0
-            image, mask = cut_paste(base, donor, rng)
+            image[window], mask[window] = cut_paste(image[window], donor[window], rng)
         else:
-            image, mask = draw_defect(base, kind, rng)
+            image[window], mask[window] = draw_defect(image[window], kind, rng)
         images.append(np.round(image * 255.0).astype(np.uint8))
         masks.append(mask.astype(np.uint8))
         kinds.append(kind)

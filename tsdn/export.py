@@ -104,17 +104,18 @@ class InferenceGraph(nn.Module):
         return model.distance_map(grid, tuple(int(n) for n in image.shape[-2:]))
 
 
-def _probe(size: int) -> torch.Tensor:
-    """(_PROBE_BATCH, 3, S, S) in [0, 1]: a smooth pattern, uniform noise, and a mid-grey image with a bright square."""
+def _probe(size: tuple[int, int]) -> torch.Tensor:
+    """(_PROBE_BATCH, 3, H, W) in [0, 1]: a smooth pattern, uniform noise, and a mid-grey image with a bright square."""
     gen = torch.Generator().manual_seed(0)
-    yy, xx = torch.meshgrid(torch.linspace(0, 6.28, size), torch.linspace(0, 6.28, size), indexing="ij")
+    height, width = size
+    yy, xx = torch.meshgrid(torch.linspace(0, 6.28, height), torch.linspace(0, 6.28, width), indexing="ij")
     smooth = torch.stack([0.5 + 0.4 * torch.sin(xx + k) * torch.cos(yy - k) for k in range(3)])
-    square = torch.full((3, size, size), 0.5)
-    square[:, size // 3 : size // 2, size // 3 : size // 2] = 1.0
-    return torch.stack([smooth, torch.rand(3, size, size, generator=gen), square])
+    square = torch.full((3, height, width), 0.5)
+    square[:, height // 3 : height // 2, width // 3 : width // 2] = 1.0
+    return torch.stack([smooth, torch.rand(3, height, width, generator=gen), square])
 
 
-def _onnx_bytes(graph: InferenceGraph, size: int) -> bytes:
+def _onnx_bytes(graph: InferenceGraph, size: tuple[int, int]) -> bytes:
     buffer = io.BytesIO()
     axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
     with warnings.catch_warnings():
@@ -122,7 +123,7 @@ def _onnx_bytes(graph: InferenceGraph, size: int) -> bytes:
         warnings.simplefilter("ignore")
         torch.onnx.export(
             graph,
-            (torch.zeros(2, 3, size, size),),
+            (torch.zeros(2, 3, *size),),
             buffer,
             dynamo=False,
             opset_version=OPSET,
@@ -171,7 +172,7 @@ def export_model(
         msg = "PatchCore: the memory bank is empty (fit the model before exporting it)"
         raise ExportError(msg)
     model = model.cpu().eval()
-    size = int(model.cfg.image_size)
+    size = model.cfg.input_shape
     graph = InferenceGraph(model).eval()
     try:
         onnx_model = _onnx_bytes(graph, size)
@@ -181,7 +182,7 @@ def export_model(
         raise _missing_dependency(exc) from exc
     except RuntimeError as exc:  # the tracer's refusals (OnnxExporterError) and the runtimes' (their Fail)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        msg = f"{model.FAMILY} ({model.cfg.backbone}, {size} px): cannot be exported as {fmt}: {first}"
+        msg = f"{model.FAMILY} ({model.cfg.backbone}, {size[0]}x{size[1]} px): cannot be exported as {fmt}: {first}"
         raise ExportError(msg) from exc
     graph.eval()  # torch.onnx.export restores the training flag it found; keep eval whatever the caller had
     probe = _probe(size)
@@ -218,7 +219,7 @@ def _meta(
     source: Mapping[str, Any] | None,
 ) -> bytes:
     cfg = model.cfg
-    size = int(cfg.image_size)
+    height, width = cfg.input_shape
     meta = {
         "export_version": EXPORT_VERSION,
         "format": fmt,
@@ -229,12 +230,12 @@ def _meta(
         "score_normalization": getattr(cfg, "score_normalization", "none"),
         "feature_distance": getattr(cfg, "feature_distance", "cosine"),
         "backbone": cfg.backbone,
-        "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32", "range": [0.0, 1.0]},
+        "input": {"name": INPUT_NAME, "shape": ["batch", 3, height, width], "dtype": "float32", "range": [0.0, 1.0]},
         "outputs": {
-            "anomaly_map": ["batch", 1, size, size],
+            "anomaly_map": ["batch", 1, height, width],
             "anomaly_score": ["batch"],
         },
-        "input_size": [size, size],
+        "input_size": [height, width],
         "preprocess": "RGB (tsdn.image.to_rgb), /255, bilinear antialiased resize to input_size (tsdn.resize)",
         "normalization": {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(), "in_graph": True},
         "calibration": calibration.to_dict(),

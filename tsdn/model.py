@@ -80,9 +80,10 @@ class TSDN(nn.Module):
     of the mask map on held-out normal images (:meth:`fit_score_scales`), which the ``fused`` source
     divides each map by; ones until fitted.
 
-    With ``score_normalization: pixel``, ``normal_mean`` and ``normal_std`` ((1, 1, S, S) buffers) and
-    ``normal_count`` (the number of images they came from) standardise the score source's map per position;
-    :meth:`fit_normal_stats` sets them from normal training images, and :meth:`predict` refuses to run before.
+    With ``score_normalization: pixel``, ``normal_mean`` and ``normal_std`` ((1, 1, H, W) buffers, H x W the config's
+    ``input_shape``) and ``normal_count`` (the number of images they came from) standardise the score source's map
+    per position; :meth:`fit_normal_stats` sets them from normal training images, and :meth:`predict` refuses to run
+    before.
 
     With ``feature_distance: mahalanobis``, ``feature_mean_<k>`` (C_k,) and ``feature_whitening_<k>`` (C_k, C_k)
     per compared encoder stage k and ``feature_count`` (the number of images) whiten the feature residual
@@ -116,9 +117,9 @@ class TSDN(nn.Module):
         self._normal_stats_ready = cfg.score_normalization == "none"
         self._whitening_ready = cfg.feature_distance == "cosine"
         if cfg.score_normalization == "pixel":
-            side = cfg.image_size
-            self.register_buffer("normal_mean", torch.zeros(1, 1, side, side))
-            self.register_buffer("normal_std", torch.ones(1, 1, side, side))
+            height, width = cfg.input_shape
+            self.register_buffer("normal_mean", torch.zeros(1, 1, height, width))
+            self.register_buffer("normal_std", torch.ones(1, 1, height, width))
             self.register_buffer("normal_count", torch.zeros((), dtype=torch.int64))
         if cfg.feature_distance == "mahalanobis":
             for k, stage in enumerate(self.feature_stages):
@@ -197,15 +198,16 @@ class TSDN(nn.Module):
     @torch.no_grad()
     def normal_stat_sums(self, images: Iterable[torch.Tensor], step: str = "pixel") -> torch.Tensor:
         """Sums for :meth:`set_normal_stats` over normal images, a float64 vector whose first entry is the image
-        count. ``pixel``: then the per-position sum and sum of squares of the score source's raw map at S x S
-        (``1 + 2 * S * S``). ``whitening``: then per compared stage the number of positions, the sum of the
-        residuals ``f_I - f_R`` over every position (C_k) and of their outer products (C_k * C_k).
+        count. ``pixel``: then the per-position sum and sum of squares of the score source's raw map at the config's
+        ``input_shape`` H x W (``1 + 2 * H * W``). ``whitening``: then per compared stage the number of positions, the
+        sum of the residuals ``f_I - f_R`` over every position (C_k) and of their outer products (C_k * C_k).
 
         Sums, so that data-parallel workers can add theirs (an all-reduce) before one :meth:`set_normal_stats`.
         Steps are fitted in :attr:`normal_fit_steps` order: ``pixel``'s map reads the fitted whitening.
 
         Args:
-            images: (B, 3, S, S) batches in [0, 1] of normal images (eval mode, on the model's device).
+            images: (B, 3, H, W) batches in [0, 1] of normal images at ``input_shape`` (eval mode, on the model's
+                device).
             step: one of :attr:`normal_fit_steps`.
         """
         self._check_step(step, "normal_stat_sums")
@@ -214,17 +216,19 @@ class TSDN(nn.Module):
             raise RuntimeError(msg)
         if step == "whitening":
             return self._whitening_sums(images)
-        side = self.cfg.image_size
-        sums = torch.zeros(1 + 2 * side * side, dtype=torch.float64, device=self.score_scales.device)
+        shape = self.cfg.input_shape
+        n = shape[0] * shape[1]
+        sums = torch.zeros(1 + 2 * n, dtype=torch.float64, device=self.score_scales.device)
         for batch in images:
             values = self._source_maps(batch, self.cfg.score_source)[0][self.cfg.score_source]
-            if values.shape[-2:] != (side, side):
-                msg = f"normal_stat_sums: images must be {side}x{side} (image_size), got {tuple(batch.shape[-2:])}"
+            if tuple(values.shape[-2:]) != shape:
+                size = "x".join(map(str, shape))
+                msg = f"normal_stat_sums: images must be {size} (image_size), got {tuple(batch.shape[-2:])}"
                 raise ValueError(msg)
             flat = values.double().flatten(start_dim=1)
             sums[0] += flat.shape[0]
-            sums[1 : 1 + side * side] += flat.sum(dim=0)
-            sums[1 + side * side :] += flat.pow(2).sum(dim=0)
+            sums[1 : 1 + n] += flat.sum(dim=0)
+            sums[1 + n :] += flat.pow(2).sum(dim=0)
         return sums
 
     @torch.no_grad()
@@ -244,13 +248,14 @@ class TSDN(nn.Module):
         if step == "whitening":
             self._set_whitening(sums[1:], count)
             return count
-        side = self.cfg.image_size
-        mean = sums[1 : 1 + side * side] / count
-        var = (sums[1 + side * side :] / count - mean.pow(2)).clamp_min(0.0) * (count / (count - 1))
-        var = blur_map(var.view(1, 1, side, side).float(), self.cfg.score_sigma)
+        height, width = self.cfg.input_shape
+        n = height * width
+        mean = sums[1 : 1 + n] / count
+        var = (sums[1 + n :] / count - mean.pow(2)).clamp_min(0.0) * (count / (count - 1))
+        var = blur_map(var.view(1, 1, height, width).float(), self.cfg.score_sigma)
         std = var.sqrt()
         std = std.clamp_min(0.01 * float(std.mean()) + 1e-12)
-        self.normal_mean.copy_(mean.view(1, 1, side, side).to(self.normal_mean))
+        self.normal_mean.copy_(mean.view(1, 1, height, width).to(self.normal_mean))
         self.normal_std.copy_(std.to(self.normal_std))
         self.normal_count.fill_(count)
         self._normal_stats_ready = True

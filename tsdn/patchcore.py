@@ -109,6 +109,11 @@ class PatchCoreConfig:
         """Strict inverse of :meth:`to_dict`."""
         return config_io.from_dict(cls, data)
 
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """(S, S): the family's input is square (the interface of ``TSDNConfig.input_shape``)."""
+        return self.image_size, self.image_size
+
 
 class PatchCorePrediction(NamedTuple):
     """Inference result.

@@ -109,10 +109,10 @@ class Predictor:
         return cls(exported.runner, exported.calibration, batch_size=batch_size)
 
     def preprocess(self, images: Sequence[ImageInput]) -> np.ndarray:
-        """Images (PIL or numpy; gray, RGB, RGBA, palette, 16-bit; any size) -> (B, 3, S, S) float32 in [0, 1].
+        """Images (PIL or numpy; gray, RGB, RGBA, palette, 16-bit; any size) -> (B, 3, H, W) float32 in [0, 1].
 
         Each image is converted to 8-bit RGB by :func:`tsdn.image.to_rgb` and resized to S x S (bilinear with
-        antialiasing, :func:`tsdn.resize.to_network_input`) on the CPU.
+        antialiasing, :func:`tsdn.resize.to_network_input`) to the model's (H, W) input on the CPU.
         """
         return self._prepare(images)[0]
 
@@ -178,5 +178,5 @@ class Predictor:
             sizes.append(rgb.shape[:2])
             arrays.append(to_network_input(rgb, self.image_size))
         if not arrays:
-            return np.empty((0, 3, self.image_size, self.image_size), np.float32), sizes
+            return np.empty((0, 3, *self.image_size), np.float32), sizes
         return np.stack(arrays), sizes

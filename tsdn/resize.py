@@ -15,10 +15,12 @@ and 5e-6 (antialiased) for maps in [0, 1].
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from PIL import Image
 
-__all__ = ["resize_antialiased", "resize_bilinear", "resize_map", "resize_mask", "to_network_input"]
+__all__ = ["input_shape", "resize_antialiased", "resize_bilinear", "resize_map", "resize_mask", "to_network_input"]
 
 
 def resize_antialiased(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -31,13 +33,27 @@ def resize_antialiased(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.float32)
 
 
-def to_network_input(rgb: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (3, S, S) float32 in [0, 1]: bilinear with antialiasing, per channel."""
+def input_shape(size: int | Sequence[int]) -> tuple[int, int]:
+    """A model's ``image_size`` -> the network input's (height, width): S -> (S, S); [H, W] -> (H, W)."""
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        return int(size), int(size)
+    if isinstance(size, Sequence) and len(size) == 2 and all(isinstance(v, (int, np.integer)) for v in size):
+        return int(size[0]), int(size[1])
+    msg = f"image_size {size!r}: expected S (a square input) or [H, W]"
+    raise ValueError(msg)
+
+
+def to_network_input(rgb: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+    """(H, W, 3) uint8 -> (3, h, w) float32 in [0, 1]: bilinear with antialiasing, per channel.
+
+    ``size``: S for a square S x S input, or [h, w] (a product line shot at another aspect keeps it).
+    """
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         msg = f"to_network_input: expected (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}"
         raise ValueError(msg)
     pixels = rgb.astype(np.float32) / np.float32(255.0)
-    planes = [resize_antialiased(pixels[:, :, c], (size, size)) for c in range(3)]
+    shape = input_shape(size)
+    planes = [resize_antialiased(pixels[:, :, c], shape) for c in range(3)]
     return np.clip(np.stack(planes), 0.0, 1.0)
 
 

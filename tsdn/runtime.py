@@ -86,12 +86,12 @@ class RunnerOutput(NamedTuple):
 
 @runtime_checkable
 class ModelRunner(Protocol):
-    """The model call: ``runner(batch)`` with ``batch`` (B, 3, S, S) float32 in [0, 1], S = ``image_size``.
+    """The model call: ``runner(batch)`` with ``batch`` (B, 3, H, W) float32 in [0, 1], (H, W) = ``image_size``.
 
     ``family`` names the model family (``tsdn``, ``patchcore``) that answers.
     """
 
-    image_size: int
+    image_size: tuple[int, int]
     family: str
 
     def __call__(self, batch: np.ndarray) -> RunnerOutput: ...
@@ -113,9 +113,9 @@ def _threads() -> int:
     return int(value) if value.isdigit() else 0
 
 
-def _check_batch(batch: np.ndarray, size: int, who: str) -> np.ndarray:
-    if batch.ndim != 4 or batch.shape[0] == 0 or batch.shape[1:] != (3, size, size):
-        msg = f"{who}: expected a non-empty (B, 3, {size}, {size}) batch, got {tuple(batch.shape)}"
+def _check_batch(batch: np.ndarray, size: tuple[int, int], who: str) -> np.ndarray:
+    if batch.ndim != 4 or batch.shape[0] == 0 or batch.shape[1:] != (3, *size):
+        msg = f"{who}: expected a non-empty (B, 3, {size[0]}, {size[1]}) batch, got {tuple(batch.shape)}"
         raise ValueError(msg)
     return np.ascontiguousarray(batch, dtype=np.float32)
 
@@ -133,7 +133,7 @@ class TorchRunner:
 
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
-        self.image_size = int(model.cfg.image_size)
+        self.image_size = model.cfg.input_shape
         self.family = str(model.FAMILY)
 
     def __call__(self, batch: np.ndarray) -> RunnerOutput:
@@ -152,12 +152,12 @@ class OnnxRuntimeRunner:
 
     Args:
         model: the ``model.onnx`` bytes.
-        image_size: S of the export's (B, 3, S, S) input.
+        image_size: (H, W) of the export's (B, 3, H, W) input.
         threads: intra-op threads; None = ``OMP_NUM_THREADS`` if set, else one per core.
         family: the exported model's family (from ``export.json``).
     """
 
-    def __init__(self, model: bytes, image_size: int, threads: int | None = None, family: str = "") -> None:
+    def __init__(self, model: bytes, image_size: tuple[int, int], threads: int | None = None, family: str = "") -> None:
         import onnxruntime as ort  # optional dependency (the ``export`` extra)
 
         options = ort.SessionOptions()
@@ -179,13 +179,13 @@ class OpenVinoRunner:
 
     Args:
         files: ``{"model.xml", "model.bin"}`` bytes, or ``{"model.onnx"}``.
-        image_size: S of the (B, 3, S, S) input.
+        image_size: (H, W) of the (B, 3, H, W) input.
         threads: inference threads; None = ``OMP_NUM_THREADS`` if set, else one per core.
         family: the exported model's family (from ``export.json``).
     """
 
     def __init__(
-        self, files: Mapping[str, bytes], image_size: int, threads: int | None = None, family: str = ""
+        self, files: Mapping[str, bytes], image_size: tuple[int, int], threads: int | None = None, family: str = ""
     ) -> None:
         import openvino as ov  # optional dependency (the ``export`` extra)
 
@@ -231,7 +231,7 @@ def load_exported(files: Mapping[str, bytes], runtime: str | None = None, thread
     if runtime == "onnxruntime" and fmt != "onnx":
         msg = f"runtime onnxruntime runs onnx exports; this export is {fmt!r} (export with --format onnx)"
         raise ValueError(msg)
-    size = int(meta["input_size"][0])
+    size = (int(meta["input_size"][0]), int(meta["input_size"][1]))
     calibration = Calibration.from_dict(meta["calibration"])
     model_files = {name: files[name] for name in EXPORT_FORMATS[fmt]}
     if runtime == "onnxruntime":

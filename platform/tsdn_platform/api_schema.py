@@ -97,7 +97,9 @@ class ProductSummary(BaseModel):
     model_version: str
     family: str
     promoted_at: str | None = None
-    image_size: int | None = Field(None, description="the network's input size (pixels, square)")
+    image_size: int | list[int] | None = Field(
+        None, description="the network's input size in pixels: S (square) or [H, W]"
+    )
     score_source: str | None = Field(None, description="TSDN only: which map the image score comes from")
     threshold: float | None = Field(None, description="the calibrated raw-score threshold")
     metrics: dict[str, dict[str, float]] = Field(

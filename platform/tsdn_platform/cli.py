@@ -95,6 +95,16 @@ def _seconds(value: str) -> float:
     return seconds
 
 
+def image_size_arg(value: str) -> int | tuple[int, int]:
+    """``--image-size``: ``S`` (a square input) or ``HxW`` (e.g. ``320x128`` for parts shot at 2.5:1)."""
+    parts = value.lower().split("x")
+    if len(parts) in (1, 2) and all(part.strip().isdigit() for part in parts):
+        sides = tuple(int(part) for part in parts)
+        return sides[0] if len(sides) == 1 else sides
+    msg = f"{value!r}: expected S or HxW in pixels (e.g. 192 or 320x128)"
+    raise argparse.ArgumentTypeError(msg)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tsdn",
@@ -225,7 +235,11 @@ def _ingest(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="store URI (s3://bucket/prefix or a folder); shards go to <store>/datasets/<name>")
     p.add_argument("--dataset", help="dataset name")
     p.add_argument("--products", help="comma-separated product lines (default: every folder with train/good)")
-    p.add_argument("--image-size", type=int, help="training resolution of the superpixel maps (default 352)")
+    p.add_argument(
+        "--image-size",
+        type=image_size_arg,
+        help="training resolution of the superpixel maps: S or HxW, e.g. 320x128 (default 352)",
+    )
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     _config_args(p, config="tsdn_platform.ingest:IngestConfig")
 

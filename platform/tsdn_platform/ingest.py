@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 import ray
 
 from tsdn.config_io import check
+from tsdn.resize import input_shape
 from tsdn_platform import store
 from tsdn_platform.config import ConfigError, config_to_yaml, load_config
 from tsdn_platform.layout import dataset_uri
@@ -100,7 +101,7 @@ class IngestConfig:
     store: str = ""
     dataset: str = ""
     products: list[str] | str | None = None
-    image_size: int = 352
+    image_size: int | tuple[int, int] = 352
     n_segments: int = 400
     slic_compactness: float = 10.0
     mask_threshold: int = 128
@@ -118,7 +119,11 @@ class IngestConfig:
             validate_name(self.dataset, "dataset")
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
-        check(self, self.image_size >= 16, "image_size", ">= 16")
+        try:
+            sides = input_shape(self.image_size)
+        except ValueError:
+            sides = (0,)
+        check(self, min(sides) >= 16, "image_size", "S or [H, W], each >= 16")
         check(self, self.n_segments >= 1, "n_segments", ">= 1")
         check(self, self.slic_compactness > 0, "slic_compactness", "> 0")
         check(self, 0 < self.mask_threshold < 256, "mask_threshold", "1..255")

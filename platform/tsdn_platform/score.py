@@ -337,9 +337,9 @@ def _resolve_models(cfg: ScoreConfig, products: Iterable[str]) -> _Models:
         except UnknownProductError as exc:
             models.unavailable[product] = str(exc)
             continue
-        size = cfg.output_map_size or int(meta["input_size"][0])
+        height, width = (cfg.output_map_size,) * 2 if cfg.output_map_size else meta["input_size"]
         models.versions[product] = ref.version
-        models.shapes[product] = (size, size)
+        models.shapes[product] = (int(height), int(width))
     return models
 
 

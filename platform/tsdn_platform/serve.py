@@ -67,6 +67,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from tsdn.config_io import from_dict
 from tsdn.image import ImageDecodeError, decode_image
+from tsdn.resize import input_shape
 from tsdn.response import INCLUDES
 from tsdn_platform.api_schema import (
     DETECT_REQUEST_BODY,
@@ -374,7 +375,7 @@ class TSDNIngress:
         # Nothing larger than the model needs leaves the decode: a JPEG decodes at a DCT scale, any image is
         # reduced on load, so a replica never receives (or maps) a 40 M pixel image.
         input_size = (model_json.get("config") or {}).get("image_size")
-        keep = DECODE_KEEP * input_size if input_size else None
+        keep = DECODE_KEEP * max(input_shape(input_size)) if input_size else None
         try:
             async with self._decodes:
                 image = await asyncio.to_thread(decode_image, data, name, self._cfg.max_image_pixels, keep)

@@ -25,6 +25,7 @@ file left by an interrupted run is never read. A product without a manifest is "
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -182,8 +183,9 @@ def committed_rows(uri: str) -> int:
 # --- the training reader ---------------------------------------------------------------------------
 
 
-def resize_image(rgb: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (3, S, S) float32 in [0, 1], by :func:`tsdn.resize.to_network_input` (what serving does)."""
+def resize_image(rgb: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+    """(H, W, 3) uint8 -> (3, h, w) float32 in [0, 1] at ``size`` (S or [h, w]), by
+    :func:`tsdn.resize.to_network_input` (what serving does)."""
     from tsdn.resize import to_network_input
 
     return to_network_input(np.ascontiguousarray(rgb, dtype=np.uint8), size)
@@ -196,21 +198,22 @@ def _read_shard(batch: dict[str, np.ndarray], columns: list[str]) -> pa.Table:
     return store.retrying(uri, lambda: pq.read_table(path, filesystem=fs, columns=columns))
 
 
-def _decode_rows(batch: dict[str, np.ndarray], image_size: int, image_dtype: str, superpixels: bool):
+def _decode_rows(batch: dict[str, np.ndarray], image_size: int | Sequence[int], image_dtype: str, superpixels: bool):
     """Ray Data UDF: shard rows -> decoded, resized arrays (see :func:`read_split`)."""
     from tsdn.image import decode_image, to_rgb
-    from tsdn.resize import resize_mask
+    from tsdn.resize import input_shape, resize_mask
     from tsdn.surf import decode_labels
 
     n = len(batch["image_id"])
-    images = np.empty((n, 3, image_size, image_size), dtype=np.float32)
-    masks = np.zeros((n, 1, image_size, image_size), dtype=np.float32)
+    shape = input_shape(image_size)
+    images = np.empty((n, 3, *shape), dtype=np.float32)
+    masks = np.zeros((n, 1, *shape), dtype=np.float32)
     for i in range(n):
         name = str(batch["image_id"][i])
         images[i] = resize_image(to_rgb(decode_image(batch["image"][i], name))[0], image_size)
         if batch["mask"][i] is not None:
             mask = np.asarray(decode_image(batch["mask"][i], f"{name} (mask)").convert("L"))
-            masks[i, 0] = resize_mask(mask, (image_size, image_size))
+            masks[i, 0] = resize_mask(mask, shape)
     out = {
         "image": np.round(images * 255.0).astype(np.uint8) if image_dtype == "uint8" else images,
         "mask": masks,
@@ -220,7 +223,6 @@ def _decode_rows(batch: dict[str, np.ndarray], image_size: int, image_dtype: str
         "defect_type": batch["defect_type"],
     }
     if superpixels:
-        shape = (image_size, image_size)
         out["superpixels"] = np.stack([decode_labels(data, shape).astype(np.int32) for data in batch["superpixels"]])
     return out
 
@@ -233,7 +235,7 @@ def read_split(
     columns: list[str] | None = None,
     image_dtype: str = "float32",
 ):
-    """A Ray Dataset of one ingested split, decoded and resized to the manifest's ``image_size`` S.
+    """A Ray Dataset of one ingested split, decoded and resized to the manifest's ``image_size`` (S or [H, W]).
 
     Rows (numpy per batch; ``iter_torch_batches`` turns the numeric ones into tensors):
         image:       (3, S, S) float32 in [0, 1] (``image_dtype="float32"``) or uint8 (``"uint8"``)

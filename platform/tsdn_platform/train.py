@@ -50,6 +50,7 @@ import torch
 
 from tsdn.checkpoint import MODEL_JSON, MODEL_WEIGHTS
 from tsdn.config_io import ConfigError, from_dict, to_dict
+from tsdn.resize import input_shape
 from tsdn_platform import layout, shards, store, train_checkpoints, train_eval
 from tsdn_platform.cli import exit_status
 from tsdn_platform.config import config_to_yaml, load_config
@@ -301,8 +302,18 @@ def manifest_problems(cfg: TrainConfig, product: str, manifest: Mapping[str, Any
         f"{product}: {section}.{name}={configured} but dataset {cfg.dataset!r} was ingested with {ingested}; "
         f"train with --set {section}.{name}={ingested} or re-ingest"
         for name, ingested, configured in pairs
-        if ingested is not None and float(ingested) != float(configured)
+        if ingested is not None and not _same_setting(ingested, configured)
     ]
+
+
+def _same_setting(ingested: Any, configured: Any) -> bool:
+    """A manifest's value (from JSON: a list for an [H, W] size) against the config's (a tuple; an int for S)."""
+    if isinstance(ingested, list) or isinstance(configured, tuple):
+        try:
+            return input_shape(ingested) == input_shape(configured)
+        except ValueError:
+            return False
+    return float(ingested) == float(configured)
 
 
 def check_manifest(cfg: TrainConfig, product: str, manifest: Mapping[str, Any], family: str = "tsdn") -> None:

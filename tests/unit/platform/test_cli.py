@@ -113,3 +113,16 @@ def test_job_help_lists_its_config_keys_with_types_and_defaults(command, keys, c
     for key in keys:
         (line,) = [row for row in section.splitlines() if row.split()[:1] == [key]]
         assert " = " in line  # a type and a default
+
+
+def test_image_size_flag_takes_a_side_or_height_by_width():
+    import argparse
+
+    from tsdn_platform.cli import image_size_arg
+
+    assert (
+        image_size_arg("192") == 192 and image_size_arg("320x128") == (320, 128) and image_size_arg("96X64") == (96, 64)
+    )
+    for bad in ("", "x128", "320x", "320x128x3", "-5", "1.5"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected S or HxW"):
+            image_size_arg(bad)

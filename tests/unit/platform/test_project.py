@@ -165,7 +165,7 @@ def test_every_config_names_class_field_expectation_and_value():
         (lambda: ServeConfig(store="s", port=70000), "ServeConfig.port: expected <= 65535, got 70000"),
         (
             lambda: IngestConfig(source="a", store="b", dataset="c", image_size=8),
-            "IngestConfig.image_size: expected >= 16, got 8",
+            "IngestConfig.image_size: expected S or [H, W], each >= 16, got 8",
         ),
     )
     for build, message in cases:

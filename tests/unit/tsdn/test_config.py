@@ -89,3 +89,19 @@ def test_package_exports_resolve_lazily():
         "assert tsdn.TSDNConfig is __import__('tsdn.config').config.TSDNConfig\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_rectangular_image_size_round_trips_and_is_checked():
+    cfg = TSDNConfig(image_size=[320, 128], backbone="test_efficientnet", weights="none")
+    assert cfg.image_size == (320, 128) and cfg.input_shape == (320, 128)
+    assert cfg.fne_pool_size == 128 // 32  # the short side
+    data = cfg.to_dict()
+    assert data["image_size"] == [320, 128]
+    assert TSDNConfig.from_dict(data) == cfg
+    assert TSDNConfig(image_size=192).input_shape == (192, 192)
+    assert TSDNConfig.from_dict({**data, "image_size": 192}).image_size == 192
+    for bad in ([320], [320, 100], [320, 128, 64], (32, 64)):
+        with pytest.raises(ConfigError, match="image_size"):
+            TSDNConfig(image_size=bad)
+    with pytest.raises(ConfigError, match="image_size"):
+        TSDNConfig.from_dict({**data, "image_size": "320x128"})

@@ -114,6 +114,25 @@ def test_tsdn_export_carries_the_feature_whitening(normalization, strides, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_a_rectangular_input_exports_with_its_shape(fmt):
+    """image_size [H, W]: the graph takes (B, 3, H, W), its maps come back at each image's own size, and the
+    per-position statistics and the whitening travel with it."""
+    model = _tsdn(
+        "feature",
+        image_size=(128, 64),
+        feature_distance="mahalanobis",
+        score_normalization="pixel",
+        feature_strides=(8, 16, 32),
+    )
+    model.fit_normal_stats([torch.rand(6, 3, 128, 64, generator=torch.Generator().manual_seed(3))])
+    files = export_model(model, CALIBRATION, fmt)
+    meta = json.loads(files[EXPORT_JSON])
+    assert meta["input_size"] == [128, 64] and meta["input"]["shape"] == ["batch", 3, 128, 64]
+    assert load_exported(files).runner.image_size == (128, 64)
+    _assert_parity(model, files, RUNTIME_OF[fmt], _images(5))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_patchcore_export_searches_the_whole_bank(fmt):
     model = _patchcore()
     assert model.bank.shape[0] > 2 * TINY_PATCHCORE.bank_chunk  # the graph's search runs over several blocks

@@ -160,3 +160,33 @@ def test_training_reduces_the_loss_on_a_fixed_batch():
         history.append((float(total.detach()), float(terms["mask"])))
     assert history[-1][0] < 0.75 * history[0][0]
     assert history[-1][1] < 0.5 * history[0][1]  # DCD_A learns the SURF mask
+
+
+def test_a_rectangular_input_is_fitted_and_scored_at_its_shape():
+    """image_size [H, W]: the whitening and the per-position statistics are fitted at (H, W), and predict
+    returns (B, 1, H, W); an image of another shape is refused by the statistics step, naming both."""
+    cfg = TSDNConfig(
+        image_size=(128, 64),
+        backbone="test_efficientnet",
+        weights="none",
+        feature_channels=8,
+        fne_hidden=16,
+        skip=False,
+        score_source="feature",
+        feature_distance="mahalanobis",
+        score_normalization="pixel",
+    )
+    torch.manual_seed(0)
+    model = TSDN(cfg).eval()
+    assert model.normal_mean.shape == (1, 1, 128, 64)
+    normal = torch.rand(6, 3, 128, 64, generator=torch.Generator().manual_seed(1))
+    assert model.fit_normal_stats(normal.split(3)) == 6
+    with torch.no_grad():
+        out = model.predict(normal)
+        train_out = model(normal[:2])
+    assert out.anomaly_map.shape == (6, 1, 128, 64) and out.anomaly_score.shape == (6,)
+    assert train_out.reconstruction.shape == (2, 3, 128, 64) and train_out.mask_logits.shape == (2, 1, 128, 64)
+    # standardised by the images it was fitted on: each position's mean over them is ~0
+    assert out.anomaly_map.mean(dim=0).abs().max() < 1e-3
+    with pytest.raises(ValueError, match=r"128x64 \(image_size\), got \(64, 128\)"):
+        model.normal_stat_sums([torch.rand(2, 3, 64, 128)], "pixel")

@@ -1,5 +1,7 @@
 """Predictor: any image mode and size in, calibrated detections with maps at the input resolution out."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -138,3 +140,23 @@ def test_an_image_decoded_small_scores_like_the_full_decode(predictor, fmt):
     np.testing.assert_allclose(
         decoded_small.anomaly_map, reference.anomaly_map, atol=0.03 * reference.anomaly_map.max()
     )
+
+
+def test_a_rectangular_model_predicts_at_its_shape_and_round_trips_its_checkpoint():
+    """image_size [H, W]: the network sees (H, W), each map comes back at its image's size, and the checkpoint
+    (model.json's config and input_size) rebuilds the same model."""
+    torch.manual_seed(0)
+    model = TSDN(TSDNConfig(**{**CFG.to_dict(), "image_size": [128, 64]}))
+    rect = Predictor(model, fit_calibration([0.2, 0.3, 0.4]), batch_size=2)
+    assert rect.image_size == (128, 64)
+    assert rect.preprocess([_rgb(250, 90)]).shape == (1, 3, 128, 64)
+    images = [_rgb(250, 90), _rgb(40, 41, 1)]
+    detections = rect.predict(images)
+    assert [d.anomaly_map.shape for d in detections] == [(250, 90), (40, 41)]
+    assert rect.predict(images, map_size=(128, 64))[0].anomaly_map.shape == (128, 64)
+    files = checkpoint_files(model, rect.calibration)
+    assert json.loads(files["model.json"])["input_size"] == [128, 64]
+    loaded = Predictor.from_files(files, batch_size=2)
+    assert loaded.model.cfg.image_size == (128, 64)
+    for a, b in zip(detections, loaded.predict(images)):
+        np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)

@@ -5,7 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tsdn.resize import resize_antialiased, resize_bilinear, resize_map, resize_mask, to_network_input
+from tsdn.resize import (
+    input_shape,
+    resize_antialiased,
+    resize_bilinear,
+    resize_map,
+    resize_mask,
+    to_network_input,
+)
 
 IMAGE_SHAPES = [(37, 53), (300, 211), (128, 128), (900, 700), (64, 64), (20, 500)]
 MAP_SHAPES = [(37, 53), (129, 31), (300, 200), (64, 64), (16, 24), (200, 40)]
@@ -61,3 +68,22 @@ def test_resize_map_shrinks_antialiased_and_grows_bilinear():
     np.testing.assert_array_equal(resize_map(plane, (128, 96)), resize_bilinear(plane, (128, 96)))
     # one side shrinking is enough to need the antialiased filter
     np.testing.assert_array_equal(resize_map(plane, (32, 128)), resize_antialiased(plane, (32, 128)))
+
+
+def test_a_network_input_of_another_aspect_equals_torch():
+    rgb = np.random.default_rng(2).integers(0, 256, (250, 630, 3)).astype(np.uint8)
+    ours = to_network_input(rgb, (128, 320))
+    image = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0
+    theirs = F.interpolate(image, size=(128, 320), mode="bilinear", align_corners=False, antialias=True)[0]
+    assert ours.shape == (3, 128, 320)
+    assert np.abs(ours - theirs.clamp(0, 1).numpy()).max() < 5e-7
+    assert np.array_equal(to_network_input(rgb, 64), to_network_input(rgb, (64, 64)))
+
+
+def test_input_shape_reads_both_spellings():
+    assert (
+        input_shape(192) == (192, 192) and input_shape((320, 128)) == (320, 128) and input_shape([96, 64]) == (96, 64)
+    )
+    for bad in ("192", [192], (1.5, 2), True):
+        with pytest.raises(ValueError, match="expected S"):
+            input_shape(bad)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from tsdn.checkpoint import checkpoint_files, load_checkpoint
 from tsdn.config import TSDNConfig
-from tsdn.defects import VALIDATION_DEFECTS, cut_paste, validation_set
+from tsdn.defects import VALIDATION_DEFECTS, cut_paste, draw_defect, validation_set
 from tsdn.fne import _ssim_against_one
 from tsdn.losses import TSDNLoss, mask_loss
 from tsdn.model import TSDN
@@ -429,6 +429,32 @@ def test_validation_set_is_leak_free_labelled_and_repeatable():
     assert not np.array_equal(validation_set(normal, seed=4).masks, val.masks)
     with pytest.raises(ValueError, match="expected"):
         validation_set(normal[:0])
+
+
+def test_validation_set_on_a_rectangular_image_draws_inside_a_square_window():
+    """(N, 96, 32, 3) images: every family leaves a mask inside one 32 x 32 window, nothing changes outside it,
+    and a square set draws the same bytes as before the window existed (no random draw is spent on it)."""
+    rng = np.random.default_rng(0)
+    normal = np.clip(rng.integers(60, 200, (1, 96, 32, 3)) + rng.integers(-10, 10, (6, 96, 32, 3)), 0, 255)
+    normal = normal.astype(np.uint8)
+    val = validation_set(normal, seed=3)
+    assert val.images.shape == (12, 96, 32, 3) and val.masks.shape == (12, 96, 32)
+    changed = np.abs(val.images[6:].astype(int) - normal.astype(int)).max(axis=-1) > 0
+    assert (changed <= val.masks[6:].astype(bool)).all()
+    for mask in val.masks[6:]:
+        rows = np.flatnonzero(mask.any(axis=1))
+        assert mask.sum() >= 4 and rows.max() - rows.min() < 32
+    # a square image: the drawers see the whole image and the same random stream as they always did
+    square = _normal_images()
+    stream = np.random.default_rng([3, 104_729])
+    expected = []
+    for i, clean in enumerate(square):
+        kind = VALIDATION_DEFECTS[i % len(VALIDATION_DEFECTS)]
+        base = clean.astype(np.float32) / 255.0
+        donor = square[(i + 1) % len(square)].astype(np.float32) / 255.0
+        image = cut_paste(base, donor, stream)[0] if kind == "cut_paste" else draw_defect(base, kind, stream)[0]
+        expected.append(np.round(image * 255.0).astype(np.uint8))
+    assert np.array_equal(validation_set(square, seed=3).images[6:], np.stack(expected))
 
 
 def test_cut_paste_moves_a_patch_of_the_donor():
