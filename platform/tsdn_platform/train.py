@@ -411,6 +411,17 @@ def build_trainer(cfg: TrainConfig, product: str, run_name: str, runs_uri: str, 
     )
 
 
+def check_holdout(product: str, n_holdout: int | None, folds: Sequence[int]) -> None:
+    """Refuse, before any training, a ``validation: holdout`` run whose held-out split is empty (``n_holdout`` 0):
+    its validation, calibration and promotion would fail only after every epoch had been paid for."""
+    if n_holdout == 0:
+        msg = (
+            f"{product}: no train image falls in holdout_folds {list(folds)}, so there is nothing to validate or "
+            "calibrate on; hold out more folds (e.g. --set holdout_folds=[0,1,2]) or ingest more train images"
+        )
+        raise ConfigError(msg)
+
+
 def small_holdout_warning(product: str, n_holdout: int | None, folds: Sequence[int]) -> str | None:
     """What training says when the held-out split (``n_holdout`` images; None = ``validation: test``) is below
     :data:`SMALL_HOLDOUT`; None when it is not."""
@@ -444,6 +455,7 @@ def run_product(cfg: TrainConfig, product: str) -> ProductResult:
         )
         raise ConfigError(msg)
     n_holdout = datasets["val"].count() if cfg.validation == "holdout" else None
+    check_holdout(product, n_holdout, cfg.holdout_folds)
     warning = small_holdout_warning(product, n_holdout, cfg.holdout_folds)
     if warning:
         logger.warning("%s", warning)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from tsdn_platform.train import SMALL_HOLDOUT, small_holdout_warning
+import pytest
+
+from tsdn_platform.config import ConfigError
+from tsdn_platform.train import SMALL_HOLDOUT, check_holdout, small_holdout_warning
 
 
 def test_a_small_held_out_split_is_named_with_its_size_and_folds():
@@ -19,3 +22,11 @@ def test_a_large_held_out_split_or_test_validation_says_nothing():
     assert small_holdout_warning("transistor", SMALL_HOLDOUT, [0]) is None
     assert small_holdout_warning("transistor", 27, [0]) is None
     assert small_holdout_warning("transistor", None, [0]) is None  # validation: test has no held-out split
+
+
+def test_an_empty_held_out_split_is_refused_before_training():
+    """Seen on 24 ingested images with holdout_folds [0]: the job trained, then failed at validation."""
+    with pytest.raises(ConfigError, match=r"kolektor: no train image falls in holdout_folds \[0\]"):
+        check_holdout("kolektor", 0, [0])
+    check_holdout("kolektor", 1, [0])
+    check_holdout("kolektor", None, [0])  # validation: test
