@@ -62,6 +62,6 @@ def test_every_train_preset_resolves(preset):
         changed = {k for k in vars(demo) if getattr(demo, k) != getattr(cfg.model, k)}
         assert changed == {"image_size", "feature_strides"}, changed
         assert cfg.model.image_size == 192 and tuple(cfg.model.feature_strides) == (8, 16, 32)
-        assert cfg.families == ["tsdn"] and cfg.epochs == 20
+        assert cfg.families == ["tsdn"] and (cfg.epochs, cfg.batch_size) == (8, 4)
     if "patchcore" in cfg.families and "tsdn" in cfg.families:
         assert cfg.patchcore.image_size == cfg.model.image_size  # both read the same shards
