@@ -44,7 +44,8 @@ def main() -> None:
     base = load_config(TrainConfig, args.config, ["store=unused", "dataset=unused"])
     # the family's config is square; its model is fully convolutional, so an (H, W) batch is scored at (H, W)
     cfg = base.patchcore
-    data = load_product(Path(args.root), args.product, args.size, 400, 10.0, Path(args.cache))
+    slic = (base.model.n_segments, base.model.slic_compactness)  # recipe.py's cache name: the TSDN runs' arrays
+    data = load_product(Path(args.root), args.product, args.size, *slic, Path(args.cache))
     held = np.arange(len(data["train"])) % HOLDOUT_EVERY == 0
     torch.manual_seed(0)
     model = PatchCore(dataclasses.replace(cfg, image_size=min(data["train"].shape[1:3])))

@@ -127,10 +127,11 @@ class TSDNConfig:
     def __post_init__(self) -> None:
         if isinstance(self.image_size, list):  # a YAML or JSON list given to the constructor directly
             object.__setattr__(self, "image_size", tuple(self.image_size))
-        sides = self.image_size if isinstance(self.image_size, tuple) else (self.image_size,)
-        size_ok = len(sides) == (2 if isinstance(self.image_size, tuple) else 1) and all(
-            isinstance(side, int) and side >= 64 and side % 32 == 0 for side in sides
-        )
+        try:
+            sides = input_shape(self.image_size)
+        except ValueError:
+            sides = (0,)
+        size_ok = all(side >= 64 and side % 32 == 0 for side in sides)
         check(self, size_ok, "image_size", "S or [H, W], each a multiple of 32, >= 64")
         check(self, bool(self.backbone.strip()), "backbone", "a timm model name")
         check(self, bool(self.weights.strip()), "weights", "a weights spec")
