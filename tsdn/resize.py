@@ -20,7 +20,15 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ["input_shape", "resize_antialiased", "resize_bilinear", "resize_map", "resize_mask", "to_network_input"]
+__all__ = [
+    "input_shape",
+    "matching_input_shape",
+    "resize_antialiased",
+    "resize_bilinear",
+    "resize_map",
+    "resize_mask",
+    "to_network_input",
+]
 
 
 def resize_antialiased(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -41,6 +49,22 @@ def input_shape(size: int | Sequence[int]) -> tuple[int, int]:
         return int(size[0]), int(size[1])
     msg = f"image_size {size!r}: expected S (a square input) or [H, W]"
     raise ValueError(msg)
+
+
+def matching_input_shape(image_shape: Sequence[int], size: int | Sequence[int], multiple: int = 32) -> tuple[int, int]:
+    """The network input (H, W) with about the pixels of ``size`` at the aspect of images ``image_shape`` (H, W).
+
+    Each side is a multiple of ``multiple`` (the encoder's largest stride), at least one ``multiple``. Kolektor's
+    parts, about 630 x 250 px, at the pixels of 192 x 192 give (320, 128).
+    """
+    height, width = (float(v) for v in image_shape[:2])
+    if height <= 0 or width <= 0:
+        msg = f"image shape {tuple(image_shape)}: both sides must be positive"
+        raise ValueError(msg)
+    area = float(np.prod(input_shape(size)))
+    aspect = height / width
+    sides = (np.sqrt(area * aspect), np.sqrt(area / aspect))
+    return tuple(max(multiple, round(side / multiple) * multiple) for side in sides)
 
 
 def to_network_input(rgb: np.ndarray, size: int | Sequence[int]) -> np.ndarray:

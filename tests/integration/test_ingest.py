@@ -85,7 +85,7 @@ def test_rows_match_the_source_files(ingested, demo_root, kind):
         counts = {(split, defect): n for split, defects in manifest["counts"].items() for defect, n in defects.items()}
         assert counts == dict(expected)
         assert manifest["image_size"] == SIZE and manifest["slic"]["n_segments"] == SEGMENTS
-        assert manifest["n_skipped"] == 0
+        assert manifest["n_skipped"] == 0 and manifest["source_shape"] == [SIZE, SIZE]
         for split in ("train", "test"):
             rows = _rows(run["store"], product, split)
             ids = [row["image_id"] for row in rows]
@@ -220,6 +220,28 @@ def test_bad_files_are_reported_not_fatal(demo_root, ray_local, tmp_path):
     manifest = read_manifest(store_uri, "demo", "widget")
     assert manifest["n_skipped"] == 6
     assert manifest["counts"] == {"train": {"good": 10}, "test": {"good": 1, "hole": 1}}
+
+
+def test_an_input_that_distorts_the_images_aspect_is_warned_with_a_size_that_keeps_it(
+    demo_root, ray_local, tmp_path, caplog
+):
+    root = tmp_path / "src" / "strip"  # tall parts, 64 x 24 px, like kolektor's
+    (root / "train" / "good").mkdir(parents=True)
+    (root / "test" / "good").mkdir(parents=True)
+    for i, path in enumerate(sorted((demo_root / "gravel" / "train" / "good").glob("*.png"))[:6]):
+        Image.open(path).crop((20, 0, 44, 64)).save(root / "train" / "good" / f"{i:03d}.png")
+    Image.open(path).crop((0, 0, 24, 64)).save(root / "test" / "good" / "000.png")
+    store_uri = str(tmp_path / "store")
+    with caplog.at_level("WARNING", logger="tsdn_platform.ingest"):
+        run_ingest(_config(str(tmp_path / "src"), store_uri, image_size=32, n_segments=10))
+    assert read_manifest(store_uri, "demo", "strip")["source_shape"] == [64, 24]
+    assert "strip: the train images are 64 x 24 px" in caplog.text
+    assert "changes their aspect 2.7x" in caplog.text and "--image-size 64x32" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tsdn_platform.ingest"):
+        run_ingest(_config(str(tmp_path / "src"), str(tmp_path / "kept"), image_size=(64, 24), n_segments=10))
+    assert "changes their aspect" not in caplog.text
 
 
 def test_empty_or_non_mvtec_trees_are_clear_errors(tmp_path):

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from tsdn.resize import (
     input_shape,
+    matching_input_shape,
     resize_antialiased,
     resize_bilinear,
     resize_map,
@@ -87,3 +88,23 @@ def test_input_shape_reads_both_spellings():
     for bad in ("192", [192], (1.5, 2), True):
         with pytest.raises(ValueError, match="expected S"):
             input_shape(bad)
+
+
+@pytest.mark.parametrize(
+    ("image_shape", "size", "expected"),
+    [
+        ((630, 250), 192, (320, 128)),  # kolektor's parts at the pixels of 192 x 192
+        ((250, 630), 192, (128, 320)),
+        ((1024, 1024), 256, (256, 256)),  # square images keep a square input
+        ((480, 640), (128, 128), (96, 160)),
+        ((100, 5000), 128, (32, 896)),  # never below one stride of 32
+    ],
+)
+def test_matching_input_shape_keeps_the_pixels_at_the_images_aspect(image_shape, size, expected):
+    shape = matching_input_shape(image_shape, size)
+    assert shape == expected and all(side % 32 == 0 for side in shape)
+
+
+def test_matching_input_shape_refuses_an_empty_image():
+    with pytest.raises(ValueError, match="both sides must be positive"):
+        matching_input_shape((0, 10), 128)
