@@ -33,6 +33,7 @@ from torch import nn
 
 from tsdn import config_io
 from tsdn.backbone import Opener, check_input, create_encoder, normalization
+from tsdn.resize import input_shape
 from tsdn.scoring import blur_map, image_score
 
 __all__ = [
@@ -50,7 +51,8 @@ class PatchCoreConfig:
     """Settings of one PatchCore model.
 
     Attributes:
-        image_size: side S of the square input (a multiple of 32).
+        image_size: side S of the square input, or [H, W] for a line shot at another aspect (each a multiple of
+            32; the bank is a set of patches, so nothing else depends on the shape).
         backbone, weights: the frozen encoder (timm name, weights spec of :func:`tsdn.backbone.resolve_weights`).
         reductions: encoder strides whose features are concatenated (the paper: the two middle stages).
         pool: side of the local averaging ("locally aware" features), odd.
@@ -65,7 +67,7 @@ class PatchCoreConfig:
         seed: the patch subsampling, the projection and the coreset's first centre.
     """
 
-    image_size: int = 224
+    image_size: int | tuple[int, int] = 224
     backbone: str = "tf_efficientnet_lite0"
     weights: str = "package:efficientnet-lite0"
     reductions: tuple[int, ...] = (8, 16)
@@ -82,8 +84,14 @@ class PatchCoreConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.image_size, list):  # a YAML or JSON list given to the constructor directly
+            object.__setattr__(self, "image_size", tuple(self.image_size))
+        try:
+            sides = input_shape(self.image_size)
+        except ValueError:
+            sides = (0,)
         checks = (
-            (self.image_size >= 32 and self.image_size % 32 == 0, "image_size", "a multiple of 32, >= 32"),
+            (all(side >= 32 and side % 32 == 0 for side in sides), "image_size", "S or [H, W], each a multiple of 32"),
             (bool(self.backbone.strip()), "backbone", "a timm model name"),
             (bool(self.weights.strip()), "weights", "a weights spec"),
             (len(self.reductions) >= 1, "reductions", "at least one encoder stride"),
@@ -111,8 +119,8 @@ class PatchCoreConfig:
 
     @property
     def input_shape(self) -> tuple[int, int]:
-        """(S, S): the family's input is square (the interface of ``TSDNConfig.input_shape``)."""
-        return self.image_size, self.image_size
+        """(H, W) of the network input: (S, S) for ``image_size: S`` (as ``TSDNConfig.input_shape``)."""
+        return input_shape(self.image_size)
 
 
 class PatchCorePrediction(NamedTuple):

@@ -48,8 +48,7 @@ def calibrate(model, seed: int = 0, n: int = 6):
 
     from tsdn.scoring import fit_calibration
 
-    size = model.cfg.image_size
-    images = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    images = torch.rand(n, 3, *model.cfg.input_shape, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         scores = model.predict(images).anomaly_score.numpy()
     return fit_calibration(np.asarray(scores, np.float64))

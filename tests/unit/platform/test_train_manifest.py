@@ -35,3 +35,15 @@ def test_ingest_takes_either_spelling_of_the_size():
     assert load_config(IngestConfig, None, [*base, "image_size=192"]).image_size == 192
     with pytest.raises(ConfigError, match="image_size"):
         load_config(IngestConfig, None, [*base, "image_size=[320, 8]"])
+
+
+def test_both_families_train_on_a_rectangular_dataset():
+    sets = ["store=/tmp/s", "dataset=d", "families=[tsdn, patchcore]"]
+    cfg = load_config(TrainConfig, "demo", [*sets, "model.image_size=[320, 128]", "patchcore.image_size=[320, 128]"])
+    assert cfg.patchcore.input_shape == (320, 128)
+    slic = {"n_segments": cfg.model.n_segments, "compactness": cfg.model.slic_compactness}
+    manifest = {"image_size": [320, 128], "slic": slic}
+    assert manifest_problems(cfg, "kolektor", manifest, "patchcore") == []
+    square = load_config(TrainConfig, "demo", [*sets, "model.image_size=[320, 128]"])
+    problems = manifest_problems(square, "kolektor", manifest, "patchcore")
+    assert len(problems) == 1 and "patchcore.image_size=128" in problems[0], problems

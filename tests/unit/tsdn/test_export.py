@@ -60,7 +60,7 @@ def _tsdn(source: str, **changes) -> TSDN:
 def _patchcore(cfg: pc.PatchCoreConfig = TINY_PATCHCORE) -> pc.PatchCore:
     torch.manual_seed(0)
     model = pc.PatchCore(cfg)
-    model.fit([torch.rand(3, 3, cfg.image_size, cfg.image_size)])
+    model.fit([torch.rand(3, 3, *cfg.input_shape)])
     return model
 
 
@@ -129,6 +129,17 @@ def test_a_rectangular_input_exports_with_its_shape(fmt):
     meta = json.loads(files[EXPORT_JSON])
     assert meta["input_size"] == [128, 64] and meta["input"]["shape"] == ["batch", 3, 128, 64]
     assert load_exported(files).runner.image_size == (128, 64)
+    _assert_parity(model, files, RUNTIME_OF[fmt], _images(5))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_a_rectangular_patchcore_exports_with_its_shape(fmt):
+    model = pc.PatchCore(dataclasses.replace(TINY_PATCHCORE, image_size=(96, 64)))
+    model.fit([torch.rand(3, 3, 96, 64, generator=torch.Generator().manual_seed(3))])
+    files = export_model(model, CALIBRATION, fmt)
+    meta = json.loads(files[EXPORT_JSON])
+    assert meta["input_size"] == [96, 64] and meta["input"]["shape"] == ["batch", 3, 96, 64]
+    assert load_exported(files).runner.image_size == (96, 64)
     _assert_parity(model, files, RUNTIME_OF[fmt], _images(5))
 
 

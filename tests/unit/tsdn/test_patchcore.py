@@ -144,6 +144,28 @@ def test_checkpoint_round_trip_and_the_predictor_serve_patchcore_like_tsdn():
         load_checkpoint({**files, "model.json": json.dumps(meta).encode()})
 
 
+def test_a_rectangular_input_fits_predicts_and_round_trips():
+    """image_size [H, W] (a line shot at another aspect): the bank holds H/8 x W/8 patches per image, the maps come
+    back at (H, W) and at each image's own size through the Predictor, and the checkpoint keeps the shape."""
+    assert pc.PatchCoreConfig.from_dict({**TINY.to_dict(), "image_size": [96, 32]}).input_shape == (96, 32)
+    for bad in ([96, 40], [16, 64], [64]):
+        with pytest.raises(ValueError, match="image_size"):
+            dataclasses.replace(TINY, image_size=bad)
+    model = _model(image_size=(96, 32), coreset_fraction=1.0)
+    brick = torch.from_numpy(skdata.brick()).float().div(255)
+    tall = torch.stack([brick[i * 50 : i * 50 + 96, i * 30 : i * 30 + 32] for i in range(4)])
+    tall = tall.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+    assert model.fit([tall])["bank_size"] == 4 * (96 // 8) * (32 // 8)
+    prediction = model.predict(tall)
+    assert prediction.anomaly_map.shape == (4, 1, 96, 32)
+    files = checkpoint_files(model, fit_calibration(prediction.anomaly_score.numpy()))
+    loaded, calibration, meta = load_checkpoint(files)
+    assert meta["input_size"] == [96, 32] and loaded.cfg.input_shape == (96, 32)
+    part = np.asarray(skdata.brick())[:300, :100]
+    detection = Predictor(loaded, calibration, device="cpu").predict([part])[0]
+    assert detection.anomaly_map.shape == (300, 100)
+
+
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
 def test_nearest_distance_keeps_small_distances_exact(backend):
     """Near-duplicates of bank rows: the search's expansion cancels to noise, the returned distance must not."""
