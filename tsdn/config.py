@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from tsdn import config_io
 from tsdn.config_io import check
-from tsdn.resize import input_shape
+from tsdn.resize import input_shape, parse_image_size
 
 __all__ = ["ABLATIONS", "SCORE_SOURCES", "TSDNConfig", "apply_ablation"]
 
@@ -125,13 +125,9 @@ class TSDNConfig:
     surf_opacity_min: float = 1.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.image_size, list):  # a YAML or JSON list given to the constructor directly
-            object.__setattr__(self, "image_size", tuple(self.image_size))
-        try:
-            sides = input_shape(self.image_size)
-        except ValueError:
-            sides = (0,)
-        size_ok = all(side >= 64 and side % 32 == 0 for side in sides)
+        image_size, sides = parse_image_size(self.image_size)
+        object.__setattr__(self, "image_size", image_size)
+        size_ok = sides is not None and all(side >= 64 and side % 32 == 0 for side in sides)
         check(self, size_ok, "image_size", "S or [H, W], each a multiple of 32, >= 64")
         check(self, bool(self.backbone.strip()), "backbone", "a timm model name")
         check(self, bool(self.weights.strip()), "weights", "a weights spec")

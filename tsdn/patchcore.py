@@ -33,7 +33,7 @@ from torch import nn
 
 from tsdn import config_io
 from tsdn.backbone import Opener, check_input, create_encoder, normalization
-from tsdn.resize import input_shape
+from tsdn.resize import input_shape, parse_image_size
 from tsdn.scoring import blur_map, image_score
 
 __all__ = [
@@ -84,14 +84,11 @@ class PatchCoreConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.image_size, list):  # a YAML or JSON list given to the constructor directly
-            object.__setattr__(self, "image_size", tuple(self.image_size))
-        try:
-            sides = input_shape(self.image_size)
-        except ValueError:
-            sides = (0,)
+        image_size, sides = parse_image_size(self.image_size)
+        object.__setattr__(self, "image_size", image_size)
+        size_ok = sides is not None and all(side >= 32 and side % 32 == 0 for side in sides)
         checks = (
-            (all(side >= 32 and side % 32 == 0 for side in sides), "image_size", "S or [H, W], each a multiple of 32"),
+            (size_ok, "image_size", "S or [H, W], each a multiple of 32"),
             (bool(self.backbone.strip()), "backbone", "a timm model name"),
             (bool(self.weights.strip()), "weights", "a weights spec"),
             (len(self.reductions) >= 1, "reductions", "at least one encoder stride"),

@@ -23,6 +23,7 @@ from PIL import Image
 __all__ = [
     "input_shape",
     "matching_input_shape",
+    "parse_image_size",
     "resize_antialiased",
     "resize_bilinear",
     "resize_map",
@@ -49,6 +50,17 @@ def input_shape(size: int | Sequence[int]) -> tuple[int, int]:
         return int(size[0]), int(size[1])
     msg = f"image_size {size!r}: expected S (a square input) or [H, W]"
     raise ValueError(msg)
+
+
+def parse_image_size(size: object) -> tuple[object, tuple[int, int] | None]:
+    """A config's ``image_size`` as given -> ``(S, or [H, W] as a tuple, its (H, W))``; (H, W) is None when the
+    value is neither spelling (the config names the field in its own error)."""
+    if isinstance(size, list):  # a YAML or JSON list given to the constructor directly
+        size = tuple(size)
+    try:
+        return size, input_shape(size)
+    except ValueError:
+        return size, None
 
 
 def matching_input_shape(image_shape: Sequence[int], size: int | Sequence[int], multiple: int = 32) -> tuple[int, int]:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from tsdn.resize import (
     input_shape,
     matching_input_shape,
+    parse_image_size,
     resize_antialiased,
     resize_bilinear,
     resize_map,
@@ -108,3 +109,9 @@ def test_matching_input_shape_keeps_the_pixels_at_the_images_aspect(image_shape,
 def test_matching_input_shape_refuses_an_empty_image():
     with pytest.raises(ValueError, match="both sides must be positive"):
         matching_input_shape((0, 10), 128)
+
+
+def test_parse_image_size_turns_a_list_into_a_tuple_and_names_no_shape_for_junk():
+    assert parse_image_size([320, 128]) == ((320, 128), (320, 128))
+    assert parse_image_size(192) == (192, (192, 192))
+    assert parse_image_size("192") == ("192", None) and parse_image_size([1, 2, 3]) == ((1, 2, 3), None)
