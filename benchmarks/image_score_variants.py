@@ -21,7 +21,6 @@ file.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipe import _to_tensor, load_saved_run
-from stage_variants import per_type_auroc, predicted
+from stage_variants import per_type_auroc, predicted, report_variants
 
 from tsdn.metrics import image_auroc, pixel_auroc
 from tsdn.model import TSDN
@@ -77,15 +76,7 @@ def main(model_path: str, root: str, product: str, out_path: str) -> None:
                 "test_fpr_at_threshold": round(float((scores[labels == 0] >= threshold).mean()), 4),
                 "test_tpr_at_threshold": round(float((scores[labels == 1] >= threshold).mean()), 4),
             }
-    with open(out_path, "a") as handle:
-        handle.write(json.dumps({"model": model_path, "product": product, "seed": seed, "variants": results}) + "\n")
-    for name, r in results.items():
-        types = " ".join(f"{k}={v:.2f}" for k, v in r["per_type"].items())
-        print(
-            f"{product} s{seed} {name:22s} test {r['image_auroc']:.3f} / {r['pixel_auroc']:.3f} "
-            f"| val {r['val_image_auroc']:.3f} | fpr {r['test_fpr_at_threshold']:.2f} "
-            f"tpr {r['test_tpr_at_threshold']:.2f} | {types}"
-        )
+    report_variants(out_path, model_path, product, seed, results)
 
 
 if __name__ == "__main__":

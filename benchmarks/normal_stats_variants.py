@@ -23,7 +23,6 @@ For every variant: test image / pixel AUROC, image AUROC per defect type and the
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipe import _to_tensor, load_saved_run
-from stage_variants import per_type_auroc, predicted
+from stage_variants import per_type_auroc, predicted, report_variants
 
 from tsdn.metrics import image_auroc, pixel_auroc
 from tsdn.model import TSDN
@@ -99,14 +98,7 @@ def main(model_path: str, root: str, product: str, out_path: str) -> None:
             "per_type": per_type_auroc(labels, scores, defects),
             "val_image_auroc": round(float(image_auroc(val.labels, val_scores)), 4),
         }
-    with open(out_path, "a") as handle:
-        handle.write(json.dumps({"model": model_path, "product": product, "seed": seed, "variants": results}) + "\n")
-    for name, r in results.items():
-        types = " ".join(f"{k}={v:.2f}" for k, v in r["per_type"].items())
-        print(
-            f"{product} s{seed} {name:16s} test {r['image_auroc']:.3f} / {r['pixel_auroc']:.3f} "
-            f"| val {r['val_image_auroc']:.3f} | {types}"
-        )
+    report_variants(out_path, model_path, product, seed, results)
 
 
 if __name__ == "__main__":

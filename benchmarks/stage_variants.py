@@ -146,14 +146,21 @@ def main(model_path: str, root: str, product: str, out_path: str) -> None:
             "test_fpr_at_threshold": round(float((scores[labels == 0] >= threshold).mean()), 4),
             "test_tpr_at_threshold": round(float((scores[labels == 1] >= threshold).mean()), 4),
         }
+    report_variants(out_path, model_path, product, seed, results)
+
+
+def report_variants(out_path: str, model_path: str, product: str, seed: int, results: dict[str, dict]) -> None:
+    """Append one model's variants as a JSON row to ``out_path`` and print a line per variant."""
     with open(out_path, "a") as handle:
         handle.write(json.dumps({"model": model_path, "product": product, "seed": seed, "variants": results}) + "\n")
     for name, r in results.items():
         types = " ".join(f"{k}={v:.2f}" for k, v in r["per_type"].items())
+        threshold = ""
+        if "test_fpr_at_threshold" in r:
+            threshold = f"| fpr {r['test_fpr_at_threshold']:.2f} tpr {r['test_tpr_at_threshold']:.2f} "
         print(
-            f"{product} s{seed} {name:14s} test {r['image_auroc']:.3f} / {r['pixel_auroc']:.3f} "
-            f"| val {r['val_image_auroc']:.3f} | fpr {r['test_fpr_at_threshold']:.2f} "
-            f"tpr {r['test_tpr_at_threshold']:.2f} | {types}"
+            f"{product} s{seed} {name:22s} test {r['image_auroc']:.3f} / {r['pixel_auroc']:.3f} "
+            f"| val {r['val_image_auroc']:.3f} {threshold}| {types}"
         )
 
 
