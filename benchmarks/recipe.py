@@ -188,6 +188,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     torch.manual_seed(args.seed)
     model = TSDN(cfg)
+    if cfg.encoder_norm == "adapted":  # before the first step, on the training images, as the job does
+        model.fit_encoder_norm(train_images.split(args.eval_batch))
     optimizer = build_optimizer(model, cfg)
     loss_fn = TSDNLoss(cfg)
     generator = torch.Generator().manual_seed(args.seed)

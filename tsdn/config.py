@@ -78,6 +78,11 @@ class TSDNConfig:
     Training recipe (read by :mod:`tsdn.training`; the defaults are the paper's):
         encoder_lr_scale: the encoder's learning rate is ``lr * encoder_lr_scale``; 0 freezes it
             (no gradient, BatchNorm statistics kept) - the paper trains it with everything else (1).
+        encoder_norm: the frozen encoder's BatchNorm statistics: ``pretrained`` (ImageNet's, as the weights came)
+            or ``adapted``: re-estimated on the product line's normal training images before the first step
+            (:meth:`tsdn.model.TSDN.fit_encoder_norm`; AdaBN, Li et al. 2016; saved with the weights), so the
+            encoder normalises this line's images instead of ImageNet's. Only with ``encoder_lr_scale: 0``: an
+            encoder that trains adapts its statistics while it trains.
         lr_schedule: ``constant`` (the paper) or ``cosine`` (to 1 % of ``lr`` over the run).
         mask_loss: DCD_A's loss against the SURF mask: ``l2`` (the paper), ``bce`` or ``focal`` (gamma 2).
         mask_warmup_epochs: epochs during which the FNE does not gate F(1/32) (and is not trained), so
@@ -118,6 +123,7 @@ class TSDNConfig:
     feature_shrinkage: float = 0.01
     feature_strides: tuple[int, ...] = (8, 16)
     encoder_lr_scale: float = 1.0
+    encoder_norm: Literal["pretrained", "adapted"] = "pretrained"
     lr_schedule: Literal["constant", "cosine"] = "constant"
     mask_loss: Literal["l2", "bce", "focal"] = "l2"
     mask_warmup_epochs: int = 0
@@ -160,6 +166,9 @@ class TSDNConfig:
         strides_ok = strides_ok and len(set(self.feature_strides)) == len(self.feature_strides)
         check(self, strides_ok, "feature_strides", "a non-empty list of distinct encoder strides (e.g. [8, 16])")
         check(self, self.encoder_lr_scale >= 0, "encoder_lr_scale", ">= 0 (0 = frozen)")
+        check(self, self.encoder_norm in ("pretrained", "adapted"), "encoder_norm", "pretrained | adapted")
+        adapted_ok = self.encoder_norm == "pretrained" or self.encoder_lr_scale == 0
+        check(self, adapted_ok, "encoder_norm", "'pretrained' unless encoder_lr_scale is 0 (a trained encoder adapts)")
         check(self, self.lr_schedule in ("constant", "cosine"), "lr_schedule", "constant | cosine")
         check(self, self.mask_loss in ("l2", "bce", "focal"), "mask_loss", "l2 | bce | focal")
         check(self, self.mask_warmup_epochs >= 0, "mask_warmup_epochs", ">= 0")

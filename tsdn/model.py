@@ -6,7 +6,8 @@ variants of Tables 3 and 4 inside this one module.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
@@ -88,6 +89,10 @@ class TSDN(nn.Module):
     With ``feature_distance: mahalanobis``, ``feature_mean_<k>`` (C_k,) and ``feature_whitening_<k>`` (C_k, C_k)
     per compared encoder stage k and ``feature_count`` (the number of images) whiten the feature residual
     ``f_I - f_R``; :meth:`fit_normal_stats` fits them first (the per-position statistics are of the whitened map).
+
+    With ``encoder_norm: adapted``, the frozen encoder's BatchNorm running statistics are the product line's
+    (:meth:`fit_encoder_norm`, before training; ``encoder_norm_count`` the number of images) and
+    :meth:`predict` refuses to run before they are fitted.
     """
 
     FAMILY = "tsdn"
@@ -126,7 +131,10 @@ class TSDN(nn.Module):
                 self.register_buffer(f"feature_mean_{k}", torch.zeros(channels[stage]))
                 self.register_buffer(f"feature_whitening_{k}", torch.eye(channels[stage]))
             self.register_buffer("feature_count", torch.zeros((), dtype=torch.int64))
-        if self.normal_fit_steps:
+        self._encoder_norm_ready = cfg.encoder_norm == "pretrained"
+        if cfg.encoder_norm == "adapted":
+            self.register_buffer("encoder_norm_count", torch.zeros((), dtype=torch.int64))
+        if self.normal_fit_steps or cfg.encoder_norm == "adapted":
             self.register_load_state_dict_post_hook(_after_load)
         if self.frozen_encoder:
             self.encoder.requires_grad_(False)
@@ -163,6 +171,9 @@ class TSDN(nn.Module):
         Args:
             image: (B, 3, H, W) float in [0, 1].
         """
+        if not self._encoder_norm_ready:
+            msg = "TSDN: encoder_norm is 'adapted' but fit_encoder_norm was never called on normal images"
+            raise RuntimeError(msg)
         maps, reconstruction = self._source_maps(image, self.cfg.score_source)
         anomaly_map = self.normalize_map(maps[self.cfg.score_source])
         return TSDNPrediction(anomaly_map, image_score(anomaly_map, self.cfg.score_topk), reconstruction)
@@ -272,6 +283,80 @@ class TSDN(nn.Module):
         for step in self.normal_fit_steps:
             count = self.set_normal_stats(self.normal_stat_sums(batches, step), step)
         return count
+
+    def _encoder_norms(self) -> list[nn.modules.batchnorm._BatchNorm]:
+        return [m for m in self.encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    @torch.no_grad()
+    def encoder_norm_sums(self, images: Iterable[torch.Tensor]) -> torch.Tensor:
+        """Sums for :meth:`set_encoder_norm` over normal images, a float64 vector: the image count, then per
+        BatchNorm layer of the encoder the number of values per channel and the per-channel sum and sum of squares
+        of its input. Each layer normalises by its batch's own statistics on the way (as BatchNorm does while
+        training), and no running statistic changes. Sums, so that data-parallel workers can add theirs.
+
+        Args:
+            images: (B, 3, H, W) batches in [0, 1] of normal images at ``input_shape``.
+        """
+        if self.cfg.encoder_norm != "adapted":
+            msg = "encoder_norm_sums: the model's encoder_norm is 'pretrained' (nothing to fit)"
+            raise ValueError(msg)
+        norms = self._encoder_norms()
+        widths = [norm.num_features for norm in norms]
+        sums = torch.zeros(1 + sum(1 + 2 * c for c in widths), dtype=torch.float64, device=self.mean.device)
+        offsets = list(itertools.accumulate([1 + 2 * c for c in widths], initial=1))
+
+        def collect(index: int) -> Callable:
+            def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+                x, start, c = inputs[0].double(), offsets[index], widths[index]
+                sums[start] += x.numel() // c
+                sums[start + 1 : start + 1 + c] += x.sum(dim=(0, 2, 3))
+                sums[start + 1 + c : start + 1 + 2 * c] += x.pow(2).sum(dim=(0, 2, 3))
+
+            return hook
+
+        tracking = [norm.track_running_stats for norm in norms]
+        handles = [norm.register_forward_pre_hook(collect(i)) for i, norm in enumerate(norms)]
+        was_training = self.encoder.training
+        try:
+            for norm in norms:
+                norm.track_running_stats = False  # batch statistics, running ones untouched
+            self.encoder.train()
+            for batch in images:
+                self._check_input(batch)
+                sums[0] += batch.shape[0]
+                self.encoder((batch - self.mean) / self.std)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for norm, flag in zip(norms, tracking, strict=True):
+                norm.track_running_stats = flag
+            self.encoder.train(was_training)
+        return sums
+
+    @torch.no_grad()
+    def set_encoder_norm(self, sums: torch.Tensor) -> int:
+        """Set every encoder BatchNorm layer's running mean and (unbiased) variance from
+        :meth:`encoder_norm_sums` (added over workers); returns the image count."""
+        count = int(sums[0].item())
+        if count < 2:
+            msg = f"set_encoder_norm: the encoder's statistics need at least 2 normal images, got {count}"
+            raise ValueError(msg)
+        offset = 1
+        for norm in self._encoder_norms():
+            c = norm.num_features
+            n = float(sums[offset])
+            mean = sums[offset + 1 : offset + 1 + c] / n
+            var = (sums[offset + 1 + c : offset + 1 + 2 * c] / n - mean.pow(2)).clamp_min(0.0) * (n / (n - 1))
+            norm.running_mean.copy_(mean.to(norm.running_mean))
+            norm.running_var.copy_(var.to(norm.running_var))
+            offset += 1 + 2 * c
+        self.encoder_norm_count.fill_(count)
+        self._encoder_norm_ready = True
+        return count
+
+    def fit_encoder_norm(self, images: Iterable[torch.Tensor]) -> int:
+        """:meth:`encoder_norm_sums` then :meth:`set_encoder_norm` in one process; returns the image count."""
+        return self.set_encoder_norm(self.encoder_norm_sums(images))
 
     def _check_step(self, step: str, caller: str) -> None:
         if step not in self.normal_fit_steps:
@@ -419,8 +504,11 @@ class TSDN(nn.Module):
 
 
 def _after_load(module: nn.Module, incompatible_keys: object) -> None:
-    """A loaded state carries fitted statistics when its ``normal_count`` / ``feature_count`` is above 0."""
+    """A loaded state carries fitted statistics when its ``normal_count`` / ``feature_count`` /
+    ``encoder_norm_count`` is above 0."""
     if hasattr(module, "normal_count"):
         module._normal_stats_ready = int(module.normal_count) > 0
     if hasattr(module, "feature_count"):
         module._whitening_ready = int(module.feature_count) > 0
+    if hasattr(module, "encoder_norm_count"):
+        module._encoder_norm_ready = int(module.encoder_norm_count) > 0

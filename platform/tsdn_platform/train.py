@@ -175,6 +175,16 @@ def _train_loop(cfg: TrainConfig, product: str, run_name: str) -> dict[str, Any]
     else:
         model = TSDN(cfg.model, opener=store.read_bytes).to(device)
         start_epoch, history = 0, []
+        if cfg.model.encoder_norm == "adapted":
+            # The frozen encoder's BatchNorm statistics from this line's training images, before the first step
+            # (a resumed run loads them with the weights): every rank reads its shard once, the sums are added.
+            train_images = (
+                train_eval.as_images(batch["image"])
+                for batch in ray.train.get_dataset_shard("train").iter_torch_batches(
+                    batch_size=cfg.eval_batch_size, device=device
+                )
+            )
+            model.set_encoder_norm(_reduce_sum(model.encoder_norm_sums(train_images)))
     if on_gpu:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.model)

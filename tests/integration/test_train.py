@@ -117,8 +117,9 @@ def test_a_killed_worker_restarts_from_the_checkpoint(ingested, monkeypatch):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_per_position_statistics_sum_both_ranks_shards(ingested):
-    """``feature_distance: mahalanobis`` and ``score_normalization: pixel`` on two DDP workers: both steps'
-    statistics cover the whole train split. The run records its held-out count and says that it is small."""
+    """``feature_distance: mahalanobis``, ``score_normalization: pixel`` and ``encoder_norm: adapted`` on two DDP
+    workers: the three fits' statistics cover the whole train split. The run records its held-out count and says
+    that it is small."""
     from tsdn_platform.shards import read_split
     from tsdn_platform.train import SMALL_HOLDOUT, small_holdout_warning
 
@@ -129,6 +130,8 @@ def test_per_position_statistics_sum_both_ranks_shards(ingested):
         "model.score_source=feature",
         "model.score_normalization=pixel",
         "model.feature_distance=mahalanobis",
+        "model.encoder_lr_scale=0",
+        "model.encoder_norm=adapted",
     )
     assert cfg.num_workers == 2
     (result,) = run_training(cfg).values()
@@ -144,6 +147,9 @@ def test_per_position_statistics_sum_both_ranks_shards(ingested):
     expected = n_train - n_train % cfg.num_workers
     assert int(predictor.model.normal_count) == expected > n_train // cfg.num_workers
     assert int(predictor.model.feature_count) == expected
+    assert int(predictor.model.encoder_norm_count) == expected  # before training, from both shards
+    first = next(m for m in predictor.model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert not torch.equal(first.running_mean, torch.zeros_like(first.running_mean))  # not the initial statistics
     record = store.read_json(store.join(registry.metrics(PRODUCTS[0], result.version)["run_uri"], "metrics.json"))
     ids, images = _test_images(ingested, PRODUCTS[0])
     scores = predictor.predict_tensor(images.float() / 255.0).anomaly_score.numpy()

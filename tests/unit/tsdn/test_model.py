@@ -190,3 +190,67 @@ def test_a_rectangular_input_is_fitted_and_scored_at_its_shape():
     assert out.anomaly_map.mean(dim=0).abs().max() < 1e-3
     with pytest.raises(ValueError, match=r"128x64 \(image_size\), got \(64, 128\)"):
         model.normal_stat_sums([torch.rand(2, 3, 64, 128)], "pixel")
+
+
+def _adapted(**changes) -> TSDN:
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY, encoder_lr_scale=0.0, encoder_norm="adapted", **changes)
+    return TSDN(cfg).eval()
+
+
+def _norms(model: TSDN) -> list:
+    return [m for m in model.encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def test_encoder_norm_adapted_needs_a_frozen_encoder():
+    with pytest.raises(ValueError, match="encoder_norm"):
+        dataclasses.replace(TINY, encoder_lr_scale=0.1, encoder_norm="adapted")
+    with pytest.raises(ValueError, match="encoder_norm"):
+        dataclasses.replace(TINY, encoder_lr_scale=0.0, encoder_norm="imagenet")
+    with pytest.raises(ValueError, match="nothing to fit"):
+        TSDN(TINY).encoder_norm_sums([torch.rand(2, 3, 64, 64)])
+
+
+def test_adapted_encoder_norm_is_the_statistics_of_the_normal_images():
+    """One batch: every layer's running mean and variance equal BatchNorm's own estimate (a training-mode pass
+    with momentum None); summing leaves the running statistics alone, and predict refuses before the fit."""
+    model = _adapted()
+    assert _norms(model), "the test encoder has BatchNorm layers"
+    images = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(RuntimeError, match="fit_encoder_norm"):
+        model.predict(images[:1])
+    pretrained = [norm.running_mean.clone() for norm in _norms(model)]
+    sums = model.encoder_norm_sums([images])
+    assert all(torch.equal(norm.running_mean, mean) for norm, mean in zip(_norms(model), pretrained, strict=True))
+    assert not model.encoder.training
+    assert model.set_encoder_norm(sums) == 6 and int(model.encoder_norm_count) == 6
+
+    reference = _adapted()
+    for norm in _norms(reference):
+        norm.reset_running_stats()
+        norm.momentum = None
+    reference.encoder.train()
+    with torch.no_grad():
+        reference.encoder((images - reference.mean) / reference.std)
+    for ours, theirs in zip(_norms(model), _norms(reference), strict=True):
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-4, atol=1e-5)
+    assert model.predict(images[:2]).anomaly_map.shape == (2, 1, 64, 64)
+
+
+def test_adapted_encoder_norm_sums_add_over_workers_and_stay_through_training_and_loading():
+    images = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    one, two = _adapted(), _adapted()
+    one.fit_encoder_norm([images[:4], images[4:]])
+    two.set_encoder_norm(two.encoder_norm_sums([images[:4]]) + two.encoder_norm_sums([images[4:]]))
+    assert all(torch.equal(a.running_var, b.running_var) for a, b in zip(_norms(one), _norms(two), strict=True))
+    adapted = [norm.running_mean.clone() for norm in _norms(one)]
+    one.train()  # a frozen encoder stays in eval mode: training steps do not move its statistics
+    _, distorted, _ = _batch()
+    one(distorted)
+    assert all(torch.equal(norm.running_mean, mean) for norm, mean in zip(_norms(one), adapted, strict=True))
+    loaded = TSDN(one.cfg)
+    loaded.load_state_dict(one.state_dict())
+    loaded.eval()
+    assert int(loaded.encoder_norm_count) == 8 and loaded._encoder_norm_ready
+    torch.testing.assert_close(loaded.predict(images[:2]).anomaly_map, one.eval().predict(images[:2]).anomaly_map)
