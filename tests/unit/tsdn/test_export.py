@@ -113,6 +113,12 @@ def test_tsdn_export_carries_the_feature_whitening(normalization, strides, fmt):
     _assert_parity(model, files, RUNTIME_OF[fmt], _images(5))
 
 
+def test_the_adapted_encoder_statistics_travel_in_the_graph():
+    model = _tsdn("feature", encoder_lr_scale=0.0, encoder_norm="adapted")
+    model.fit_encoder_norm([torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(5))])
+    _assert_parity(model, export_model(model, CALIBRATION, "onnx"), "onnxruntime", _images(5))
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_a_rectangular_input_exports_with_its_shape(fmt):
     """image_size [H, W]: the graph takes (B, 3, H, W), its maps come back at each image's own size, and the
