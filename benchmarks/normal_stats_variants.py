@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipe import _to_tensor, load_saved_run
-from stage_variants import per_type_auroc, predicted, report_variants
+from stage_variants import per_type_auroc, predicted, report_variants, run_cli
 
 from tsdn.metrics import image_auroc, pixel_auroc
 from tsdn.model import TSDN
@@ -102,9 +102,4 @@ def main(model_path: str, root: str, product: str, out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--summary":
-        from stage_variants import summary
-
-        summary(sys.argv[2])
-    else:
-        main(*sys.argv[1:5])
+    run_cli(main)

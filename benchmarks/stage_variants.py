@@ -184,8 +184,13 @@ def summary(path: str) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
-if __name__ == "__main__":
+def run_cli(main_fn) -> None:
+    """``SCRIPT MODEL ROOT PRODUCT OUT`` runs ``main_fn``; ``SCRIPT --summary FILE`` prints the file's table."""
     if sys.argv[1] == "--summary":
         summary(sys.argv[2])
     else:
-        main(*sys.argv[1:5])
+        main_fn(*sys.argv[1:5])
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -119,10 +119,12 @@ def test_the_adapted_encoder_statistics_travel_in_the_graph():
     _assert_parity(model, export_model(model, CALIBRATION, "onnx"), "onnxruntime", _images(5))
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
-def test_a_rectangular_input_exports_with_its_shape(fmt):
-    """image_size [H, W]: the graph takes (B, 3, H, W), its maps come back at each image's own size, and the
-    per-position statistics and the whitening travel with it."""
+def _rectangular(family: str):
+    """A fitted model of ``family`` at a non-square input, with everything fitted that travels in the graph."""
+    if family == "patchcore":
+        model = pc.PatchCore(dataclasses.replace(TINY_PATCHCORE, image_size=(96, 64)))
+        model.fit([torch.rand(3, 3, 96, 64, generator=torch.Generator().manual_seed(3))])
+        return model
     model = _tsdn(
         "feature",
         image_size=(128, 64),
@@ -131,21 +133,20 @@ def test_a_rectangular_input_exports_with_its_shape(fmt):
         feature_strides=(8, 16, 32),
     )
     model.fit_normal_stats([torch.rand(6, 3, 128, 64, generator=torch.Generator().manual_seed(3))])
-    files = export_model(model, CALIBRATION, fmt)
-    meta = json.loads(files[EXPORT_JSON])
-    assert meta["input_size"] == [128, 64] and meta["input"]["shape"] == ["batch", 3, 128, 64]
-    assert load_exported(files).runner.image_size == (128, 64)
-    _assert_parity(model, files, RUNTIME_OF[fmt], _images(5))
+    return model
 
 
+@pytest.mark.parametrize("family", ["tsdn", "patchcore"])
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
-def test_a_rectangular_patchcore_exports_with_its_shape(fmt):
-    model = pc.PatchCore(dataclasses.replace(TINY_PATCHCORE, image_size=(96, 64)))
-    model.fit([torch.rand(3, 3, 96, 64, generator=torch.Generator().manual_seed(3))])
+def test_a_rectangular_input_exports_with_its_shape(fmt, family):
+    """image_size [H, W]: the graph takes (B, 3, H, W), its maps come back at each image's own size, and what was
+    fitted (TSDN's per-position statistics and whitening, PatchCore's bank) travels with it."""
+    model = _rectangular(family)
+    height, width = model.cfg.input_shape
     files = export_model(model, CALIBRATION, fmt)
     meta = json.loads(files[EXPORT_JSON])
-    assert meta["input_size"] == [96, 64] and meta["input"]["shape"] == ["batch", 3, 96, 64]
-    assert load_exported(files).runner.image_size == (96, 64)
+    assert meta["input_size"] == [height, width] and meta["input"]["shape"] == ["batch", 3, height, width]
+    assert load_exported(files).runner.image_size == (height, width)
     _assert_parity(model, files, RUNTIME_OF[fmt], _images(5))
 
 
