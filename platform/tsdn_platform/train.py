@@ -8,7 +8,9 @@ train at once: a trainer whose workers do not fit waits, and Ray Train retries i
 1. The ingested shards (``tsdn_platform.shards.read_split``) are split: ``validation: holdout`` trains on the
    train rows whose ``fold`` is not in ``holdout_folds`` and validates on the rest; ``validation: test``
    trains on every train row and validates on the labelled test split (the paper's protocol).
-2. Every worker streams its shard with ``iter_torch_batches``, SURF-fills the batch on its own device from
+2. With ``encoder_norm: adapted`` a new run first re-estimates the frozen encoder's BatchNorm statistics on the
+   train split (every rank sums its shard, the sums are all-reduced). Every worker streams its shard with
+   ``iter_torch_batches``, SURF-fills the batch on its own device from
    the precomputed superpixels, and steps Adam on the DDP-wrapped model (``prepare_model``); bf16 autocast
    and channels_last on GPU. Each epoch reports every loss term (mean over all workers) and images/s.
 3. Every ``checkpoint_every`` epochs (with ``feature_distance: mahalanobis`` or ``score_normalization: pixel``,
