@@ -34,7 +34,7 @@ from recipe import _to_tensor, load_saved_run
 from stage_variants import per_type_auroc, predicted, report_variants, run_cli
 
 from tsdn.metrics import image_auroc, pixel_auroc
-from tsdn.model import TSDN
+from tsdn.model import TSDN, moments_from_sums
 from tsdn.scoring import image_score
 
 BLURS = (8.0, 16.0, 32.0)
@@ -69,9 +69,8 @@ def set_stats(model: TSDN, train: torch.Tensor, blur: float | None) -> None:
         model.set_normal_stats(sums, "pixel")
         return
     height, width = model.cfg.input_shape
-    n, count = height * width, float(sums[0])
-    mean = (sums[1 : 1 + n] / count).view(1, 1, height, width)
-    var = ((sums[1 + n :] / count).view(1, 1, height, width) - mean.pow(2)).clamp_min(0.0) * (count / (count - 1))
+    n = height * width
+    mean, var = (v.view(1, 1, height, width) for v in moments_from_sums(float(sums[0]), sums[1 : 1 + n], sums[1 + n :]))
     mean, var = normalized_blur(mean, blur), normalized_blur(var, blur)
     std = var.sqrt()
     model.normal_mean.copy_(mean.to(model.normal_mean))

@@ -6,7 +6,6 @@ variants of Tables 3 and 4 inside this one module.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -261,8 +260,7 @@ class TSDN(nn.Module):
             return count
         height, width = self.cfg.input_shape
         n = height * width
-        mean = sums[1 : 1 + n] / count
-        var = (sums[1 + n :] / count - mean.pow(2)).clamp_min(0.0) * (count / (count - 1))
+        mean, var = moments_from_sums(count, sums[1 : 1 + n], sums[1 + n :])
         var = blur_map(var.view(1, 1, height, width).float(), self.cfg.score_sigma)
         std = var.sqrt()
         std = std.clamp_min(0.01 * float(std.mean()) + 1e-12)
@@ -284,8 +282,15 @@ class TSDN(nn.Module):
             count = self.set_normal_stats(self.normal_stat_sums(batches, step), step)
         return count
 
-    def _encoder_norms(self) -> list[nn.modules.batchnorm._BatchNorm]:
-        return [m for m in self.encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    def _encoder_norm_layout(self) -> tuple[list[tuple[nn.modules.batchnorm._BatchNorm, int]], int]:
+        """The encoder's BatchNorm layers, each with the offset of its block in :meth:`encoder_norm_sums` (count,
+        C sums, C sums of squares), and the sums' length (the image count first)."""
+        layout, offset = [], 1
+        for norm in self.encoder.modules():
+            if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+                layout.append((norm, offset))
+                offset += 1 + 2 * norm.num_features
+        return layout, offset
 
     @torch.no_grad()
     def encoder_norm_sums(self, images: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -300,14 +305,13 @@ class TSDN(nn.Module):
         if self.cfg.encoder_norm != "adapted":
             msg = "encoder_norm_sums: the model's encoder_norm is 'pretrained' (nothing to fit)"
             raise ValueError(msg)
-        norms = self._encoder_norms()
-        widths = [norm.num_features for norm in norms]
-        sums = torch.zeros(1 + sum(1 + 2 * c for c in widths), dtype=torch.float64, device=self.mean.device)
-        offsets = list(itertools.accumulate([1 + 2 * c for c in widths], initial=1))
+        layout, length = self._encoder_norm_layout()
+        norms = [norm for norm, _ in layout]
+        sums = torch.zeros(length, dtype=torch.float64, device=self.mean.device)
 
-        def collect(index: int) -> Callable:
+        def collect(start: int, c: int) -> Callable:
             def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-                x, start, c = inputs[0].double(), offsets[index], widths[index]
+                x = inputs[0].double()
                 sums[start] += x.numel() // c
                 sums[start + 1 : start + 1 + c] += x.sum(dim=(0, 2, 3))
                 sums[start + 1 + c : start + 1 + 2 * c] += x.pow(2).sum(dim=(0, 2, 3))
@@ -315,7 +319,7 @@ class TSDN(nn.Module):
             return hook
 
         tracking = [norm.track_running_stats for norm in norms]
-        handles = [norm.register_forward_pre_hook(collect(i)) for i, norm in enumerate(norms)]
+        handles = [norm.register_forward_pre_hook(collect(start, norm.num_features)) for norm, start in layout]
         was_training = self.encoder.training
         try:
             for norm in norms:
@@ -341,15 +345,12 @@ class TSDN(nn.Module):
         if count < 2:
             msg = f"set_encoder_norm: the encoder's statistics need at least 2 normal images, got {count}"
             raise ValueError(msg)
-        offset = 1
-        for norm in self._encoder_norms():
+        for norm, offset in self._encoder_norm_layout()[0]:
             c = norm.num_features
-            n = float(sums[offset])
-            mean = sums[offset + 1 : offset + 1 + c] / n
-            var = (sums[offset + 1 + c : offset + 1 + 2 * c] / n - mean.pow(2)).clamp_min(0.0) * (n / (n - 1))
+            total, squares = sums[offset + 1 : offset + 1 + c], sums[offset + 1 + c : offset + 1 + 2 * c]
+            mean, var = moments_from_sums(float(sums[offset]), total, squares)
             norm.running_mean.copy_(mean.to(norm.running_mean))
             norm.running_var.copy_(var.to(norm.running_var))
-            offset += 1 + 2 * c
         self.encoder_norm_count.fill_(count)
         self._encoder_norm_ready = True
         return count
@@ -501,6 +502,12 @@ class TSDN(nn.Module):
 
     def _check_input(self, image: torch.Tensor) -> None:
         check_input(image, self.stride, "TSDN")
+
+
+def moments_from_sums(count: float, total: torch.Tensor, squares: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and unbiased variance of ``count`` values from their sum and sum of squares (elementwise)."""
+    mean = total / count
+    return mean, (squares / count - mean.pow(2)).clamp_min(0.0) * (count / (count - 1))
 
 
 def _after_load(module: nn.Module, incompatible_keys: object) -> None:

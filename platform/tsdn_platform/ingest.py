@@ -490,14 +490,15 @@ def _warn_if_distorted(product: str, source_shape: list[int], image_size: int | 
     """Warn when resizing the images to ``image_size`` changes their aspect by more than :data:`ASPECT_TOLERANCE`."""
     height, width = input_shape(image_size)
     squash = (source_shape[0] / source_shape[1]) / (height / width)
-    if max(squash, 1.0 / squash) <= ASPECT_TOLERANCE:
+    factor = max(squash, 1.0 / squash)
+    if factor <= ASPECT_TOLERANCE:
         return
     suggested = matching_input_shape(source_shape, image_size)
     logger.warning(
         "%s: the train images are %d x %d px (median, height x width); an input of %d x %d changes their aspect "
         "%.1fx and distorts every part and defect. For about the same pixels at their aspect: --image-size %dx%d "
         "(and model.image_size=[%d, %d] in training)",
-        *(product, *source_shape, height, width, max(squash, 1.0 / squash)),
+        *(product, *source_shape, height, width, factor),
         *(*suggested, *suggested),
     )
 

@@ -167,6 +167,8 @@ def _train_loop(cfg: TrainConfig, product: str, run_name: str) -> dict[str, Any]
     on_gpu = device.type == "cuda"
     torch.manual_seed(cfg.seed)
 
+    shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
     checkpoint = ray.train.get_checkpoint()
     optimizer_state = None
     if checkpoint is not None:
@@ -180,12 +182,7 @@ def _train_loop(cfg: TrainConfig, product: str, run_name: str) -> dict[str, Any]
         if cfg.model.encoder_norm == "adapted":
             # The frozen encoder's BatchNorm statistics from this line's training images, before the first step
             # (a resumed run loads them with the weights): every rank reads its shard once, the sums are added.
-            train_images = (
-                train_eval.as_images(batch["image"])
-                for batch in ray.train.get_dataset_shard("train").iter_torch_batches(
-                    batch_size=cfg.eval_batch_size, device=device
-                )
-            )
+            train_images = train_eval.shard_images(shard, cfg.eval_batch_size, device)
             model.set_encoder_norm(_reduce_sum(model.encoder_norm_sums(train_images)))
     if on_gpu:
         model = model.to(memory_format=torch.channels_last)
@@ -196,8 +193,6 @@ def _train_loop(cfg: TrainConfig, product: str, run_name: str) -> dict[str, Any]
     ddp_kwargs = {"find_unused_parameters": True} if cfg.model.mask_warmup_epochs > 0 else None
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs)
     loss_fn = TSDNLoss(cfg.model)
-    shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
     calibration = None
     fail_at_epoch = injected_failure_epoch(cfg.epochs)
 
@@ -256,10 +251,7 @@ def _train_loop(cfg: TrainConfig, product: str, run_name: str) -> dict[str, Any]
             # split. The whitening comes first: the per-position statistics are of the whitened map.
             model.eval()
             for step in model.normal_fit_steps:
-                train_images = (
-                    train_eval.as_images(batch["image"])
-                    for batch in shard.iter_torch_batches(batch_size=cfg.eval_batch_size, device=device)
-                )
+                train_images = train_eval.shard_images(shard, cfg.eval_batch_size, device)
                 model.set_normal_stats(_reduce_sum(model.normal_stat_sums(train_images, step)), step)
         if checkpoint_now and rank == 0:
             predictor = Predictor(model, calibration=None, device=device, batch_size=cfg.eval_batch_size)

@@ -40,6 +40,12 @@ def as_images(images: Any) -> torch.Tensor:
     return tensor.float()
 
 
+def shard_images(shard: Any, batch_size: int, device: Any) -> Iterator[torch.Tensor]:
+    """The images of a worker's train shard, once through: (B, 3, H, W) float32 in [0, 1] on ``device``."""
+    for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
+        yield as_images(batch["image"])
+
+
 def shard_batches(shard: Any, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Numpy batches of a (non-split) validation/test shard; every row is kept."""
     yield from shard.iter_batches(batch_size=batch_size, batch_format="numpy")
