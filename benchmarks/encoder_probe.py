@@ -28,6 +28,7 @@ from whitening_variants import mahalanobis, moments, standardise
 
 from tsdn.backbone import create_encoder, normalization
 from tsdn.metrics import image_auroc, pixel_auroc
+from tsdn.resize import input_shape
 from tsdn.scoring import image_score
 
 STAGE_SETS = ([8, 16], [4, 8], [4, 8, 16], [8], [16])
@@ -45,10 +46,13 @@ def stage_features(encoder: torch.nn.Module, images: torch.Tensor) -> dict[int, 
     return {s: torch.cat(v) for s, v in out.items()}
 
 
-def gaussian_map(features: dict[int, torch.Tensor], fitted: dict, stages: list[int], size: int) -> torch.Tensor:
-    """The whitened distance of every position's features, averaged over ``stages`` at (size, size)."""
+def gaussian_map(
+    features: dict[int, torch.Tensor], fitted: dict, stages: list[int], size: int | tuple[int, int]
+) -> torch.Tensor:
+    """The whitened distance of every position's features, averaged over ``stages`` at ``size`` (S or (H, W))."""
     maps = [mahalanobis(features[s], *fitted[s], 0.01) for s in stages]
-    return sum(F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False) for m in maps) / len(stages)
+    shape = input_shape(size)
+    return sum(F.interpolate(m, size=shape, mode="bilinear", align_corners=False) for m in maps) / len(stages)
 
 
 def main(out_path: str, products: str, sizes: str, root: Path) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-SOURCES = ("reconstruction", "mask", "fused", "feature")
+SOURCES = ("reconstruction", "mask", "fused", "feature", "feature/pixel")  # the last: the `demo` and `cpu` maps
 
 
 def _rank(values: np.ndarray) -> np.ndarray:
@@ -81,7 +81,7 @@ def report(runs: dict[str, list[dict]]) -> str:
                 for metric in ("image_auroc", "pixel_auroc"):
                     pairs[(product, source, metric)].append((r["val"][source][metric], r["test"][source][metric]))
             group = name.rsplit("-s", 1)[0] if "-s" in name else name
-            finals[(group, source)].append(t)
+            finals[(group, source)].append({**t, "val_image_auroc": v["image_auroc"]})
     lines.append("")
     lines.append("Spearman rho, validation vs test, over every evaluated checkpoint of every run:")
     for (product, source, metric), values in sorted(pairs.items()):
@@ -94,9 +94,11 @@ def report(runs: dict[str, list[dict]]) -> str:
         for (group, source), metrics in sorted(grouped.items()):
             img = np.array([m["image_auroc"] for m in metrics])
             pix = np.array([m["pixel_auroc"] for m in metrics])
+            pro = np.array([m["aupro"] for m in metrics])
+            val = np.array([m["val_image_auroc"] for m in metrics])
             lines.append(
                 f"  {group:<14} {source:<14} n={len(metrics)} image {img.mean():.3f} +- {img.std():.3f}  "
-                f"pixel {pix.mean():.3f} +- {pix.std():.3f}"
+                f"pixel {pix.mean():.3f} +- {pix.std():.3f}  aupro {pro.mean():.3f}  val image {val.mean():.2f}"
             )
     return "\n".join(lines)
 

@@ -83,6 +83,11 @@ class TSDNConfig:
             (:meth:`tsdn.model.TSDN.fit_encoder_norm`; AdaBN, Li et al. 2016; saved with the weights), so the
             encoder normalises this line's images instead of ImageNet's. Only with ``encoder_lr_scale: 0``: an
             encoder that trains adapts its statistics while it trains.
+        encoder_norm_variance: with ``encoder_norm: adapted``, whether each adapted layer's variance is
+            re-estimated with its mean (``adapted``) or ImageNet's is kept (``pretrained``: only the means move).
+        encoder_norm_max_stride: with ``encoder_norm: adapted``, adapt only the BatchNorm layers whose activations
+            are at most this stride (2 = the stem and the first block of EfficientNet); the deeper layers keep
+            ImageNet's statistics. ``null`` = every layer.
         lr_schedule: ``constant`` (the paper) or ``cosine`` (to 1 % of ``lr`` over the run).
         mask_loss: DCD_A's loss against the SURF mask: ``l2`` (the paper), ``bce`` or ``focal`` (gamma 2).
         mask_warmup_epochs: epochs during which the FNE does not gate F(1/32) (and is not trained), so
@@ -124,6 +129,8 @@ class TSDNConfig:
     feature_strides: tuple[int, ...] = (8, 16)
     encoder_lr_scale: float = 1.0
     encoder_norm: Literal["pretrained", "adapted"] = "pretrained"
+    encoder_norm_variance: Literal["adapted", "pretrained"] = "adapted"
+    encoder_norm_max_stride: int | None = None
     lr_schedule: Literal["constant", "cosine"] = "constant"
     mask_loss: Literal["l2", "bce", "focal"] = "l2"
     mask_warmup_epochs: int = 0
@@ -169,6 +176,15 @@ class TSDNConfig:
         check(self, self.encoder_norm in ("pretrained", "adapted"), "encoder_norm", "pretrained | adapted")
         adapted_ok = self.encoder_norm == "pretrained" or self.encoder_lr_scale == 0
         check(self, adapted_ok, "encoder_norm", "'pretrained' unless encoder_lr_scale is 0 (a trained encoder adapts)")
+        stride = self.encoder_norm_max_stride
+        stride_ok = stride is None or (isinstance(stride, int) and not isinstance(stride, bool) and stride >= 1)
+        check(self, stride_ok, "encoder_norm_max_stride", "null (every layer) or a stride >= 1 (e.g. 2)")
+        adapting = self.encoder_norm == "adapted"
+        check(self, adapting or stride is None, "encoder_norm_max_stride", "null unless encoder_norm is 'adapted'")
+        variances = ("adapted", "pretrained")
+        check(self, self.encoder_norm_variance in variances, "encoder_norm_variance", "adapted | pretrained")
+        variance_ok = adapting or self.encoder_norm_variance == "adapted"
+        check(self, variance_ok, "encoder_norm_variance", "'adapted' (the default) unless encoder_norm is 'adapted'")
         check(self, self.lr_schedule in ("constant", "cosine"), "lr_schedule", "constant | cosine")
         check(self, self.mask_loss in ("l2", "bce", "focal"), "mask_loss", "l2 | bce | focal")
         check(self, self.mask_warmup_epochs >= 0, "mask_warmup_epochs", ">= 0")

@@ -89,9 +89,10 @@ class TSDN(nn.Module):
     per compared encoder stage k and ``feature_count`` (the number of images) whiten the feature residual
     ``f_I - f_R``; :meth:`fit_normal_stats` fits them first (the per-position statistics are of the whitened map).
 
-    With ``encoder_norm: adapted``, the frozen encoder's BatchNorm running statistics are the product line's
-    (:meth:`fit_encoder_norm`, before training; ``encoder_norm_count`` the number of images) and
-    :meth:`predict` refuses to run before they are fitted.
+    With ``encoder_norm: adapted``, the frozen encoder's BatchNorm running statistics (the means, and the variances
+    unless ``encoder_norm_variance`` is ``pretrained``, of the layers up to ``encoder_norm_max_stride``) are the
+    product line's (:meth:`fit_encoder_norm`, before training;
+    ``encoder_norm_count`` the number of images) and :meth:`predict` refuses to run before they are fitted.
     """
 
     FAMILY = "tsdn"
@@ -283,21 +284,49 @@ class TSDN(nn.Module):
         return count
 
     def _encoder_norm_layout(self) -> tuple[list[tuple[nn.modules.batchnorm._BatchNorm, int]], int]:
-        """The encoder's BatchNorm layers, each with the offset of its block in :meth:`encoder_norm_sums` (count,
-        C sums, C sums of squares), and the sums' length (the image count first)."""
+        """The encoder's BatchNorm layers that ``encoder_norm`` adapts (those whose activations are at most
+        ``encoder_norm_max_stride``, every one without it), each with the offset of its block in
+        :meth:`encoder_norm_sums` (count, C sums, C sums of squares), and the sums' length (the image count first)."""
+        norms = [m for m in self.encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        limit = self.cfg.encoder_norm_max_stride
+        if limit is not None:
+            strides = self._norm_strides(norms)
+            norms = [norm for norm in norms if strides[norm] <= limit]
         layout, offset = [], 1
-        for norm in self.encoder.modules():
-            if isinstance(norm, nn.modules.batchnorm._BatchNorm):
-                layout.append((norm, offset))
-                offset += 1 + 2 * norm.num_features
+        for norm in norms:
+            layout.append((norm, offset))
+            offset += 1 + 2 * norm.num_features
         return layout, offset
+
+    @torch.no_grad()
+    def _norm_strides(self, norms: list[nn.Module]) -> dict[nn.Module, int]:
+        """Each of ``norms`` (BatchNorm layers of the encoder) -> the stride of its activations."""
+        height, width = self.cfg.input_shape
+        strides: dict[nn.Module, int] = {}
+
+        def record(module: nn.Module, _inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            strides[module] = width // out.shape[-1]
+
+        handles = [norm.register_forward_hook(record) for norm in norms]
+        was_training = self.encoder.training
+        try:
+            self.encoder.eval()
+            self.encoder(torch.zeros(1, 3, height, width, device=self.mean.device))
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.encoder.train(was_training)
+        return strides
 
     @torch.no_grad()
     def encoder_norm_sums(self, images: Iterable[torch.Tensor]) -> torch.Tensor:
         """Sums for :meth:`set_encoder_norm` over normal images, a float64 vector: the image count, then per
-        BatchNorm layer of the encoder the number of values per channel and the per-channel sum and sum of squares
-        of its input. Each layer normalises by its batch's own statistics on the way (as BatchNorm does while
-        training), and no running statistic changes. Sums, so that data-parallel workers can add theirs.
+        adapted BatchNorm layer of the encoder (:meth:`_encoder_norm_layout`) the number of values per channel and
+        the per-channel sum and sum of squares of its input. Each adapted layer normalises by its batch's own mean
+        and variance on the way (as BatchNorm does while training; with ``encoder_norm_variance: pretrained`` by
+        its mean and ImageNet's variance, as it will once set), the other layers by ImageNet's; no running
+        statistic changes. Sums, so that data-parallel
+        workers can add theirs.
 
         Args:
             images: (B, 3, H, W) batches in [0, 1] of normal images at ``input_shape``.
@@ -306,25 +335,29 @@ class TSDN(nn.Module):
             msg = "encoder_norm_sums: the model's encoder_norm is 'pretrained' (nothing to fit)"
             raise ValueError(msg)
         layout, length = self._encoder_norm_layout()
-        norms = [norm for norm, _ in layout]
+        adapt_variance = self.cfg.encoder_norm_variance == "adapted"
         sums = torch.zeros(length, dtype=torch.float64, device=self.mean.device)
+        saved = [(norm.running_mean.clone(), norm.running_var.clone()) for norm, _ in layout]
 
         def collect(start: int, c: int) -> Callable:
-            def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            def hook(module: nn.modules.batchnorm._BatchNorm, inputs: tuple[torch.Tensor, ...]) -> None:
                 x = inputs[0].double()
-                sums[start] += x.numel() // c
-                sums[start + 1 : start + 1 + c] += x.sum(dim=(0, 2, 3))
-                sums[start + 1 + c : start + 1 + 2 * c] += x.pow(2).sum(dim=(0, 2, 3))
+                total, squares = x.sum(dim=(0, 2, 3)), x.pow(2).sum(dim=(0, 2, 3))
+                n = x.numel() // c
+                sums[start] += n
+                sums[start + 1 : start + 1 + c] += total
+                sums[start + 1 + c : start + 1 + 2 * c] += squares
+                mean = total / n  # this batch's statistics, used by the layer in eval mode right after
+                module.running_mean.copy_(mean.to(module.running_mean))
+                if adapt_variance:
+                    module.running_var.copy_((squares / n - mean.pow(2)).clamp_min(0).to(module.running_var))
 
             return hook
 
-        tracking = [norm.track_running_stats for norm in norms]
         handles = [norm.register_forward_pre_hook(collect(start, norm.num_features)) for norm, start in layout]
         was_training = self.encoder.training
         try:
-            for norm in norms:
-                norm.track_running_stats = False  # batch statistics, running ones untouched
-            self.encoder.train()
+            self.encoder.eval()
             for batch in images:
                 self._check_input(batch)
                 sums[0] += batch.shape[0]
@@ -332,25 +365,32 @@ class TSDN(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
-            for norm, flag in zip(norms, tracking, strict=True):
-                norm.track_running_stats = flag
+            for (norm, _), (mean, var) in zip(layout, saved, strict=True):
+                norm.running_mean.copy_(mean)
+                norm.running_var.copy_(var)
             self.encoder.train(was_training)
         return sums
 
     @torch.no_grad()
     def set_encoder_norm(self, sums: torch.Tensor) -> int:
-        """Set every encoder BatchNorm layer's running mean and (unbiased) variance from
-        :meth:`encoder_norm_sums` (added over workers); returns the image count."""
+        """Set the adapted encoder BatchNorm layers' running mean and (unbiased) variance (only the mean with
+        ``encoder_norm_variance: pretrained``) from :meth:`encoder_norm_sums` (added over workers); returns the
+        image count."""
         count = int(sums[0].item())
         if count < 2:
             msg = f"set_encoder_norm: the encoder's statistics need at least 2 normal images, got {count}"
             raise ValueError(msg)
-        for norm, offset in self._encoder_norm_layout()[0]:
+        layout, length = self._encoder_norm_layout()
+        if sums.numel() != length:
+            msg = f"set_encoder_norm: expected {length} sums for this encoder's adapted layers, got {sums.numel()}"
+            raise ValueError(msg)
+        for norm, offset in layout:
             c = norm.num_features
             total, squares = sums[offset + 1 : offset + 1 + c], sums[offset + 1 + c : offset + 1 + 2 * c]
             mean, var = moments_from_sums(float(sums[offset]), total, squares)
             norm.running_mean.copy_(mean.to(norm.running_mean))
-            norm.running_var.copy_(var.to(norm.running_var))
+            if self.cfg.encoder_norm_variance == "adapted":
+                norm.running_var.copy_(var.to(norm.running_var))
         self.encoder_norm_count.fill_(count)
         self._encoder_norm_ready = True
         return count

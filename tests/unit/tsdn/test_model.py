@@ -238,6 +238,84 @@ def test_adapted_encoder_norm_is_the_statistics_of_the_normal_images():
     assert model.predict(images[:2]).anomaly_map.shape == (2, 1, 64, 64)
 
 
+def _norm_strides(model: TSDN, size: int) -> dict:
+    strides = {}
+    hooks = [
+        norm.register_forward_hook(lambda m, _i, out: strides.__setitem__(m, size // out.shape[-1]))
+        for norm in _norms(model)
+    ]
+    with torch.no_grad():
+        model.encoder(torch.zeros(1, 3, size, size))
+    for hook in hooks:
+        hook.remove()
+    return strides
+
+
+def test_encoder_norm_partial_settings_are_checked():
+    with pytest.raises(ValueError, match="encoder_norm_max_stride"):
+        dataclasses.replace(TINY, encoder_norm_max_stride=2)
+    with pytest.raises(ValueError, match="encoder_norm_variance"):
+        dataclasses.replace(TINY, encoder_norm_variance="pretrained")
+    with pytest.raises(ValueError, match="encoder_norm_variance"):
+        dataclasses.replace(TINY, encoder_lr_scale=0.0, encoder_norm="adapted", encoder_norm_variance="imagenet")
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="encoder_norm_max_stride"):
+            dataclasses.replace(TINY, encoder_lr_scale=0.0, encoder_norm="adapted", encoder_norm_max_stride=bad)
+    model = _adapted(encoder_norm_max_stride=2)
+    with pytest.raises(ValueError, match=r"expected \d+ sums"):
+        model.set_encoder_norm(_adapted().encoder_norm_sums([torch.rand(2, 3, 64, 64)]))
+
+
+def test_encoder_norm_max_stride_adapts_only_the_early_layers():
+    """The layers whose activations are at most the stride equal BatchNorm's own estimate on one batch (those in
+    training mode, the rest in eval mode); the deeper layers keep ImageNet's statistics."""
+    images = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    model = _adapted(encoder_norm_max_stride=2)
+    pretrained = [(norm.running_mean.clone(), norm.running_var.clone()) for norm in _norms(model)]
+    model.fit_encoder_norm([images])
+
+    reference = _adapted()
+    strides = _norm_strides(reference, 64)
+    early = [strides[norm] <= 2 for norm in _norms(reference)]
+    assert any(early) and not all(early), "the test encoder has layers on both sides of stride 2"
+    for norm, adapt in zip(_norms(reference), early, strict=True):
+        if adapt:
+            norm.reset_running_stats()
+            norm.momentum = None
+            norm.train()
+    with torch.no_grad():
+        reference.encoder((images - reference.mean) / reference.std)
+    layers = zip(_norms(model), _norms(reference), early, pretrained, strict=True)
+    for ours, theirs, adapt, (mean, var) in layers:
+        if adapt:
+            torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-4, atol=1e-5)
+        else:
+            assert torch.equal(ours.running_mean, mean) and torch.equal(ours.running_var, var)
+
+
+def test_encoder_norm_variance_pretrained_moves_only_the_means():
+    """ImageNet's variances are kept, and every layer's new mean is the mean of its input with the layers
+    before it set (on one batch: what the encoder then computes in eval mode)."""
+    images = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    model = _adapted(encoder_norm_variance="pretrained")
+    pretrained = [(norm.running_mean.clone(), norm.running_var.clone()) for norm in _norms(model)]
+    model.fit_encoder_norm([images])
+    inputs = {}
+    hooks = [
+        norm.register_forward_pre_hook(lambda m, i: inputs.__setitem__(m, i[0].mean(dim=(0, 2, 3))))
+        for norm in _norms(model)
+    ]
+    with torch.no_grad():
+        model.encoder((images - model.mean) / model.std)
+    for hook in hooks:
+        hook.remove()
+    for norm, (mean, var) in zip(_norms(model), pretrained, strict=True):
+        assert torch.equal(norm.running_var, var)
+        assert not torch.equal(norm.running_mean, mean)
+        torch.testing.assert_close(norm.running_mean, inputs[norm], rtol=1e-4, atol=1e-4)
+
+
 def test_adapted_encoder_norm_sums_add_over_workers_and_stay_through_training_and_loading():
     images = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     one, two = _adapted(), _adapted()
