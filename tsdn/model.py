@@ -91,8 +91,8 @@ class TSDN(nn.Module):
 
     With ``encoder_norm: adapted``, the frozen encoder's BatchNorm running statistics (the means, and the variances
     unless ``encoder_norm_variance`` is ``pretrained``, of the layers up to ``encoder_norm_max_stride``) are the
-    product line's (:meth:`fit_encoder_norm`, before training;
-    ``encoder_norm_count`` the number of images) and :meth:`predict` refuses to run before they are fitted.
+    product line's (:meth:`fit_encoder_norm`, before training; ``encoder_norm_count`` the number of images) and
+    :meth:`predict` refuses to run before they are fitted.
     """
 
     FAMILY = "tsdn"
@@ -325,8 +325,7 @@ class TSDN(nn.Module):
         the per-channel sum and sum of squares of its input. Each adapted layer normalises by its batch's own mean
         and variance on the way (as BatchNorm does while training; with ``encoder_norm_variance: pretrained`` by
         its mean and ImageNet's variance, as it will once set), the other layers by ImageNet's; no running
-        statistic changes. Sums, so that data-parallel
-        workers can add theirs.
+        statistic changes. Sums, so that data-parallel workers can add theirs.
 
         Args:
             images: (B, 3, H, W) batches in [0, 1] of normal images at ``input_shape``.
