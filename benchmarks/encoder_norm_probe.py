@@ -23,7 +23,6 @@ e.g. ``.tsdn/demo/data:grass:128:8,16`` (the `demo` preset's input and stages) o
 """
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -31,16 +30,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from encoder_probe import gaussian_map, stage_features
+from encoder_probe import probe_metrics, stage_features, write_row
 from recipe import HOLDOUT_EVERY, _to_tensor, load_product
-from stage_variants import per_type_auroc
-from whitening_variants import moments, standardise
+from whitening_variants import moments
 
 from tsdn.config import TSDNConfig
-from tsdn.metrics import image_auroc, pixel_auroc
 from tsdn.model import TSDN
 from tsdn.resize import input_shape
-from tsdn.scoring import image_score
 
 MEANS = {"encoder_norm_variance": "pretrained"}
 PARTIAL = {f"adapted<={s}": {"encoder_norm_max_stride": s} for s in (2, 4, 8)}
@@ -77,23 +73,8 @@ def main(out_path: str, specs: list[str]) -> None:
             train = stage_features(encoder, train_images)
             test = stage_features(encoder, test_images)
             fitted = {s: moments(v) for s, v in train.items()}
-            sigma = 4.0 * shape[1] / 128
-            amap = standardise(
-                gaussian_map(test, fitted, stages, shape), gaussian_map(train, fitted, stages, shape), sigma
-            )
-            scores = image_score(amap, 0.0).numpy()
-            row = {
-                "product": product,
-                "size": list(shape),
-                "stages": stages,
-                "variant": variant,
-                "image_auroc": round(float(image_auroc(data["test_labels"], scores)), 4),
-                "pixel_auroc": round(float(pixel_auroc(data["test_masks"], amap[:, 0].numpy())), 4),
-                "per_type": per_type_auroc(data["test_labels"], scores, data["test_defects"]),
-            }
-            print(json.dumps(row), flush=True)
-            with open(out_path, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+            row = {"product": product, "size": list(shape), "stages": stages, "variant": variant}
+            write_row(out_path, {**row, **probe_metrics(data, train, test, fitted, stages, size)})
 
 
 if __name__ == "__main__":

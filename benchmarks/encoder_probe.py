@@ -55,6 +55,28 @@ def gaussian_map(
     return sum(F.interpolate(m, size=shape, mode="bilinear", align_corners=False) for m in maps) / len(stages)
 
 
+def probe_metrics(
+    data: dict, train: dict, test: dict, fitted: dict, stages: list[int], size: int | tuple[int, int]
+) -> dict:
+    """Test image / pixel AUROC and the image AUROC per defect type of the map at ``stages`` (features of the
+    training and test images per stride, ``fitted`` their moments) for ``data`` (``load_product``'s arrays)."""
+    shape = input_shape(size)
+    sigma = 4.0 * shape[1] / 128
+    amap = standardise(gaussian_map(test, fitted, stages, shape), gaussian_map(train, fitted, stages, shape), sigma)
+    scores = image_score(amap, 0.0).numpy()
+    return {
+        "image_auroc": round(float(image_auroc(data["test_labels"], scores)), 4),
+        "pixel_auroc": round(float(pixel_auroc(data["test_masks"], amap[:, 0].numpy())), 4),
+        "per_type": per_type_auroc(data["test_labels"], scores, data["test_defects"]),
+    }
+
+
+def write_row(out_path: str, row: dict) -> None:
+    print(json.dumps(row), flush=True)
+    with open(out_path, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
 def main(out_path: str, products: str, sizes: str, root: Path) -> None:
     torch.set_num_threads(2)
     encoder = create_encoder("tf_efficientnet_lite0", "package:efficientnet-lite0").eval()
@@ -66,22 +88,8 @@ def main(out_path: str, products: str, sizes: str, root: Path) -> None:
             test = stage_features(encoder, _to_tensor(data["test"]))
             fitted = {s: moments(v) for s, v in train.items()}
             for stages in STAGE_SETS:
-                sigma = 4.0 * size / 128
-                amap = standardise(
-                    gaussian_map(test, fitted, stages, size), gaussian_map(train, fitted, stages, size), sigma
-                )
-                scores = image_score(amap, 0.0).numpy()
-                row = {
-                    "product": product,
-                    "size": size,
-                    "stages": stages,
-                    "image_auroc": round(float(image_auroc(data["test_labels"], scores)), 4),
-                    "pixel_auroc": round(float(pixel_auroc(data["test_masks"], amap[:, 0].numpy())), 4),
-                    "per_type": per_type_auroc(data["test_labels"], scores, data["test_defects"]),
-                }
-                print(json.dumps(row), flush=True)
-                with open(out_path, "a") as handle:
-                    handle.write(json.dumps(row) + "\n")
+                row = {"product": product, "size": size, "stages": stages}
+                write_row(out_path, {**row, **probe_metrics(data, train, test, fitted, stages, size)})
 
 
 if __name__ == "__main__":
