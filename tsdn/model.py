@@ -292,6 +292,11 @@ class TSDN(nn.Module):
         if limit is not None:
             strides = self._norm_strides(norms)
             norms = [norm for norm in norms if strides[norm] <= limit]
+            if not norms:
+                found = sorted(set(strides.values()))
+                msg = f"TSDN: encoder_norm_max_stride {limit} selects none of the encoder's BatchNorm layers"
+                msg += f" (at strides {found})"
+                raise ValueError(msg)
         layout, offset = [], 1
         for norm in norms:
             layout.append((norm, offset))

@@ -117,9 +117,10 @@ def test_a_killed_worker_restarts_from_the_checkpoint(ingested, monkeypatch):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_per_position_statistics_sum_both_ranks_shards(ingested):
-    """``feature_distance: mahalanobis``, ``score_normalization: pixel`` and ``encoder_norm: adapted`` on two DDP
-    workers: the three fits' statistics cover the whole train split. The run records its held-out count and says
-    that it is small."""
+    """``feature_distance: mahalanobis``, ``score_normalization: pixel`` and ``encoder_norm: adapted`` (as the
+    `demo` preset adapts it: the means of the layers up to stride 2) on two DDP workers: the three fits' statistics
+    cover the whole train split. The run records its held-out count and says that it is small."""
+    from tsdn.model import TSDN
     from tsdn_platform.shards import read_split
     from tsdn_platform.train import SMALL_HOLDOUT, small_holdout_warning
 
@@ -132,6 +133,8 @@ def test_per_position_statistics_sum_both_ranks_shards(ingested):
         "model.feature_distance=mahalanobis",
         "model.encoder_lr_scale=0",
         "model.encoder_norm=adapted",
+        "model.encoder_norm_max_stride=2",
+        "model.encoder_norm_variance=pretrained",
     )
     assert cfg.num_workers == 2
     (result,) = run_training(cfg).values()
@@ -148,8 +151,20 @@ def test_per_position_statistics_sum_both_ranks_shards(ingested):
     assert int(predictor.model.normal_count) == expected > n_train // cfg.num_workers
     assert int(predictor.model.feature_count) == expected
     assert int(predictor.model.encoder_norm_count) == expected  # before training, from both shards
-    first = next(m for m in predictor.model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    assert not torch.equal(first.running_mean, torch.zeros_like(first.running_mean))  # not the initial statistics
+    pretrained = TSDN(
+        dataclasses.replace(
+            cfg.model, encoder_norm="pretrained", encoder_norm_max_stride=None, encoder_norm_variance="adapted"
+        )
+    )
+    norms = [
+        [m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for model in (predictor.model, pretrained)
+    ]
+    (first, *_, last), (first_before, *_, last_before) = norms
+    assert not torch.equal(first.running_mean, first_before.running_mean)  # the stem's mean is the line's
+    assert torch.equal(last.running_mean, last_before.running_mean)  # the stride-32 layer keeps ImageNet's
+    for ours, theirs in zip(*norms, strict=True):
+        assert torch.equal(ours.running_var, theirs.running_var)  # the means only
     record = store.read_json(store.join(registry.metrics(PRODUCTS[0], result.version)["run_uri"], "metrics.json"))
     ids, images = _test_images(ingested, PRODUCTS[0])
     scores = predictor.predict_tensor(images.float() / 255.0).anomaly_score.numpy()

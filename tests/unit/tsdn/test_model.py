@@ -261,6 +261,8 @@ def test_encoder_norm_partial_settings_are_checked():
     for bad in (0, -2, 2.5, True):
         with pytest.raises(ValueError, match="encoder_norm_max_stride"):
             dataclasses.replace(TINY, encoder_lr_scale=0.0, encoder_norm="adapted", encoder_norm_max_stride=bad)
+    with pytest.raises(ValueError, match=r"encoder_norm_max_stride 1 selects none .* \(at strides \[2, "):
+        _adapted(encoder_norm_max_stride=1).fit_encoder_norm([torch.rand(2, 3, 64, 64)])
     model = _adapted(encoder_norm_max_stride=2)
     with pytest.raises(ValueError, match=r"expected \d+ sums"):
         model.set_encoder_norm(_adapted().encoder_norm_sums([torch.rand(2, 3, 64, 64)]))
