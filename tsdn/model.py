@@ -132,6 +132,7 @@ class TSDN(nn.Module):
                 self.register_buffer(f"feature_whitening_{k}", torch.eye(channels[stage]))
             self.register_buffer("feature_count", torch.zeros((), dtype=torch.int64))
         self._encoder_norm_ready = cfg.encoder_norm == "pretrained"
+        self._norm_layout: tuple[list[tuple[nn.modules.batchnorm._BatchNorm, int]], int] | None = None
         if cfg.encoder_norm == "adapted":
             self.register_buffer("encoder_norm_count", torch.zeros((), dtype=torch.int64))
         if self.normal_fit_steps or cfg.encoder_norm == "adapted":
@@ -286,7 +287,10 @@ class TSDN(nn.Module):
     def _encoder_norm_layout(self) -> tuple[list[tuple[nn.modules.batchnorm._BatchNorm, int]], int]:
         """The encoder's BatchNorm layers that ``encoder_norm`` adapts (those whose activations are at most
         ``encoder_norm_max_stride``, every one without it), each with the offset of its block in
-        :meth:`encoder_norm_sums` (count, C sums, C sums of squares), and the sums' length (the image count first)."""
+        :meth:`encoder_norm_sums` (count, C sums, C sums of squares), and the sums' length (the image count first).
+        Worked out on the first call (a forward pass of one blank image with a stride limit) and kept."""
+        if self._norm_layout is not None:
+            return self._norm_layout
         norms = [m for m in self.encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         limit = self.cfg.encoder_norm_max_stride
         if limit is not None:
@@ -301,7 +305,8 @@ class TSDN(nn.Module):
         for norm in norms:
             layout.append((norm, offset))
             offset += 1 + 2 * norm.num_features
-        return layout, offset
+        self._norm_layout = (layout, offset)
+        return self._norm_layout
 
     @torch.no_grad()
     def _norm_strides(self, norms: list[nn.Module]) -> dict[nn.Module, int]:
@@ -351,10 +356,11 @@ class TSDN(nn.Module):
                 sums[start] += n
                 sums[start + 1 : start + 1 + c] += total
                 sums[start + 1 + c : start + 1 + 2 * c] += squares
-                mean = total / n  # this batch's statistics, used by the layer in eval mode right after
+                # this batch's statistics, used by the layer in eval mode right after
+                mean, var = moments_from_sums(n, total, squares, unbiased=False)
                 module.running_mean.copy_(mean.to(module.running_mean))
                 if adapt_variance:
-                    module.running_var.copy_((squares / n - mean.pow(2)).clamp_min(0).to(module.running_var))
+                    module.running_var.copy_(var.to(module.running_var))
 
             return hook
 
@@ -548,10 +554,14 @@ class TSDN(nn.Module):
         check_input(image, self.stride, "TSDN")
 
 
-def moments_from_sums(count: float, total: torch.Tensor, squares: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean and unbiased variance of ``count`` values from their sum and sum of squares (elementwise)."""
+def moments_from_sums(
+    count: float, total: torch.Tensor, squares: torch.Tensor, unbiased: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and variance (unbiased unless told: BatchNorm normalises a batch by the biased one) of ``count``
+    values from their sum and sum of squares (elementwise)."""
     mean = total / count
-    return mean, (squares / count - mean.pow(2)).clamp_min(0.0) * (count / (count - 1))
+    var = (squares / count - mean.pow(2)).clamp_min(0.0)
+    return mean, var * (count / (count - 1)) if unbiased else var
 
 
 def _after_load(module: nn.Module, incompatible_keys: object) -> None:
