@@ -37,6 +37,7 @@ from whitening_variants import moments
 from tsdn.config import TSDNConfig
 from tsdn.model import TSDN
 from tsdn.resize import input_shape
+from tsdn_platform.cli import image_size_arg
 
 MEANS = {"encoder_norm_variance": "pretrained"}
 PARTIAL = {f"adapted<={s}": {"encoder_norm_max_stride": s} for s in (2, 4, 8)}
@@ -61,8 +62,7 @@ def main(out_path: str, specs: list[str]) -> None:
     torch.set_num_threads(2)
     for spec in specs:
         root, product, size_text, stages_text = spec.split(":")
-        sides = [int(x) for x in size_text.split("x")]
-        size = sides[0] if len(sides) == 1 else tuple(sides)
+        size = image_size_arg(size_text)
         shape = input_shape(size)
         stages = [int(s) for s in stages_text.split(",")]
         data = load_product(Path(root), product, size, 400, 10.0, Path(".tsdn/cache"))
