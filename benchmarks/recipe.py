@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -70,18 +71,28 @@ def preprocessing_version() -> str:
     return hashlib.sha256("".join(code).encode()).hexdigest()[:12]
 
 
+def dataset_version(base: Path) -> str:
+    """A digest of the image files under ``base`` (one product line): their paths below it, sizes and modification
+    times. Part of the cache's name, so that two product lines of one name under different roots (a demo line and
+    a copy with more training images, say), or a line whose files changed, never share cached arrays."""
+    files = sorted(Path(top, name) for top, _, names in os.walk(base, followlinks=True) for name in names)
+    listing = [f"{p.relative_to(base)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    return hashlib.sha256("\n".join([str(base.resolve()), *listing]).encode()).hexdigest()[:12]
+
+
 def load_product(
     root: Path, product: str, size: int | tuple[int, int], n_segments: int, compactness: float, cache: Path
 ) -> dict:
     """Train images + SLIC labels and test images + masks + labels at ``size`` (S or (h, w)), cached as one .npz."""
     cache.mkdir(parents=True, exist_ok=True)
     height, width = input_shape(size)
-    name = str(height) if height == width else f"{height}x{width}"  # square: the cache name older runs used
-    path = cache / f"{product}-{name}-{n_segments}-{compactness:g}-{preprocessing_version()}.npz"
+    name = str(height) if height == width else f"{height}x{width}"
+    base = root / product
+    versions = f"{preprocessing_version()}-{dataset_version(base)}"
+    path = cache / f"{product}-{name}-{n_segments}-{compactness:g}-{versions}.npz"
     if path.exists():
         with np.load(path) as data:
             return {k: data[k] for k in data.files}
-    base = root / product
     train_paths = sorted((base / "train" / "good").glob("*.png"))
     train = [resize_rgb(_read_rgb(p), size) for p in train_paths]
     train_u8 = np.stack([(t.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for t in train])
