@@ -225,7 +225,7 @@ def _demo_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=128, help="image side in pixels (default 128)")
     p.add_argument("--products", help="comma-separated subset of brick,grass,gravel (default: all)")
     p.add_argument("--n-train", type=int, default=40, help="train/good images per product")
-    p.add_argument("--n-test-good", type=int, default=10, help="test/good images per product")
+    p.add_argument("--n-test-good", type=int, default=30, help="test/good images per product")
     p.add_argument("--n-defects-per-type", type=int, default=4, help="test images per defect type and product")
 
 

@@ -51,6 +51,17 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     assert all(a[k] != c[k] for k in a)
 
 
+def test_a_larger_test_split_keeps_the_training_images_and_the_first_good_test_images(tmp_path):
+    kwargs = {"seed": 1, "image_size": 48, "n_train": 3, "n_defects_per_type": 1, "products": ["grass"]}
+    make_demo_dataset(tmp_path / "small", n_test_good=1, **kwargs)
+    make_demo_dataset(tmp_path / "large", n_test_good=3, **kwargs)
+    small, large = _tree_digest(tmp_path / "small"), _tree_digest(tmp_path / "large")
+    train = [k for k in small if "/train/" in k]
+    assert len(train) == 3 and all(small[k] == large[k] for k in train)
+    assert small["grass/test/good/000.png"] == large["grass/test/good/000.png"]
+    assert len([k for k in large if "/test/good/" in k]) == 3
+
+
 @pytest.mark.parametrize("defect", DEFECT_TYPES)
 @pytest.mark.parametrize("product", sorted(PRODUCTS))
 def test_mask_is_exactly_where_the_image_changed(product, defect):
