@@ -162,15 +162,18 @@ def export_model(
     ``source`` is recorded in ``export.json`` (the platform passes product, version and the sha256 of the weights).
 
     Raises:
-        ExportError: unknown format, a PatchCore without a bank, a missing optional dependency, or an export
-            whose runtime does not reproduce eager torch within :data:`PARITY_TOLERANCE`.
+        ExportError: unknown format, a PatchCore not fitted (no bank, or no statistics with ``pixel``), a missing
+            optional dependency, or an export whose runtime does not reproduce eager torch within
+            :data:`PARITY_TOLERANCE`.
     """
     if fmt not in EXPORT_FORMATS:
         msg = f"format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}"
         raise ExportError(msg)
-    if isinstance(model, PatchCore) and model.bank.shape[0] == 0:
-        msg = "PatchCore: the memory bank is empty (fit the model before exporting it)"
-        raise ExportError(msg)
+    if isinstance(model, PatchCore):
+        try:
+            model.check_fitted()
+        except RuntimeError as exc:
+            raise ExportError(f"{exc} before exporting it") from exc
     model = model.cpu().eval()
     size = model.cfg.input_shape
     graph = InferenceGraph(model).eval()

@@ -13,6 +13,12 @@ anomalous as its distance to the nearest bank entry.
 - Score map: the nearest-bank distance per patch (:func:`nearest_distance`, in chunks: at most
   ``query_chunk x bank_chunk`` distances exist at once), bilinearly upsampled to the input size, blurred like
   TSDN's map; image score = its maximum (or a top-k mean).
+- ``score_normalization: pixel`` standardises the map per position, as TSDN's switch of the same name does, by
+  the maps of normal training images. A training image's patches are in the bank (its distances are near 0), so
+  the fit splits the images into ``normalization_folds`` folds and maps each fold's images against a bank built
+  from the other folds (the same pooling and coreset); the statistics come from at most ``normalization_images``
+  of those maps. The border of every image scores high against a bank of a few dozen textured images (the
+  encoder's padding), and this takes it out (``BENCHMARKS.md``, "PatchCore's map standardised per position").
 
 The model answers the same interface as :class:`tsdn.model.TSDN` (``cfg.image_size``, ``predict``,
 ``fit_score_scales``, ``mean``/``std``), so :class:`tsdn.predict.Predictor`, calibration, batch scoring,
@@ -33,6 +39,7 @@ from torch import nn
 
 from tsdn import config_io
 from tsdn.backbone import Opener, check_input, create_encoder, normalization
+from tsdn.model import moments_from_sums
 from tsdn.resize import input_shape, parse_image_size
 from tsdn.scoring import blur_map, image_score
 
@@ -63,6 +70,13 @@ class PatchCoreConfig:
         bank_dtype: ``float16`` or ``float32`` storage of the bank (distances are computed in float32).
         score_sigma: blur of the map in pixels at S x S (as TSDN's ``score_sigma``).
         score_topk: image score = mean of the top fraction of the map; 0 = its maximum.
+        score_normalization: ``none`` or ``pixel``: the map standardised per position by the mean and standard
+            deviation (its variance blurred with ``score_sigma``) of normal training images' maps, each from a
+            bank that did not see it (see the module's docstring).
+        normalization_folds: the folds of the training images for ``pixel`` (>= 2): a fold's maps come from a
+            bank of the others, so the fit selects ``normalization_folds + 1`` coresets.
+        normalization_images: at most this many training images' maps give the ``pixel`` statistics (their
+            patches are kept until the fold banks exist: the fit's memory grows with it).
         query_chunk, bank_chunk: block sizes of the nearest-neighbour search.
         seed: the patch subsampling, the projection and the coreset's first centre.
     """
@@ -79,6 +93,9 @@ class PatchCoreConfig:
     bank_dtype: Literal["float16", "float32"] = "float16"
     score_sigma: float = 4.0
     score_topk: float = 0.0
+    score_normalization: Literal["none", "pixel"] = "none"
+    normalization_folds: int = 3
+    normalization_images: int = 120
     query_chunk: int = 4096
     bank_chunk: int = 8192
     seed: int = 0
@@ -100,6 +117,9 @@ class PatchCoreConfig:
             (self.bank_dtype in ("float16", "float32"), "bank_dtype", "float16 | float32"),
             (self.score_sigma >= 0, "score_sigma", ">= 0"),
             (0 <= self.score_topk < 1, "score_topk", "in [0, 1)"),
+            (self.score_normalization in ("none", "pixel"), "score_normalization", "none | pixel"),
+            (self.normalization_folds >= 2, "normalization_folds", ">= 2"),
+            (self.normalization_images >= 2, "normalization_images", ">= 2"),
             (self.query_chunk >= 1 and self.bank_chunk >= 1, "query_chunk", "chunks >= 1"),
         )
         for ok, name, expected in checks:
@@ -287,6 +307,13 @@ class PatchCore(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("bank", torch.empty(0, sum(encoder.feature_info.channels()[i] for i in self.stages)))
+        self._normal_stats_ready = False
+        if cfg.score_normalization == "pixel":
+            height, width = cfg.input_shape
+            self.register_buffer("normal_mean", torch.zeros(1, 1, height, width))
+            self.register_buffer("normal_std", torch.ones(1, 1, height, width))
+            self.register_buffer("normal_count", torch.zeros((), dtype=torch.int64))
+            self.register_load_state_dict_post_hook(_after_load)
 
     def train(self, mode: bool = True) -> PatchCore:
         super().train(mode)
@@ -332,46 +359,128 @@ class PatchCore(nn.Module):
         its patches that keeps the pool a uniform sample of all patches seen (reservoir sampling by batch);
         then the greedy coreset keeps ``coreset_fraction`` of the pool, at most ``coreset_max`` rows.
 
+        With ``score_normalization: pixel`` the images are dealt to ``normalization_folds`` folds in the order they
+        come (image i to fold i mod k), each fold with its own pool of at most ``max_patches / k`` patches; the
+        bank is the coreset of every pool, and each fold's first images (``normalization_images`` in all) are
+        mapped against the coreset of the other folds' pools to give the per-position statistics.
+
         Returns:
-            ``{"images", "patches_seen", "patches_pooled", "bank_size"}``.
+            ``{"images", "patches_seen", "patches_pooled", "bank_size"}``, and ``"normal_images"`` with ``pixel``.
         """
         generator = torch.Generator().manual_seed(self.cfg.seed)
-        pool: torch.Tensor | None = None
-        seen = n_images = 0
+        folds = self.cfg.normalization_folds if self.cfg.score_normalization == "pixel" else 1
+        capacity = math.ceil(self.cfg.max_patches / folds)
+        kept_per_fold = math.ceil(self.cfg.normalization_images / folds) if folds > 1 else 0
+        pools: list[torch.Tensor | None] = [None] * folds
+        seen = [0] * folds
+        kept: list[list[torch.Tensor]] = [[] for _ in range(folds)]
+        n_images = 0
         for batch in batches:
+            fold_of = (torch.arange(batch.shape[0]) + n_images) % folds
             n_images += batch.shape[0]
-            flat = batch.reshape(-1, batch.shape[-1]).float().cpu()
-            pool, seen = _reservoir(pool, flat, seen, self.cfg.max_patches, generator)
-        if pool is None:
+            for fold in range(folds):
+                images = batch[fold_of == fold] if folds > 1 else batch
+                if images.shape[0] == 0:
+                    continue
+                room = kept_per_fold - len(kept[fold])
+                if room > 0:
+                    kept[fold].extend(image.clone() for image in images[:room].cpu())
+                flat = images.reshape(-1, images.shape[-1]).float().cpu()
+                pools[fold], seen[fold] = _reservoir(pools[fold], flat, seen[fold], capacity, generator)
+        filled = [pool for pool in pools if pool is not None]
+        if not filled:
             msg = "PatchCore.fit: no training images"
             raise ValueError(msg)
-        pooled = pool.shape[0]
-        keep = min(self.cfg.coreset_max, max(1, math.ceil(self.cfg.coreset_fraction * pooled)))
-        if keep < pooled:
-            pool = pool[greedy_coreset(pool, keep, self.cfg.projection_dim, self.cfg.seed)]
-        self.bank = pool.to(getattr(torch, self.cfg.bank_dtype)).to(self.mean.device).contiguous()
-        return {
+        pool = torch.cat(filled)
+        self.bank = self._coreset(pool).to(self.mean.device).contiguous()
+        stats = {
             "images": n_images,
-            "patches_seen": seen,
-            "patches_pooled": pooled,
+            "patches_seen": sum(seen),
+            "patches_pooled": pool.shape[0],
             "bank_size": int(self.bank.shape[0]),
         }
+        if folds > 1:
+            stats["normal_images"] = self._fit_normal_stats(pools, kept)
+        return stats
+
+    def _coreset(self, pool: torch.Tensor) -> torch.Tensor:
+        """The greedy coreset of ``pool`` (``coreset_fraction`` of it, at most ``coreset_max`` rows) as a bank."""
+        keep = min(self.cfg.coreset_max, max(1, math.ceil(self.cfg.coreset_fraction * pool.shape[0])))
+        if keep < pool.shape[0]:
+            pool = pool[greedy_coreset(pool, keep, self.cfg.projection_dim, self.cfg.seed)]
+        return pool.to(getattr(torch, self.cfg.bank_dtype))
+
+    def _fit_normal_stats(self, pools: list[torch.Tensor | None], kept: list[list[torch.Tensor]]) -> int:
+        """Per-position statistics of the kept images' maps, each fold's against a bank of the other folds."""
+        height, width = self.cfg.input_shape
+        grid = (height // min(self.cfg.reductions), width // min(self.cfg.reductions))
+        count = 0
+        total = torch.zeros(1, 1, height, width, dtype=torch.float64)
+        squares = torch.zeros_like(total)
+        for fold, images in enumerate(kept):
+            others = [pool for other, pool in enumerate(pools) if other != fold and pool is not None]
+            if not images or not others:
+                continue
+            bank = self._coreset(torch.cat(others)).to(self.mean.device)
+            for patches in images:
+                if patches.shape[0] != grid[0] * grid[1]:
+                    msg = f"PatchCore.fit: {patches.shape[0]} patches per image, expected {grid[0]} x {grid[1]}"
+                    msg += f" for input {height} x {width} (stride {min(self.cfg.reductions)})"
+                    raise ValueError(msg)
+                queries = patches.to(self.mean.device).float()
+                dist = nearest_distance(queries, bank, self.cfg.query_chunk, self.cfg.bank_chunk)
+                raw = self._raw_map(dist.view(1, 1, *grid), (height, width)).double().cpu()
+                total += raw
+                squares += raw.square()
+                count += 1
+        if count < 2:
+            msg = f"PatchCore: score_normalization 'pixel' needs at least 2 training images, got {count}"
+            raise ValueError(msg)
+        mean, var = moments_from_sums(count, total, squares)
+        std = blur_map(var.float(), self.cfg.score_sigma).sqrt()
+        std = std.clamp_min(0.01 * float(std.mean()) + 1e-12)
+        self.normal_mean.copy_(mean.to(self.normal_mean))
+        self.normal_std.copy_(std.to(self.normal_std))
+        self.normal_count.fill_(count)
+        self._normal_stats_ready = True
+        return count
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> PatchCorePrediction:
         """(B, 3, H, W) in [0, 1] -> blurred nearest-bank distance map at the input size and its image score."""
+        self.check_fitted()
         emb = self.embed(images)
         batch, dim, height, width = emb.shape
         queries = emb.permute(0, 2, 3, 1).reshape(-1, dim).float()
         dist = nearest_distance(queries, self.bank, self.cfg.query_chunk, self.cfg.bank_chunk)
         return self.distance_map(dist.reshape(batch, 1, height, width), tuple(images.shape[-2:]))
 
+    def check_fitted(self) -> None:
+        """Raise unless :meth:`fit` has set what :meth:`predict` reads (the bank; the statistics with ``pixel``)."""
+        if self.bank.shape[0] == 0:
+            msg = "PatchCore: the memory bank is empty (fit the model first)"
+            raise RuntimeError(msg)
+        if self.cfg.score_normalization == "pixel" and not self._normal_stats_ready:
+            msg = "PatchCore: score_normalization is 'pixel' but its statistics were never fitted"
+            raise RuntimeError(msg)
+
+    def _raw_map(self, grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Patch distances (B, 1, h, w) -> the blurred distance map at ``size`` (H, W), not standardised."""
+        return blur_map(F.interpolate(grid, size=size, mode="bilinear"), self.cfg.score_sigma)
+
     def distance_map(self, grid: torch.Tensor, size: tuple[int, int]) -> PatchCorePrediction:
-        """Patch distances (B, 1, h, w) -> the blurred map at ``size`` (H, W) and its image score.
+        """Patch distances (B, 1, h, w) -> the blurred map at ``size`` (H, W), standardised per position with
+        ``score_normalization: pixel``, and its image score.
 
         The step after the search, shared by :meth:`predict` and the exported graph (:mod:`tsdn.export`).
         """
-        full = blur_map(F.interpolate(grid, size=size, mode="bilinear"), self.cfg.score_sigma)
+        full = self._raw_map(grid, size)
+        if self.cfg.score_normalization == "pixel":
+            mean, std = self.normal_mean, self.normal_std
+            if mean.shape[-2:] != full.shape[-2:]:
+                mean = F.interpolate(mean, size=size, mode="bilinear", align_corners=False)
+                std = F.interpolate(std, size=size, mode="bilinear", align_corners=False)
+            full = (full - mean) / std
         return PatchCorePrediction(full, image_score(full, self.cfg.score_topk))
 
     def fit_score_scales(self, images: Any) -> None:
@@ -379,6 +488,11 @@ class PatchCore(nn.Module):
 
     def _check_input(self, image: torch.Tensor) -> None:
         check_input(image, self.stride, "PatchCore")
+
+
+def _after_load(module: nn.Module, incompatible_keys: object) -> None:
+    """A loaded state carries fitted statistics when its ``normal_count`` is above 0."""
+    module._normal_stats_ready = int(module.normal_count) > 0
 
 
 def _reservoir(

@@ -159,6 +159,18 @@ def test_patchcore_export_searches_the_whole_bank(fmt):
     _assert_parity(model, files, RUNTIME_OF[fmt], _images(5))
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_patchcore_export_carries_the_per_position_normalization(fmt):
+    model = _patchcore(dataclasses.replace(TINY_PATCHCORE, score_normalization="pixel"))
+    assert int(model.normal_count) == 3
+    files = export_model(model, CALIBRATION, fmt)
+    _assert_parity(model, files, RUNTIME_OF[fmt], _images(5))
+    with pytest.raises(ExportError, match="statistics were never fitted"):
+        unfitted = pc.PatchCore(model.cfg)
+        unfitted.bank = model.bank.clone()
+        export_model(unfitted, CALIBRATION, fmt)
+
+
 def test_the_batch_axis_is_dynamic():
     model = _patchcore()
     runner = load_exported(export_model(model, CALIBRATION, "onnx")).runner

@@ -1,6 +1,7 @@
 """The PatchCore model family (tsdn.patchcore): search, coreset, fit memory bound, checkpoint and Predictor."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from skimage import data as skdata
 from tsdn import patchcore as pc
 from tsdn.checkpoint import checkpoint_files, load_checkpoint
 from tsdn.predict import Predictor
-from tsdn.scoring import fit_calibration
+from tsdn.scoring import blur_map, fit_calibration
 
 TINY = pc.PatchCoreConfig(image_size=64, backbone="test_efficientnet", weights="none", score_sigma=1.0)
 
@@ -138,8 +139,6 @@ def test_checkpoint_round_trip_and_the_predictor_serve_patchcore_like_tsdn():
     assert detections[0].anomaly_map.shape == (80, 96)
     assert 0.0 <= detections[0].normalized_score <= 1.0
     with pytest.raises(ValueError, match="family"):
-        import json
-
         meta["family"] = "nosuch"
         load_checkpoint({**files, "model.json": json.dumps(meta).encode()})
 
@@ -177,3 +176,76 @@ def test_nearest_distance_keeps_small_distances_exact(backend):
     queries = bank[:50] + offsets
     got = pc.nearest_distance(queries, bank, 16, 64, backend=backend)
     torch.testing.assert_close(got, offsets.norm(dim=1), rtol=1e-3, atol=1e-6)
+
+
+def test_pixel_statistics_come_from_maps_against_banks_without_the_image():
+    """score_normalization pixel: image i goes to fold i mod k, and each kept image's map comes from the coreset
+    of the other folds' patches; the statistics are those maps' per-position mean and (blurred) deviation."""
+    train = _brick_crops(6)
+    model = _model(score_normalization="pixel", normalization_folds=3, coreset_fraction=1.0, bank_dtype="float32")
+    stats = model.fit([train[:4], train[4:]])  # images 0..5 -> folds 0 1 2 0 1 2, across the two batches
+    assert stats["normal_images"] == 6 and stats["bank_size"] == 6 * 8 * 8 == model.bank.shape[0]
+    assert int(model.normal_count) == 6
+
+    maps = []
+    for fold in range(3):
+        reference = _model(coreset_fraction=1.0, bank_dtype="float32")
+        reference.fit([train[[i for i in range(6) if i % 3 != fold]]])
+        maps.append(reference.predict(train[[i for i in range(6) if i % 3 == fold]]).anomaly_map)
+    maps = torch.cat(maps).double()
+    assert maps.amin() > 1e-2  # no image was in the bank that mapped it
+    torch.testing.assert_close(model.normal_mean, maps.mean(0, keepdim=True).float(), rtol=1e-4, atol=1e-5)
+    std = blur_map(maps.var(0, keepdim=True).float(), TINY.score_sigma).sqrt()
+    torch.testing.assert_close(model.normal_std, std.clamp_min(0.01 * float(std.mean()) + 1e-12), rtol=1e-3, atol=1e-5)
+
+    # the map the model returns is the full bank's, standardised at every position
+    plain = _model(coreset_fraction=1.0, bank_dtype="float32")
+    plain.fit([train[:4], train[4:]])
+    assert sorted(map(tuple, plain.bank.tolist())) == sorted(map(tuple, model.bank.tolist()))  # the folds' order
+    images = _brick_crops(8)[6:]
+    expected = (plain.predict(images).anomaly_map - model.normal_mean) / model.normal_std
+    got = model.predict(images)
+    torch.testing.assert_close(got.anomaly_map, expected)
+    torch.testing.assert_close(got.anomaly_score, got.anomaly_map.flatten(1).amax(1))
+
+
+def test_pixel_keeps_at_most_normalization_images_and_refuses_too_few():
+    model = _model(score_normalization="pixel", normalization_folds=2, normalization_images=4)
+    assert model.fit([_brick_crops(6)])["normal_images"] == 4  # 2 per fold: images 0, 2 and 1, 3
+    with pytest.raises(ValueError, match="at least 2 training images"):
+        _model(score_normalization="pixel").fit([_brick_crops(1)])
+    for name, bad in (("score_normalization", "image"), ("normalization_folds", 1), ("normalization_images", 1)):
+        with pytest.raises(ValueError, match=name):
+            dataclasses.replace(TINY, **{name: bad})
+
+
+def test_pixel_statistics_round_trip_and_an_unfitted_model_refuses_to_predict():
+    model = _model(score_normalization="pixel")
+    with pytest.raises(RuntimeError, match="memory bank is empty"):
+        model.predict(_brick_crops(1))
+    train = _brick_crops(6)
+    model.fit([train])
+    files = checkpoint_files(model, fit_calibration(model.predict(train).anomaly_score.numpy()))
+    loaded, _, meta = load_checkpoint(files)
+    assert meta["config"]["score_normalization"] == "pixel"
+    assert torch.equal(loaded.normal_std, model.normal_std) and int(loaded.normal_count) == 6
+    images = _brick_crops(8)[6:]
+    torch.testing.assert_close(loaded.predict(images).anomaly_map, model.predict(images).anomaly_map)
+
+    unfitted = _model(score_normalization="pixel")
+    unfitted.bank = model.bank.clone()  # a bank without the statistics (never fitted through fit)
+    with pytest.raises(RuntimeError, match="statistics were never fitted"):
+        unfitted.predict(images)
+
+
+def test_a_checkpoint_without_score_normalization_loads_as_none():
+    """Checkpoints written before the switch have no normal_* tensors and no config key: they keep the raw map."""
+    model = _model()
+    model.fit([_brick_crops(4)])
+    train = _brick_crops(4)
+    files = checkpoint_files(model, fit_calibration(model.predict(train).anomaly_score.numpy()))
+    meta = json.loads(files["model.json"])
+    for key in ("score_normalization", "normalization_folds", "normalization_images"):
+        meta["config"].pop(key)
+    loaded, _, _ = load_checkpoint({**files, "model.json": json.dumps(meta).encode()})
+    assert loaded.cfg.score_normalization == "none" and not hasattr(loaded, "normal_mean")
