@@ -173,7 +173,7 @@ def export_model(
         try:
             model.check_fitted()
         except RuntimeError as exc:
-            raise ExportError(f"{exc} before exporting it") from exc
+            raise ExportError(str(exc)) from exc
     model = model.cpu().eval()
     size = model.cfg.input_shape
     graph = InferenceGraph(model).eval()

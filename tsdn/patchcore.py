@@ -461,7 +461,7 @@ class PatchCore(nn.Module):
             msg = "PatchCore: the memory bank is empty (fit the model first)"
             raise RuntimeError(msg)
         if self.cfg.score_normalization == "pixel" and not self._normal_stats_ready:
-            msg = "PatchCore: score_normalization is 'pixel' but its statistics were never fitted"
+            msg = "PatchCore: score_normalization is 'pixel' but its statistics were never fitted (fit the model first)"
             raise RuntimeError(msg)
 
     def _raw_map(self, grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
