@@ -249,3 +249,16 @@ def test_a_checkpoint_without_score_normalization_loads_as_none():
         meta["config"].pop(key)
     loaded, _, _ = load_checkpoint({**files, "model.json": json.dumps(meta).encode()})
     assert loaded.cfg.score_normalization == "none" and not hasattr(loaded, "normal_mean")
+
+
+def test_pixel_statistics_on_a_rectangular_input():
+    """image_size [H, W]: the fold maps and the statistics are (H, W), and a training image standardises near 0."""
+    model = _model(image_size=(96, 32), score_normalization="pixel")
+    brick = torch.from_numpy(skdata.brick()).float().div(255)
+    tall = torch.stack([brick[i * 50 : i * 50 + 96, i * 30 : i * 30 + 32] for i in range(6)])
+    tall = tall.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+    assert model.fit([tall])["normal_images"] == 6
+    assert model.normal_mean.shape == model.normal_std.shape == (1, 1, 96, 32)
+    prediction = model.predict(tall)
+    assert prediction.anomaly_map.shape == (6, 1, 96, 32)
+    assert prediction.anomaly_map.mean() < 0  # in the bank now: below the mean of maps from banks without them
