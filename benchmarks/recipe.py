@@ -72,9 +72,10 @@ def preprocessing_version() -> str:
 
 
 def dataset_version(base: Path) -> str:
-    """A digest of the image files under ``base`` (one product line): their paths below it, sizes and modification
-    times. Part of the cache's name, so that two product lines of one name under different roots (a demo line and
-    a copy with more training images, say), or a line whose files changed, never share cached arrays."""
+    """A digest of the files under ``base`` (one product line; linked folders followed): their paths below it, sizes
+    and modification times. Part of the cache's name, so that two product lines of one name under different roots
+    (a demo line and a copy with more training images, say), or a line whose files changed, never share cached
+    arrays."""
     files = sorted(Path(top, name) for top, _, names in os.walk(base, followlinks=True) for name in names)
     listing = [f"{p.relative_to(base)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
     return hashlib.sha256("\n".join([str(base.resolve()), *listing]).encode()).hexdigest()[:12]
