@@ -49,13 +49,16 @@ def main() -> int:
     parser.add_argument("--product", required=True)
     parser.add_argument("--size", type=image_size_arg, required=True, help="S or HxW")
     parser.add_argument("--config", default="patchcore", help="preset whose patchcore section is used")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="the fit's seed (pool, projection, coreset); default the preset's"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     cfg = load_config(TrainConfig, args.config, ["store=unused", "dataset=unused"]).patchcore
-    cfg = dataclasses.replace(cfg, image_size=args.size)
+    cfg = dataclasses.replace(cfg, image_size=args.size, seed=cfg.seed if args.seed is None else args.seed)
     data = load_product(Path(args.root), args.product, args.size, 400, 10.0, Path(".tsdn/cache"))
     held = np.arange(len(data["train"])) % HOLDOUT_EVERY == 0
     train, test = _to_tensor(data["train"][~held]), _to_tensor(data["test"])
@@ -73,6 +76,7 @@ def main() -> int:
             "product": args.product,
             "size": args.size,
             "config": args.config,
+            "seed": model.cfg.seed,
             "score_normalization": normalization,
             "folds": model.cfg.normalization_folds,
             "fit_s": round(fit_s, 1),

@@ -513,7 +513,14 @@ def _reservoir(
         patches, seen = patches[room:], seen + room
     positions = torch.arange(seen, seen + patches.shape[0])
     slots = (torch.rand(patches.shape[0], generator=generator) * (positions + 1)).long()
-    accepted = slots < capacity
+    rows = (slots < capacity).nonzero().squeeze(1)
+    # Two rows of one batch can draw the same slot; in the sequential algorithm the later one wins. An indexed
+    # assignment with repeated indices leaves the winner to the threads (the bank differed between two fits of
+    # the same images), so only each slot's last row is written.
+    order = torch.argsort(slots[rows], stable=True)
+    taken = slots[rows][order]
+    last = torch.ones_like(taken, dtype=torch.bool)
+    last[:-1] = taken[1:] != taken[:-1]
     pool = pool.clone()
-    pool[slots[accepted]] = patches[accepted]
+    pool[taken[last]] = patches[rows[order][last]]
     return pool, total

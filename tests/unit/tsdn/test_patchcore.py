@@ -262,3 +262,32 @@ def test_pixel_statistics_on_a_rectangular_input():
     prediction = model.predict(tall)
     assert prediction.anomaly_map.shape == (6, 1, 96, 32)
     assert prediction.anomaly_map.mean() < 0  # in the bank now: below the mean of maps from banks without them
+
+
+def test_the_reservoir_is_algorithm_r_row_by_row_even_when_rows_share_a_slot():
+    """Rows of one batch that draw the same slot: the later one wins, as in the sequential algorithm, whatever the
+    threads do (an indexed assignment with repeated indices left it to them, and two fits of one line differed)."""
+    capacity, gen = 50, torch.Generator().manual_seed(7)
+    first = torch.arange(capacity, dtype=torch.float32)[:, None]
+    batch = torch.arange(capacity, capacity + 5000, dtype=torch.float32)[:, None]
+    pool, seen = pc._reservoir(first, batch, capacity, capacity, gen)
+    assert seen == capacity + 5000
+
+    replay = torch.Generator().manual_seed(7)
+    positions = torch.arange(capacity, capacity + 5000)
+    slots = (torch.rand(5000, generator=replay) * (positions + 1)).long()
+    assert len(set(slots[slots < capacity].tolist())) < int((slots < capacity).sum())  # shared slots happen
+    expected = first.clone()
+    for row, slot in zip(batch, slots.tolist(), strict=True):
+        if slot < capacity:
+            expected[slot] = row
+    assert torch.equal(pool, expected)
+
+
+def test_two_fits_of_the_same_images_give_the_same_bank():
+    train = [_brick_crops(8)[:4], _brick_crops(8)[4:]]
+    models = [_model(max_patches=100, score_normalization="pixel") for _ in range(2)]
+    for model in models:
+        model.fit(train)
+    assert torch.equal(models[0].bank, models[1].bank)
+    assert torch.equal(models[0].normal_mean, models[1].normal_mean)
