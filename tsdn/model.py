@@ -17,7 +17,15 @@ from tsdn.backbone import Opener, check_input, create_encoder, normalization
 from tsdn.config import TSDNConfig
 from tsdn.decoder import Decoder
 from tsdn.fne import FeatureNormalityEstimator, normality_target
-from tsdn.scoring import blur_map, feature_distance_map, image_score, score_map, whitened_distance_map
+from tsdn.scoring import (
+    blur_map,
+    feature_distance_map,
+    image_score,
+    position_std,
+    score_map,
+    standardize_map,
+    whitened_distance_map,
+)
 
 __all__ = ["TSDN", "TSDNOutput", "TSDNPrediction"]
 
@@ -263,9 +271,7 @@ class TSDN(nn.Module):
         height, width = self.cfg.input_shape
         n = height * width
         mean, var = moments_from_sums(count, sums[1 : 1 + n], sums[1 + n :])
-        var = blur_map(var.view(1, 1, height, width).float(), self.cfg.score_sigma)
-        std = var.sqrt()
-        std = std.clamp_min(0.01 * float(std.mean()) + 1e-12)
+        std = position_std(var.view(1, 1, height, width), self.cfg.score_sigma)
         self.normal_mean.copy_(mean.view(1, 1, height, width).to(self.normal_mean))
         self.normal_std.copy_(std.to(self.normal_std))
         self.normal_count.fill_(count)
@@ -458,12 +464,7 @@ class TSDN(nn.Module):
         if not self._normal_stats_ready:
             msg = "TSDN: score_normalization is 'pixel' but fit_normal_stats was never called on normal images"
             raise RuntimeError(msg)
-        mean, std = self.normal_mean, self.normal_std
-        if mean.shape[-2:] != anomaly_map.shape[-2:]:
-            size = tuple(anomaly_map.shape[-2:])
-            mean = F.interpolate(mean, size=size, mode="bilinear", align_corners=False)
-            std = F.interpolate(std, size=size, mode="bilinear", align_corners=False)
-        return (anomaly_map - mean) / std
+        return standardize_map(anomaly_map, self.normal_mean, self.normal_std)
 
     def _source_maps(self, image: torch.Tensor, source: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Maps for ``source`` (a score source, "scales" = reconstruction + mask, or "all")."""

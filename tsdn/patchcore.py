@@ -41,7 +41,7 @@ from tsdn import config_io
 from tsdn.backbone import Opener, check_input, create_encoder, normalization
 from tsdn.model import moments_from_sums
 from tsdn.resize import input_shape, parse_image_size
-from tsdn.scoring import blur_map, image_score
+from tsdn.scoring import blur_map, image_score, position_std, standardize_map
 
 __all__ = [
     "PatchCore",
@@ -437,10 +437,8 @@ class PatchCore(nn.Module):
             msg = f"PatchCore: score_normalization 'pixel' needs at least 2 training images, got {count}"
             raise ValueError(msg)
         mean, var = moments_from_sums(count, total, squares)
-        std = blur_map(var.float(), self.cfg.score_sigma).sqrt()
-        std = std.clamp_min(0.01 * float(std.mean()) + 1e-12)
         self.normal_mean.copy_(mean.to(self.normal_mean))
-        self.normal_std.copy_(std.to(self.normal_std))
+        self.normal_std.copy_(position_std(var, self.cfg.score_sigma).to(self.normal_std))
         self.normal_count.fill_(count)
         self._normal_stats_ready = True
         return count
@@ -476,11 +474,7 @@ class PatchCore(nn.Module):
         """
         full = self._raw_map(grid, size)
         if self.cfg.score_normalization == "pixel":
-            mean, std = self.normal_mean, self.normal_std
-            if mean.shape[-2:] != full.shape[-2:]:
-                mean = F.interpolate(mean, size=size, mode="bilinear", align_corners=False)
-                std = F.interpolate(std, size=size, mode="bilinear", align_corners=False)
-            full = (full - mean) / std
+            full = standardize_map(full, self.normal_mean, self.normal_std)
         return PatchCorePrediction(full, image_score(full, self.cfg.score_topk))
 
     def fit_score_scales(self, images: Any) -> None:

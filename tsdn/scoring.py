@@ -12,6 +12,7 @@ import math
 
 import kornia
 import torch
+import torch.nn.functional as F
 
 # The calibration lives in its own module (numpy only, for processes without torch); re-exported here.
 from tsdn.calibration import QUANTILES, Calibration, fit_calibration
@@ -24,7 +25,9 @@ __all__ = [
     "fit_calibration",
     "gaussian_kernel_size",
     "image_score",
+    "position_std",
     "score_map",
+    "standardize_map",
     "whitened_distance_map",
 ]
 
@@ -121,6 +124,25 @@ def whitened_distance_map(
         msg = "whitened_distance_map: no feature stage given"
         raise ValueError(msg)
     return blur_map(total / len(residuals), sigma)
+
+
+def position_std(variance: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The per-position deviation that standardises a map, from the (1, 1, H, W) variance of normal maps: the
+    variance blurred with the map's ``sigma`` (a few hundred images estimate it noisily; the map is blurred alike),
+    its square root floored at 1 % of its mean so that a position where every normal map is the same does not
+    divide by zero. Shared by TSDN's and PatchCore's ``score_normalization: pixel``."""
+    std = blur_map(variance.float(), sigma).sqrt()
+    return std.clamp_min(0.01 * float(std.mean()) + 1e-12)
+
+
+def standardize_map(anomaly_map: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``(anomaly_map - mean) / std`` per position; (1, 1, H, W) statistics are resized (bilinear) to a map of
+    another size."""
+    if mean.shape[-2:] != anomaly_map.shape[-2:]:
+        size = tuple(anomaly_map.shape[-2:])
+        mean = F.interpolate(mean, size=size, mode="bilinear", align_corners=False)
+        std = F.interpolate(std, size=size, mode="bilinear", align_corners=False)
+    return (anomaly_map - mean) / std
 
 
 def image_score(anomaly_map: torch.Tensor, topk: float = 0.0) -> torch.Tensor:
