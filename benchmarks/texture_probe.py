@@ -1,0 +1,165 @@
+"""What else the frozen encoder's Gaussian map could gain on the demo textures, and what it costs the real lines.
+
+``encoder_probe.py``'s map (the encoder's own features whitened by the training images' pooled covariance,
+averaged over the stages, blurred, standardised per position by the training maps) tracks the `demo` preset's
+TSDN map on the textures within about 0.03 image AUROC, and the `cpu` preset's on transistor and kolektor, so
+a change to the map can be tried in seconds instead of a training run per seed. Variants (``VARIANTS``):
+
+- the image score: the maximum (the presets'), or the mean of the top 1 % / 5 % of the map, or the maximum of a
+  map blurred twice as much;
+- flips at test time: the map averaged over the image and its mirror images (2: left-right; 4: and up-down,
+  and both), each mapped back; ``fitflip`` also whitens with the flipped training images' moments;
+- a colour stage: the image itself average-pooled over C x C pixels (``cC``), whitened like an encoder stage and
+  averaged in with the others (``w`` its weight against 1 per stage); ``cCp`` whitens it per position instead
+  (a mean and covariance per position, shrunk 10 % to the pooled one);
+- finer stages: the encoder's stride 2 and 4 features added; ``hp4`` the RMS of the image minus its 5 x 5 mean per
+  4 x 4 block, ``lo4`` the darkest value per 4 x 4 block, as further "stages".
+
+The split is ``recipe.py``'s (every 8th training image held out) and its cached arrays; the encoder's BatchNorm
+statistics are ``encoder_norm_probe.py``'s variants (the `demo` preset's are ``means<=2``; the `cpu` preset's
+``pretrained``). One JSON row per (line, variant) with the test image / pixel AUROC and the image AUROC per
+defect type is appended to OUT.
+
+    python benchmarks/texture_probe.py OUT ROOT:PRODUCT:SIZE:STRIDES:NORM ...
+
+e.g. ``.tsdn/demo/data:grass:128:8,16:means<=2`` (the `demo` preset) or
+``../shared/data/mvtec:transistor:192:8,16,32:pretrained`` (the `cpu` preset; SIZE may be HxW).
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from encoder_norm_probe import encoder_for
+from encoder_probe import stage_features, write_row
+from recipe import HOLDOUT_EVERY, _to_tensor, load_product
+from stage_variants import per_type_auroc
+from whitening_variants import mahalanobis, moments, standardise
+
+from tsdn.metrics import image_auroc, pixel_auroc
+from tsdn.resize import input_shape
+from tsdn.scoring import image_score
+from tsdn_platform.cli import image_size_arg
+
+FLIPS = ((), (3,), (2,), (2, 3))  # none, left-right, up-down, both
+COLOUR_STRIDES = (2, 4, 8, 16)
+
+# name -> (extra stages after the preset's, flips, weight of the extra stages, image score top-k, options)
+VARIANTS: dict[str, tuple[list, int, float, float, dict]] = {
+    "base": ([], 1, 1.0, 0.0, {}),
+    "top1%": ([], 1, 1.0, 0.01, {}),
+    "top5%": ([], 1, 1.0, 0.05, {}),
+    "image-blur-x2": ([], 1, 1.0, 0.0, {"image_sigma": 2.0}),
+    "flips2": ([], 2, 1.0, 0.0, {}),
+    "flips4": ([], 4, 1.0, 0.0, {}),
+    "flips4-fitflip": ([], 4, 1.0, 0.0, {"fit_flips": True}),
+    "+c2": (["c2"], 1, 1.0, 0.0, {}),
+    "+c4": (["c4"], 1, 1.0, 0.0, {}),
+    "+c8": (["c8"], 1, 1.0, 0.0, {}),
+    "+c16": (["c16"], 1, 1.0, 0.0, {}),
+    "+c4 w0.5": (["c4"], 1, 0.5, 0.0, {}),
+    "+c4 w2": (["c4"], 1, 2.0, 0.0, {}),
+    "+c4 top1%": (["c4"], 1, 1.0, 0.01, {}),
+    "+c4+c8": (["c4", "c8"], 1, 1.0, 0.0, {}),
+    "+c8 flips4": (["c8"], 4, 1.0, 0.0, {}),
+    "+c8p": (["c8p"], 1, 1.0, 0.0, {}),
+    "+c16p": (["c16p"], 1, 1.0, 0.0, {}),
+    "+c8p w0.5": (["c8p"], 1, 0.5, 0.0, {}),
+    "+2+c4": ([2, "c4"], 1, 1.0, 0.0, {}),
+    "+2+4+c4": ([2, 4, "c4"], 1, 1.0, 0.0, {}),
+    "+c4+hp4": (["c4", "hp4"], 1, 1.0, 0.0, {}),
+    "+c4+lo4": (["c4", "lo4"], 1, 1.0, 0.0, {}),
+}
+
+
+def image_features(encoder: torch.nn.Module, images: torch.Tensor) -> dict:
+    """The encoder's features per stride, and the colour and pixel "stages", of ``images`` (N, 3, H, W) in [0, 1]."""
+    out: dict = stage_features(encoder, images)
+    x = images.double()
+    for stride in COLOUR_STRIDES:
+        out[f"c{stride}"] = F.avg_pool2d(x, stride, stride)
+    local_mean = F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), 5, 1)
+    out["hp4"] = F.avg_pool2d((x - local_mean) ** 2, 4, 4).sqrt()
+    out["lo4"] = -F.max_pool2d(-x, 4, 4)
+    return out
+
+
+def positional_distance(values: torch.Tensor, train: torch.Tensor, shrink: float = 0.1) -> torch.Tensor:
+    """(N, C, h, w) -> (N, 1, h, w): the whitened distance to the training features' Gaussian at each position."""
+    n, c = train.shape[:2]
+    per_position = train.permute(2, 3, 0, 1)  # h, w, n, c
+    mean = per_position.mean(2, keepdim=True)
+    centred = per_position - mean
+    cov = centred.transpose(2, 3) @ centred / (n - 1)
+    pooled = cov.mean((0, 1))
+    floor = torch.eye(c, dtype=cov.dtype) * pooled.diagonal().mean()
+    precision = torch.linalg.inv((1 - shrink) * cov + shrink * pooled + 0.01 * floor)
+    x = values.permute(2, 3, 0, 1) - mean
+    return (torch.einsum("hwnc,hwcd,hwnd->nhw", x, precision, x).clamp_min(0).sqrt() / c**0.5)[:, None].float()
+
+
+def stage_map(features: dict, train: dict, fitted: dict, stage, shape: tuple[int, int]) -> torch.Tensor:
+    if isinstance(stage, str) and stage.endswith("p"):
+        raw = positional_distance(features[stage[:-1]], train[stage[:-1]])
+    else:
+        raw = mahalanobis(features[stage], *fitted[stage], 0.01)
+    return F.interpolate(raw, size=shape, mode="bilinear", align_corners=False)
+
+
+def line_rows(spec: str) -> list[dict]:
+    """Every variant's row for one ``ROOT:PRODUCT:SIZE:STRIDES:NORM``."""
+    root, product, size_text, strides_text, norm = spec.split(":")
+    size = image_size_arg(size_text)
+    shape = input_shape(size)
+    stages = [int(s) for s in strides_text.split(",")]
+    data = load_product(Path(root), product, size, 400, 10.0, Path(".tsdn/cache"))
+    held = np.arange(len(data["train"])) % HOLDOUT_EVERY == 0
+    train_images, test_images = _to_tensor(data["train"][~held]), _to_tensor(data["test"])
+    encoder = encoder_for(norm, size, train_images)
+    flipped = [
+        (image_features(encoder, train_images.flip(d) if d else train_images),
+         image_features(encoder, test_images.flip(d) if d else test_images))
+        for d in FLIPS
+    ]  # fmt: skip
+    train0 = flipped[0][0]
+    fitted = {s: moments(v) for s, v in train0.items()}
+    fitted_flips = {s: moments(torch.cat([train[s] for train, _ in flipped])) for s in train0}
+    sigma = 4.0 * shape[1] / 128
+    rows = []
+    for name, (extra, flips, weight, topk, options) in VARIANTS.items():
+        chosen = fitted_flips if options.get("fit_flips") else fitted
+        weights = [1.0] * len(stages) + [weight] * len(extra)
+        maps = {"train": [], "test": []}
+        for dims, pair in zip(FLIPS[:flips], flipped[:flips], strict=True):
+            for split, features in zip(("train", "test"), pair, strict=True):
+                parts = [stage_map(features, train0, chosen, s, shape) for s in [*stages, *extra]]
+                amap = sum(w * m for w, m in zip(weights, parts, strict=True)) / sum(weights)
+                maps[split].append(amap.flip(dims) if dims else amap)
+        test_raw, train_raw = sum(maps["test"]) / flips, sum(maps["train"]) / flips
+        amap = standardise(test_raw, train_raw, sigma)
+        score_map = amap
+        if "image_sigma" in options:
+            score_map = standardise(test_raw, train_raw, sigma * options["image_sigma"])
+        scores = image_score(score_map, topk).numpy()
+        rows.append({
+            "root": root, "product": product, "size": list(shape), "stages": stages, "norm": norm, "variant": name,
+            "image_auroc": round(float(image_auroc(data["test_labels"], scores)), 4),
+            "pixel_auroc": round(float(pixel_auroc(data["test_masks"], amap[:, 0].numpy())), 4),
+            "per_type": per_type_auroc(data["test_labels"], scores, data["test_defects"]),
+        })  # fmt: skip
+    return rows
+
+
+def main(out_path: str, specs: list[str]) -> None:
+    torch.set_num_threads(2)
+    for spec in specs:
+        for row in line_rows(spec):
+            write_row(out_path, row)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
