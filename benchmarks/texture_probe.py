@@ -73,6 +73,9 @@ VARIANTS: dict[str, tuple[list, int, float, float, dict]] = {
     "+2+4+c4": ([2, 4, "c4"], 1, 1.0, 0.0, {}),
     "+c4+hp4": (["c4", "hp4"], 1, 1.0, 0.0, {}),
     "+c4+lo4": (["c4", "lo4"], 1, 1.0, 0.0, {}),
+    "stages per position, shrink 0.1": ([], 1, 1.0, 0.0, {"positional": 0.1}),
+    "stages per position, shrink 0.5": ([], 1, 1.0, 0.0, {"positional": 0.5}),
+    "stages per position, shrink 0.9": ([], 1, 1.0, 0.0, {"positional": 0.9}),
 }
 
 
@@ -97,13 +100,20 @@ def positional_distance(values: torch.Tensor, train: torch.Tensor, shrink: float
     cov = centred.transpose(2, 3) @ centred / (n - 1)
     pooled = cov.mean((0, 1))
     floor = torch.eye(c, dtype=cov.dtype) * pooled.diagonal().mean()
-    precision = torch.linalg.inv((1 - shrink) * cov + shrink * pooled + 0.01 * floor)
-    x = values.permute(2, 3, 0, 1) - mean
-    return (torch.einsum("hwnc,hwcd,hwnd->nhw", x, precision, x).clamp_min(0).sqrt() / c**0.5)[:, None].float()
+    shrunk = ((1 - shrink) * cov + shrink * pooled + 0.01 * floor).reshape(-1, c, c)
+    # cholesky on a 3-D batch: torch.linalg.inv on the 4-D batch stalls in MKL's LU here (DLASWP errors)
+    precision = torch.cholesky_inverse(torch.linalg.cholesky(shrunk)).view(cov.shape)
+    x = values.permute(2, 3, 0, 1) - mean  # h, w, n, c
+    squared = ((x @ precision) * x).sum(-1).clamp_min(0)  # h, w, n
+    return (squared.permute(2, 0, 1).sqrt() / c**0.5)[:, None].float()
 
 
-def stage_map(features: dict, train: dict, fitted: dict, stage, shape: tuple[int, int]) -> torch.Tensor:
-    if isinstance(stage, str) and stage.endswith("p"):
+def stage_map(
+    features: dict, train: dict, fitted: dict, stage, shape: tuple[int, int], shrink: float | None = None
+) -> torch.Tensor:
+    if shrink is not None:
+        raw = positional_distance(features[stage], train[stage], shrink)
+    elif isinstance(stage, str) and stage.endswith("p"):
         raw = positional_distance(features[stage[:-1]], train[stage[:-1]])
     else:
         raw = mahalanobis(features[stage], *fitted[stage], 0.01)
@@ -136,7 +146,9 @@ def line_rows(spec: str) -> list[dict]:
         maps = {"train": [], "test": []}
         for dims, pair in zip(FLIPS[:flips], flipped[:flips], strict=True):
             for split, features in zip(("train", "test"), pair, strict=True):
-                parts = [stage_map(features, train0, chosen, s, shape) for s in [*stages, *extra]]
+                shrink = options.get("positional")
+                parts = [stage_map(features, train0, chosen, s, shape, shrink) for s in stages]
+                parts += [stage_map(features, train0, chosen, s, shape) for s in extra]
                 amap = sum(w * m for w, m in zip(weights, parts, strict=True)) / sum(weights)
                 maps[split].append(amap.flip(dims) if dims else amap)
         test_raw, train_raw = sum(maps["test"]) / flips, sum(maps["train"]) / flips

@@ -232,6 +232,7 @@ def _meta(
         # per-position statistics are constants of the exported graph
         "score_normalization": getattr(cfg, "score_normalization", "none"),
         "feature_distance": getattr(cfg, "feature_distance", "cosine"),
+        "feature_whitening": getattr(cfg, "feature_whitening", "pooled"),
         "backbone": cfg.backbone,
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, height, width], "dtype": "float32", "range": [0.0, 1.0]},
         "outputs": {

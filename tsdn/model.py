@@ -96,6 +96,8 @@ class TSDN(nn.Module):
     With ``feature_distance: mahalanobis``, ``feature_mean_<k>`` (C_k,) and ``feature_whitening_<k>`` (C_k, C_k)
     per compared encoder stage k and ``feature_count`` (the number of images) whiten the feature residual
     ``f_I - f_R``; :meth:`fit_normal_stats` fits them first (the per-position statistics are of the whitened map).
+    With ``feature_whitening: position`` they are per position of the stage's h_k x w_k grid: (C_k, h_k, w_k) and
+    (h_k, w_k, C_k, C_k).
 
     With ``encoder_norm: adapted``, the frozen encoder's BatchNorm running statistics (the means, and the variances
     unless ``encoder_norm_variance`` is ``pretrained``, of the layers up to ``encoder_norm_max_stride``) are the
@@ -135,9 +137,16 @@ class TSDN(nn.Module):
             self.register_buffer("normal_std", torch.ones(1, 1, height, width))
             self.register_buffer("normal_count", torch.zeros((), dtype=torch.int64))
         if cfg.feature_distance == "mahalanobis":
+            height, width = cfg.input_shape
             for k, stage in enumerate(self.feature_stages):
-                self.register_buffer(f"feature_mean_{k}", torch.zeros(channels[stage]))
-                self.register_buffer(f"feature_whitening_{k}", torch.eye(channels[stage]))
+                c = channels[stage]
+                if cfg.feature_whitening == "position":
+                    grid = (height // reductions[stage], width // reductions[stage])
+                    self.register_buffer(f"feature_mean_{k}", torch.zeros(c, *grid))
+                    self.register_buffer(f"feature_whitening_{k}", torch.eye(c).expand(*grid, c, c).clone())
+                else:
+                    self.register_buffer(f"feature_mean_{k}", torch.zeros(c))
+                    self.register_buffer(f"feature_whitening_{k}", torch.eye(c))
             self.register_buffer("feature_count", torch.zeros((), dtype=torch.int64))
         self._encoder_norm_ready = cfg.encoder_norm == "pretrained"
         self._norm_layout: tuple[list[tuple[nn.modules.batchnorm._BatchNorm, int]], int] | None = None
@@ -421,38 +430,54 @@ class TSDN(nn.Module):
             msg = f"{caller}: step {step!r} is not one this model fits: {steps}"
             raise ValueError(msg)
 
+    def _whitening_layout(self) -> list[tuple[int, int]]:
+        """Per compared stage, (C_k, the number of grid positions with separate statistics: 1 when pooled)."""
+        layout = []
+        for k in range(len(self.feature_stages)):
+            mean = getattr(self, f"feature_mean_{k}")
+            layout.append((mean.shape[0], mean[0].numel()))
+        return layout
+
     def _whitening_sums(self, images: Iterable[torch.Tensor]) -> torch.Tensor:
-        widths = [getattr(self, f"feature_mean_{k}").numel() for k in range(len(self.feature_stages))]
+        layout = self._whitening_layout()
         device = self.score_scales.device
-        sums = torch.zeros(1 + sum(1 + c + c * c for c in widths), dtype=torch.float64, device=device)
+        sums = torch.zeros(1 + sum(1 + p * (c + c * c) for c, p in layout), dtype=torch.float64, device=device)
         for batch in images:
             residuals = self._feature_residuals(batch)[0]
             sums[0] += batch.shape[0]
             offset = 1
-            for residual, c in zip(residuals, widths, strict=True):
-                rows = residual.double().permute(0, 2, 3, 1).reshape(-1, c)
-                sums[offset] += rows.shape[0]
-                sums[offset + 1 : offset + 1 + c] += rows.sum(dim=0)
-                sums[offset + 1 + c : offset + 1 + c + c * c] += (rows.T @ rows).flatten()
-                offset += 1 + c + c * c
+            for residual, (c, p) in zip(residuals, layout, strict=True):
+                # rows per position: (P, N, C), P = 1 (every position of every image pooled) or h * w
+                rows = residual.double().permute(2, 3, 0, 1).reshape(-1, residual.shape[0], c)
+                rows = rows.reshape(1, -1, c) if p == 1 else rows
+                sums[offset] += rows.shape[1]
+                sums[offset + 1 : offset + 1 + p * c] += rows.sum(dim=1).flatten()
+                sums[offset + 1 + p * c : offset + 1 + p * (c + c * c)] += (rows.transpose(1, 2) @ rows).flatten()
+                offset += 1 + p * (c + c * c)
         return sums
 
     def _set_whitening(self, sums: torch.Tensor, count: int) -> None:
         offset = 0
         shrink = self.cfg.feature_shrinkage
-        for k in range(len(self.feature_stages)):
+        for k, (c, p) in enumerate(self._whitening_layout()):
             mean_buffer = getattr(self, f"feature_mean_{k}")
-            c = mean_buffer.numel()
-            positions = float(sums[offset])
-            mean = sums[offset + 1 : offset + 1 + c] / positions
-            second = sums[offset + 1 + c : offset + 1 + c + c * c].view(c, c) / positions
-            cov = (second - torch.outer(mean, mean)) * (positions / (positions - 1))
-            cov = (1 - shrink) * cov + shrink * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(c, dtype=cov.dtype)
-            eigenvalues, vectors = torch.linalg.eigh(cov.cpu())
-            whitening = (vectors * eigenvalues.clamp_min(1e-12).rsqrt()).T  # diag(1 / sqrt(l)) V'
-            mean_buffer.copy_(mean.to(mean_buffer))
-            getattr(self, f"feature_whitening_{k}").copy_(whitening.to(mean_buffer))
-            offset += 1 + c + c * c
+            rows = float(sums[offset])  # per position
+            mean = (sums[offset + 1 : offset + 1 + p * c] / rows).view(p, c)
+            second = (sums[offset + 1 + p * c : offset + 1 + p * (c + c * c)] / rows).view(p, c, c)
+            cov = (second - mean[:, :, None] * mean[:, None, :]) * (rows / (rows - 1))
+            if p > 1:  # each position's covariance toward the positions' mean covariance
+                blend = self.cfg.feature_position_shrinkage
+                cov = (1 - blend) * cov + blend * cov.mean(dim=0, keepdim=True)
+            scale = cov.diagonal(dim1=1, dim2=2).mean().clamp_min(1e-12)  # one scale for every position
+            cov = (1 - shrink) * cov + shrink * scale * torch.eye(c, dtype=cov.dtype)
+            whitening = _whitening_matrices(cov.cpu())
+            if p == 1:
+                mean_buffer.copy_(mean[0].to(mean_buffer))
+            else:
+                mean_buffer.copy_(mean.T.reshape(mean_buffer.shape).to(mean_buffer))
+            target = getattr(self, f"feature_whitening_{k}")
+            target.copy_(whitening.reshape(target.shape).to(mean_buffer))
+            offset += 1 + p * (c + c * c)
         self.feature_count.fill_(count)
         self._whitening_ready = True
 
@@ -553,6 +578,16 @@ class TSDN(nn.Module):
 
     def _check_input(self, image: torch.Tensor) -> None:
         check_input(image, self.stride, "TSDN")
+
+
+def _whitening_matrices(cov: torch.Tensor) -> torch.Tensor:
+    """(P, C, C) covariances -> (P, C, C) ``W`` with ``W' W`` = the inverse of each: ``diag(1 / sqrt(l)) V'``.
+
+    The eigendecomposition rather than an inverse: eigenvalues are clamped, so a covariance that rounding left a
+    little indefinite still whitens (batched ``torch.linalg.inv`` of float64 also stalls in MKL's LU on 4-D input
+    on this machine's torch build: DLASWP errors, measured in session 18)."""
+    eigenvalues, vectors = torch.linalg.eigh(cov)
+    return (vectors * eigenvalues.clamp_min(1e-12).rsqrt()[:, None, :]).transpose(1, 2)
 
 
 def moments_from_sums(

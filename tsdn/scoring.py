@@ -105,8 +105,10 @@ def whitened_distance_map(
 
     Args:
         residuals: per stage, (B, C_s, h_s, w_s) ``f_I - f_R``.
-        means: per stage, (C_s,) the residual's mean over normal images.
-        whitenings: per stage, (C_s, C_s) ``W`` with ``W' W`` = the inverse of the residual's covariance.
+        means: per stage, the residual's mean over normal images: (C_s,) pooled over positions, or
+            (C_s, h_s, w_s) per position.
+        whitenings: per stage, ``W`` with ``W' W`` = the inverse of the residual's covariance: (C_s, C_s), or
+            (h_s, w_s, C_s, C_s) per position.
         size: (H, W) of the output map.
         sigma: blur std in pixels at ``size``.
 
@@ -115,9 +117,14 @@ def whitened_distance_map(
     """
     total = None
     for residual, mean, whitening in zip(residuals, means, whitenings, strict=True):
-        centred = residual.float() - mean.view(1, -1, 1, 1)
-        white = torch.nn.functional.conv2d(centred, whitening[:, :, None, None])  # W (r - m) at every position
-        distance = white.pow(2).mean(dim=1, keepdim=True).sqrt()
+        if whitening.ndim == 4:  # per position: W_p (r_p - m_p) as a matrix product batched over the grid
+            centred = residual.float() - mean[None]
+            white = (whitening @ centred.permute(0, 2, 3, 1)[..., None])[..., 0]  # (B, h, w, C)
+            distance = white.pow(2).mean(dim=-1)[:, None].sqrt()
+        else:
+            centred = residual.float() - mean.view(1, -1, 1, 1)
+            white = torch.nn.functional.conv2d(centred, whitening[:, :, None, None])  # W (r - m) at every position
+            distance = white.pow(2).mean(dim=1, keepdim=True).sqrt()
         up = torch.nn.functional.interpolate(distance, size=size, mode="bilinear", align_corners=False)
         total = up if total is None else total + up
     if total is None:

@@ -101,15 +101,25 @@ def test_tsdn_export_carries_the_per_position_normalization(source, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
-@pytest.mark.parametrize(("normalization", "strides"), [("none", (8, 16)), ("pixel", (8, 16, 32))])
-def test_tsdn_export_carries_the_feature_whitening(normalization, strides, fmt):
-    model = _tsdn("feature", feature_distance="mahalanobis", score_normalization=normalization, feature_strides=strides)
+@pytest.mark.parametrize(
+    ("normalization", "strides", "whitening"),
+    [("none", (8, 16), "pooled"), ("pixel", (8, 16, 32), "pooled"), ("pixel", (8, 16, 32), "position")],
+)
+def test_tsdn_export_carries_the_feature_whitening(normalization, strides, whitening, fmt):
+    model = _tsdn(
+        "feature",
+        feature_distance="mahalanobis",
+        score_normalization=normalization,
+        feature_strides=strides,
+        feature_whitening=whitening,
+    )
     assert len(model.feature_stages) == len(strides)
     side = TINY.image_size
     model.fit_normal_stats([torch.rand(6, 3, side, side, generator=torch.Generator().manual_seed(2))])
     files = export_model(model, CALIBRATION, fmt)
     meta = json.loads(files[EXPORT_JSON])
     assert meta["feature_distance"] == "mahalanobis" and meta["score_normalization"] == normalization
+    assert meta["feature_whitening"] == whitening
     _assert_parity(model, files, RUNTIME_OF[fmt], _images(5))
 
 
@@ -129,6 +139,7 @@ def _rectangular(family: str):
         "feature",
         image_size=(128, 64),
         feature_distance="mahalanobis",
+        feature_whitening="position",
         score_normalization="pixel",
         feature_strides=(8, 16, 32),
     )

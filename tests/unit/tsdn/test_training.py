@@ -242,6 +242,75 @@ def test_mahalanobis_feature_distance_whitens_the_residual_by_the_normal_images(
         dataclasses.replace(TINY, score_source="reconstruction", feature_distance="mahalanobis")
 
 
+def test_position_whitening_whitens_each_position_by_its_own_normal_residuals():
+    """``feature_whitening: position``: a mean and a covariance per grid position of every compared stage (each
+    covariance blended with the positions' mean covariance, then shrunk toward a scaled identity), on a
+    rectangular input so that the grid's rows and columns cannot be swapped unseen."""
+    shape, blend, shrink = (96, 64), 0.3, 0.05
+    model = _model(
+        image_size=shape,
+        score_source="feature",
+        feature_distance="mahalanobis",
+        feature_whitening="position",
+        feature_position_shrinkage=blend,
+        feature_shrinkage=shrink,
+        feature_strides=(8, 16),
+    ).eval()
+    normal = torch.rand(7, 3, *shape, generator=torch.Generator().manual_seed(11))
+    probe = torch.rand(2, 3, *shape, generator=torch.Generator().manual_seed(12))
+    with torch.inference_mode():
+        # sums from two workers add up to one worker's
+        halves = model.normal_stat_sums([normal[:3]], "whitening") + model.normal_stat_sums([normal[3:]], "whitening")
+        torch.testing.assert_close(halves, model.normal_stat_sums([normal], "whitening"))
+        assert model.fit_normal_stats(normal.split(4)) == 7
+        train_residuals = model._feature_residuals(normal)[0]
+        probe_residuals = model._feature_residuals(probe)[0]
+        pred = model.predict(probe)
+    expected = 0
+    for k, (train, residual) in enumerate(zip(train_residuals, probe_residuals, strict=True)):
+        c, h, w = train.shape[1:]
+        stride = model.encoder.feature_info.reduction()[model.feature_stages[k]]
+        assert (h, w) == (shape[0] // stride, shape[1] // stride)
+        per_position = train.double().permute(2, 3, 0, 1)  # h, w, n, c
+        mean = per_position.mean(dim=2)
+        centred = per_position - mean[:, :, None]
+        cov = centred.transpose(2, 3) @ centred / (len(normal) - 1)
+        cov = (1 - blend) * cov + blend * cov.mean(dim=(0, 1))
+        scale = cov.diagonal(dim1=2, dim2=3).mean()
+        cov = (1 - shrink) * cov + shrink * scale * torch.eye(c, dtype=cov.dtype)
+        precision = torch.linalg.inv(cov.reshape(-1, c, c)).view(h, w, c, c)
+        whitening = getattr(model, f"feature_whitening_{k}").double()
+        assert whitening.shape == (h, w, c, c)
+        torch.testing.assert_close(
+            getattr(model, f"feature_mean_{k}").double(), mean.permute(2, 0, 1), atol=1e-5, rtol=1e-4
+        )
+        torch.testing.assert_close(whitening.transpose(2, 3) @ whitening, precision, rtol=1e-3, atol=1e-3)
+        x = residual.double().permute(2, 3, 0, 1) - mean[:, :, None]  # h, w, b, c
+        squared = ((x @ precision) * x).sum(dim=-1).permute(2, 0, 1) / c
+        up = F.interpolate(squared.sqrt()[:, None], size=shape, mode="bilinear", align_corners=False)
+        expected = expected + up / len(train_residuals)
+    torch.testing.assert_close(pred.anomaly_map, blur_map(expected.float(), TINY.score_sigma), rtol=1e-3, atol=1e-4)
+    loaded, _, meta = load_checkpoint(checkpoint_files(model, fit_calibration(np.array([0.1, 0.2, 0.3]))))
+    assert meta["config"]["feature_whitening"] == "position"
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.predict(probe).anomaly_map, pred.anomaly_map)
+
+
+def test_position_whitening_is_a_mahalanobis_switch_and_old_configs_pool():
+    with pytest.raises(ValueError, match="feature_whitening"):
+        dataclasses.replace(TINY, score_source="feature", feature_whitening="position")  # cosine has no whitening
+    with pytest.raises(ValueError, match="feature_whitening"):
+        dataclasses.replace(TINY, score_source="feature", feature_distance="mahalanobis", feature_whitening="grid")
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="feature_position_shrinkage"):
+            dataclasses.replace(TINY, feature_position_shrinkage=bad)
+    cfg = dataclasses.replace(TINY, score_source="feature", feature_distance="mahalanobis")
+    old = cfg.to_dict()
+    old.pop("feature_whitening")  # a model.json written before the switch
+    old.pop("feature_position_shrinkage")
+    assert TSDNConfig.from_dict(old).feature_whitening == "pooled"
+
+
 def test_feature_strides_name_stages_the_encoder_has():
     with pytest.raises(ValueError, match=r"feature_strides \[64\] are not strides"):
         _model(score_source="feature", feature_strides=(8, 64))
