@@ -117,9 +117,10 @@ def test_a_killed_worker_restarts_from_the_checkpoint(ingested, monkeypatch):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_per_position_statistics_sum_both_ranks_shards(ingested):
-    """``feature_distance: mahalanobis``, ``score_normalization: pixel`` and ``encoder_norm: adapted`` (as the
-    `demo` preset adapts it: the means of the layers up to stride 2) on two DDP workers: the three fits' statistics
-    cover the whole train split. The run records its held-out count and says that it is small."""
+    """``feature_distance: mahalanobis`` (whitened per position, as the `cpu` preset), ``score_normalization: pixel``
+    and ``encoder_norm: adapted`` (as the `demo` preset adapts it: the means of the layers up to stride 2) on two DDP
+    workers: the three fits' statistics cover the whole train split. The run records its held-out count and says
+    that it is small."""
     from tsdn.model import TSDN
     from tsdn_platform.shards import read_split
     from tsdn_platform.train import SMALL_HOLDOUT, small_holdout_warning
@@ -131,6 +132,7 @@ def test_per_position_statistics_sum_both_ranks_shards(ingested):
         "model.score_source=feature",
         "model.score_normalization=pixel",
         "model.feature_distance=mahalanobis",
+        "model.feature_whitening=position",
         "model.encoder_lr_scale=0",
         "model.encoder_norm=adapted",
         "model.encoder_norm_max_stride=2",
@@ -150,6 +152,9 @@ def test_per_position_statistics_sum_both_ranks_shards(ingested):
     expected = n_train - n_train % cfg.num_workers
     assert int(predictor.model.normal_count) == expected > n_train // cfg.num_workers
     assert int(predictor.model.feature_count) == expected
+    grid = [size // 8 for size in predictor.model.cfg.input_shape]  # the first compared stage, stride 8
+    assert predictor.model.feature_whitening_0.shape[:2] == tuple(grid)  # one whitening per position, saved
+    assert predictor.model.feature_mean_0.shape[1:] == tuple(grid)
     assert int(predictor.model.encoder_norm_count) == expected  # before training, from both shards
     pretrained = TSDN(
         dataclasses.replace(
