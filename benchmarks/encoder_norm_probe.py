@@ -58,16 +58,21 @@ def encoder_for(variant: str, size: int | tuple[int, int], images: torch.Tensor)
     return model.encoder
 
 
+def probe_split(root: str, product: str, size_text: str, strides_text: str) -> tuple:
+    """A probe spec's parts -> ``(size, (H, W), stages, load_product's arrays, train images, test images)``: the
+    training images are ``recipe.py``'s split (every 8th held out), as tensors in [0, 1]."""
+    size = image_size_arg(size_text)
+    stages = [int(s) for s in strides_text.split(",")]
+    data = load_product(Path(root), product, size, 400, 10.0, Path(".tsdn/cache"))
+    held = np.arange(len(data["train"])) % HOLDOUT_EVERY == 0
+    return size, input_shape(size), stages, data, _to_tensor(data["train"][~held]), _to_tensor(data["test"])
+
+
 def main(out_path: str, specs: list[str]) -> None:
     torch.set_num_threads(2)
     for spec in specs:
         root, product, size_text, stages_text = spec.split(":")
-        size = image_size_arg(size_text)
-        shape = input_shape(size)
-        stages = [int(s) for s in stages_text.split(",")]
-        data = load_product(Path(root), product, size, 400, 10.0, Path(".tsdn/cache"))
-        held = np.arange(len(data["train"])) % HOLDOUT_EVERY == 0
-        train_images, test_images = _to_tensor(data["train"][~held]), _to_tensor(data["test"])
+        size, shape, stages, data, train_images, test_images = probe_split(root, product, size_text, stages_text)
         for variant in VARIANTS:
             encoder = encoder_for(variant, size, train_images)
             train = stage_features(encoder, train_images)

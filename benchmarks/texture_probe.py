@@ -29,21 +29,17 @@ e.g. ``.tsdn/demo/data:grass:128:8,16:means<=2`` (the `demo` preset) or
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from encoder_norm_probe import encoder_for
+from encoder_norm_probe import encoder_for, probe_split
 from encoder_probe import stage_features, write_row
-from recipe import HOLDOUT_EVERY, _to_tensor, load_product
 from stage_variants import per_type_auroc
 from whitening_variants import mahalanobis, moments, standardise
 
 from tsdn.metrics import image_auroc, pixel_auroc
-from tsdn.resize import input_shape
 from tsdn.scoring import image_score
-from tsdn_platform.cli import image_size_arg
 
 FLIPS = ((), (3,), (2,), (2, 3))  # none, left-right, up-down, both
 COLOUR_STRIDES = (2, 4, 8, 16)
@@ -123,12 +119,7 @@ def stage_map(
 def line_rows(spec: str) -> list[dict]:
     """Every variant's row for one ``ROOT:PRODUCT:SIZE:STRIDES:NORM``."""
     root, product, size_text, strides_text, norm = spec.split(":")
-    size = image_size_arg(size_text)
-    shape = input_shape(size)
-    stages = [int(s) for s in strides_text.split(",")]
-    data = load_product(Path(root), product, size, 400, 10.0, Path(".tsdn/cache"))
-    held = np.arange(len(data["train"])) % HOLDOUT_EVERY == 0
-    train_images, test_images = _to_tensor(data["train"][~held]), _to_tensor(data["test"])
+    size, shape, stages, data, train_images, test_images = probe_split(root, product, size_text, strides_text)
     encoder = encoder_for(norm, size, train_images)
     flipped = [
         (image_features(encoder, train_images.flip(d) if d else train_images),
