@@ -8,6 +8,9 @@ the full bank (``coreset_fraction=1``), fitted and timed in one process.
 
     python benchmarks/families.py --data ../shared/data/mvtec:transistor --data ../shared/data/kolektor:kolektor \\
         --config patchcore --image-size 224 --workdir .tsdn/families --out benchmarks/results/families.json
+
+A line shot at another aspect: ``--image-size 320x128 --set 'model.image_size=[320,128]'`` (and
+``--set 'patchcore.image_size=[320,128]'`` for the preset's PatchCore section and the baseline).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 
 from tsdn.patchcore import PatchCore
+from tsdn_platform.cli import image_size_arg
 from tsdn_platform.config import load_config
 from tsdn_platform.ingest import IngestConfig, run_ingest
 from tsdn_platform.registry import Registry
@@ -121,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", action="append", required=True, help="ROOT:PRODUCT of an MVTec-style tree")
     parser.add_argument("--config", default="patchcore")
     parser.add_argument("--set", action="append", default=[], help="train config override key=value")
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--image-size", type=image_size_arg, default=224, help="S or HxW (the ingest's size)")
     parser.add_argument("--workdir", default=".tsdn/families")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)

@@ -13,7 +13,9 @@ a change to the map can be tried in seconds instead of a training run per seed. 
   averaged in with the others (``w`` its weight against 1 per stage); ``cCp`` whitens it per position instead
   (a mean and covariance per position, shrunk 10 % to the pooled one);
 - finer stages: the encoder's stride 2 and 4 features added; ``hp4`` the RMS of the image minus its 5 x 5 mean per
-  4 x 4 block, ``lo4`` the darkest value per 4 x 4 block, as further "stages".
+  4 x 4 block, ``lo4`` the darkest value per 4 x 4 block, as further "stages";
+- the preset's stages themselves whitened per position (``positional_distance``; the covariance blended by λ
+  toward the positions' mean covariance): what ``feature_whitening: position`` does to TSDN's residual.
 
 The split is ``recipe.py``'s (every 8th training image held out) and its cached arrays; the encoder's BatchNorm
 statistics are ``encoder_norm_probe.py``'s variants (the `demo` preset's are ``means<=2``; the `cpu` preset's
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from encoder_norm_probe import encoder_for, probe_split
 from encoder_probe import stage_features, write_row
+from position_whitening import position_distance, position_gaussian
 from stage_variants import per_type_auroc
 from whitening_variants import mahalanobis, moments, standardise
 
@@ -89,19 +92,7 @@ def image_features(encoder: torch.nn.Module, images: torch.Tensor) -> dict:
 
 def positional_distance(values: torch.Tensor, train: torch.Tensor, shrink: float = 0.1) -> torch.Tensor:
     """(N, C, h, w) -> (N, 1, h, w): the whitened distance to the training features' Gaussian at each position."""
-    n, c = train.shape[:2]
-    per_position = train.permute(2, 3, 0, 1)  # h, w, n, c
-    mean = per_position.mean(2, keepdim=True)
-    centred = per_position - mean
-    cov = centred.transpose(2, 3) @ centred / (n - 1)
-    pooled = cov.mean((0, 1))
-    floor = torch.eye(c, dtype=cov.dtype) * pooled.diagonal().mean()
-    shrunk = ((1 - shrink) * cov + shrink * pooled + 0.01 * floor).reshape(-1, c, c)
-    # cholesky on a 3-D batch: torch.linalg.inv on the 4-D batch stalls in MKL's LU here (DLASWP errors)
-    precision = torch.cholesky_inverse(torch.linalg.cholesky(shrunk)).view(cov.shape)
-    x = values.permute(2, 3, 0, 1) - mean  # h, w, n, c
-    squared = ((x @ precision) * x).sum(-1).clamp_min(0)  # h, w, n
-    return (squared.permute(2, 0, 1).sqrt() / c**0.5)[:, None].float()
+    return position_distance(values, *position_gaussian(train, shrink, shrink_mean=False))
 
 
 def stage_map(
