@@ -584,8 +584,7 @@ def _whitening_matrices(cov: torch.Tensor) -> torch.Tensor:
     """(P, C, C) covariances -> (P, C, C) ``W`` with ``W' W`` = the inverse of each: ``diag(1 / sqrt(l)) V'``.
 
     The eigendecomposition rather than an inverse: eigenvalues are clamped, so a covariance that rounding left a
-    little indefinite still whitens (batched ``torch.linalg.inv`` of float64 also stalls in MKL's LU on 4-D input
-    on this machine's torch build: DLASWP errors, measured in session 18)."""
+    little indefinite still whitens."""
     eigenvalues, vectors = torch.linalg.eigh(cov)
     return (vectors * eigenvalues.clamp_min(1e-12).rsqrt()[:, None, :]).transpose(1, 2)
 
