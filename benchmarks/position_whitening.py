@@ -77,16 +77,20 @@ def position_distance(values: torch.Tensor, mean: torch.Tensor, precision: torch
 
 
 @torch.no_grad()
-def shipped(model: TSDN, train: torch.Tensor, *splits: np.ndarray) -> list[torch.Tensor]:
-    """``model``'s weights in a ``feature_whitening: position`` model fitted by the shipped code: its maps of
-    ``splits`` (uint8 image arrays)."""
-    cfg = dataclasses.replace(model.cfg, feature_whitening="position")
+def shipped(
+    model: TSDN, train: torch.Tensor, *splits: np.ndarray, held_out: torch.Tensor | None = None, **changes: object
+) -> list[torch.Tensor]:
+    """``model``'s weights in a ``feature_whitening: position`` model (and ``changes`` to its config) fitted by the
+    shipped code on ``train`` (and ``held_out``) images: its maps of ``splits`` (uint8 image arrays)."""
+    cfg = dataclasses.replace(model.cfg, feature_whitening="position", **changes)
     refitted = TSDN(cfg).eval()
     fitted_later = ("feature_mean_", "feature_whitening_", "feature_count", "normal_")
     weights = {k: v for k, v in model.state_dict().items() if not k.startswith(fitted_later)}
     missing = refitted.load_state_dict(weights, strict=False).missing_keys
     assert all(k.startswith(fitted_later) for k in missing), missing
-    refitted.fit_normal_stats(train.split(16))
+    refitted.fit_normal_stats(train.split(16), None if held_out is None else held_out.split(16))
+    if refitted.position_blends:
+        print(f"shipped: blends per stage {refitted.position_blends}", flush=True)
     return [torch.cat([refitted.predict(b).anomaly_map for b in _to_tensor(s).split(16)]) for s in splits]
 
 

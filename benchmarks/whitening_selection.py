@@ -14,6 +14,10 @@ the positions' mean covariance, then ``feature_shrinkage`` toward a scaled ident
 - ``pooled``: one mean and covariance per stage;
 - ``position a=λ``: per position, λ in 0.1 (shipped), 0.5, 0.9 and 1.0 (per-position means, one covariance).
 
+and ``auto, one blend`` / ``auto, per stage``: the blend of least held-out NLL over all stages, or per stage;
+``shipped auto``: the shipped code (``feature_position_shrinkage: auto``: ``TSDN.fit_normal_stats`` with the
+held-out images) on the same weights, which should equal ``auto, per stage``.
+
 For each, the held-out NLL, the test image / pixel AUROC (standardised per position by the training maps, image
 score the maximum: the presets' scoring) and the validation image AUROC. One JSON row per (model, variant).
 
@@ -30,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from position_whitening import shipped
 from recipe import _to_tensor, load_saved_run
 from whitening_variants import residuals, standardise
 
@@ -104,12 +109,21 @@ def main(out_path: str, model_path: str, root: str, product: str) -> None:
     one = min(positions, key=lambda name: sum(nll[name].values()))
     chosen["auto, one blend"] = {s: one for s in stages}
     chosen["auto, per stage"] = {s: min(positions, key=lambda name: nll[name][s]) for s in stages}
+    scored = {}
     for variant, per_stage in chosen.items():
-        averaged = {
-            split: sum(maps[per_stage[s]][s][split] for s in stages) / len(stages) for split in splits
-        }
-        test = standardise(averaged["test"], averaged["fit"], cfg.score_sigma)
-        held_out = standardise(averaged["val"], averaged["fit"], cfg.score_sigma)
+        averaged = {split: sum(maps[per_stage[s]][s][split] for s in stages) / len(stages) for split in splits}
+        scored[variant] = (
+            standardise(averaged["test"], averaged["fit"], cfg.score_sigma),
+            standardise(averaged["val"], averaged["fit"], cfg.score_sigma),
+        )
+    held_images = _to_tensor(data["train"][held])
+    fit_images = _to_tensor(data["train"][~held])
+    scored["shipped auto"] = shipped(
+        model, fit_images, data["test"], val.images, held_out=held_images, feature_position_shrinkage="auto"
+    )
+    chosen["shipped auto"] = chosen["auto, per stage"]
+    for variant, (test, held_out) in scored.items():
+        per_stage = chosen[variant]
         row = {
             "model": model_path, "product": product, "seed": seed, "variant": variant,
             "held_nll": round(sum(nll[per_stage[s]][s] for s in stages), 2), "held_images": int(held.sum()),
@@ -121,6 +135,7 @@ def main(out_path: str, model_path: str, root: str, product: str) -> None:
         print(json.dumps(row), flush=True)
         with open(out_path, "a") as handle:
             handle.write(json.dumps(row) + "\n")
+
 
 if __name__ == "__main__":
     main(*sys.argv[1:5])

@@ -15,10 +15,13 @@ from tsdn import config_io
 from tsdn.config_io import check
 from tsdn.resize import input_shape, parse_image_size
 
-__all__ = ["ABLATIONS", "SCORE_SOURCES", "TSDNConfig", "apply_ablation"]
+__all__ = ["ABLATIONS", "POSITION_BLENDS", "SCORE_SOURCES", "TSDNConfig", "apply_ablation"]
 
 ScoreSource = Literal["reconstruction", "mask", "fused", "feature"]
 SCORE_SOURCES: tuple[str, ...] = ("reconstruction", "mask", "fused", "feature")
+# What ``feature_position_shrinkage: auto`` chooses from, per stage (BENCHMARKS.md, "The per-position blend chosen
+# on held-out normals"): from nearly a covariance per position to one covariance for every position.
+POSITION_BLENDS: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,9 @@ class TSDNConfig:
         feature_position_shrinkage: with ``position``, each position's covariance is shrunk toward the mean of
             the positions' covariances, ``(1 - b) * cov_p + b * mean_p(cov_p)``, then by ``feature_shrinkage``
             toward a scaled identity: a few hundred images per position estimate a C x C covariance poorly.
+            ``auto``: per stage, the b of :data:`POSITION_BLENDS` under whose Gaussians normal images held out of
+            the fit are likeliest (the platform's held-out split; :meth:`tsdn.model.TSDN.fit_normal_stats` takes
+            them as ``held_out``): small on an aligned part, near 1 on a texture whose positions differ by noise.
         feature_strides: the encoder strides (output strides of its stages, e.g. 4, 8, 16, 32) whose features
             the ``feature`` source compares; each stage's distance map is upsampled to S x S and the stages
             are averaged. A stride the encoder lacks is refused when the model is built.
@@ -135,7 +141,7 @@ class TSDNConfig:
     feature_distance: Literal["cosine", "mahalanobis"] = "cosine"
     feature_shrinkage: float = 0.01
     feature_whitening: Literal["pooled", "position"] = "pooled"
-    feature_position_shrinkage: float = 0.1
+    feature_position_shrinkage: float | Literal["auto"] = 0.1
     feature_strides: tuple[int, ...] = (8, 16)
     encoder_lr_scale: float = 1.0
     encoder_norm: Literal["pretrained", "adapted"] = "pretrained"
@@ -182,8 +188,10 @@ class TSDNConfig:
         check(self, self.feature_whitening in ("pooled", "position"), "feature_whitening", "pooled | position")
         position_ok = self.feature_whitening == "pooled" or self.feature_distance == "mahalanobis"
         check(self, position_ok, "feature_whitening", "'pooled' unless feature_distance is mahalanobis")
-        shrink_ok = 0 <= self.feature_position_shrinkage <= 1
-        check(self, shrink_ok, "feature_position_shrinkage", "in [0, 1]")
+        blend = self.feature_position_shrinkage
+        number = isinstance(blend, (int, float)) and not isinstance(blend, bool)
+        shrink_ok = blend == "auto" or (number and 0 <= blend <= 1)
+        check(self, shrink_ok, "feature_position_shrinkage", "in [0, 1], or 'auto'")
         strides_ok = len(self.feature_strides) >= 1 and all(s >= 1 for s in self.feature_strides)
         strides_ok = strides_ok and len(set(self.feature_strides)) == len(self.feature_strides)
         check(self, strides_ok, "feature_strides", "a non-empty list of distinct encoder strides (e.g. [8, 16])")

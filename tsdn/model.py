@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tsdn.backbone import Opener, check_input, create_encoder, normalization
-from tsdn.config import TSDNConfig
+from tsdn.config import POSITION_BLENDS, TSDNConfig
 from tsdn.decoder import Decoder
 from tsdn.fne import FeatureNormalityEstimator, normality_target
 from tsdn.scoring import (
@@ -148,6 +148,7 @@ class TSDN(nn.Module):
                     self.register_buffer(f"feature_mean_{k}", torch.zeros(c))
                     self.register_buffer(f"feature_whitening_{k}", torch.eye(c))
             self.register_buffer("feature_count", torch.zeros((), dtype=torch.int64))
+        self.position_blends: tuple[float, ...] = ()  # per stage, what the last whitening fit used
         self._encoder_norm_ready = cfg.encoder_norm == "pretrained"
         self._norm_layout: tuple[list[tuple[nn.modules.batchnorm._BatchNorm, int]], int] | None = None
         if cfg.encoder_norm == "adapted":
@@ -261,21 +262,33 @@ class TSDN(nn.Module):
         return sums
 
     @torch.no_grad()
-    def set_normal_stats(self, sums: torch.Tensor, step: str = "pixel") -> int:
+    def set_normal_stats(self, sums: torch.Tensor, step: str = "pixel", held_out: torch.Tensor | None = None) -> int:
         """Set one step's buffers from :meth:`normal_stat_sums` (added over workers); returns the image count.
 
         ``pixel``: the per-position variance is blurred with ``score_sigma`` (a few hundred images estimate it
         noisily; the map is blurred alike) and its square root floored at 1 % of its mean, so that a position
         where every normal map is the same does not divide by zero. ``whitening``: the covariance is shrunk by
         ``feature_shrinkage`` toward a scaled identity and ``W = diag(1 / sqrt(eigenvalues)) V'``.
+
+        ``held_out``: the ``whitening`` sums of normal images kept out of ``sums``, which
+        ``feature_position_shrinkage: auto`` needs (:attr:`needs_held_out`) and nothing else takes: per stage, the
+        blend of :data:`POSITION_BLENDS` under whose Gaussian they are likeliest is kept
+        (:attr:`position_blends` says which).
         """
         self._check_step(step, "set_normal_stats")
         count = int(sums[0].item())
         if count < 2:
             msg = f"set_normal_stats: {step} statistics need at least 2 normal images, got {count}"
             raise ValueError(msg)
+        wants_held = step == "whitening" and self.needs_held_out
+        if wants_held and (held_out is None or held_out[0].item() < 1):
+            msg = "set_normal_stats: feature_position_shrinkage 'auto' chooses on held-out normal images; got none"
+            raise ValueError(msg)
+        if held_out is not None and not wants_held:
+            msg = f"set_normal_stats: held_out is only for the whitening of feature_position_shrinkage 'auto' ({step})"
+            raise ValueError(msg)
         if step == "whitening":
-            self._set_whitening(sums[1:], count)
+            self._set_whitening(sums[1:], count, None if held_out is None else held_out[1:])
             return count
         height, width = self.cfg.input_shape
         n = height * width
@@ -287,17 +300,32 @@ class TSDN(nn.Module):
         self._normal_stats_ready = True
         return count
 
-    def fit_normal_stats(self, images: Iterable[torch.Tensor]) -> int:
+    def fit_normal_stats(self, images: Iterable[torch.Tensor], held_out: Iterable[torch.Tensor] | None = None) -> int:
         """Every step of :attr:`normal_fit_steps` (:meth:`normal_stat_sums` then :meth:`set_normal_stats`) in one
-        process; ``images`` is read once per step. Returns the image count."""
+        process; ``images`` is read once per step, ``held_out`` (normal images kept out of ``images``: only with
+        :attr:`needs_held_out`) once. Returns the image count."""
         if not self.normal_fit_steps:
             msg = "fit_normal_stats: the model has nothing to fit (feature_distance cosine, score_normalization none)"
             raise ValueError(msg)
         batches = list(images)
         count = 0
         for step in self.normal_fit_steps:
-            count = self.set_normal_stats(self.normal_stat_sums(batches, step), step)
+            held = None
+            if held_out is not None and step == "whitening":
+                held = self.normal_stat_sums(held_out, step)
+            count = self.set_normal_stats(self.normal_stat_sums(batches, step), step, held)
         return count
+
+    @property
+    def needs_held_out(self) -> bool:
+        """The whitening's fit chooses its blend on held-out normal images (``feature_whitening: position`` with
+        ``feature_position_shrinkage: auto``)."""
+        cfg = self.cfg
+        return (
+            cfg.feature_distance == "mahalanobis"
+            and cfg.feature_whitening == "position"
+            and (cfg.feature_position_shrinkage == "auto")
+        )
 
     def _encoder_norm_layout(self) -> tuple[list[tuple[nn.modules.batchnorm._BatchNorm, int]], int]:
         """The encoder's BatchNorm layers that ``encoder_norm`` adapts (those whose activations are at most
@@ -456,21 +484,21 @@ class TSDN(nn.Module):
                 offset += 1 + p * (c + c * c)
         return sums
 
-    def _set_whitening(self, sums: torch.Tensor, count: int) -> None:
+    def _set_whitening(self, sums: torch.Tensor, count: int, held: torch.Tensor | None) -> None:
         offset = 0
-        shrink = self.cfg.feature_shrinkage
+        blends = []
         for k, (c, p) in enumerate(self._whitening_layout()):
+            mean, cov = _stage_moments(sums, offset, c, p)
+            fixed = self.cfg.feature_position_shrinkage
+            if p == 1:
+                whitening = _whitening_matrices(self._regularised(cov, None).cpu())[0]
+            elif fixed != "auto":
+                whitening = _whitening_matrices(self._regularised(cov, float(fixed)).cpu())[0]
+                blends.append(float(fixed))
+            else:
+                blend, whitening = self._likeliest_blend(mean, cov, _stage_scatter(held, offset, c, p, mean))
+                blends.append(blend)
             mean_buffer = getattr(self, f"feature_mean_{k}")
-            rows = float(sums[offset])  # per position
-            mean = (sums[offset + 1 : offset + 1 + p * c] / rows).view(p, c)
-            second = (sums[offset + 1 + p * c : offset + 1 + p * (c + c * c)] / rows).view(p, c, c)
-            cov = (second - mean[:, :, None] * mean[:, None, :]) * (rows / (rows - 1))
-            if p > 1:  # each position's covariance toward the positions' mean covariance
-                blend = self.cfg.feature_position_shrinkage
-                cov = (1 - blend) * cov + blend * cov.mean(dim=0, keepdim=True)
-            scale = cov.diagonal(dim1=1, dim2=2).mean().clamp_min(1e-12)  # one scale for every position
-            cov = (1 - shrink) * cov + shrink * scale * torch.eye(c, dtype=cov.dtype)
-            whitening = _whitening_matrices(cov.cpu())
             if p == 1:
                 mean_buffer.copy_(mean[0].to(mean_buffer))
             else:
@@ -478,8 +506,35 @@ class TSDN(nn.Module):
             target = getattr(self, f"feature_whitening_{k}")
             target.copy_(whitening.reshape(target.shape).to(mean_buffer))
             offset += 1 + p * (c + c * c)
+        self.position_blends = tuple(blends)
         self.feature_count.fill_(count)
         self._whitening_ready = True
+
+    def _regularised(self, cov: torch.Tensor, blend: float | None) -> torch.Tensor:
+        """(P, C, C) covariances -> each blended by ``blend`` toward the positions' mean covariance (None: pooled,
+        P = 1), then shrunk by ``feature_shrinkage`` toward one scaled identity for every position."""
+        if blend is not None:
+            cov = (1 - blend) * cov + blend * cov.mean(dim=0, keepdim=True)
+        shrink = self.cfg.feature_shrinkage
+        scale = cov.diagonal(dim1=1, dim2=2).mean().clamp_min(1e-12)
+        return (1 - shrink) * cov + shrink * scale * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+
+    def _likeliest_blend(
+        self, mean: torch.Tensor, cov: torch.Tensor, scatter: torch.Tensor
+    ) -> tuple[float, torch.Tensor]:
+        """The blend of :data:`POSITION_BLENDS` whose per-position Gaussians ``(mean, regularised cov)`` give the
+        held-out residuals (their ``scatter`` about ``mean``, (P, C, C)) the least negative log-likelihood, averaged
+        over positions, ``(tr(S^-1 scatter) + log det S) / 2``; and its whitening matrices."""
+        best: tuple[float, float, torch.Tensor] | None = None
+        for blend in POSITION_BLENDS:
+            whitening, logdet = _whitening_matrices(self._regularised(cov, blend).cpu())
+            scatter = scatter.to(whitening)
+            quadratic = (whitening @ scatter @ whitening.transpose(1, 2)).diagonal(dim1=1, dim2=2).sum(-1)
+            nll = 0.5 * float((quadratic + logdet).mean())
+            if best is None or nll < best[0]:
+                best = (nll, blend, whitening)
+        assert best is not None
+        return best[1], best[2]
 
     def normalize_map(self, anomaly_map: torch.Tensor) -> torch.Tensor:
         """The score source's raw (B, 1, H, W) map (as :meth:`component_maps` gives it) -> the map :meth:`predict`
@@ -580,13 +635,38 @@ class TSDN(nn.Module):
         check_input(image, self.stride, "TSDN")
 
 
-def _whitening_matrices(cov: torch.Tensor) -> torch.Tensor:
-    """(P, C, C) covariances -> (P, C, C) ``W`` with ``W' W`` = the inverse of each: ``diag(1 / sqrt(l)) V'``.
+def _whitening_matrices(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, C, C) covariances -> (P, C, C) ``W`` with ``W' W`` = the inverse of each, ``diag(1 / sqrt(l)) V'``, and
+    (P,) the log-determinant of each.
 
     The eigendecomposition rather than an inverse: eigenvalues are clamped, so a covariance that rounding left a
     little indefinite still whitens."""
     eigenvalues, vectors = torch.linalg.eigh(cov)
-    return (vectors * eigenvalues.clamp_min(1e-12).rsqrt()[:, None, :]).transpose(1, 2)
+    eigenvalues = eigenvalues.clamp_min(1e-12)
+    return (vectors * eigenvalues.rsqrt()[:, None, :]).transpose(1, 2), eigenvalues.log().sum(-1)
+
+
+def _stage_block(sums: torch.Tensor, offset: int, c: int, p: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """One stage's block of :meth:`TSDN.normal_stat_sums` (``whitening``, the count dropped) at ``offset`` -> the
+    residuals per position, their mean (P, C) and mean outer product (P, C, C); P = 1 when pooled."""
+    rows = float(sums[offset])
+    mean = (sums[offset + 1 : offset + 1 + p * c] / rows).view(p, c)
+    second = (sums[offset + 1 + p * c : offset + 1 + p * (c + c * c)] / rows).view(p, c, c)
+    return rows, mean, second
+
+
+def _stage_moments(sums: torch.Tensor, offset: int, c: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One stage's block -> the mean (P, C) and unbiased covariance (P, C, C) per position."""
+    rows, mean, second = _stage_block(sums, offset, c, p)
+    return mean, (second - mean[:, :, None] * mean[:, None, :]) * (rows / (rows - 1))
+
+
+def _stage_scatter(sums: torch.Tensor, offset: int, c: int, p: int, centre: torch.Tensor) -> torch.Tensor:
+    """The same block of other images' sums -> their mean outer product about ``centre`` (P, C) per position,
+    ``E[(x - centre)(x - centre)']``."""
+    _, mean, second = _stage_block(sums, offset, c, p)
+    cross = mean[:, :, None] * centre[:, None, :]
+    return second - cross - cross.transpose(1, 2) + centre[:, :, None] * centre[:, None, :]
 
 
 def moments_from_sums(

@@ -252,7 +252,17 @@ def _train_loop(cfg: TrainConfig, product: str, run_name: str) -> dict[str, Any]
             model.eval()
             for step in model.normal_fit_steps:
                 train_images = train_eval.shard_images(shard, cfg.eval_batch_size, device)
-                model.set_normal_stats(_reduce_sum(model.normal_stat_sums(train_images, step)), step)
+                held = None
+                if step == "whitening" and model.needs_held_out:
+                    # The held-out split is whole on every rank (only train is split), so every rank chooses the
+                    # same blend from the same sums; no all-reduce.
+                    held_images = train_eval.shard_images(val_shard, cfg.eval_batch_size, device)
+                    held = model.normal_stat_sums(held_images, step)
+                model.set_normal_stats(_reduce_sum(model.normal_stat_sums(train_images, step)), step, held)
+            if model.position_blends:
+                strides = model.encoder.feature_info.reduction()
+                for stage, blend in zip(model.feature_stages, model.position_blends, strict=True):
+                    metrics[f"whitening_blend_s{strides[stage]}"] = blend
         if checkpoint_now and rank == 0:
             predictor = Predictor(model, calibration=None, device=device, batch_size=cfg.eval_batch_size)
             if cfg.validation == "holdout":
@@ -266,7 +276,7 @@ def _train_loop(cfg: TrainConfig, product: str, run_name: str) -> dict[str, Any]
             metrics.update(val)
         if rank == 0:
             history.append(metrics)
-            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith(("loss", "val_")))
+            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith(("loss", "val_", "whitening_")))
             # A logger, not print: Ray Train patches print in its workers to log *and* echo to Ray's redirected
             # stdout, so every printed line reached the driver twice.
             logger.info("[%s] epoch %d/%d %s %.1f images/s", product, epoch, cfg.epochs, shown, metrics["images_per_s"])

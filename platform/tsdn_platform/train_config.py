@@ -72,7 +72,8 @@ class TrainConfig:
             when product lines queue for a shared cluster or an autoscaler adds nodes; on a fixed cluster, a lost
             node that nothing replaces then stalls the run instead of failing it. Ray Train's
             ``FailureConfig.controller_failure_limit``.
-        validation: ``holdout`` (held-out train/good folds, SURF-distorted) or ``test`` (the test split).
+        validation: ``holdout`` (held-out train/good folds, with drawn defects: :func:`tsdn.defects.validation_set`)
+            or ``test`` (the test split).
         holdout_folds: ingest ``fold`` values held out for validation and calibration (``holdout`` only).
         eval_batch_size: images per forward pass in validation and the final test evaluation.
         promote: ``better`` (beat the current best on ``promote_metric``), ``always`` or ``never``.
@@ -144,6 +145,11 @@ class TrainConfig:
             (self.max_failures >= -1, "max_failures", ">= -1 (-1 = unlimited)"),
             (self.max_start_failures >= -1, "max_start_failures", ">= -1 (-1 = unlimited)"),
             (self.validation == "test" or len(self.holdout_folds) >= 1, "holdout_folds", "non-empty"),
+            (
+                self.validation == "holdout" or self.model.feature_position_shrinkage != "auto",
+                "validation",
+                "'holdout' with model.feature_position_shrinkage 'auto' (it chooses on the held-out normals)",
+            ),
             (self.eval_batch_size >= 1, "eval_batch_size", ">= 1"),
             (self.max_concurrent_products >= 0, "max_concurrent_products", ">= 0"),
             (self.shuffle_buffer_size >= 0, "shuffle_buffer_size", ">= 0 (0 = no shuffle)"),

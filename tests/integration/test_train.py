@@ -117,10 +117,12 @@ def test_a_killed_worker_restarts_from_the_checkpoint(ingested, monkeypatch):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_per_position_statistics_sum_both_ranks_shards(ingested):
-    """``feature_distance: mahalanobis`` (whitened per position, as the `cpu` preset), ``score_normalization: pixel``
+    """``feature_distance: mahalanobis`` (whitened per position, the blend chosen on the held-out split, as the `cpu`
+    preset), ``score_normalization: pixel``
     and ``encoder_norm: adapted`` (as the `demo` preset adapts it: the means of the layers up to stride 2) on two DDP
     workers: the three fits' statistics cover the whole train split. The run records its held-out count and says
     that it is small."""
+    from tsdn.config import POSITION_BLENDS
     from tsdn.model import TSDN
     from tsdn_platform.shards import read_split
     from tsdn_platform.train import SMALL_HOLDOUT, small_holdout_warning
@@ -133,6 +135,7 @@ def test_per_position_statistics_sum_both_ranks_shards(ingested):
         "model.score_normalization=pixel",
         "model.feature_distance=mahalanobis",
         "model.feature_whitening=position",
+        "model.feature_position_shrinkage=auto",
         "model.encoder_lr_scale=0",
         "model.encoder_norm=adapted",
         "model.encoder_norm_max_stride=2",
@@ -155,6 +158,9 @@ def test_per_position_statistics_sum_both_ranks_shards(ingested):
     grid = [size // 8 for size in predictor.model.cfg.input_shape]  # the first compared stage, stride 8
     assert predictor.model.feature_whitening_0.shape[:2] == tuple(grid)  # one whitening per position, saved
     assert predictor.model.feature_mean_0.shape[1:] == tuple(grid)
+    # the blend per stage chosen on the held-out split (whole on both ranks), recorded with the epoch's metrics
+    (epoch,) = result.history
+    assert all(epoch[f"whitening_blend_s{s}"] in POSITION_BLENDS for s in cfg.model.feature_strides), epoch
     assert int(predictor.model.encoder_norm_count) == expected  # before training, from both shards
     pretrained = TSDN(
         dataclasses.replace(

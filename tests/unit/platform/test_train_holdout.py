@@ -30,3 +30,17 @@ def test_an_empty_held_out_split_is_refused_before_training():
         check_holdout("kolektor", 0, [0])
     check_holdout("kolektor", 1, [0])
     check_holdout("kolektor", None, [0])  # validation: test
+
+
+def test_an_auto_position_blend_needs_the_held_out_split():
+    """``feature_position_shrinkage: auto`` chooses on the held-out normals; with ``validation: test`` there are
+    none (and the test split must not choose it), so the config is refused before any work."""
+    from tsdn_platform.config import load_config
+    from tsdn_platform.train import TrainConfig
+
+    cfg = load_config(TrainConfig, "cpu", ["store=s", "dataset=d", "model.feature_position_shrinkage=auto"])
+    assert cfg.model.feature_position_shrinkage == "auto" and cfg.validation == "holdout"
+    with pytest.raises(ConfigError, match=r"validation.*'holdout' with model.feature_position_shrinkage 'auto'"):
+        load_config(
+            TrainConfig, "cpu", ["store=s", "dataset=d", "model.feature_position_shrinkage=auto", "validation=test"]
+        )

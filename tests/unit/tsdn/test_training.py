@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tsdn.checkpoint import checkpoint_files, load_checkpoint
-from tsdn.config import TSDNConfig
+from tsdn.config import POSITION_BLENDS, TSDNConfig
 from tsdn.defects import VALIDATION_DEFECTS, cut_paste, draw_defect, validation_set
 from tsdn.fne import _ssim_against_one
 from tsdn.losses import TSDNLoss, mask_loss
@@ -296,14 +296,81 @@ def test_position_whitening_whitens_each_position_by_its_own_normal_residuals():
         torch.testing.assert_close(loaded.predict(probe).anomaly_map, pred.anomaly_map)
 
 
+def _held_out_nll(train: torch.Tensor, held: torch.Tensor, blend: float, shrink: float) -> float:
+    """Reference for ``feature_position_shrinkage: auto``: the mean over positions of the held-out residuals'
+    negative log-likelihood (the constant dropped) under the per-position Gaussians fitted on ``train``."""
+    c = train.shape[1]
+    fit = train.double().permute(2, 3, 0, 1).reshape(-1, len(train), c)  # P, n, c
+    mean = fit.mean(dim=1)
+    centred = fit - mean[:, None]
+    cov = centred.transpose(1, 2) @ centred / (len(train) - 1)
+    cov = (1 - blend) * cov + blend * cov.mean(dim=0)
+    cov = (1 - shrink) * cov + shrink * cov.diagonal(dim1=1, dim2=2).mean() * torch.eye(c, dtype=cov.dtype)
+    x = held.double().permute(2, 3, 0, 1).reshape(-1, len(held), c) - mean[:, None]
+    squared = ((x @ torch.linalg.inv(cov)) * x).sum(dim=-1)  # P, m
+    return float(0.5 * (squared.mean() + torch.logdet(cov).mean()))
+
+
+def test_auto_position_blend_is_the_held_out_normals_likeliest_per_stage():
+    """``feature_position_shrinkage: auto`` keeps, per stage, the blend of ``POSITION_BLENDS`` under whose
+    per-position Gaussians the held-out normal images' residuals are likeliest, and whitens exactly as that fixed
+    blend would."""
+    shape, shrink = (96, 64), 0.05
+    settings = dict(
+        image_size=shape,
+        score_source="feature",
+        feature_distance="mahalanobis",
+        feature_whitening="position",
+        feature_shrinkage=shrink,
+        feature_strides=(8, 16),
+    )
+    model = _model(**settings, feature_position_shrinkage="auto").eval()
+    assert model.needs_held_out
+    normal = torch.rand(9, 3, *shape, generator=torch.Generator().manual_seed(21))
+    held = torch.rand(4, 3, *shape, generator=torch.Generator().manual_seed(22))
+    probe = torch.rand(2, 3, *shape, generator=torch.Generator().manual_seed(23))
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="held-out normal images"):
+            model.fit_normal_stats(normal.split(4))
+        # the held-out sums add over workers like the training sums
+        sums = model.normal_stat_sums([normal], "whitening")
+        held_sums = model.normal_stat_sums([held[:1]], "whitening") + model.normal_stat_sums([held[1:]], "whitening")
+        assert model.set_normal_stats(sums, "whitening", held_out=held_sums) == 9
+        train_residuals = model._feature_residuals(normal)[0]
+        held_residuals = model._feature_residuals(held)[0]
+        pred = model.predict(probe)
+    expected = tuple(
+        min(POSITION_BLENDS, key=lambda b, t=train, h=residual: _held_out_nll(t, h, b, shrink))
+        for train, residual in zip(train_residuals, held_residuals, strict=True)
+    )
+    assert model.position_blends == expected
+    for k, blend in enumerate(expected):  # each stage whitened as its fixed blend whitens it
+        fixed = _model(**settings, feature_position_shrinkage=blend).eval()
+        fixed.load_state_dict(model.state_dict())
+        with torch.inference_mode():
+            fixed.fit_normal_stats([normal])
+        torch.testing.assert_close(getattr(model, f"feature_whitening_{k}"), getattr(fixed, f"feature_whitening_{k}"))
+    loaded, _, meta = load_checkpoint(checkpoint_files(model, fit_calibration(np.array([0.1, 0.2, 0.3]))))
+    assert meta["config"]["feature_position_shrinkage"] == "auto"
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.predict(probe).anomaly_map, pred.anomaly_map)
+    fixed = _model(**settings).eval()
+    with torch.inference_mode(), pytest.raises(ValueError, match="held_out is only for"):
+        fixed.fit_normal_stats([normal], held_out=[held])
+
+
 def test_position_whitening_is_a_mahalanobis_switch_and_old_configs_pool():
     with pytest.raises(ValueError, match="feature_whitening"):
         dataclasses.replace(TINY, score_source="feature", feature_whitening="position")  # cosine has no whitening
     with pytest.raises(ValueError, match="feature_whitening"):
         dataclasses.replace(TINY, score_source="feature", feature_distance="mahalanobis", feature_whitening="grid")
-    for bad in (-0.1, 1.5):
+    for bad in (-0.1, 1.5, "grid", True):
         with pytest.raises(ValueError, match="feature_position_shrinkage"):
             dataclasses.replace(TINY, feature_position_shrinkage=bad)
+    assert (
+        TSDNConfig.from_dict({**TINY.to_dict(), "feature_position_shrinkage": "auto"}).feature_position_shrinkage
+        == "auto"
+    )
     cfg = dataclasses.replace(TINY, score_source="feature", feature_distance="mahalanobis")
     old = cfg.to_dict()
     old.pop("feature_whitening")  # a model.json written before the switch
