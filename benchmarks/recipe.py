@@ -234,7 +234,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             model.eval()
             model.fit_score_scales(_to_tensor(val_clean))
             if model.normal_fit_steps:
-                model.fit_normal_stats(train_images.split(args.eval_batch))  # the training images, as the job does
+                # the training images, as the job does (and its held-out normals for feature_position_shrinkage auto)
+                held_out = _to_tensor(val_clean).split(args.eval_batch) if model.needs_held_out else None
+                model.fit_normal_stats(train_images.split(args.eval_batch), held_out)
             val_maps = source_maps(model, val_images, args.eval_batch)
             test_maps = source_maps(model, test_images, args.eval_batch)
             row["val"] = metrics_per_source(val_maps, val.labels, val.masks, cfg.score_topk)
