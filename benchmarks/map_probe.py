@@ -11,7 +11,8 @@ here on the same residuals, whitened per position with the blend ``feature_posit
 - ``sigma``: the blur (px at the input size), before the standardisation, as shipped;
 - ``standardised``: with or without the per-position standardisation (``score_normalization``).
 
-Test image / pixel AUROC and AUPRO; one JSON row per (model, variant).
+Test image / pixel AUROC and AUPRO, and the held-out validation's image / pixel AUROC (``recipe.py``'s drawn
+defects on the held-out normals); one JSON row per (model, variant).
 
     python benchmarks/map_probe.py OUT MODEL.pt ROOT PRODUCT
 """
@@ -39,7 +40,7 @@ from tsdn.scoring import blur_map, image_score
 
 def main(out_path: str, model_path: str, root: str, product: str) -> None:
     torch.set_num_threads(2)
-    model, data, held, seed, _ = load_saved_run(model_path, root, product)
+    model, data, held, seed, val = load_saved_run(model_path, root, product)
     cfg = model.cfg
     shape = input_shape(cfg.image_size)
     strides = model.encoder.feature_info.reduction()
@@ -47,6 +48,7 @@ def main(out_path: str, model_path: str, root: str, product: str) -> None:
     fit = residuals(model, _to_tensor(data["train"][~held]))[0]
     held_out = residuals(model, _to_tensor(data["train"][held]))[0]
     test = residuals(model, _to_tensor(data["test"]))[0]
+    drawn = residuals(model, _to_tensor(val.images))[0]
     maps: dict[int, dict[str, torch.Tensor]] = {}
     for s in stages:
 
@@ -56,20 +58,26 @@ def main(out_path: str, model_path: str, root: str, product: str) -> None:
 
         mean, cov = gaussian(fit[s], min(POSITION_BLENDS, key=nll), cfg.feature_shrinkage)
         c = fit[s].shape[1]
-        for split, res in (("fit", fit[s]), ("test", test[s])):
+        for split, res in (("fit", fit[s]), ("test", test[s]), ("val", drawn[s])):
             squared, _ = distances(res, mean, cov)
             up = F.interpolate((squared / c).sqrt()[:, None].float(), size=shape, mode="bilinear")
             maps.setdefault(s, {})[split] = up
     subsets = [c for k in range(1, len(stages) + 1) for c in itertools.combinations(stages, k)]
     for subset, sigma, standardised in itertools.product(subsets, (2.0, 4.0, 8.0), (True, False)):
-        fit_map, test_map = (sum(maps[s][split] for s in subset) / len(subset) for split in ("fit", "test"))
-        scored = standardise(test_map, fit_map, sigma) if standardised else blur_map(test_map, sigma)
+        fit_map, test_map, val_map = (
+            sum(maps[s][split] for s in subset) / len(subset) for split in ("fit", "test", "val")
+        )
+        scored, held_scored = (
+            standardise(m, fit_map, sigma) if standardised else blur_map(m, sigma) for m in (test_map, val_map)
+        )
         row = {
             "model": model_path, "product": product, "seed": seed,
             "stages": [strides[s] for s in subset], "sigma": sigma, "standardised": standardised,
             "image_auroc": round(float(image_auroc(data["test_labels"], image_score(scored).numpy())), 4),
             "pixel_auroc": round(float(pixel_auroc(data["test_masks"], scored[:, 0].numpy())), 4),
             "aupro": round(float(aupro(data["test_masks"], scored[:, 0].numpy())), 4),
+            "val_image_auroc": round(float(image_auroc(val.labels, image_score(held_scored).numpy())), 4),
+            "val_pixel_auroc": round(float(pixel_auroc(val.masks, held_scored[:, 0].numpy())), 4),
         }  # fmt: skip
         print(json.dumps(row), flush=True)
         with open(out_path, "a") as handle:

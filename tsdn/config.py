@@ -153,6 +153,13 @@ class TSDNConfig:
     surf_fill: Literal["colour", "image", "noise"] = "colour"
     surf_opacity_min: float = 1.0
 
+    @property
+    def needs_held_out(self) -> bool:
+        """Fitting the whitening takes normal images held out of the fit: ``feature_whitening: position`` with
+        ``feature_position_shrinkage: auto`` chooses its blend on them."""
+        position = self.feature_distance == "mahalanobis" and self.feature_whitening == "position"
+        return position and self.feature_position_shrinkage == "auto"
+
     def __post_init__(self) -> None:
         image_size, sides = parse_image_size(self.image_size)
         object.__setattr__(self, "image_size", image_size)

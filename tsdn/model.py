@@ -6,6 +6,7 @@ variants of Tables 3 and 4 inside this one module.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -320,12 +321,7 @@ class TSDN(nn.Module):
     def needs_held_out(self) -> bool:
         """The whitening's fit chooses its blend on held-out normal images (``feature_whitening: position`` with
         ``feature_position_shrinkage: auto``)."""
-        cfg = self.cfg
-        return (
-            cfg.feature_distance == "mahalanobis"
-            and cfg.feature_whitening == "position"
-            and (cfg.feature_position_shrinkage == "auto")
-        )
+        return self.cfg.needs_held_out
 
     def _encoder_norm_layout(self) -> tuple[list[tuple[nn.modules.batchnorm._BatchNorm, int]], int]:
         """The encoder's BatchNorm layers that ``encoder_norm`` adapts (those whose activations are at most
@@ -489,12 +485,12 @@ class TSDN(nn.Module):
         blends = []
         for k, (c, p) in enumerate(self._whitening_layout()):
             mean, cov = _stage_moments(sums, offset, c, p)
-            fixed = self.cfg.feature_position_shrinkage
+            setting = self.cfg.feature_position_shrinkage
             if p == 1:
                 whitening = _whitening_matrices(self._regularised(cov, None).cpu())[0]
-            elif fixed != "auto":
-                whitening = _whitening_matrices(self._regularised(cov, float(fixed)).cpu())[0]
-                blends.append(float(fixed))
+            elif setting != "auto":
+                whitening = _whitening_matrices(self._regularised(cov, float(setting)).cpu())[0]
+                blends.append(float(setting))
             else:
                 blend, whitening = self._likeliest_blend(mean, cov, _stage_scatter(held, offset, c, p, mean))
                 blends.append(blend)
@@ -525,16 +521,15 @@ class TSDN(nn.Module):
         """The blend of :data:`POSITION_BLENDS` whose per-position Gaussians ``(mean, regularised cov)`` give the
         held-out residuals (their ``scatter`` about ``mean``, (P, C, C)) the least negative log-likelihood, averaged
         over positions, ``(tr(S^-1 scatter) + log det S) / 2``; and its whitening matrices."""
-        best: tuple[float, float, torch.Tensor] | None = None
+        best_nll, best = math.inf, (POSITION_BLENDS[0], scatter)
         for blend in POSITION_BLENDS:
             whitening, logdet = _whitening_matrices(self._regularised(cov, blend).cpu())
             scatter = scatter.to(whitening)
             quadratic = (whitening @ scatter @ whitening.transpose(1, 2)).diagonal(dim1=1, dim2=2).sum(-1)
             nll = 0.5 * float((quadratic + logdet).mean())
-            if best is None or nll < best[0]:
-                best = (nll, blend, whitening)
-        assert best is not None
-        return best[1], best[2]
+            if nll < best_nll:
+                best_nll, best = nll, (blend, whitening)
+        return best
 
     def normalize_map(self, anomaly_map: torch.Tensor) -> torch.Tensor:
         """The score source's raw (B, 1, H, W) map (as :meth:`component_maps` gives it) -> the map :meth:`predict`
@@ -648,7 +643,7 @@ def _whitening_matrices(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _stage_block(sums: torch.Tensor, offset: int, c: int, p: int) -> tuple[float, torch.Tensor, torch.Tensor]:
     """One stage's block of :meth:`TSDN.normal_stat_sums` (``whitening``, the count dropped) at ``offset`` -> the
-    residuals per position, their mean (P, C) and mean outer product (P, C, C); P = 1 when pooled."""
+    number of residuals per position, their mean (P, C) and mean outer product (P, C, C); P = 1 when pooled."""
     rows = float(sums[offset])
     mean = (sums[offset + 1 : offset + 1 + p * c] / rows).view(p, c)
     second = (sums[offset + 1 + p * c : offset + 1 + p * (c + c * c)] / rows).view(p, c, c)

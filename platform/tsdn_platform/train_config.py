@@ -146,7 +146,7 @@ class TrainConfig:
             (self.max_start_failures >= -1, "max_start_failures", ">= -1 (-1 = unlimited)"),
             (self.validation == "test" or len(self.holdout_folds) >= 1, "holdout_folds", "non-empty"),
             (
-                self.validation == "holdout" or self.model.feature_position_shrinkage != "auto",
+                self.validation == "holdout" or not self.model.needs_held_out,
                 "validation",
                 "'holdout' with model.feature_position_shrinkage 'auto' (it chooses on the held-out normals)",
             ),

@@ -38,9 +38,12 @@ def test_an_auto_position_blend_needs_the_held_out_split():
     from tsdn_platform.config import load_config
     from tsdn_platform.train import TrainConfig
 
-    cfg = load_config(TrainConfig, "cpu", ["store=s", "dataset=d", "model.feature_position_shrinkage=auto"])
+    cfg = load_config(TrainConfig, "cpu", ["store=s", "dataset=d"])
     assert cfg.model.feature_position_shrinkage == "auto" and cfg.validation == "holdout"
     with pytest.raises(ConfigError, match=r"validation.*'holdout' with model.feature_position_shrinkage 'auto'"):
         load_config(
             TrainConfig, "cpu", ["store=s", "dataset=d", "model.feature_position_shrinkage=auto", "validation=test"]
         )
+    # without the per-position whitening the setting chooses nothing, and test validation stays the user's call
+    pooled = ["store=s", "dataset=d", "model.feature_position_shrinkage=auto", "validation=test"]
+    assert not load_config(TrainConfig, "demo", pooled).model.needs_held_out
