@@ -20,7 +20,6 @@ defects on the held-out normals); one JSON row per (model, variant).
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -28,14 +27,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from encoder_probe import write_row
+from position_whitening import map_metrics
 from recipe import _to_tensor, load_saved_run
 from whitening_selection import distances, gaussian
 from whitening_variants import residuals, standardise
 
 from tsdn.config import POSITION_BLENDS
-from tsdn.metrics import aupro, image_auroc, pixel_auroc
+from tsdn.metrics import aupro, pixel_auroc
 from tsdn.resize import input_shape
-from tsdn.scoring import blur_map, image_score
+from tsdn.scoring import blur_map
 
 
 def main(out_path: str, model_path: str, root: str, product: str) -> None:
@@ -73,15 +74,11 @@ def main(out_path: str, model_path: str, root: str, product: str) -> None:
         row = {
             "model": model_path, "product": product, "seed": seed,
             "stages": [strides[s] for s in subset], "sigma": sigma, "standardised": standardised,
-            "image_auroc": round(float(image_auroc(data["test_labels"], image_score(scored).numpy())), 4),
-            "pixel_auroc": round(float(pixel_auroc(data["test_masks"], scored[:, 0].numpy())), 4),
+            **map_metrics(data, val, scored, held_scored),
             "aupro": round(float(aupro(data["test_masks"], scored[:, 0].numpy())), 4),
-            "val_image_auroc": round(float(image_auroc(val.labels, image_score(held_scored).numpy())), 4),
             "val_pixel_auroc": round(float(pixel_auroc(val.masks, held_scored[:, 0].numpy())), 4),
         }  # fmt: skip
-        print(json.dumps(row), flush=True)
-        with open(out_path, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        write_row(out_path, row)
 
 
 if __name__ == "__main__":

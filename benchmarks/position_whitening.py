@@ -30,7 +30,6 @@ and appends one JSON row per (model, variant) to OUT.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -39,9 +38,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from encoder_probe import write_row
 from recipe import _to_tensor, load_saved_run
 from whitening_variants import mahalanobis, moments, residuals, standardise
 
+from tsdn.defects import ValidationSet
 from tsdn.metrics import image_auroc, pixel_auroc
 from tsdn.model import TSDN
 from tsdn.resize import input_shape
@@ -134,15 +135,18 @@ def main(out_path: str, model_path: str, root: str, product: str) -> None:
         )
     scored["shipped position"] = shipped(model, _to_tensor(data["train"][~held]), data["test"], val.images)
     for name, (test, held_out) in scored.items():
-        row = {
-            "model": model_path, "product": product, "seed": seed, "variant": name,
-            "image_auroc": round(float(image_auroc(data["test_labels"], image_score(test).numpy())), 4),
-            "pixel_auroc": round(float(pixel_auroc(data["test_masks"], test[:, 0].numpy())), 4),
-            "val_image_auroc": round(float(image_auroc(val.labels, image_score(held_out).numpy())), 4),
-        }  # fmt: skip
-        print(json.dumps(row), flush=True)
-        with open(out_path, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        row = {"model": model_path, "product": product, "seed": seed, "variant": name}
+        write_row(out_path, {**row, **map_metrics(data, val, test, held_out)})
+
+
+def map_metrics(data: dict, val: ValidationSet, test: torch.Tensor, held_out: torch.Tensor) -> dict[str, float]:
+    """The test split's image / pixel AUROC of ``test`` (N, 1, H, W) maps and the validation's image AUROC of the
+    ``held_out`` maps (the image score the maximum, as the presets score)."""
+    return {
+        "image_auroc": round(float(image_auroc(data["test_labels"], image_score(test).numpy())), 4),
+        "pixel_auroc": round(float(pixel_auroc(data["test_masks"], test[:, 0].numpy())), 4),
+        "val_image_auroc": round(float(image_auroc(val.labels, image_score(held_out).numpy())), 4),
+    }
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ score the maximum: the presets' scoring) and the validation image AUROC. One JSO
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -34,13 +33,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from position_whitening import shipped
+from encoder_probe import write_row
+from position_whitening import map_metrics, shipped
 from recipe import _to_tensor, load_saved_run
 from whitening_variants import residuals, standardise
 
-from tsdn.metrics import image_auroc, pixel_auroc
 from tsdn.resize import input_shape
-from tsdn.scoring import image_score
 
 BLENDS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 
@@ -128,13 +126,8 @@ def main(out_path: str, model_path: str, root: str, product: str) -> None:
             "model": model_path, "product": product, "seed": seed, "variant": variant,
             "held_nll": round(sum(nll[per_stage[s]][s] for s in stages), 2), "held_images": int(held.sum()),
             "chosen": {str(s): per_stage[s] for s in stages},
-            "image_auroc": round(float(image_auroc(data["test_labels"], image_score(test).numpy())), 4),
-            "pixel_auroc": round(float(pixel_auroc(data["test_masks"], test[:, 0].numpy())), 4),
-            "val_image_auroc": round(float(image_auroc(val.labels, image_score(held_out).numpy())), 4),
         }  # fmt: skip
-        print(json.dumps(row), flush=True)
-        with open(out_path, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        write_row(out_path, {**row, **map_metrics(data, val, test, held_out)})
 
 
 if __name__ == "__main__":
