@@ -359,6 +359,36 @@ def test_auto_position_blend_is_the_held_out_normals_likeliest_per_stage():
         fixed.fit_normal_stats([normal], held_out=[held])
 
 
+def test_auto_position_blend_is_small_on_a_layout_and_near_one_on_a_texture():
+    """What ``auto`` is for: stationary noise (a texture, whose positions differ by sampling noise only) takes a
+    blend near 1 (one covariance); a fixed part whose noise sits at some places only takes a smaller one."""
+    model = _model(
+        score_source="feature",
+        feature_distance="mahalanobis",
+        feature_whitening="position",
+        feature_position_shrinkage="auto",
+    ).eval()
+    draws = torch.Generator().manual_seed(1)
+
+    def texture(n: int) -> torch.Tensor:
+        return torch.rand(n, 3, 64, 64, generator=draws)
+
+    def part(n: int) -> torch.Tensor:
+        base = torch.zeros(3, 64, 64)
+        base[:, 16:48, 16:48] = 0.8
+        spread = torch.zeros(1, 64, 64)
+        spread[:, 12:20, :] = 0.25  # one band of rows and one of columns vary, the rest never does
+        spread[:, :, 44:52] = 0.25
+        return (base + spread * torch.randn(n, 3, 64, 64, generator=draws)).clamp(0, 1)
+
+    with torch.inference_mode():
+        model.fit_normal_stats([texture(24)], held_out=[texture(8)])
+        textured = model.position_blends
+        model.fit_normal_stats([part(24)], held_out=[part(8)])
+        aligned = model.position_blends
+    assert min(textured) >= 0.9 and all(t > a for t, a in zip(textured, aligned, strict=True)), (textured, aligned)
+
+
 def test_position_whitening_is_a_mahalanobis_switch_and_old_configs_pool():
     with pytest.raises(ValueError, match="feature_whitening"):
         dataclasses.replace(TINY, score_source="feature", feature_whitening="position")  # cosine has no whitening
