@@ -254,10 +254,10 @@ def _train_loop(cfg: TrainConfig, product: str, run_name: str) -> dict[str, Any]
                 train_images = train_eval.shard_images(shard, cfg.eval_batch_size, device)
                 held = None
                 if step == "whitening" and model.needs_held_out:
-                    # The held-out split is whole on every rank (only train is split), so every rank chooses the
-                    # same blend from the same sums; no all-reduce.
-                    held_images = train_eval.shard_images(val_shard, cfg.eval_batch_size, device)
-                    held = model.normal_stat_sums(held_images, step)
+                    # The held-out split is whole on every rank (only train is split): rank 0 reads it, the others
+                    # add zeros, so it is read once and every rank chooses the same blend from the same sums.
+                    held_images = train_eval.shard_images(val_shard, cfg.eval_batch_size, device) if rank == 0 else ()
+                    held = _reduce_sum(model.normal_stat_sums(held_images, step))
                 model.set_normal_stats(_reduce_sum(model.normal_stat_sums(train_images, step)), step, held)
             if model.position_blends:
                 strides = model.encoder.feature_info.reduction()

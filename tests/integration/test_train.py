@@ -158,7 +158,7 @@ def test_per_position_statistics_sum_both_ranks_shards(ingested):
     grid = [size // 8 for size in predictor.model.cfg.input_shape]  # the first compared stage, stride 8
     assert predictor.model.feature_whitening_0.shape[:2] == tuple(grid)  # one whitening per position, saved
     assert predictor.model.feature_mean_0.shape[1:] == tuple(grid)
-    # the blend per stage chosen on the held-out split (whole on both ranks), recorded with the epoch's metrics
+    # the blend per stage chosen on the held-out split (read by rank 0, all-reduced), recorded with the epoch's metrics
     (epoch,) = result.history
     assert all(epoch[f"whitening_blend_s{s}"] in POSITION_BLENDS for s in cfg.model.feature_strides), epoch
     assert int(predictor.model.encoder_norm_count) == expected  # before training, from both shards
