@@ -29,6 +29,11 @@ SECRET_KEY = "tsdn-test-secret-key"
 BUCKET = "tsdn-test"
 START_ATTEMPTS = 3
 READY_TIMEOUT_S = 60.0
+# `weed mini` gives its volume server no volume at all while less than 1 % of the disk is free (its fixed
+# minimum; `mini` has no flag for it), and then every write hangs until the client gives up. A CI run on a
+# 252 GB disk with 1.26 GiB free (2026-12-06) spent an hour in such timeouts. The suite writes about 300 MB.
+MIN_FREE_FRACTION = 0.01
+SUITE_WRITES_BYTES = 512 * 2**20
 
 # Every listening port `weed mini` opens (gRPC ports default to http + 10000, so they are set too).
 _WEED_PORTS = (
@@ -146,6 +151,7 @@ class Weed:
 def start_weed(workdir: Path) -> Weed:
     """Start `weed mini`; retry on fresh ports if another test session grabbed one in between."""
     binary = _weed_binary()
+    _check_free_space(workdir)
     failures = []
     for attempt in range(START_ATTEMPTS):
         run_dir = workdir / f"run{attempt}"
@@ -184,6 +190,21 @@ def start_weed(workdir: Path) -> Weed:
         failures.append(log_path.read_text(errors="replace")[-2000:])
     msg = "SeaweedFS (weed mini) did not start:\n" + "\n".join(failures)
     raise RuntimeError(msg)
+
+
+def _check_free_space(workdir: Path) -> None:
+    """Refuse to start where SeaweedFS would accept no writes: a clear error at once, not an hour of timeouts."""
+    usage = shutil.disk_usage(workdir)
+    needed = MIN_FREE_FRACTION * usage.total + SUITE_WRITES_BYTES
+    if usage.free < needed:
+        gib = 2**30
+        short = (needed - usage.free) / gib
+        msg = (
+            f"not enough free disk for the test S3 server under {workdir}: {usage.free / gib:.2f} GiB free of "
+            f"{usage.total / gib:.0f} GiB; SeaweedFS takes no writes with less than 1 % of its disk free and the "
+            f"suite writes about {SUITE_WRITES_BYTES / gib:.1f} GiB, so free at least {short:.2f} GiB more"
+        )
+        raise RuntimeError(msg)
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import pickle
@@ -296,6 +297,23 @@ def test_permanent_failures_are_not_retried(message):
 
 
 # --- real S3 ------------------------------------------------------------------------------------
+
+
+def test_the_test_s3_server_refuses_to_start_on_a_nearly_full_disk(tmp_path, monkeypatch):
+    # `weed mini` gives itself no volume below 1 % free and every write then hangs (a CI run lost an hour so);
+    # the launcher says so at once. A disk that full cannot be made here, so its figures are reported instead.
+    import _seaweed
+
+    gib = 2**30
+    full = collections.namedtuple("usage", "total used free")(252 * gib, 250 * gib, int(1.26 * gib))
+    monkeypatch.setattr(_seaweed.shutil, "disk_usage", lambda path: full)
+    monkeypatch.setattr(_seaweed.subprocess, "Popen", _never_started)
+    with pytest.raises(RuntimeError, match=r"1\.26 GiB free of 252 GiB.*less than 1 % of its disk free.*free at least"):
+        _seaweed.start_weed(tmp_path)
+
+
+def _never_started(*args, **kwargs):
+    raise AssertionError("weed was started on a disk it cannot write to")
 
 
 @pytest.mark.integration
