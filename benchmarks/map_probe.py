@@ -36,11 +36,12 @@ from whitening_variants import residuals, standardise
 from tsdn.config import POSITION_BLENDS
 from tsdn.metrics import aupro, pixel_auroc
 from tsdn.resize import input_shape
-from tsdn.scoring import blur_map
+from tsdn.scoring import blur_map, image_score
 
 
-def main(out_path: str, model_path: str, root: str, product: str) -> None:
-    torch.set_num_threads(2)
+def stage_maps(model_path: str, root: str, product: str) -> tuple:
+    """Per compared stage, the whitened distance maps (upsampled to the input, not blurred) of the fit, test and
+    drawn-validation images: ``(data, val, seed, strides, stages, maps)`` with ``maps[stage][split]``."""
     model, data, held, seed, val = load_saved_run(model_path, root, product)
     cfg = model.cfg
     shape = input_shape(cfg.image_size)
@@ -63,6 +64,18 @@ def main(out_path: str, model_path: str, root: str, product: str) -> None:
             squared, _ = distances(res, mean, cov)
             up = F.interpolate((squared / c).sqrt()[:, None].float(), size=shape, mode="bilinear")
             maps.setdefault(s, {})[split] = up
+    return data, val, seed, strides, stages, maps
+
+
+def _standardised(maps: dict, subset: tuple[int, ...], sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test and validation maps averaged over ``subset`` and standardised by the fit maps' statistics."""
+    fit_map, test_map, val_map = (sum(maps[s][split] for s in subset) / len(subset) for split in ("fit", "test", "val"))
+    return standardise(test_map, fit_map, sigma), standardise(val_map, fit_map, sigma)
+
+
+def main(out_path: str, model_path: str, root: str, product: str) -> None:
+    torch.set_num_threads(2)
+    data, val, seed, strides, stages, maps = stage_maps(model_path, root, product)
     subsets = [c for k in range(1, len(stages) + 1) for c in itertools.combinations(stages, k)]
     for subset, sigma, standardised in itertools.product(subsets, (2.0, 4.0, 8.0), (True, False)):
         fit_map, test_map, val_map = (
@@ -81,5 +94,41 @@ def main(out_path: str, model_path: str, root: str, product: str) -> None:
         write_row(out_path, row)
 
 
+def split(out_path: str, model_path: str, root: str, product: str) -> None:
+    """The image score from every stage's map, the map from a subset of the finer stages (sigma 4, standardised).
+
+    ``map``: ``raw`` = the subset's map as it is; ``shifted`` = the subset's map shifted per image so that its
+    maximum is the every-stage map's maximum, which keeps ``map >= threshold`` marking pixels exactly when the
+    image score (the maximum) is at or above the threshold.
+    """
+    torch.set_num_threads(2)
+    data, val, seed, strides, stages, maps = stage_maps(model_path, root, product)
+    every, every_val = _standardised(maps, tuple(stages), 4.0)
+    for k in range(1, len(stages)):
+        for subset in itertools.combinations(stages[:-1], k):
+            fine, fine_val = _standardised(maps, subset, 4.0)
+            for how in ("raw", "shifted"):
+                test_map, val_map = fine, fine_val
+                if how == "shifted":
+                    test_map, val_map = (_peak_to(m, e) for m, e in ((fine, every), (fine_val, every_val)))
+                row = {
+                    "model": model_path, "product": product, "seed": seed,
+                    "score_stages": [strides[s] for s in stages], "map_stages": [strides[s] for s in subset],
+                    "map": how, **map_metrics(data, val, every, every_val),
+                    "pixel_auroc": round(float(pixel_auroc(data["test_masks"], test_map[:, 0].numpy())), 4),
+                    "aupro": round(float(aupro(data["test_masks"], test_map[:, 0].numpy())), 4),
+                    "val_pixel_auroc": round(float(pixel_auroc(val.masks, val_map[:, 0].numpy())), 4),
+                }  # fmt: skip
+                write_row(out_path, row)
+
+
+def _peak_to(anomaly_map: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``anomaly_map`` shifted per image so that its maximum equals ``reference``'s maximum."""
+    return anomaly_map + (image_score(reference) - image_score(anomaly_map)).view(-1, 1, 1, 1)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    if sys.argv[1] == "split":
+        split(*sys.argv[2:6])
+    else:
+        main(*sys.argv[1:5])
