@@ -40,6 +40,11 @@ class Calibration:
         method: ``"normal-quantile"`` (threshold = the ``quantile`` of normal scores) or ``"f1-optimal"``
             (threshold maximising F1 on labelled validation scores).
         quantile: the quantile used (or that would have been used, for ``"f1-optimal"``).
+        map_offset: added to the model's anomaly map before anything reads it (the mask, ``map >= threshold``,
+            the heatmap, the returned map), so that the map is in the score's units. 0 for a model whose score is
+            its map's maximum (or top-k mean). A model whose map comes from other stages than its score
+            (``map_strides``) gets the normal images' score ``quantile`` minus their maps' maxima's: a held-out normal
+            image's map then reaches the threshold about as often as its score does.
     """
 
     threshold: float
@@ -51,6 +56,7 @@ class Calibration:
     n_normal: int = 0
     method: Literal["normal-quantile", "f1-optimal"] = "normal-quantile"
     quantile: float = 0.99
+    map_offset: float = 0.0
 
     def __post_init__(self) -> None:
         numbers = {
@@ -59,6 +65,7 @@ class Calibration:
             "score_max": self.score_max,
             "score_mean": self.score_mean,
             "score_std": self.score_std,
+            "map_offset": self.map_offset,
             **{f"score_quantiles.{k}": v for k, v in self.score_quantiles.items()},
         }
         bad = [name for name, value in numbers.items() if not math.isfinite(value)]
@@ -117,6 +124,7 @@ def fit_calibration(
     scores: np.ndarray | None = None,
     labels: np.ndarray | None = None,
     quantile: float = 0.99,
+    normal_map_maxima: np.ndarray | None = None,
 ) -> Calibration:
     """Fit the threshold and score statistics.
 
@@ -126,6 +134,9 @@ def fit_calibration(
         labels: optional (M,) 0 = normal, 1 = anomalous. When they contain at least one anomaly the
             threshold is the F1-optimal one (:func:`tsdn.metrics.f1_max`); otherwise the quantile rule holds.
         quantile: the quantile of ``normal_scores`` used as threshold (linear interpolation), in (0, 1].
+        normal_map_maxima: optional (N,) maxima of the same normal images' anomaly maps, for a model whose map is
+            not the one it scores (``map_strides``): ``map_offset`` = the ``quantile`` of ``normal_scores`` minus
+            the ``quantile`` of these. None: 0.
 
     Returns:
         The :class:`Calibration`.
@@ -146,6 +157,13 @@ def fit_calibration(
 
     from tsdn.metrics import f1_max  # here: scipy stays out of processes that only apply a calibration
 
+    map_offset = 0.0
+    if normal_map_maxima is not None:
+        maxima = np.asarray(normal_map_maxima, dtype=np.float64).ravel()
+        if maxima.shape != normal.shape or not np.isfinite(maxima).all():
+            msg = f"fit_calibration: normal_map_maxima must be {normal.size} finite values, one per normal score"
+            raise ValueError(msg)
+        map_offset = float(np.quantile(normal, quantile) - np.quantile(maxima, quantile))
     method = "normal-quantile"
     threshold = float(np.quantile(normal, quantile))
     if labels is not None and np.any(np.asarray(labels) == 1):
@@ -161,4 +179,5 @@ def fit_calibration(
         n_normal=int(normal.size),
         method=method,
         quantile=quantile,
+        map_offset=map_offset,
     )

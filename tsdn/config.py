@@ -88,6 +88,11 @@ class TSDNConfig:
         feature_strides: the encoder strides (output strides of its stages, e.g. 4, 8, 16, 32) whose features
             the ``feature`` source compares; each stage's distance map is upsampled to S x S and the stages
             are averaged. A stride the encoder lacks is refused when the model is built.
+        map_strides: the strides (a subset of ``feature_strides``) whose stages make the anomaly map; None = all of
+            them. The image score still comes from every stage of ``feature_strides``: a coarse stage carries
+            image-level evidence but spreads a defect's score over its large cells. With ``score_normalization:
+            pixel`` the map has its own per-position statistics; the calibration's ``map_offset`` puts it in the
+            score's units (``tsdn.calibration``).
 
     Training recipe (read by :mod:`tsdn.training`; the defaults are the paper's):
         encoder_lr_scale: the encoder's learning rate is ``lr * encoder_lr_scale``; 0 freezes it
@@ -143,6 +148,7 @@ class TSDNConfig:
     feature_whitening: Literal["pooled", "position"] = "pooled"
     feature_position_shrinkage: float | Literal["auto"] = 0.1
     feature_strides: tuple[int, ...] = (8, 16)
+    map_strides: tuple[int, ...] | None = None
     encoder_lr_scale: float = 1.0
     encoder_norm: Literal["pretrained", "adapted"] = "pretrained"
     encoder_norm_variance: Literal["adapted", "pretrained"] = "adapted"
@@ -202,6 +208,11 @@ class TSDNConfig:
         strides_ok = len(self.feature_strides) >= 1 and all(s >= 1 for s in self.feature_strides)
         strides_ok = strides_ok and len(set(self.feature_strides)) == len(self.feature_strides)
         check(self, strides_ok, "feature_strides", "a non-empty list of distinct encoder strides (e.g. [8, 16])")
+        if self.map_strides is not None:
+            map_ok = len(self.map_strides) >= 1 and len(set(self.map_strides)) == len(self.map_strides)
+            map_ok = map_ok and set(self.map_strides) < set(self.feature_strides) and self.score_source == "feature"
+            expected = "None, or fewer distinct strides out of feature_strides (with score_source feature)"
+            check(self, map_ok, "map_strides", expected)
         check(self, self.encoder_lr_scale >= 0, "encoder_lr_scale", ">= 0 (0 = frozen)")
         check(self, self.encoder_norm in ("pretrained", "adapted"), "encoder_norm", "pretrained | adapted")
         adapted_ok = self.encoder_norm == "pretrained" or self.encoder_lr_scale == 0

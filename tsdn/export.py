@@ -233,6 +233,8 @@ def _meta(
         "score_normalization": getattr(cfg, "score_normalization", "none"),
         "feature_distance": getattr(cfg, "feature_distance", "cosine"),
         "feature_whitening": getattr(cfg, "feature_whitening", "pooled"),
+        # the map's stages, when not the score's (the calibration's map_offset puts it in the score's units)
+        "map_strides": list(cfg.map_strides) if getattr(cfg, "map_strides", None) else None,
         "backbone": cfg.backbone,
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, height, width], "dtype": "float32", "range": [0.0, 1.0]},
         "outputs": {

@@ -20,15 +20,19 @@ from tsdn.decoder import Decoder
 from tsdn.fne import FeatureNormalityEstimator, normality_target
 from tsdn.scoring import (
     blur_map,
-    feature_distance_map,
+    feature_stage_maps,
     image_score,
+    mean_stage_map,
     position_std,
     score_map,
     standardize_map,
-    whitened_distance_map,
+    whitened_stage_maps,
 )
 
-__all__ = ["TSDN", "TSDNOutput", "TSDNPrediction"]
+__all__ = ["MAP_KEY", "TSDN", "TSDNOutput", "TSDNPrediction"]
+
+#: The key of the ``map_strides`` stages' map among :meth:`TSDN.component_maps`, and ``normalize_map``'s ``which``.
+MAP_KEY = "feature_map"
 
 
 class TSDNOutput(NamedTuple):
@@ -92,7 +96,8 @@ class TSDN(nn.Module):
     With ``score_normalization: pixel``, ``normal_mean`` and ``normal_std`` ((1, 1, H, W) buffers, H x W the config's
     ``input_shape``) and ``normal_count`` (the number of images they came from) standardise the score source's map
     per position; :meth:`fit_normal_stats` sets them from normal training images, and :meth:`predict` refuses to run
-    before.
+    before. With ``map_strides`` too, ``map_mean`` and ``map_std`` do the same for the anomaly map of those stages,
+    which :meth:`predict` returns while it scores the map of every compared stage.
 
     With ``feature_distance: mahalanobis``, ``feature_mean_<k>`` (C_k,) and ``feature_whitening_<k>`` (C_k, C_k)
     per compared encoder stage k and ``feature_count`` (the number of images) whiten the feature residual
@@ -129,6 +134,10 @@ class TSDN(nn.Module):
             raise ValueError(msg)
         #: The encoder stages the ``feature`` source compares, in stride order.
         self.feature_stages = [i for i, r in enumerate(reductions) if r in cfg.feature_strides] or [len(reductions) - 1]
+        #: Which of :attr:`feature_stages` (positions in that list) make the anomaly map; None = all of them.
+        self.map_positions: list[int] | None = None
+        if cfg.map_strides is not None and cfg.score_source == "feature":
+            self.map_positions = [k for k, i in enumerate(self.feature_stages) if reductions[i] in cfg.map_strides]
         self.register_buffer("score_scales", torch.ones(2))
         self._normal_stats_ready = cfg.score_normalization == "none"
         self._whitening_ready = cfg.feature_distance == "cosine"
@@ -137,6 +146,9 @@ class TSDN(nn.Module):
             self.register_buffer("normal_mean", torch.zeros(1, 1, height, width))
             self.register_buffer("normal_std", torch.ones(1, 1, height, width))
             self.register_buffer("normal_count", torch.zeros((), dtype=torch.int64))
+            if self.map_positions is not None:
+                self.register_buffer("map_mean", torch.zeros(1, 1, height, width))
+                self.register_buffer("map_std", torch.ones(1, 1, height, width))
         if cfg.feature_distance == "mahalanobis":
             height, width = cfg.input_shape
             for k, stage in enumerate(self.feature_stages):
@@ -195,12 +207,14 @@ class TSDN(nn.Module):
             msg = "TSDN: encoder_norm is 'adapted' but fit_encoder_norm was never called on normal images"
             raise RuntimeError(msg)
         maps, reconstruction = self._source_maps(image, self.cfg.score_source)
-        anomaly_map = self.normalize_map(maps[self.cfg.score_source])
-        return TSDNPrediction(anomaly_map, image_score(anomaly_map, self.cfg.score_topk), reconstruction)
+        scored = self.normalize_map(maps[self.cfg.score_source])
+        anomaly_map = scored if self.map_positions is None else self.normalize_map(maps[MAP_KEY], MAP_KEY)
+        return TSDNPrediction(anomaly_map, image_score(scored, self.cfg.score_topk), reconstruction)
 
     def component_maps(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every available source's (B, 1, H, W) map of ``image``: reconstruction, feature, and (with DCD_A)
-        mask and fused. Call in eval mode without grad."""
+        mask and fused; with ``map_strides``, also ``feature_map`` (the stages of the anomaly map). Raw, before
+        ``score_normalization``. Call in eval mode without grad."""
         return self._source_maps(image, "all")[0]
 
     @torch.no_grad()
@@ -249,17 +263,20 @@ class TSDN(nn.Module):
             return self._whitening_sums(images)
         shape = self.cfg.input_shape
         n = shape[0] * shape[1]
-        sums = torch.zeros(1 + 2 * n, dtype=torch.float64, device=self.score_scales.device)
+        keys = [self.cfg.score_source] + ([MAP_KEY] if self.map_positions is not None else [])
+        sums = torch.zeros(1 + 2 * n * len(keys), dtype=torch.float64, device=self.score_scales.device)
         for batch in images:
-            values = self._source_maps(batch, self.cfg.score_source)[0][self.cfg.score_source]
-            if tuple(values.shape[-2:]) != shape:
+            maps = self._source_maps(batch, self.cfg.score_source)[0]
+            if tuple(maps[keys[0]].shape[-2:]) != shape:
                 size = "x".join(map(str, shape))
                 msg = f"normal_stat_sums: images must be {size} (image_size), got {tuple(batch.shape[-2:])}"
                 raise ValueError(msg)
-            flat = values.double().flatten(start_dim=1)
-            sums[0] += flat.shape[0]
-            sums[1 : 1 + n] += flat.sum(dim=0)
-            sums[1 + n :] += flat.pow(2).sum(dim=0)
+            sums[0] += len(batch)
+            for j, key in enumerate(keys):
+                flat = maps[key].double().flatten(start_dim=1)
+                offset = 1 + 2 * n * j
+                sums[offset : offset + n] += flat.sum(dim=0)
+                sums[offset + n : offset + 2 * n] += flat.pow(2).sum(dim=0)
         return sums
 
     @torch.no_grad()
@@ -293,10 +310,18 @@ class TSDN(nn.Module):
             return count
         height, width = self.cfg.input_shape
         n = height * width
-        mean, var = moments_from_sums(count, sums[1 : 1 + n], sums[1 + n :])
-        std = position_std(var.view(1, 1, height, width), self.cfg.score_sigma)
-        self.normal_mean.copy_(mean.view(1, 1, height, width).to(self.normal_mean))
-        self.normal_std.copy_(std.to(self.normal_std))
+        targets = [(self.normal_mean, self.normal_std)]
+        if self.map_positions is not None:
+            targets.append((self.map_mean, self.map_std))
+        if len(sums) != 1 + 2 * n * len(targets):
+            msg = f"set_normal_stats: pixel sums of {len(sums)} values; this model's are {1 + 2 * n * len(targets)}"
+            raise ValueError(msg)
+        for j, (mean_buffer, std_buffer) in enumerate(targets):
+            offset = 1 + 2 * n * j
+            mean, var = moments_from_sums(count, sums[offset : offset + n], sums[offset + n : offset + 2 * n])
+            std = position_std(var.view(1, 1, height, width), self.cfg.score_sigma)
+            mean_buffer.copy_(mean.view(1, 1, height, width).to(mean_buffer))
+            std_buffer.copy_(std.to(std_buffer))
         self.normal_count.fill_(count)
         self._normal_stats_ready = True
         return count
@@ -531,14 +556,17 @@ class TSDN(nn.Module):
                 best_nll, best = nll, (blend, whitening)
         return best
 
-    def normalize_map(self, anomaly_map: torch.Tensor) -> torch.Tensor:
-        """The score source's raw (B, 1, H, W) map (as :meth:`component_maps` gives it) -> the map :meth:`predict`
-        returns: unchanged with ``score_normalization: none``, standardised per position with ``pixel``."""
+    def normalize_map(self, anomaly_map: torch.Tensor, which: str = "score") -> torch.Tensor:
+        """A raw (B, 1, H, W) map (as :meth:`component_maps` gives it) -> the map :meth:`predict` scores (``which``
+        ``score``: the score source's) or returns (``feature_map``, with ``map_strides``): unchanged with
+        ``score_normalization: none``, standardised per position by that map's own statistics with ``pixel``."""
         if self.cfg.score_normalization == "none":
             return anomaly_map
         if not self._normal_stats_ready:
             msg = "TSDN: score_normalization is 'pixel' but fit_normal_stats was never called on normal images"
             raise RuntimeError(msg)
+        if which == MAP_KEY:
+            return standardize_map(anomaly_map, self.map_mean, self.map_std)
         return standardize_map(anomaly_map, self.normal_mean, self.normal_std)
 
     def _source_maps(self, image: torch.Tensor, source: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -562,20 +590,20 @@ class TSDN(nn.Module):
             of_recon = self.encoder((out.reconstruction - self.mean) / self.std)  # I's features: `encoded`
             size = tuple(image.shape[-2:])
             if self.cfg.feature_distance == "cosine":
-                maps["feature"] = feature_distance_map(
-                    [encoded[i] for i in stages], [of_recon[i] for i in stages], size, sigma
-                )
+                per_stage = feature_stage_maps([encoded[i] for i in stages], [of_recon[i] for i in stages], size)
             else:
                 if not self._whitening_ready:
                     msg = "TSDN: feature_distance is 'mahalanobis' but fit_normal_stats was never called"
                     raise RuntimeError(msg)
-                maps["feature"] = whitened_distance_map(
+                per_stage = whitened_stage_maps(
                     [encoded[i] - of_recon[i] for i in stages],
                     [getattr(self, f"feature_mean_{k}") for k in range(len(stages))],
                     [getattr(self, f"feature_whitening_{k}") for k in range(len(stages))],
                     size,
-                    sigma,
                 )
+            maps["feature"] = mean_stage_map(per_stage, sigma)
+            if self.map_positions is not None:
+                maps[MAP_KEY] = mean_stage_map([per_stage[k] for k in self.map_positions], sigma)
         if source in ("fused", "all") and has_mask:
             scales = self.score_scales.float().view(1, 2, 1, 1)
             # 0.5 * (rec / s_rec + mask / s_mask), written as a sum over a stacked pair (the same float operations):

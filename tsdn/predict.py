@@ -36,12 +36,14 @@ class Detection:
     """Result for one image.
 
     Attributes:
-        anomaly_score: raw image score, the maximum of the anomaly map at the network resolution.
+        anomaly_score: raw image score: the maximum (or top-k mean) of the map the model scores at the network
+            resolution (the anomaly map, unless the model has ``map_strides``).
         normalized_score: the score mapped to [0, 1] by the calibration, 0.5 at the applied threshold (so
             ``normalized_score >= 0.5`` exactly when ``is_anomalous``, overridden threshold or not).
         is_anomalous: ``anomaly_score >= threshold``.
         threshold: the raw-score threshold applied (the calibrated one unless overridden).
-        anomaly_map: (H, W) float32 raw score map at the input image's resolution.
+        anomaly_map: (H, W) float32 raw score map at the input image's resolution, plus the calibration's
+            ``map_offset`` (0 unless the model's map comes from other stages than its score).
     """
 
     anomaly_score: float
@@ -155,6 +157,7 @@ class Predictor:
             msg = "Predictor.predict: no calibration (this predictor was built for validation); use predict_tensor"
             raise ValueError(msg)
         limit = self.calibration.threshold if threshold is None else float(threshold)
+        offset = np.float32(self.calibration.map_offset)  # the map in the score's units (``map_strides``)
         detections = []
         for start in range(0, len(images), self.batch_size):
             batch, sizes = self._prepare(images[start : start + self.batch_size])
@@ -166,7 +169,7 @@ class Predictor:
                         normalized_score=float(self.calibration.normalize(score, limit)),
                         is_anomalous=score >= limit,
                         threshold=limit,
-                        anomaly_map=resize_map(anomaly_map[0], map_size or size),
+                        anomaly_map=resize_map(anomaly_map[0] + offset, map_size or size),
                     )
                 )
         return detections

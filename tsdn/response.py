@@ -7,7 +7,9 @@ Fields (always):
 
 - ``is_anomalous``: ``anomaly_score >= threshold``.
 - ``anomaly_score``: the raw image score of the model (its score source's map, reduced by the model's
-  image score: the maximum or a top-k mean), in the model's own units.
+  image score: the maximum or a top-k mean), in the model's own units. A TSDN model with ``map_strides`` scores
+  the map of every compared encoder stage and returns the map of the finer ones, in the score's units (its
+  calibration's ``map_offset`` added).
 - ``normalized_score``: the raw score mapped to [0, 1] by the model's calibration, linear from the lowest
   held-out normal score (0) through the threshold (0.5); ``normalized_score >= 0.5`` exactly when
   ``is_anomalous``.
@@ -16,7 +18,8 @@ Fields (always):
 - ``threshold``: the raw-score threshold applied (the calibrated one unless the request overrode it).
 - ``anomalous_area_pct``: percentage of the image's pixels whose map value is ``>= threshold`` (the pixels
   of the binary mask), at the image's own resolution. It is computed from the map, independently of the
-  image decision: a normal image whose image score is a top-k mean can still have a few pixels above it.
+  image decision: a normal image whose image score is a top-k mean, or a model whose map is not the one it
+  scores (``map_strides``), can have a few pixels above it, and an anomalous one none.
 
 On request (``include``):
 

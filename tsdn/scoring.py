@@ -21,14 +21,15 @@ __all__ = [
     "QUANTILES",
     "Calibration",
     "blur_map",
-    "feature_distance_map",
+    "feature_stage_maps",
     "fit_calibration",
     "gaussian_kernel_size",
     "image_score",
+    "mean_stage_map",
     "position_std",
     "score_map",
     "standardize_map",
-    "whitened_distance_map",
+    "whitened_stage_maps",
 ]
 
 
@@ -70,38 +71,22 @@ def blur_map(anomaly_map: torch.Tensor, sigma: float) -> torch.Tensor:
     return kornia.filters.gaussian_blur2d(anomaly_map, (size, size), (sigma, sigma), border_type="reflect")
 
 
-def feature_distance_map(
-    image_features: list[torch.Tensor], recon_features: list[torch.Tensor], size: tuple[int, int], sigma: float
-) -> torch.Tensor:
-    """Mean over stages of ``1 - cos(f_I, f_R)`` per position, upsampled (bilinear) to ``size`` and blurred.
-
-    Args:
-        image_features, recon_features: per stage, (B, C_s, h_s, w_s) encoder features of I and of R.
-        size: (H, W) of the output map.
-        sigma: blur std in pixels at ``size``.
-
-    Returns:
-        (B, 1, H, W) in [0, 2].
-    """
-    total = None
+def feature_stage_maps(
+    image_features: list[torch.Tensor], recon_features: list[torch.Tensor], size: tuple[int, int]
+) -> list[torch.Tensor]:
+    """Per stage, ``1 - cos(f_I, f_R)`` per position of the encoder features of I and of R ((B, C_s, h_s, w_s)
+    each), upsampled (bilinear) to ``size``: (B, 1, H, W) in [0, 2] each."""
+    maps = []
     for f_image, f_recon in zip(image_features, recon_features, strict=True):
         distance = 1.0 - torch.nn.functional.cosine_similarity(f_image.float(), f_recon.float(), dim=1, eps=1e-6)
-        up = torch.nn.functional.interpolate(distance[:, None], size=size, mode="bilinear", align_corners=False)
-        total = up if total is None else total + up
-    if total is None:
-        msg = "feature_distance_map: no feature stage given"
-        raise ValueError(msg)
-    return blur_map(total / len(image_features), sigma)
+        maps.append(torch.nn.functional.interpolate(distance[:, None], size=size, mode="bilinear", align_corners=False))
+    return maps
 
 
-def whitened_distance_map(
-    residuals: list[torch.Tensor],
-    means: list[torch.Tensor],
-    whitenings: list[torch.Tensor],
-    size: tuple[int, int],
-    sigma: float,
-) -> torch.Tensor:
-    """Mean over stages of the Mahalanobis norm ``sqrt(|W (r - m)|^2 / C)`` per position, upsampled and blurred.
+def whitened_stage_maps(
+    residuals: list[torch.Tensor], means: list[torch.Tensor], whitenings: list[torch.Tensor], size: tuple[int, int]
+) -> list[torch.Tensor]:
+    """Per stage, the Mahalanobis norm ``sqrt(|W (r - m)|^2 / C)`` per position, upsampled (bilinear) to ``size``.
 
     Args:
         residuals: per stage, (B, C_s, h_s, w_s) ``f_I - f_R``.
@@ -109,13 +94,12 @@ def whitened_distance_map(
             (C_s, h_s, w_s) per position.
         whitenings: per stage, ``W`` with ``W' W`` = the inverse of the residual's covariance: (C_s, C_s), or
             (h_s, w_s, C_s, C_s) per position.
-        size: (H, W) of the output map.
-        sigma: blur std in pixels at ``size``.
+        size: (H, W) of the output maps.
 
     Returns:
-        (B, 1, H, W) >= 0; about 1 where a normal image's residual is typical.
+        Per stage, (B, 1, H, W) >= 0; about 1 where a normal image's residual is typical.
     """
-    total = None
+    maps = []
     for residual, mean, whitening in zip(residuals, means, whitenings, strict=True):
         if whitening.ndim == 4:  # per position: W_p (r_p - m_p) as a matrix product batched over the grid
             centred = residual.float() - mean[None]
@@ -125,12 +109,20 @@ def whitened_distance_map(
             centred = residual.float() - mean.view(1, -1, 1, 1)
             white = torch.nn.functional.conv2d(centred, whitening[:, :, None, None])  # W (r - m) at every position
             distance = white.pow(2).mean(dim=1, keepdim=True).sqrt()
-        up = torch.nn.functional.interpolate(distance, size=size, mode="bilinear", align_corners=False)
-        total = up if total is None else total + up
-    if total is None:
-        msg = "whitened_distance_map: no feature stage given"
+        maps.append(torch.nn.functional.interpolate(distance, size=size, mode="bilinear", align_corners=False))
+    return maps
+
+
+def mean_stage_map(stage_maps: list[torch.Tensor], sigma: float) -> torch.Tensor:
+    """The mean of per-stage (B, 1, H, W) maps, blurred with ``sigma`` (pixels at the maps' size): the ``feature``
+    source's map from the stages it compares, and (``map_strides``) the anomaly map from fewer of them."""
+    if not stage_maps:
+        msg = "mean_stage_map: no feature stage given"
         raise ValueError(msg)
-    return blur_map(total / len(residuals), sigma)
+    total = stage_maps[0]
+    for stage_map in stage_maps[1:]:
+        total = total + stage_map
+    return blur_map(total / len(stage_maps), sigma)
 
 
 def position_std(variance: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 from tsdn.checkpoint import MODEL_JSON, MODEL_WEIGHTS
 from tsdn.patchcore import PatchCoreConfig
 from tsdn_platform import layout, store
-from tsdn_platform.train_eval import collect_test, predict_arrays, shard_batches, validate_holdout, validate_test
+from tsdn_platform.train_eval import collect_test, predict_arrays, shard_batches, validate_and_calibrate
 
 __all__ = ["PatchEmbedder", "fit_patchcore"]
 
@@ -66,7 +66,6 @@ def fit_patchcore(cfg: Any, product: str, run_name: str, datasets: dict[str, Any
     from tsdn.metrics import evaluate
     from tsdn.patchcore import PatchCore
     from tsdn.predict import Predictor
-    from tsdn.scoring import fit_calibration
 
     pc_cfg = cfg.patchcore
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
@@ -99,14 +98,8 @@ def fit_patchcore(cfg: Any, product: str, run_name: str, datasets: dict[str, Any
     logger.info("%s: PatchCore fit %s", product, fit)
 
     predictor = Predictor(model, calibration=None, device=device, batch_size=cfg.eval_batch_size)
-    if cfg.validation == "holdout":
-        val, normal_scores = validate_holdout(
-            predictor, shard_batches(datasets["val"], cfg.eval_batch_size), cfg.validation_seed
-        )
-        calibration = fit_calibration(normal_scores)
-    else:
-        val, scores, labels = validate_test(predictor, shard_batches(datasets["val"], cfg.eval_batch_size))
-        calibration = fit_calibration(scores[labels == 0], scores, labels)
+    val_batches = shard_batches(datasets["val"], cfg.eval_batch_size)
+    val, calibration = validate_and_calibrate(predictor, val_batches, cfg.validation, cfg.validation_seed)
     predictor.calibration = calibration
     labels, scores, masks, maps, ids = collect_test(
         lambda x: predict_arrays(predictor, x), shard_batches(datasets["test"], cfg.eval_batch_size)

@@ -157,7 +157,6 @@ def _train_loop(cfg: TrainConfig, product: str, run_name: str) -> dict[str, Any]
     from tsdn.losses import TSDNLoss
     from tsdn.model import TSDN
     from tsdn.predict import Predictor
-    from tsdn.scoring import fit_calibration
     from tsdn.training import build_optimizer, set_epoch_lr, train_step
 
     run_uri = layout.run_uri(cfg.store, product, run_name)
@@ -265,14 +264,9 @@ def _train_loop(cfg: TrainConfig, product: str, run_name: str) -> dict[str, Any]
                     metrics[f"whitening_blend_s{strides[stage]}"] = blend
         if checkpoint_now and rank == 0:
             predictor = Predictor(model, calibration=None, device=device, batch_size=cfg.eval_batch_size)
-            if cfg.validation == "holdout":
-                val, normal_scores = validate_holdout(
-                    predictor, train_eval.shard_batches(val_shard, cfg.eval_batch_size), cfg.validation_seed
-                )
-                calibration = fit_calibration(normal_scores)
-            else:
-                val, scores, labels = validate_test(predictor, train_eval.shard_batches(val_shard, cfg.eval_batch_size))
-                calibration = fit_calibration(scores[labels == 0], scores, labels)
+            val, calibration = train_eval.validate_and_calibrate(
+                predictor, train_eval.shard_batches(val_shard, cfg.eval_batch_size), cfg.validation, cfg.validation_seed
+            )
             metrics.update(val)
         if rank == 0:
             history.append(metrics)

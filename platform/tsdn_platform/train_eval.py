@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tsdn.calibration import Calibration
 from tsdn.checkpoint import MODEL_JSON, MODEL_WEIGHTS
 from tsdn_platform import train_checkpoints
 from tsdn_platform.train_config import TrainConfig
@@ -27,6 +28,7 @@ __all__ = [
     "metric_or_low",
     "predict_arrays",
     "shard_batches",
+    "validate_and_calibrate",
     "validate_holdout",
     "validate_test",
 ]
@@ -73,7 +75,8 @@ def validate_holdout(
         seed: the validation draws (the same set at every validation and for every version).
 
     Returns:
-        ``({"val_image_auroc", "val_pixel_auroc"}, clean image scores (N,))``; the clean scores calibrate.
+        ``({"val_image_auroc", "val_pixel_auroc"}, clean image scores (N,), their maps' maxima (N,))``; the clean
+        images calibrate (:func:`validate_and_calibrate`).
     """
     from tsdn.defects import validation_set
     from tsdn.metrics import image_auroc, pixel_auroc
@@ -92,7 +95,8 @@ def validate_holdout(
         "val_image_auroc": image_auroc(val.labels, scores),
         "val_pixel_auroc": pixel_auroc(val.masks, maps),
     }
-    return metrics, scores[val.labels == 0]
+    clean_maps = maps[val.labels == 0]
+    return metrics, scores[val.labels == 0], clean_maps.reshape(len(clean_maps), -1).max(axis=1)
 
 
 def _as_uint8_hwc(images: Any) -> np.ndarray:
@@ -124,7 +128,8 @@ def collect_test(
 def validate_test(
     predictor: Any, batches: Iterable[Mapping[str, np.ndarray]]
 ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """The paper's protocol: validate on the labelled test split. Returns metrics, scores (N,), labels (N,).
+    """The paper's protocol: validate on the labelled test split. Returns metrics, scores (N,), labels (N,) and the
+    maps' maxima (N,).
 
     The model's ``score_scales`` are fitted on the test split's normal images first (this protocol reads the
     test labels anyway).
@@ -138,7 +143,26 @@ def validate_test(
         predictor.model.fit_score_scales(normal)
     labels, scores, masks, maps, _ = collect_test(lambda x: predict_arrays(predictor, x), rows)
     metrics = {"val_image_auroc": image_auroc(labels, scores), "val_pixel_auroc": pixel_auroc(masks, maps)}
-    return metrics, scores, labels
+    return metrics, scores, labels, maps.reshape(len(maps), -1).max(axis=1)
+
+
+def validate_and_calibrate(
+    predictor: Any, batches: Iterable[Mapping[str, np.ndarray]], validation: str, seed: int
+) -> tuple[dict[str, float], Calibration]:
+    """The configured validation (``holdout``: :func:`validate_holdout`; ``test``: :func:`validate_test`) and the
+    calibration fitted on its normal images' scores (F1-optimal on the labelled test split). A model whose map is
+    not the one it scores (TSDN's ``map_strides``) gets the ``map_offset`` that puts its map in the score's units.
+    """
+    from tsdn.scoring import fit_calibration
+
+    separate_map = getattr(predictor.model, "map_positions", None) is not None
+    if validation == "holdout":
+        metrics, normal_scores, maxima = validate_holdout(predictor, batches, seed)
+        return metrics, fit_calibration(normal_scores, normal_map_maxima=maxima if separate_map else None)
+    metrics, scores, labels, maxima = validate_test(predictor, batches)
+    normal = labels == 0
+    map_maxima = maxima[normal] if separate_map else None
+    return metrics, fit_calibration(scores[normal], scores, labels, normal_map_maxima=map_maxima)
 
 
 def _clean_number(value: Any) -> Any:

@@ -124,6 +124,7 @@ def test_per_position_statistics_sum_both_ranks_shards(ingested):
     that it is small."""
     from tsdn.config import POSITION_BLENDS
     from tsdn.model import TSDN
+    from tsdn.scoring import fit_calibration
     from tsdn_platform.shards import read_split
     from tsdn_platform.train import SMALL_HOLDOUT, small_holdout_warning
 
@@ -136,6 +137,7 @@ def test_per_position_statistics_sum_both_ranks_shards(ingested):
         "model.feature_distance=mahalanobis",
         "model.feature_whitening=position",
         "model.feature_position_shrinkage=auto",
+        "model.map_strides=[8]",
         "model.encoder_lr_scale=0",
         "model.encoder_norm=adapted",
         "model.encoder_norm_max_stride=2",
@@ -181,6 +183,16 @@ def test_per_position_statistics_sum_both_ranks_shards(ingested):
     scores = predictor.predict_tensor(images.float() / 255.0).anomaly_score.numpy()
     np.testing.assert_allclose(scores, [record["test_scores"][i] for i in ids], rtol=1e-5, atol=1e-6)
     assert record["holdout_images"] == n_holdout == predictor.calibration.n_normal
+    # the score from strides 8 + 16, the map from 8: the calibration puts the map in the score's units, fitted on the
+    # clean held-out images (the predictor's own scores and map maxima of them)
+    rows = read_split(ingested, "demo", PRODUCTS[0], "train", columns=["fold", "image"], image_dtype="uint8").take_all()
+    held_out = [torch.from_numpy(np.array(r["image"])) for r in rows if int(r["fold"]) in cfg.holdout_folds]
+    held_images = torch.stack(held_out).float() / 255.0
+    held_pred = predictor.predict_tensor(held_images)
+    maxima = held_pred.anomaly_map.flatten(start_dim=1).amax(dim=1).numpy()
+    refit = fit_calibration(held_pred.anomaly_score.numpy(), normal_map_maxima=maxima)
+    assert predictor.calibration.map_offset == pytest.approx(refit.map_offset, rel=1e-4, abs=1e-5)
+    assert predictor.calibration.map_offset != 0.0
     assert 0 < n_holdout < SMALL_HOLDOUT  # 12 train images, 4 of 10 folds held out
     # the Ray task that trained the line logged small_holdout_warning's line (unit-tested) in its worker
     assert small_holdout_warning(PRODUCTS[0], n_holdout, cfg.holdout_folds)
@@ -323,12 +335,13 @@ def _predictor(model):
 
 def test_holdout_validation_is_repeatable_and_bounded(tiny_model):
     batches = [_batch(3, 0), _batch(2, 1)]
-    first, clean = validate_holdout(_predictor(tiny_model), batches, seed=0)
-    again, clean_again = validate_holdout(_predictor(tiny_model), batches, seed=0)
+    first, clean, maxima = validate_holdout(_predictor(tiny_model), batches, seed=0)
+    again, clean_again, _ = validate_holdout(_predictor(tiny_model), batches, seed=0)
     assert first == again and np.array_equal(clean, clean_again)  # the same synthetic defects every epoch
     assert set(first) == {"val_image_auroc", "val_pixel_auroc"}
     assert all(0 <= v <= 1 for v in first.values()) and clean.shape == (5,)
-    other, _ = validate_holdout(_predictor(tiny_model), batches, seed=1)
+    np.testing.assert_allclose(maxima, clean, rtol=1e-6)  # this model's score is its map's maximum
+    other, _, _ = validate_holdout(_predictor(tiny_model), batches, seed=1)
     assert other != first  # another seed draws other defects
     with pytest.raises(ValueError, match="held-out split is empty"):
         validate_holdout(_predictor(tiny_model), [], seed=0)
@@ -337,7 +350,7 @@ def test_holdout_validation_is_repeatable_and_bounded(tiny_model):
 def test_holdout_validation_scores_clean_images_like_the_predictor(tiny_model):
     """The clean scores that calibrate are the serving predictor's scores of the held-out images."""
     batches = [_batch(3, 0)]
-    _, clean = validate_holdout(_predictor(tiny_model), batches, seed=0)
+    _, clean, _ = validate_holdout(_predictor(tiny_model), batches, seed=0)
     images = torch.from_numpy(batches[0]["image"]).float() / 255.0
     expected = _predictor(tiny_model).predict_tensor(images).anomaly_score.numpy()
     np.testing.assert_allclose(clean, expected, rtol=1e-5)
@@ -348,10 +361,11 @@ def test_test_split_validation_matches_the_model(tiny_model):
     masks = np.zeros((4, 1, 64, 64), np.float32)
     masks[2:, :, 8:24, 8:24] = 1.0
     batch.update(mask=masks, label=np.array([0, 0, 1, 1]), image_id=np.array(["a", "b", "c", "d"]))
-    metrics, scores, labels = validate_test(_predictor(tiny_model), [batch])
+    metrics, scores, labels, maxima = validate_test(_predictor(tiny_model), [batch])
     with torch.inference_mode():
         expected = tiny_model.predict(torch.from_numpy(batch["image"]).float() / 255.0).anomaly_score.numpy()
     np.testing.assert_allclose(scores, expected, rtol=1e-6)
+    np.testing.assert_allclose(maxima, expected, rtol=1e-6)
     assert labels.tolist() == [0, 0, 1, 1] and 0 <= metrics["val_image_auroc"] <= 1
 
 

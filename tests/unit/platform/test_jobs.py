@@ -54,22 +54,25 @@ def test_every_train_preset_resolves(preset):
     if preset == "paper":
         paper = TSDNConfig()
         recipe = ("score_source", "encoder_lr_scale", "lr_schedule", "mask_loss", "surf_fill", "surf_opacity_min")
-        recipe = (*recipe, "score_normalization", "feature_distance", "feature_strides", "score_sigma", "skip")
+        recipe = (*recipe, "score_normalization", "feature_distance", "feature_strides", "map_strides", "score_sigma")
+        recipe = (*recipe, "skip")
         assert all(getattr(cfg.model, k) == getattr(paper, k) for k in recipe)
         assert cfg.families == ["tsdn"]
     if preset == "cpu":  # the demo preset's measured TSDN at 192 px, comparing the stride-32 stage too, with
         # ImageNet's BatchNorm statistics (the demo's adapted means cost transistor 0.02-0.035 image AUROC) and the
         # residual whitened per position, the blend chosen per stage on the held-out normals (an aligned part takes
-        # a small one; a texture one near 1, where a fixed small blend lost)
+        # a small one; a texture one near 1, where a fixed small blend lost); the image score from every stage and
+        # the map from the finer two (the stride-32 stage's cells cost the map its region overlap)
         demo = load_config(TrainConfig, "demo", ["store=s", "dataset=d"]).model
         changed = {k for k in vars(demo) if getattr(demo, k) != getattr(cfg.model, k)}
         norm = {"encoder_norm", "encoder_norm_variance", "encoder_norm_max_stride"}
         whitening = {"feature_whitening", "feature_position_shrinkage"}
-        assert changed == {"image_size", "feature_strides", *whitening, *norm}, changed
+        assert changed == {"image_size", "feature_strides", "map_strides", *whitening, *norm}, changed
         assert cfg.model.encoder_norm == "pretrained" and demo.encoder_norm == "adapted"
         assert cfg.model.feature_whitening == "position" and demo.feature_whitening == "pooled"
         assert cfg.model.feature_position_shrinkage == "auto" and cfg.validation == "holdout"
         assert cfg.model.image_size == 192 and tuple(cfg.model.feature_strides) == (8, 16, 32)
+        assert tuple(cfg.model.map_strides) == (8, 16)
         assert cfg.families == ["tsdn"] and (cfg.epochs, cfg.batch_size) == (8, 4)
     if "patchcore" in cfg.families and "tsdn" in cfg.families:
         assert cfg.patchcore.image_size == cfg.model.image_size  # both read the same shards

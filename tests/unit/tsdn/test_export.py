@@ -102,16 +102,22 @@ def test_tsdn_export_carries_the_per_position_normalization(source, fmt):
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 @pytest.mark.parametrize(
-    ("normalization", "strides", "whitening"),
-    [("none", (8, 16), "pooled"), ("pixel", (8, 16, 32), "pooled"), ("pixel", (8, 16, 32), "position")],
+    ("normalization", "strides", "whitening", "map_strides"),
+    [
+        ("none", (8, 16), "pooled", None),
+        ("pixel", (8, 16, 32), "pooled", None),
+        ("pixel", (8, 16, 32), "position", None),
+        ("pixel", (8, 16, 32), "position", (8, 16)),  # the score from every stage, the map from the finer ones
+    ],
 )
-def test_tsdn_export_carries_the_feature_whitening(normalization, strides, whitening, fmt):
+def test_tsdn_export_carries_the_feature_whitening(normalization, strides, whitening, map_strides, fmt):
     model = _tsdn(
         "feature",
         feature_distance="mahalanobis",
         score_normalization=normalization,
         feature_strides=strides,
         feature_whitening=whitening,
+        map_strides=map_strides,
     )
     assert len(model.feature_stages) == len(strides)
     side = TINY.image_size
@@ -120,6 +126,7 @@ def test_tsdn_export_carries_the_feature_whitening(normalization, strides, white
     meta = json.loads(files[EXPORT_JSON])
     assert meta["feature_distance"] == "mahalanobis" and meta["score_normalization"] == normalization
     assert meta["feature_whitening"] == whitening
+    assert meta["map_strides"] == (list(map_strides) if map_strides else None)
     _assert_parity(model, files, RUNTIME_OF[fmt], _images(5))
 
 

@@ -160,3 +160,42 @@ def test_a_rectangular_model_predicts_at_its_shape_and_round_trips_its_checkpoin
     assert loaded.model.cfg.image_size == (128, 64)
     for a, b in zip(detections, loaded.predict(images)):
         np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+
+
+def test_a_model_whose_map_is_not_its_score_gets_its_map_in_the_score_units():
+    """``map_strides``: the calibration's ``map_offset`` (the normal scores' quantile minus the normal maps' maxima's)
+    is added to every map the predictor returns, so ``map >= threshold`` marks a normal image's pixels about as often
+    as its score reaches the threshold; a calibration written before the field reads 0."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(
+        CFG,
+        score_source="feature",
+        feature_distance="mahalanobis",
+        score_normalization="pixel",
+        feature_strides=(8, 16, 32),
+        map_strides=(8, 16),
+    )
+    model = TSDN(cfg).eval()
+    normal = torch.rand(12, 3, 64, 64, generator=torch.Generator().manual_seed(41))
+    with torch.inference_mode():
+        model.fit_normal_stats([normal[:8]])
+        held = model.predict(normal[8:])
+    scores, maxima = held.anomaly_score.numpy(), held.anomaly_map.flatten(start_dim=1).amax(dim=1).numpy()
+    calibration = fit_calibration(scores, normal_map_maxima=maxima, quantile=0.9)
+    expected_offset = np.quantile(scores.astype(np.float64), 0.9) - np.quantile(maxima.astype(np.float64), 0.9)
+    assert calibration.map_offset == pytest.approx(expected_offset) and calibration.map_offset != 0
+    assert fit_calibration(scores).map_offset == 0.0
+    with pytest.raises(ValueError, match="one per normal score"):
+        fit_calibration(scores, normal_map_maxima=maxima[:2])
+
+    predictor = Predictor(model, calibration, batch_size=2)
+    images = [_rgb(64, 64, seed) for seed in range(3)]
+    raw = predictor.predict_tensor(torch.from_numpy(predictor.preprocess(images)))
+    for det, want in zip(predictor.predict(images, map_size=(64, 64)), raw.anomaly_map[:, 0].numpy()):
+        np.testing.assert_allclose(det.anomaly_map, want + calibration.map_offset, rtol=1e-5, atol=1e-6)
+    loaded = Predictor.from_files(checkpoint_files(model, calibration))
+    assert loaded.calibration.map_offset == calibration.map_offset
+    old = {k: v for k, v in calibration.to_dict().items() if k != "map_offset"}
+    assert type(calibration).from_dict(old).map_offset == 0.0

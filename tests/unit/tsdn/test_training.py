@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from tsdn.checkpoint import checkpoint_files, load_checkpoint
 from tsdn.config import POSITION_BLENDS, TSDNConfig
+from tsdn.config_io import ConfigError
 from tsdn.defects import VALIDATION_DEFECTS, cut_paste, draw_defect, validation_set
 from tsdn.fne import _ssim_against_one
 from tsdn.losses import TSDNLoss, mask_loss
@@ -631,3 +632,52 @@ def test_cut_paste_moves_a_patch_of_the_donor():
     area = mask.mean()
     assert 0.005 <= area <= 0.06
     assert np.allclose(out[~mask], 0) and out[mask].max() == pytest.approx(1.0)
+
+
+def test_map_strides_score_from_every_stage_and_map_from_the_finer_ones():
+    """``map_strides``: the image score is the every-stage model's, the map the finer-stage model's (each stage
+    whitened on its own, the map standardised by its own statistics); both travel in the checkpoint."""
+    settings = dict(
+        score_source="feature",
+        feature_distance="mahalanobis",
+        score_normalization="pixel",
+        feature_strides=(8, 16, 32),
+    )
+    split = _model(**settings, map_strides=(8, 16)).eval()
+    every = _model(**settings).eval()
+    fine = _model(**{**settings, "feature_strides": (8, 16)}).eval()
+    normal = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(31))
+    probe = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(32))
+    with torch.inference_mode():
+        for model in (split, every, fine):
+            assert model.fit_normal_stats(normal.split(4)) == 6
+        pred, whole, finer = split.predict(probe), every.predict(probe), fine.predict(probe)
+    torch.testing.assert_close(pred.anomaly_score, whole.anomaly_score)
+    torch.testing.assert_close(pred.anomaly_map, finer.anomaly_map)
+    assert not torch.allclose(pred.anomaly_map, whole.anomaly_map)
+    torch.testing.assert_close(split.map_mean, fine.normal_mean)
+    torch.testing.assert_close(split.map_std, fine.normal_std)
+    loaded, _, meta = load_checkpoint(checkpoint_files(split, fit_calibration(np.array([0.1, 0.2, 0.3]))))
+    assert meta["config"]["map_strides"] == [8, 16]
+    with torch.inference_mode():
+        again = loaded.predict(probe)
+    torch.testing.assert_close(again.anomaly_map, pred.anomaly_map)
+    torch.testing.assert_close(again.anomaly_score, pred.anomaly_score)
+    with pytest.raises(ValueError, match="pixel sums of"):
+        split.set_normal_stats(every.normal_stat_sums([normal]), "pixel")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"map_strides": (8, 16, 32)},  # all of them: say None
+        {"map_strides": (4,)},  # not compared
+        {"map_strides": ()},
+        {"map_strides": (8, 8)},
+        {"map_strides": (8,), "score_source": "reconstruction"},
+    ],
+)
+def test_map_strides_refuses_what_is_not_a_strict_subset_of_the_feature_strides(changes):
+    base = {**TINY.to_dict(), "score_source": "feature", "feature_strides": [8, 16, 32]}
+    with pytest.raises(ConfigError, match="map_strides"):
+        TSDNConfig.from_dict({**base, **changes})
