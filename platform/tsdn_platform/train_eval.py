@@ -2,7 +2,8 @@
 
 :func:`validate_holdout` is the leak-free validation on held-out ``train/good`` images with synthetic defects
 (checkpoint selection, calibration and promotion come from it); :func:`validate_test` the paper's protocol on the
-labelled test split; :func:`final_evaluation` scores the best kept checkpoint on the test split with the serving
+labelled test split; :func:`validate_and_calibrate` runs the configured one and fits the calibration on its normal
+images; :func:`final_evaluation` scores the best kept checkpoint on the test split with the serving
 predictor after the last epoch. The batching helpers turn shard batches into the model's input.
 """
 
@@ -61,7 +62,7 @@ def predict_arrays(predictor: Any, images: torch.Tensor) -> tuple[np.ndarray, np
 
 def validate_holdout(
     predictor: Any, batches: Iterable[Mapping[str, np.ndarray]], seed: int
-) -> tuple[dict[str, float], np.ndarray]:
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """Leak-free validation: held-out normal images, clean and with one synthetic defect each.
 
     The defects are :func:`tsdn.defects.validation_set`'s (drawn scratches, stains, holes, cracks, colour spots
@@ -127,7 +128,7 @@ def collect_test(
 
 def validate_test(
     predictor: Any, batches: Iterable[Mapping[str, np.ndarray]]
-) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+) -> tuple[dict[str, float], np.ndarray, np.ndarray, np.ndarray]:
     """The paper's protocol: validate on the labelled test split. Returns metrics, scores (N,), labels (N,) and the
     maps' maxima (N,).
 
