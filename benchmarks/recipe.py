@@ -38,7 +38,7 @@ from tsdn.config import TSDNConfig
 from tsdn.defects import validation_set
 from tsdn.losses import TSDNLoss
 from tsdn.metrics import evaluate
-from tsdn.model import TSDN
+from tsdn.model import MAP_KEY, TSDN
 from tsdn.resize import input_shape, to_network_input
 from tsdn.scoring import image_score
 from tsdn.surf import slic_labels
@@ -154,7 +154,8 @@ def _to_tensor(images_u8: np.ndarray) -> torch.Tensor:
 @torch.no_grad()
 def source_maps(model: TSDN, images: torch.Tensor, batch_size: int) -> dict[str, np.ndarray]:
     """Every source's raw (N, S, S) float32 map; with ``score_normalization`` also the model's own map (what
-    ``predict`` returns: the configured source, normalised) as ``<source>/<normalization>``."""
+    ``predict`` scores: the configured source, normalised) as ``<source>/<normalization>``, and with ``map_strides``
+    the map ``predict`` returns as ``feature_map/<normalization>`` (each row here scores its own map's maximum)."""
     model.eval()
     parts: dict[str, list[np.ndarray]] = {}
     normalized = model.cfg.score_normalization != "none"
@@ -167,6 +168,9 @@ def source_maps(model: TSDN, images: torch.Tensor, batch_size: int) -> dict[str,
             name = f"{model.cfg.score_source}/{model.cfg.score_normalization}"
             values = model.normalize_map(components[model.cfg.score_source])
             parts.setdefault(name, []).append(values[:, 0].float().numpy())
+            if MAP_KEY in components:
+                values = model.normalize_map(components[MAP_KEY], MAP_KEY)
+                parts.setdefault(f"{MAP_KEY}/{model.cfg.score_normalization}", []).append(values[:, 0].float().numpy())
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 

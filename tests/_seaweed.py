@@ -150,8 +150,8 @@ class Weed:
 
 def start_weed(workdir: Path) -> Weed:
     """Start `weed mini`; retry on fresh ports if another test session grabbed one in between."""
-    binary = _weed_binary()
     _check_free_space(workdir)
+    binary = _weed_binary()
     failures = []
     for attempt in range(START_ATTEMPTS):
         run_dir = workdir / f"run{attempt}"

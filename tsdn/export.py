@@ -2,7 +2,8 @@
 
 The graph (:class:`InferenceGraph`) is what :meth:`tsdn.predict.Predictor` calls the model for: a preprocessed
 (B, 3, S, S) float32 batch in [0, 1] in (input ``image``, dynamic batch axis), the anomaly map (B, 1, S, S) and
-the image score (B,) out (``anomaly_map``, ``anomaly_score``), for the model's own score source: TSDN's
+the image score (B,) out (``anomaly_map``, ``anomaly_score``, as ``TSDN.predict`` returns them, so with
+``map_strides`` the map of fewer stages than the score), for the model's own score source: TSDN's
 ``reconstruction``, ``mask``, ``fused`` or ``feature`` (normalisation, encoder, decoders, blur and top-k inside),
 and PatchCore's patch embedding with the nearest-neighbour search over its memory bank (the bank is a constant
 of the graph, searched in fixed blocks of ``bank_chunk`` rows so that no (B·P, M) matrix larger than that exists).

@@ -68,8 +68,10 @@ class TSDNPrediction(NamedTuple):
 
     Attributes:
         anomaly_map: (B, 1, H, W) the map of the configured ``score_source`` (the paper's: the
-            Gaussian-blurred per-pixel L2 distance between image and R).
-        anomaly_score: (B,) each map's maximum (or its top-k mean, ``score_topk``).
+            Gaussian-blurred per-pixel L2 distance between image and R); with ``map_strides``, the ``feature``
+            map of those stages only.
+        anomaly_score: (B,) the maximum (or the top-k mean, ``score_topk``) of the score source's map: of
+            ``anomaly_map``, or with ``map_strides`` of the map of every stage of ``feature_strides``.
         reconstruction: R, (B, 3, H, W) in [0, 1].
     """
 
@@ -198,7 +200,8 @@ class TSDN(nn.Module):
         return self._run(image, with_targets=True, with_mask=True, fne_gate=fne_gate)
 
     def predict(self, image: torch.Tensor) -> TSDNPrediction:
-        """Anomaly map of the configured ``score_source`` and image score; call in eval mode without grad.
+        """Anomaly map of the configured ``score_source`` (of the ``map_strides`` stages, with them) and image score;
+        call in eval mode without grad.
 
         Args:
             image: (B, 3, H, W) float in [0, 1].

@@ -24,8 +24,9 @@ Fields (always):
 On request (``include``):
 
 - ``mask``: the binary mask (map >= threshold) as a grayscale PNG (0 / 255) at the image's resolution.
-- ``anomaly_map``: the raw float map, little-endian float16, row-major, base64, with its ``height`` and
-  ``width``: ``np.frombuffer(base64.b64decode(m["data"]), "<f2").reshape(m["height"], m["width"])``.
+- ``anomaly_map``: the raw float map (the calibration's ``map_offset`` added), little-endian float16, row-major,
+  base64, with its ``height`` and ``width``:
+  ``np.frombuffer(base64.b64decode(m["data"]), "<f2").reshape(m["height"], m["width"])``.
 - ``heatmap``: the map coloured with the inferno colormap (PNG), ``vmax`` = 2 x threshold, so the
   threshold sits mid-scale and heatmaps of one model compare by colour.
 
@@ -77,7 +78,7 @@ def detect_answer(
         anomaly_score: the raw image score.
         normalized_score: the calibrated score in [0, 1].
         threshold: the raw-score threshold the decision used.
-        anomaly_map: (H, W) float raw map at the image's resolution.
+        anomaly_map: (H, W) float raw map at the image's resolution, as :class:`tsdn.predict.Detection` has it.
         include: a subset of :data:`INCLUDES`.
 
     Returns:

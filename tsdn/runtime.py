@@ -76,7 +76,8 @@ class RunnerOutput(NamedTuple):
     """A runner's result.
 
     Attributes:
-        anomaly_map: (B, 1, S, S) float32, the map of the model's score source.
+        anomaly_map: (B, 1, S, S) float32, the map of the model's score source (of its ``map_strides`` stages, with
+            them), before the calibration's ``map_offset``.
         anomaly_score: (B,) float32 image scores.
     """
 

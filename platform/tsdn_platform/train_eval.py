@@ -193,8 +193,10 @@ def final_evaluation(
     labels, scores, masks, maps, ids = collect_test(
         lambda x: predict_arrays(predictor, x), shard_batches(test_shard, cfg.eval_batch_size)
     )
-    # Maps at the score job's precision (its Parquet stores float16): one metric, one value in both jobs.
-    test = evaluate(labels, scores, masks, maps.astype(np.float16).astype(np.float32))
+    # The maps the score job stores: the calibration's map_offset added (map_strides), at its Parquet's float16
+    # precision. One metric, one value in both jobs.
+    shown = maps + np.float32(predictor.calibration.map_offset)
+    test = evaluate(labels, scores, masks, shown.astype(np.float16).astype(np.float32))
     return {
         "checkpoint_dir": os.path.basename(best.checkpoint.path.rstrip("/")),
         "best_epoch": int(best.metrics["epoch"]),

@@ -64,9 +64,9 @@ def _patchcore(cfg: pc.PatchCoreConfig = TINY_PATCHCORE) -> pc.PatchCore:
     return model
 
 
-def _assert_parity(model, files, runtime, images):
+def _assert_parity(model, files, runtime, images, calibration=CALIBRATION):
     """The exported Predictor's detections equal the torch Predictor's within the stated tolerance."""
-    eager = Predictor(model, CALIBRATION, batch_size=3).predict(images)
+    eager = Predictor(model, calibration, batch_size=3).predict(images)
     exported = Predictor.from_export(files, runtime, batch_size=3).predict(images)
     scale = max(max(float(d.anomaly_map.max() - d.anomaly_map.min()), float(d.anomaly_map.max())) for d in eager)
     assert scale > 0
@@ -122,12 +122,15 @@ def test_tsdn_export_carries_the_feature_whitening(normalization, strides, white
     assert len(model.feature_stages) == len(strides)
     side = TINY.image_size
     model.fit_normal_stats([torch.rand(6, 3, side, side, generator=torch.Generator().manual_seed(2))])
-    files = export_model(model, CALIBRATION, fmt)
+    # a map of its own travels with the calibration's offset, which the exported predictor adds as the eager one does
+    calibration = dataclasses.replace(CALIBRATION, map_offset=2.5) if map_strides else CALIBRATION
+    files = export_model(model, calibration, fmt)
     meta = json.loads(files[EXPORT_JSON])
     assert meta["feature_distance"] == "mahalanobis" and meta["score_normalization"] == normalization
     assert meta["feature_whitening"] == whitening
     assert meta["map_strides"] == (list(map_strides) if map_strides else None)
-    _assert_parity(model, files, RUNTIME_OF[fmt], _images(5))
+    assert meta["calibration"]["map_offset"] == calibration.map_offset
+    _assert_parity(model, files, RUNTIME_OF[fmt], _images(5), calibration)
 
 
 def test_the_adapted_encoder_statistics_travel_in_the_graph():
