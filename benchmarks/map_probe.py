@@ -67,9 +67,15 @@ def stage_maps(model_path: str, root: str, product: str) -> tuple:
     return data, val, seed, strides, stages, maps
 
 
+def _averaged(maps: dict, subset: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fit, test and validation maps averaged over the stages of ``subset``."""
+    fit_map, test_map, val_map = (sum(maps[s][split] for s in subset) / len(subset) for split in ("fit", "test", "val"))
+    return fit_map, test_map, val_map
+
+
 def _standardised(maps: dict, subset: tuple[int, ...], sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The test and validation maps averaged over ``subset`` and standardised by the fit maps' statistics."""
-    fit_map, test_map, val_map = (sum(maps[s][split] for s in subset) / len(subset) for split in ("fit", "test", "val"))
+    fit_map, test_map, val_map = _averaged(maps, subset)
     return standardise(test_map, fit_map, sigma), standardise(val_map, fit_map, sigma)
 
 
@@ -78,9 +84,7 @@ def main(out_path: str, model_path: str, root: str, product: str) -> None:
     data, val, seed, strides, stages, maps = stage_maps(model_path, root, product)
     subsets = [c for k in range(1, len(stages) + 1) for c in itertools.combinations(stages, k)]
     for subset, sigma, standardised in itertools.product(subsets, (2.0, 4.0, 8.0), (True, False)):
-        fit_map, test_map, val_map = (
-            sum(maps[s][split] for s in subset) / len(subset) for split in ("fit", "test", "val")
-        )
+        fit_map, test_map, val_map = _averaged(maps, subset)
         scored, held_scored = (
             standardise(m, fit_map, sigma) if standardised else blur_map(m, sigma) for m in (test_map, val_map)
         )

@@ -91,6 +91,10 @@ class Calibration:
         """Inverse of :meth:`to_dict`; unknown keys or wrong types raise ``tsdn.config_io.ConfigError``."""
         return from_dict(cls, data)
 
+    def shift_map(self, anomaly_map: np.ndarray) -> np.ndarray:
+        """A model's raw float32 map(s), any shape -> in the score's units: ``map_offset`` added (float32)."""
+        return anomaly_map + np.float32(self.map_offset)
+
     def is_anomalous(self, score: ScoreT) -> bool | np.ndarray | torch.Tensor:
         """``score >= threshold`` for a float, array or tensor of raw scores (or score maps)."""
         return score >= self.threshold
@@ -157,15 +161,16 @@ def fit_calibration(
 
     from tsdn.metrics import f1_max  # here: scipy stays out of processes that only apply a calibration
 
+    normal_quantile = float(np.quantile(normal, quantile))
     map_offset = 0.0
     if normal_map_maxima is not None:
         maxima = np.asarray(normal_map_maxima, dtype=np.float64).ravel()
         if maxima.shape != normal.shape or not np.isfinite(maxima).all():
             msg = f"fit_calibration: normal_map_maxima must be {normal.size} finite values, one per normal score"
             raise ValueError(msg)
-        map_offset = float(np.quantile(normal, quantile) - np.quantile(maxima, quantile))
+        map_offset = float(normal_quantile - np.quantile(maxima, quantile))
     method = "normal-quantile"
-    threshold = float(np.quantile(normal, quantile))
+    threshold = normal_quantile
     if labels is not None and np.any(np.asarray(labels) == 1):
         _, threshold = f1_max(np.asarray(labels), np.asarray(scores))
         method = "f1-optimal"

@@ -157,7 +157,6 @@ class Predictor:
             msg = "Predictor.predict: no calibration (this predictor was built for validation); use predict_tensor"
             raise ValueError(msg)
         limit = self.calibration.threshold if threshold is None else float(threshold)
-        offset = np.float32(self.calibration.map_offset)  # the map in the score's units (``map_strides``)
         detections = []
         for start in range(0, len(images), self.batch_size):
             batch, sizes = self._prepare(images[start : start + self.batch_size])
@@ -169,7 +168,7 @@ class Predictor:
                         normalized_score=float(self.calibration.normalize(score, limit)),
                         is_anomalous=score >= limit,
                         threshold=limit,
-                        anomaly_map=resize_map(anomaly_map[0] + offset, map_size or size),
+                        anomaly_map=resize_map(self.calibration.shift_map(anomaly_map[0]), map_size or size),
                     )
                 )
         return detections

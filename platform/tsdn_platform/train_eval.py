@@ -195,7 +195,7 @@ def final_evaluation(
     )
     # The maps the score job stores: the calibration's map_offset added (map_strides), at its Parquet's float16
     # precision. One metric, one value in both jobs.
-    shown = maps + np.float32(predictor.calibration.map_offset)
+    shown = predictor.calibration.shift_map(maps)
     test = evaluate(labels, scores, masks, shown.astype(np.float16).astype(np.float32))
     return {
         "checkpoint_dir": os.path.basename(best.checkpoint.path.rstrip("/")),
