@@ -22,7 +22,7 @@ statistics are ``encoder_norm_probe.py``'s variants (the `demo` preset's are ``m
 ``pretrained``). One JSON row per (line, variant) with the test image / pixel AUROC and the image AUROC per
 defect type is appended to OUT.
 
-    python benchmarks/texture_probe.py OUT ROOT:PRODUCT:SIZE:STRIDES:NORM ...
+    python benchmarks/texture_probe.py OUT [--variants NAME,NAME] ROOT:PRODUCT:SIZE:STRIDES:NORM ...
 
 e.g. ``.tsdn/demo/data:grass:128:8,16:means<=2`` (the `demo` preset) or
 ``../shared/data/mvtec:transistor:192:8,16,32:pretrained`` (the `cpu` preset; SIZE may be HxW).
@@ -107,8 +107,8 @@ def stage_map(
     return F.interpolate(raw, size=shape, mode="bilinear", align_corners=False)
 
 
-def line_rows(spec: str) -> list[dict]:
-    """Every variant's row for one ``ROOT:PRODUCT:SIZE:STRIDES:NORM``."""
+def line_rows(spec: str, names: list[str] | None = None) -> list[dict]:
+    """The row of every variant (or of those ``names``) for one ``ROOT:PRODUCT:SIZE:STRIDES:NORM``."""
     root, product, size_text, strides_text, norm = spec.split(":")
     size, shape, stages, data, train_images, test_images = probe_split(root, product, size_text, strides_text)
     encoder = encoder_for(norm, size, train_images)
@@ -122,7 +122,8 @@ def line_rows(spec: str) -> list[dict]:
     fitted_flips = {s: moments(torch.cat([train[s] for train, _ in flipped])) for s in train0}
     sigma = 4.0 * shape[1] / 128
     rows = []
-    for name, (extra, flips, weight, topk, options) in VARIANTS.items():
+    for name in names or VARIANTS:
+        extra, flips, weight, topk, options = VARIANTS[name]
         chosen = fitted_flips if options.get("fit_flips") else fitted
         weights = [1.0] * len(stages) + [weight] * len(extra)
         maps = {"train": [], "test": []}
@@ -150,8 +151,14 @@ def line_rows(spec: str) -> list[dict]:
 
 def main(out_path: str, specs: list[str]) -> None:
     torch.set_num_threads(2)
+    names = None
+    if specs and specs[0] == "--variants":
+        names, specs = specs[1].split(","), specs[2:]
+        unknown = sorted(set(names) - set(VARIANTS))
+        if unknown:
+            raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     for spec in specs:
-        for row in line_rows(spec):
+        for row in line_rows(spec, names):
             write_row(out_path, row)
 
 

@@ -4,7 +4,9 @@ Two families, neither of them SURF's training distortion (flat or textured super
 
 - drawn defects (:func:`draw_defect`): ``scratch`` (thin anti-aliased bright or dark polyline), ``stain``
   (smooth low-contrast blob), ``hole`` (dark ellipse with a soft rim), ``crack`` (random-walk thin dark line),
-  ``color_spot`` (small, slightly tinted patch); soft-blended, masks exact (True where the image changed);
+  ``color_spot`` (small, slightly tinted patch); soft-blended, masks exact (True where the image changed); in a
+  :class:`DefectStyle`: ``subtle`` (the default, and the validation's) or ``clear`` (the demo dataset's test
+  defects);
 - ``cut_paste`` (:func:`cut_paste`): a patch of another normal image, rotated, pasted at a different place
   (Li et al.'s CutPaste), the kind of structural anomaly drawn strokes do not cover.
 
@@ -23,10 +25,45 @@ import numpy as np
 from scipy import ndimage
 from skimage import draw
 
-__all__ = ["DEFECT_TYPES", "VALIDATION_DEFECTS", "ValidationSet", "cut_paste", "draw_defect", "validation_set"]
+__all__ = [
+    "DEFECT_STYLES",
+    "DEFECT_TYPES",
+    "VALIDATION_DEFECTS",
+    "DefectStyle",
+    "ValidationSet",
+    "cut_paste",
+    "draw_defect",
+    "validation_set",
+]
 
 DEFECT_TYPES = ("scratch", "stain", "hole", "crack", "color_spot")
 VALIDATION_DEFECTS = (*DEFECT_TYPES, "cut_paste")
+
+
+class DefectStyle(NamedTuple):
+    """How strongly the drawers mark a defect.
+
+    Attributes:
+        line_width: the width of a scratch or a crack as a fraction of the image side (at least 1 px); None = the
+            ``subtle`` widths (a scratch ``size // 96`` px, a crack 1 px).
+        opacity: multiplies every drawer's blend weight (capped at 1): how far a defect pixel moves toward the
+            defect's colour.
+        size: multiplies the radius of a stain and of a hole.
+    """
+
+    line_width: float | None = None
+    opacity: float = 1.0
+    size: float = 1.0
+
+
+# ``subtle``: the drawers as they were designed, faint on purpose (the leak-free validation always uses it, so
+# checkpoint selection and calibration never depend on the demo's choice). ``clear``: lines 2 px wide at 128 px,
+# marks 30 % more opaque, stains and holes 30 % larger: defects that a person sees at a glance on a busy texture
+# (BENCHMARKS.md, "Demo defects a person can see").
+DEFECT_STYLES: dict[str, DefectStyle] = {
+    "subtle": DefectStyle(),
+    "clear": DefectStyle(line_width=1 / 64, opacity=1.3, size=1.3),
+}
 
 
 def _soft_alpha(footprint: np.ndarray, softness: float) -> np.ndarray:
@@ -58,7 +95,15 @@ def _polyline(size: int, points: Sequence[tuple[float, float]], width: int) -> n
     return coverage
 
 
-def _scratch(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _line_width(size: int, style: DefectStyle, subtle: int) -> int:
+    return subtle if style.line_width is None else max(1, round(size * style.line_width))
+
+
+def _opaque(alpha: np.ndarray | float, style: DefectStyle) -> np.ndarray | float:
+    return alpha if style.opacity == 1.0 else np.minimum(alpha * style.opacity, 1.0)
+
+
+def _scratch(image: np.ndarray, rng: np.random.Generator, style: DefectStyle) -> tuple[np.ndarray, np.ndarray]:
     size = image.shape[0]
     length = size * rng.uniform(0.25, 0.45)
     start = rng.uniform(size * 0.2, size * 0.8, size=2)
@@ -69,36 +114,36 @@ def _scratch(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, n
         step = length / 3
         last = points[-1]
         points.append((last[0] + step * np.sin(angle), last[1] + step * np.cos(angle)))
-    coverage = _polyline(size, points, width=max(1, size // 96))
-    alpha = np.where(coverage >= 0.3, coverage, 0.0) * rng.uniform(0.55, 0.75)
+    coverage = _polyline(size, points, width=_line_width(size, style, max(1, size // 96)))
+    alpha = _opaque(np.where(coverage >= 0.3, coverage, 0.0) * rng.uniform(0.55, 0.75), style)
     target = np.full(3, 0.95 if rng.random() < 0.5 else 0.08, dtype=np.float32)
     return alpha, np.broadcast_to(target, image.shape)
 
 
-def _stain(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _stain(image: np.ndarray, rng: np.random.Generator, style: DefectStyle) -> tuple[np.ndarray, np.ndarray]:
     size = image.shape[0]
-    radius = size * rng.uniform(0.07, 0.13)
+    radius = size * rng.uniform(0.07, 0.13) * style.size
     center = tuple(rng.uniform(size * 0.25, size * 0.75, size=2))
     footprint = _blob(size, center, (radius, radius * rng.uniform(0.6, 1.0)), rng.uniform(0, np.pi), rng)
-    alpha = _soft_alpha(footprint, softness=radius * 0.4) * rng.uniform(0.55, 0.7)
+    alpha = _opaque(_soft_alpha(footprint, softness=radius * 0.4) * rng.uniform(0.55, 0.7), style)
     tint = np.asarray([0.55, 0.45, 0.30], dtype=np.float32) * rng.uniform(0.8, 1.2)
     return alpha, image * 0.45 + tint[None, None, :] * 0.2
 
 
-def _hole(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _hole(image: np.ndarray, rng: np.random.Generator, style: DefectStyle) -> tuple[np.ndarray, np.ndarray]:
     size = image.shape[0]
-    radius = size * rng.uniform(0.035, 0.07)
+    radius = size * rng.uniform(0.035, 0.07) * style.size
     center = rng.uniform(size * 0.2, size * 0.8, size=2)
     radii = (radius, radius * rng.uniform(0.7, 1.0))
     rr, cc = draw.ellipse(center[0], center[1], *radii, shape=(size, size), rotation=rng.uniform(0, np.pi))
     footprint = np.zeros((size, size), dtype=bool)
     footprint[rr, cc] = True
-    alpha = _soft_alpha(footprint, softness=max(radius * 0.4, 1.0)) * 0.85
+    alpha = _opaque(_soft_alpha(footprint, softness=max(radius * 0.4, 1.0)) * 0.85, style)
     shade = np.linspace(0.02, 0.12, size, dtype=np.float32)[:, None, None]  # light falls into the hole from one side
     return alpha, np.broadcast_to(shade, image.shape) + 0.1 * image
 
 
-def _crack(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _crack(image: np.ndarray, rng: np.random.Generator, style: DefectStyle) -> tuple[np.ndarray, np.ndarray]:
     size = image.shape[0]
     steps = int(size * rng.uniform(0.25, 0.4) / 2)
     point = rng.uniform(size * 0.25, size * 0.75, size=2)
@@ -108,23 +153,23 @@ def _crack(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.
         angle += rng.normal(0, 0.45)
         point = point + 2.0 * np.array([np.sin(angle), np.cos(angle)])
         points.append(tuple(point))
-    coverage = _polyline(size, points, width=1)
-    alpha = np.where(coverage >= 0.3, coverage, 0.0) * rng.uniform(0.5, 0.7)
+    coverage = _polyline(size, points, width=_line_width(size, style, 1))
+    alpha = _opaque(np.where(coverage >= 0.3, coverage, 0.0) * rng.uniform(0.5, 0.7), style)
     return alpha, image * 0.15
 
 
-def _color_spot(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _color_spot(image: np.ndarray, rng: np.random.Generator, style: DefectStyle) -> tuple[np.ndarray, np.ndarray]:
     size = image.shape[0]
     radius = size * rng.uniform(0.03, 0.055)
     center = tuple(rng.uniform(size * 0.2, size * 0.8, size=2))
     footprint = _blob(size, center, (radius, radius), 0.0, rng)
-    alpha = _soft_alpha(footprint, softness=radius * 0.3)
+    alpha = _opaque(_soft_alpha(footprint, softness=radius * 0.3), style)
     gains = np.ones(3, dtype=np.float32)
     gains[int(rng.integers(0, 3))] += rng.choice([-1.0, 1.0]) * rng.uniform(0.4, 0.55)
     return alpha, np.clip(image * gains[None, None, :], 0.0, 1.0)
 
 
-_DRAWERS: dict[str, Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]] = {
+_DRAWERS: dict[str, Callable[[np.ndarray, np.random.Generator, DefectStyle], tuple[np.ndarray, np.ndarray]]] = {
     "scratch": _scratch,
     "stain": _stain,
     "hole": _hole,
@@ -133,8 +178,10 @@ _DRAWERS: dict[str, Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray
 }
 
 
-def draw_defect(image: np.ndarray, defect: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Blend one ``defect`` into ``image`` (S, S, 3) float32 in [0, 1].
+def draw_defect(
+    image: np.ndarray, defect: str, rng: np.random.Generator, style: DefectStyle = DEFECT_STYLES["subtle"]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Blend one ``defect`` into ``image`` (S, S, 3) float32 in [0, 1], drawn in ``style``.
 
     Returns ``(defective (S, S, 3) float32 in [0, 1], mask (S, S) bool)``; the mask is True exactly where the
     defect changed the image. Redraws (up to 20 times) when a defect would cover fewer than 4 pixels.
@@ -143,7 +190,7 @@ def draw_defect(image: np.ndarray, defect: str, rng: np.random.Generator) -> tup
         msg = f"unknown defect type {defect!r}; expected one of {', '.join(DEFECT_TYPES)}"
         raise ValueError(msg)
     for _ in range(20):
-        alpha, target = _DRAWERS[defect](image, rng)
+        alpha, target = _DRAWERS[defect](image, rng, style)
         mask = alpha > 0
         if mask.sum() >= 4:
             out = image * (1.0 - alpha[..., None]) + target * alpha[..., None]

@@ -227,6 +227,12 @@ def _demo_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-train", type=int, default=40, help="train/good images per product")
     p.add_argument("--n-test-good", type=int, default=30, help="test/good images per product")
     p.add_argument("--n-defects-per-type", type=int, default=4, help="test images per defect type and product")
+    p.add_argument(
+        "--defect-style",
+        choices=["clear", "subtle"],
+        default="clear",
+        help="clear (default): defects a person sees at a glance; subtle: faint on purpose (the validation's style)",
+    )
 
 
 @command("ingest", "tsdn_platform.ingest", "Ingest an MVTec-style tree (folder or s3:// prefix) into Parquet shards")

@@ -13,10 +13,13 @@ Layout (what ``tsdn ingest`` reads)::
     <out>/<product>/ground_truth/<defect>/000_mask.png
     <out>/demo_dataset.json                  the summary returned by make_demo_dataset
 
-Defects (sizes scale with ``image_size``; contrasts are low on purpose so that colour alone does not give
-them away): ``scratch`` (thin anti-aliased bright or dark polyline), ``stain`` (smooth low-contrast blob),
-``hole`` (dark ellipse with a soft rim), ``crack`` (random-walk thin dark line), ``color_spot`` (small,
-slightly tinted patch). Everything is a pure function of ``seed``.
+Defects (sizes scale with ``image_size``; colour alone does not give them away): ``scratch`` (thin anti-aliased
+bright or dark polyline), ``stain`` (smooth darkened blob), ``hole`` (dark ellipse with a soft rim), ``crack``
+(random-walk thin dark line), ``color_spot`` (small, slightly tinted patch), drawn in the ``clear`` style by
+default (:data:`tsdn.defects.DEFECT_STYLES`: lines 2 px wide at 128 px, marks more opaque, stains and holes larger:
+defects a person sees at a glance on grass and gravel too) or in the ``subtle`` style of the leak-free validation,
+whose cracks and stains on grass and gravel have the contrast of the texture's own gaps (``BENCHMARKS.md``, "Demo
+defects a person can see"). Everything is a pure function of ``seed``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from PIL import Image
 from skimage import data as skdata
 from skimage import transform
 
-from tsdn.defects import DEFECT_TYPES, draw_defect
+from tsdn.defects import DEFECT_STYLES, DEFECT_TYPES, draw_defect
 
 __all__ = ["DEFECT_TYPES", "PRODUCTS", "draw_defect", "main", "make_demo_dataset", "texture_patch"]
 
@@ -86,6 +89,7 @@ def make_demo_dataset(
     n_test_good: int = 30,
     n_defects_per_type: int = 4,
     products: Sequence[str] | None = None,
+    defect_style: str = "clear",
 ) -> dict[str, Any]:
     """Write the demo dataset under ``out`` (a local folder) and return its summary.
 
@@ -105,6 +109,10 @@ def make_demo_dataset(
     if image_size < 32:
         msg = f"image_size={image_size}: must be at least 32 px for defects to be drawable"
         raise ValueError(msg)
+    if defect_style not in DEFECT_STYLES:
+        msg = f"unknown defect style {defect_style!r}; available: {', '.join(DEFECT_STYLES)}"
+        raise ValueError(msg)
+    style = DEFECT_STYLES[defect_style]
     root = Path(out)
     textures = ", ".join(PRODUCTS[p][0] for p in products)
     summary: dict[str, Any] = {
@@ -113,6 +121,7 @@ def make_demo_dataset(
         "image_size": image_size,
         "source": f"scikit-image texture photographs (skimage.data: {textures})",
         "defect_types": list(DEFECT_TYPES),
+        "defect_style": defect_style,
         "products": {},
     }
     for product in products:
@@ -125,7 +134,7 @@ def make_demo_dataset(
             _save_png(_to_uint8(texture_patch(texture, image_size, rng)), base / "test" / "good" / f"{i:03d}.png")
         for defect in DEFECT_TYPES:
             for i in range(n_defects_per_type):
-                image, mask = draw_defect(texture_patch(texture, image_size, rng), defect, rng)
+                image, mask = draw_defect(texture_patch(texture, image_size, rng), defect, rng, style)
                 _save_png(_to_uint8(image), base / "test" / defect / f"{i:03d}.png")
                 _save_png(mask.astype(np.uint8) * 255, base / "ground_truth" / defect / f"{i:03d}_mask.png")
         test_counts = {"good": n_test_good, **dict.fromkeys(DEFECT_TYPES, n_defects_per_type)}
@@ -145,6 +154,7 @@ def main(args: argparse.Namespace) -> int:
         n_test_good=args.n_test_good,
         n_defects_per_type=args.n_defects_per_type,
         products=args.products.split(",") if args.products else None,
+        defect_style=args.defect_style,
     )
     for product, counts in summary["products"].items():
         n_test = sum(counts["test"].values())

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tsdn.defects import DEFECT_STYLES
 from tsdn_platform.cli import main as cli_main
 from tsdn_platform.demo_data import DEFECT_TYPES, PRODUCTS, _texture, draw_defect, make_demo_dataset, texture_patch
 
@@ -62,20 +63,22 @@ def test_a_larger_test_split_keeps_the_training_images_and_the_first_good_test_i
     assert len([k for k in large if "/test/good/" in k]) == 3
 
 
+@pytest.mark.parametrize("style", sorted(DEFECT_STYLES))
 @pytest.mark.parametrize("defect", DEFECT_TYPES)
 @pytest.mark.parametrize("product", sorted(PRODUCTS))
-def test_mask_is_exactly_where_the_image_changed(product, defect):
+def test_mask_is_exactly_where_the_image_changed(product, defect, style):
     rng = np.random.default_rng(11)
     clean = texture_patch(_texture(product), 96, rng)
-    defective, mask = draw_defect(clean, defect, rng)
+    defective, mask = draw_defect(clean, defect, rng, DEFECT_STYLES[style])
     changed = np.abs(defective - clean).max(axis=-1) > 0
     assert not (changed & ~mask).any()  # nothing changes outside the mask
     assert changed[mask].mean() > 0.95  # and (practically) every mask pixel changed
     contrast = np.abs(defective - clean)[mask].mean()
-    assert 0.02 < contrast < 0.5
+    assert 0.02 < contrast < 0.6
 
 
-def test_defects_are_not_given_away_by_the_image_colour():
+@pytest.mark.parametrize("style", sorted(DEFECT_STYLES))
+def test_defects_are_not_given_away_by_the_image_colour(style):
     """A defect image's mean colour stays inside the spread of the normal images' mean colours."""
     rng = np.random.default_rng(5)
     texture = _texture("grass")
@@ -83,14 +86,52 @@ def test_defects_are_not_given_away_by_the_image_colour():
     low, high = normal_means.min(axis=0), normal_means.max(axis=0)
     for defect in DEFECT_TYPES:
         for _ in range(3):
-            image, _ = draw_defect(texture_patch(texture, 96, rng), defect, rng)
+            image, _ = draw_defect(texture_patch(texture, 96, rng), defect, rng, DEFECT_STYLES[style])
             mean = image.mean(axis=(0, 1))
             assert np.all(mean >= low - 0.01) and np.all(mean <= high + 0.01), defect
+
+
+@pytest.mark.parametrize("defect", DEFECT_TYPES)
+def test_clear_defects_stand_out_more_than_subtle_ones_from_the_same_draws(defect):
+    """The same random draws, one style each: a clear defect moves its pixels further and, but for the colour spot
+    (whose hue gives it away in either style), covers more of them."""
+    texture = _texture("gravel")
+    changes, areas = {}, {}
+    for style in ("subtle", "clear"):
+        rng = np.random.default_rng(23)
+        clean = texture_patch(texture, 128, rng)
+        defective, mask = draw_defect(clean, defect, rng, DEFECT_STYLES[style])
+        changes[style] = float(np.abs(defective - clean).max(axis=-1).sum())
+        areas[style] = int(mask.sum())
+    assert changes["clear"] > changes["subtle"]
+    if defect != "color_spot":
+        assert changes["clear"] > 1.3 * changes["subtle"] and areas["clear"] > areas["subtle"]
+
+
+def test_the_subtle_style_is_the_default_and_the_demo_draws_clear_defects(tmp_path):
+    """``draw_defect`` (and so the leak-free validation) keeps the subtle drawers; the demo draws clear ones, and
+    the style changes the defect images only."""
+    clean = texture_patch(_texture("brick"), 64, np.random.default_rng(3))
+    default = draw_defect(clean, "crack", np.random.default_rng(4))
+    subtle = draw_defect(clean, "crack", np.random.default_rng(4), DEFECT_STYLES["subtle"])
+    assert np.array_equal(default[0], subtle[0]) and np.array_equal(default[1], subtle[1])
+    kwargs = {"image_size": 128, "n_train": 2, "n_test_good": 1, "n_defects_per_type": 1, "products": ["grass"]}
+    assert make_demo_dataset(tmp_path / "clear", **kwargs)["defect_style"] == "clear"
+    make_demo_dataset(tmp_path / "subtle", defect_style="subtle", **kwargs)
+    clear, subtle_tree = _tree_digest(tmp_path / "clear"), _tree_digest(tmp_path / "subtle")
+    assert clear.keys() == subtle_tree.keys()
+    differ = {k for k in clear if clear[k] != subtle_tree[k]}
+    assert not {k for k in differ if "/train/" in k or "/test/good/" in k}
+    assert {f"grass/test/{d}/000.png" for d in ("scratch", "stain", "hole", "crack")} <= differ
+    summary = json.loads((tmp_path / "subtle" / "demo_dataset.json").read_text())
+    assert summary["defect_style"] == "subtle"
 
 
 def test_bad_arguments_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="unknown demo product"):
         make_demo_dataset(tmp_path, products=["brick", "marble"])
+    with pytest.raises(ValueError, match="unknown defect style 'bold'"):
+        make_demo_dataset(tmp_path, defect_style="bold")
     with pytest.raises(ValueError, match="unknown defect type 'dent'"):
         draw_defect(np.zeros((64, 64, 3), np.float32), "dent", np.random.default_rng(0))
 
@@ -98,8 +139,9 @@ def test_bad_arguments_name_the_problem(tmp_path):
 def test_cli_writes_the_dataset(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo-data", str(out), "--seed", "2", "--image-size", "40", "--products", "brick,grass"]
-    argv += ["--n-train", "2", "--n-test-good", "1", "--n-defects-per-type", "1"]
+    argv += ["--n-train", "2", "--n-test-good", "1", "--n-defects-per-type", "1", "--defect-style", "subtle"]
     assert cli_main(argv) == 0
+    assert json.loads((out / "demo_dataset.json").read_text())["defect_style"] == "subtle"
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["brick", "grass"]
     assert Image.open(out / "brick" / "train" / "good" / "001.png").size == (40, 40)
     assert "brick: 2 train, 6 test images" in capsys.readouterr().out
