@@ -84,10 +84,15 @@ class DetectResponse(BaseModel):
     normalized_score: float = Field(description="the score calibrated to [0, 1]; >= 0.5 exactly when anomalous")
     confidence: float = Field(description="confidence in the decision, in [0.5, 1] (Lookout for Vision Confidence)")
     threshold: float = Field(description="the raw-score threshold applied")
-    anomalous_area_pct: float = Field(description="% of pixels with map >= threshold (TotalPercentageArea)")
+    anomalous_area_pct: float = Field(
+        description="% of pixels in the mask (map >= threshold on a flagged image, none on a normal one): "
+        "TotalPercentageArea"
+    )
     inference_ms: float = Field(description="the predict call of the batch this image was in")
     batch_size: int = Field(description="images in that call")
-    mask: PngImage | None = Field(None, description="include=mask: binary mask PNG (0/255) at the image's size")
+    mask: PngImage | None = Field(
+        None, description="include=mask: binary mask PNG (0/255) at the image's size, empty unless flagged"
+    )
     anomaly_map: FloatMap | None = Field(None, description="include=anomaly_map: the raw float16 map")
     heatmap: PngImage | None = Field(None, description="include=heatmap: inferno PNG, vmax = 2 x threshold")
 

@@ -38,6 +38,22 @@ def test_decision_confidence_and_area():
     assert at_threshold["is_anomalous"] and at_threshold["anomalous_area_pct"] == 100.0
 
 
+def test_a_normal_decision_has_an_empty_mask_even_where_its_map_reaches_the_threshold():
+    """A top-k image score (PatchCore's presets) sits below the map's maximum: the pixels above the threshold of
+    an image the score does not flag are not reported as an anomalous area; the raw map still shows them."""
+    anomaly_map = np.zeros((8, 8), np.float32)
+    anomaly_map[0, 0] = 5.0  # one hot pixel; the top-k score stays below the threshold
+    normal = _answer(1.5, 0.4, 2.0, anomaly_map, include=INCLUDES)
+    assert (normal["is_anomalous"], normal["anomalous_area_pct"]) == (False, 0.0)
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(normal["mask"]["data"]))))
+    assert mask.shape == (8, 8) and not mask.any()
+    assert decode_float_map(normal["anomaly_map"])[0, 0] == 5.0
+    flagged = _answer(2.5, 0.7, 2.0, anomaly_map, include=("mask",))
+    assert flagged["anomalous_area_pct"] == pytest.approx(100 / 64, abs=1e-4)
+    empty = _answer(2.5, 0.7, 2.0, np.ones((8, 8), np.float32))  # flagged, no pixel at the threshold: said so
+    assert (empty["is_anomalous"], empty["anomalous_area_pct"]) == (True, 0.0)
+
+
 def test_maps_on_request_decode_to_what_was_computed():
     anomaly_map = RNG.uniform(0.0, 4.0, (30, 50)).astype(np.float32)
     answer = _answer(3.9, 0.9, 2.0, anomaly_map, include=INCLUDES)
