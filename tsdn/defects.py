@@ -58,8 +58,8 @@ class DefectStyle(NamedTuple):
 
 # ``subtle``: the drawers as they were designed, faint on purpose (the leak-free validation always uses it, so
 # checkpoint selection and calibration never depend on the demo's choice). ``clear``: lines 2 px wide at 128 px,
-# marks 30 % more opaque, stains and holes 30 % larger: defects that a person sees at a glance on a busy texture
-# (BENCHMARKS.md, "Demo defects a person can see").
+# marks 30 % more opaque, stains and holes 30 % larger: defects that a person can find on a busy texture, most at
+# a glance (some cracks on gravel still read as a gap between stones; BENCHMARKS.md, "Demo defects a person can see").
 DEFECT_STYLES: dict[str, DefectStyle] = {
     "subtle": DefectStyle(),
     "clear": DefectStyle(line_width=1 / 64, opacity=1.3, size=1.3),

@@ -231,7 +231,8 @@ def _demo_data(p: argparse.ArgumentParser) -> None:
         "--defect-style",
         choices=["clear", "subtle"],
         default="clear",
-        help="clear (default): defects a person sees at a glance; subtle: faint on purpose (the validation's style)",
+        help="clear (default): defects a person can find on every texture; "
+        "subtle: faint on purpose (the validation's style)",
     )
 
 

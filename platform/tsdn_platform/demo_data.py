@@ -17,7 +17,7 @@ Defects (sizes scale with ``image_size``; colour alone does not give them away):
 bright or dark polyline), ``stain`` (smooth darkened blob), ``hole`` (dark ellipse with a soft rim), ``crack``
 (random-walk thin dark line), ``color_spot`` (small, slightly tinted patch), drawn in the ``clear`` style by
 default (:data:`tsdn.defects.DEFECT_STYLES`: lines 2 px wide at 128 px, marks more opaque, stains and holes larger:
-defects a person sees at a glance on grass and gravel too) or in the ``subtle`` style of the leak-free validation,
+defects a person can find on grass and gravel too) or in the ``subtle`` style of the leak-free validation,
 whose cracks and stains on grass and gravel have the contrast of the texture's own gaps (``BENCHMARKS.md``, "Demo
 defects a person can see"). Everything is a pure function of ``seed``.
 """
