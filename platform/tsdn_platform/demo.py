@@ -30,7 +30,7 @@ DEMO_DATASET = "demo"
 
 def run_demo(workdir: str | Path, seed: int = 0, fresh: bool = False, train_overrides: dict | None = None) -> int:
     """Run the whole chain under ``workdir``; return 0 when every product line trained and was scored."""
-    from tsdn_platform.demo_data import make_demo_dataset
+    from tsdn_platform.demo_data import make_demo_dataset, reused_data_note
 
     workdir = Path(workdir).resolve()
     if fresh and workdir.exists():
@@ -41,6 +41,8 @@ def run_demo(workdir: str | Path, seed: int = 0, fresh: bool = False, train_over
     if not (data / "demo_dataset.json").exists():
         print(f"building the demo dataset in {data}", flush=True)
         make_demo_dataset(data, seed=seed, image_size=128)
+    elif note := reused_data_note(data):
+        print(note, flush=True)
     cfg = PipelineConfig(
         source=str(data),
         store=str(store_dir),

@@ -38,7 +38,18 @@ from skimage import transform
 
 from tsdn.defects import DEFECT_STYLES, DEFECT_TYPES, draw_defect
 
-__all__ = ["DEFECT_TYPES", "PRODUCTS", "draw_defect", "main", "make_demo_dataset", "texture_patch"]
+__all__ = [
+    "DEFAULT_DEFECT_STYLE",
+    "DEFECT_TYPES",
+    "PRODUCTS",
+    "draw_defect",
+    "main",
+    "make_demo_dataset",
+    "reused_data_note",
+    "texture_patch",
+]
+
+DEFAULT_DEFECT_STYLE = "clear"
 
 # product -> (skimage.data texture, RGB tint applied to the grey photograph)
 PRODUCTS: dict[str, tuple[str, tuple[float, float, float]]] = {
@@ -89,7 +100,7 @@ def make_demo_dataset(
     n_test_good: int = 30,
     n_defects_per_type: int = 4,
     products: Sequence[str] | None = None,
-    defect_style: str = "clear",
+    defect_style: str = DEFAULT_DEFECT_STYLE,
 ) -> dict[str, Any]:
     """Write the demo dataset under ``out`` (a local folder) and return its summary.
 
@@ -142,6 +153,19 @@ def make_demo_dataset(
     root.mkdir(parents=True, exist_ok=True)
     (root / "demo_dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def reused_data_note(root: str | Path) -> str | None:
+    """A line for ``tsdn demo`` when the dataset it reuses under ``root`` was drawn in another defect style than
+    the default (a dataset written before the styles existed has the ``subtle`` defects); None otherwise."""
+    summary = json.loads((Path(root) / "demo_dataset.json").read_text())
+    style = summary.get("defect_style", "subtle")
+    if style == DEFAULT_DEFECT_STYLE:
+        return None
+    return (
+        f"reusing the demo dataset in {root}: its test defects are drawn in the {style!r} style, not the default "
+        f"{DEFAULT_DEFECT_STYLE!r}, so its figures are not the README's (tsdn demo --fresh rebuilds it)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -11,7 +11,15 @@ from PIL import Image
 
 from tsdn.defects import DEFECT_STYLES
 from tsdn_platform.cli import main as cli_main
-from tsdn_platform.demo_data import DEFECT_TYPES, PRODUCTS, _texture, draw_defect, make_demo_dataset, texture_patch
+from tsdn_platform.demo_data import (
+    DEFECT_TYPES,
+    PRODUCTS,
+    _texture,
+    draw_defect,
+    make_demo_dataset,
+    reused_data_note,
+    texture_patch,
+)
 
 
 def _tree_digest(root) -> dict[str, str]:
@@ -125,6 +133,23 @@ def test_the_subtle_style_is_the_default_and_the_demo_draws_clear_defects(tmp_pa
     assert {f"grass/test/{d}/000.png" for d in ("scratch", "stain", "hole", "crack")} <= differ
     summary = json.loads((tmp_path / "subtle" / "demo_dataset.json").read_text())
     assert summary["defect_style"] == "subtle"
+
+
+def test_a_reused_dataset_of_another_style_is_named(tmp_path):
+    """``tsdn demo`` reuses a dataset it finds; one with the subtle defects (or from before the styles, without the
+    key) gets a line saying why its figures differ, a clear one none."""
+    kwargs = {"image_size": 32, "n_train": 1, "n_test_good": 1, "n_defects_per_type": 1, "products": ["brick"]}
+    make_demo_dataset(tmp_path / "clear", **kwargs)
+    assert reused_data_note(tmp_path / "clear") is None
+    make_demo_dataset(tmp_path / "subtle", defect_style="subtle", **kwargs)
+    assert "'subtle' style" in reused_data_note(tmp_path / "subtle") and "--fresh" in reused_data_note(
+        tmp_path / "subtle"
+    )
+    summary_path = tmp_path / "clear" / "demo_dataset.json"
+    summary = json.loads(summary_path.read_text())
+    del summary["defect_style"]
+    summary_path.write_text(json.dumps(summary))
+    assert "'subtle' style" in reused_data_note(tmp_path / "clear")
 
 
 def test_bad_arguments_name_the_problem(tmp_path):
