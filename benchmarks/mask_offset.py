@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from patchcore import predict_all
 from recipe import HOLDOUT_EVERY, _to_tensor, load_product
 
 from tsdn.calibration import fit_calibration
@@ -42,12 +43,6 @@ from tsdn.patchcore import PatchCore
 from tsdn_platform.cli import image_size_arg
 from tsdn_platform.config import load_config
 from tsdn_platform.train import TrainConfig
-
-
-def _predict(model: PatchCore, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    preds = [model.predict(batch) for batch in images.split(16)]
-    maps = torch.cat([p.anomaly_map for p in preds])[:, 0].numpy()
-    return torch.cat([p.anomaly_score for p in preds]).numpy(), maps
 
 
 def mask_rows(spec: str) -> list[dict]:
@@ -60,8 +55,8 @@ def mask_rows(spec: str) -> list[dict]:
     torch.manual_seed(0)
     model = PatchCore(dataclasses.replace(base.patchcore, image_size=size))
     model.fit(_to_tensor(data["train"][~held]).split(16))
-    normal_scores, normal_maps = _predict(model, _to_tensor(data["train"][held]))
-    scores, maps = _predict(model, _to_tensor(data["test"]))
+    normal_scores, normal_maps = predict_all(model, _to_tensor(data["train"][held]))
+    scores, maps = predict_all(model, _to_tensor(data["test"]))
     labels, truth = np.asarray(data["test_labels"]), np.asarray(data["test_masks"]) > 0
     rows = []
     maxima = normal_maps.reshape(len(normal_maps), -1).max(1)

@@ -16,12 +16,19 @@ import torch
 from tsdn.metrics import evaluate
 from tsdn.patchcore import PatchCore
 
-__all__ = ["run_patchcore"]
+__all__ = ["predict_all", "run_patchcore"]
 
 
 def _batches(images: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
     for start in range(0, images.shape[0], batch_size):
         yield images[start : start + batch_size]
+
+
+def predict_all(model: PatchCore, images: torch.Tensor, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores (N,), maps (N, H, W))`` of a fitted ``model`` on ``images`` (N, 3, H, W) in [0, 1]."""
+    preds = [model.predict(b) for b in _batches(images, batch_size)]
+    maps = torch.cat([p.anomaly_map for p in preds])[:, 0].numpy()
+    return torch.cat([p.anomaly_score for p in preds]).numpy(), maps
 
 
 def run_patchcore(
@@ -49,10 +56,8 @@ def run_patchcore(
     model.fit(_batches(train_images, batch_size))
     fit_s = time.perf_counter() - start
     start = time.perf_counter()
-    preds = [model.predict(b) for b in _batches(test_images, batch_size)]
+    scores, maps = predict_all(model, test_images, batch_size)
     score_s = time.perf_counter() - start
-    maps = torch.cat([p.anomaly_map for p in preds])[:, 0].numpy()
-    scores = torch.cat([p.anomaly_score for p in preds]).numpy()
     metrics = dict(evaluate(np.asarray(labels), scores, masks, maps))
     metrics.update(
         fit_s=fit_s,

@@ -111,9 +111,10 @@ def stage_map(
 
 def line_rows(spec: str, names: list[str] | None = None) -> list[dict]:
     """The row of every variant (or of those ``names``) for one ``ROOT:PRODUCT:SIZE:STRIDES:NORM[:LITE]``."""
-    root, product, size_text, strides_text, norm, *lite = spec.split(":")
+    root, product, size_text, strides_text, norm, *rest = spec.split(":")
+    lite = int(rest[0]) if rest else 0
     size, shape, stages, data, train_images, test_images = probe_split(root, product, size_text, strides_text)
-    encoder = encoder_for(norm, size, train_images, int(lite[0]) if lite else 0)
+    encoder = encoder_for(norm, size, train_images, lite)
     flipped = [
         (image_features(encoder, train_images.flip(d) if d else train_images),
          image_features(encoder, test_images.flip(d) if d else test_images))
@@ -144,7 +145,7 @@ def line_rows(spec: str, names: list[str] | None = None) -> list[dict]:
         scores = image_score(score_map, topk).numpy()
         rows.append({
             "root": root, "product": product, "size": list(shape), "stages": stages, "norm": norm, "variant": name,
-            "backbone": f"lite{lite[0] if lite else 0}",
+            "backbone": f"lite{lite}",
             "image_auroc": round(float(image_auroc(data["test_labels"], scores)), 4),
             "pixel_auroc": round(float(pixel_auroc(data["test_masks"], amap[:, 0].numpy())), 4),
             "per_type": per_type_auroc(data["test_labels"], scores, data["test_defects"]),

