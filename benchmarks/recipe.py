@@ -236,11 +236,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"epoch": epoch, "train_s": round(train_s, 1), **{k: v / steps for k, v in sums.items()}}
         if epoch % args.eval_every == 0 or last:
             model.eval()
-            model.fit_score_scales(_to_tensor(val_clean))
             if model.normal_fit_steps:
-                # the training images, as the job does (and its held-out normals for feature_position_shrinkage auto)
+                # the training images, as the job does (and its held-out normals where the config chooses on them)
                 held_out = _to_tensor(val_clean).split(args.eval_batch) if model.needs_held_out else None
                 model.fit_normal_stats(train_images.split(args.eval_batch), held_out)
+                if model.flip_fractions:
+                    print(f"test_flips {model.test_flips} (mirrored above own: {model.flip_fractions})", flush=True)
+                    row["test_flips"], row["flip_fractions"] = model.test_flips, model.flip_fractions
+            model.fit_score_scales(_to_tensor(val_clean))
             val_maps = source_maps(model, val_images, args.eval_batch)
             test_maps = source_maps(model, test_images, args.eval_batch)
             row["val"] = metrics_per_source(val_maps, val.labels, val.masks, cfg.score_topk)

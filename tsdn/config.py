@@ -15,13 +15,30 @@ from tsdn import config_io
 from tsdn.config_io import check
 from tsdn.resize import input_shape, parse_image_size
 
-__all__ = ["ABLATIONS", "POSITION_BLENDS", "SCORE_SOURCES", "TSDNConfig", "apply_ablation"]
+__all__ = [
+    "ABLATIONS",
+    "FLIP_LIMIT",
+    "FLIP_MIN_IMAGES",
+    "POSITION_BLENDS",
+    "SCORE_SOURCES",
+    "TEST_FLIPS",
+    "TSDNConfig",
+    "apply_ablation",
+]
 
 ScoreSource = Literal["reconstruction", "mask", "fused", "feature"]
 SCORE_SOURCES: tuple[str, ...] = ("reconstruction", "mask", "fused", "feature")
 # What ``feature_position_shrinkage: auto`` chooses from, per stage (BENCHMARKS.md, "The per-position blend chosen
 # on held-out normals"): from nearly a covariance per position to one covariance for every position.
 POSITION_BLENDS: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+# ``test_flips`` -> the views the maps are averaged over, each the dims of a (B, C, H, W) tensor to flip.
+TEST_FLIPS: dict[int, tuple[tuple[int, ...], ...]] = {1: ((),), 2: ((), (3,)), 4: ((), (3,), (2,), (2, 3))}
+# ``test_flips: auto`` keeps a mirror when at most this fraction of the held-out normal images score higher mirrored
+# than as they are, and only from FLIP_MIN_IMAGES of them: with 12, a texture's mirror (each image above or below
+# by a coin's toss) is dropped by chance 2 % of the time, with 5 it would be 19 % (BENCHMARKS.md, "Maps averaged
+# over mirror images").
+FLIP_LIMIT = 0.75
+FLIP_MIN_IMAGES = 8
 
 
 @dataclass(frozen=True)
@@ -60,6 +77,15 @@ class TSDNConfig:
             images (``TSDN.score_scales``, fitted with the calibration) so neither swamps the other.
         score_topk: image score = the mean of the top ``score_topk`` fraction of the map's pixels;
             0 = the map's maximum (the paper).
+        test_flips: the score source's maps averaged over mirror images of the input, each map flipped back
+            before the average: 1 = the image alone (the paper), 2 = and its left-right mirror, 4 = and its up-down
+            mirror and both. For a product line whose mirror image is a normal image (a texture), not for a part
+            shot in one pose (a transistor upside down is not a normal transistor). Costs that many forward passes
+            per image; the per-position statistics are fitted on the averaged maps. ``auto``: chosen on normal
+            images held out of the fit (:meth:`tsdn.model.TSDN.fit_normal_stats` takes them as ``held_out``): a
+            mirror is kept when at most :data:`FLIP_LIMIT` of them score higher mirrored than as they are (about
+            half do where a mirror image is as normal as the image); 4 when every mirror is kept, else 2 when the
+            left-right one is, else 1. With fewer than :data:`FLIP_MIN_IMAGES` held-out normals, 1: too few to tell.
         score_normalization: ``none`` (the paper) or ``pixel``: every position of the map is standardised,
             ``(map - mean) / std``, by the mean and standard deviation of the map at that position over the
             normal training images (:meth:`tsdn.model.TSDN.fit_normal_stats`, after training; buffers saved
@@ -142,6 +168,7 @@ class TSDNConfig:
     fne: bool = True
     score_source: ScoreSource = "reconstruction"
     score_topk: float = 0.0
+    test_flips: int | Literal["auto"] = 1
     score_normalization: Literal["none", "pixel"] = "none"
     feature_distance: Literal["cosine", "mahalanobis"] = "cosine"
     feature_shrinkage: float = 0.01
@@ -161,10 +188,10 @@ class TSDNConfig:
 
     @property
     def needs_held_out(self) -> bool:
-        """Fitting the whitening takes normal images held out of the fit: ``feature_whitening: position`` with
-        ``feature_position_shrinkage: auto`` chooses its blend on them."""
+        """Fitting the statistics takes normal images held out of the fit: ``feature_whitening: position`` with
+        ``feature_position_shrinkage: auto`` chooses its blend on them, ``test_flips: auto`` its mirror images."""
         position = self.feature_distance == "mahalanobis" and self.feature_whitening == "position"
-        return position and self.feature_position_shrinkage == "auto"
+        return (position and self.feature_position_shrinkage == "auto") or self.test_flips == "auto"
 
     def __post_init__(self) -> None:
         image_size, sides = parse_image_size(self.image_size)
@@ -189,6 +216,9 @@ class TSDNConfig:
         needs_mask = self.score_source in ("mask", "fused")
         check(self, self.dcd_a or not needs_mask, "score_source", "a source without M' when dcd_a is False")
         check(self, 0 <= self.score_topk < 1, "score_topk", "in [0, 1) (0 = the maximum)")
+        flips = self.test_flips
+        flips_ok = flips == "auto" or (isinstance(flips, int) and not isinstance(flips, bool) and flips in TEST_FLIPS)
+        check(self, flips_ok, "test_flips", "1 (none), 2 (left-right), 4 (left-right, up-down and both) or 'auto'")
         check(self, self.score_normalization in ("none", "pixel"), "score_normalization", "none | pixel")
         # The fused map divides by score_scales, which validation refits after the statistics were taken.
         fused_pixel = self.score_normalization == "pixel" and self.score_source == "fused"

@@ -236,6 +236,8 @@ def _meta(
         "feature_whitening": getattr(cfg, "feature_whitening", "pooled"),
         # the map's stages, when not the score's (the calibration's map_offset puts it in the score's units)
         "map_strides": list(cfg.map_strides) if getattr(cfg, "map_strides", None) else None,
+        # the views whose maps the graph averages (TSDN's test_flips; with auto, the number the fit chose)
+        "test_flips": model.test_flips if isinstance(model, TSDN) else 1,
         "backbone": cfg.backbone,
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, height, width], "dtype": "float32", "range": [0.0, 1.0]},
         "outputs": {

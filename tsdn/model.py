@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tsdn.backbone import Opener, check_input, create_encoder, normalization
-from tsdn.config import POSITION_BLENDS, TSDNConfig
+from tsdn.config import FLIP_LIMIT, FLIP_MIN_IMAGES, POSITION_BLENDS, TEST_FLIPS, TSDNConfig
 from tsdn.decoder import Decoder
 from tsdn.fne import FeatureNormalityEstimator, normality_target
 from tsdn.scoring import (
@@ -164,6 +164,13 @@ class TSDN(nn.Module):
                     self.register_buffer(f"feature_whitening_{k}", torch.eye(c))
             self.register_buffer("feature_count", torch.zeros((), dtype=torch.int64))
         self.position_blends: tuple[float, ...] = ()  # per stage, what the last whitening fit used
+        #: The ``test_flips`` views in use: the config's number, or with ``auto`` the fitted one (None before).
+        self.test_flips: int | None = None if cfg.test_flips == "auto" else cfg.test_flips
+        #: With ``auto``, per mirror (left-right, up-down, both) the fraction of the held-out normal images that
+        #: scored higher mirrored than as they are, at the last fit.
+        self.flip_fractions: tuple[float, ...] = ()
+        if cfg.test_flips == "auto":
+            self.register_buffer("test_flip_count", torch.zeros((), dtype=torch.int64))
         self._encoder_norm_ready = cfg.encoder_norm == "pretrained"
         self._norm_layout: tuple[list[tuple[nn.modules.batchnorm._BatchNorm, int]], int] | None = None
         if cfg.encoder_norm == "adapted":
@@ -175,9 +182,11 @@ class TSDN(nn.Module):
 
     @property
     def normal_fit_steps(self) -> tuple[str, ...]:
-        """What :meth:`fit_normal_stats` fits from normal training images, in order: ``whitening`` (with
-        ``feature_distance: mahalanobis``), then ``pixel`` (with ``score_normalization: pixel``); () for neither."""
+        """What :meth:`fit_normal_stats` fits from normal images, in order: ``whitening`` (with ``feature_distance:
+        mahalanobis``), ``flips`` (with ``test_flips: auto``: from the held-out normal images alone), then ``pixel``
+        (with ``score_normalization: pixel``); () for none of them."""
         steps = ("whitening",) if self.cfg.feature_distance == "mahalanobis" else ()
+        steps += ("flips",) if self.cfg.test_flips == "auto" else ()
         return steps + (("pixel",) if self.cfg.score_normalization == "pixel" else ())
 
     @property
@@ -249,6 +258,8 @@ class TSDN(nn.Module):
         count. ``pixel``: then the per-position sum and sum of squares of the score source's raw map at the config's
         ``input_shape`` H x W (``1 + 2 * H * W``). ``whitening``: then per compared stage the number of positions, the
         sum of the residuals ``f_I - f_R`` over every position (C_k) and of their outer products (C_k * C_k).
+        ``flips`` (of held-out normal images): then per mirror (left-right, up-down, both) the number of images whose
+        score source's raw map (one view, before ``score_normalization``) scores higher mirrored than as they are.
 
         Sums, so that data-parallel workers can add theirs (an all-reduce) before one :meth:`set_normal_stats`.
         Steps are fitted in :attr:`normal_fit_steps` order: ``pixel``'s map reads the fitted whitening.
@@ -264,6 +275,8 @@ class TSDN(nn.Module):
             raise RuntimeError(msg)
         if step == "whitening":
             return self._whitening_sums(images)
+        if step == "flips":
+            return self._flip_sums(images)
         shape = self.cfg.input_shape
         n = shape[0] * shape[1]
         keys = [self.cfg.score_source] + ([MAP_KEY] if self.map_positions is not None else [])
@@ -292,16 +305,21 @@ class TSDN(nn.Module):
         ``feature_shrinkage`` toward a scaled identity and ``W = diag(1 / sqrt(eigenvalues)) V'``.
 
         ``held_out``: the ``whitening`` sums of normal images kept out of ``sums``, which
-        ``feature_position_shrinkage: auto`` needs (:attr:`needs_held_out`) and nothing else takes: per stage, the
-        blend of :data:`POSITION_BLENDS` under whose Gaussian they are likeliest is kept
+        ``feature_position_shrinkage: auto`` needs (:attr:`chooses_position_blend`) and nothing else takes: per
+        stage, the blend of :data:`POSITION_BLENDS` under whose Gaussian they are likeliest is kept
         (:attr:`position_blends` says which).
+
+        ``flips``: ``sums`` are of the held-out normal images themselves; each mirror is kept when at most
+        :data:`~tsdn.config.FLIP_LIMIT` of them scored higher mirrored (:attr:`flip_fractions`) and they are at least
+        :data:`~tsdn.config.FLIP_MIN_IMAGES`, and :attr:`test_flips` becomes 4 when every mirror is kept, else 2 when
+        the left-right one is, else 1.
         """
         self._check_step(step, "set_normal_stats")
         count = int(sums[0].item())
         if count < 2:
             msg = f"set_normal_stats: {step} statistics need at least 2 normal images, got {count}"
             raise ValueError(msg)
-        wants_held = step == "whitening" and self.needs_held_out
+        wants_held = step == "whitening" and self.chooses_position_blend
         if wants_held and (held_out is None or held_out[0].item() < 1):
             msg = "set_normal_stats: feature_position_shrinkage 'auto' chooses on held-out normal images; got none"
             raise ValueError(msg)
@@ -310,6 +328,9 @@ class TSDN(nn.Module):
             raise ValueError(msg)
         if step == "whitening":
             self._set_whitening(sums[1:], count, None if held_out is None else held_out[1:])
+            return count
+        if step == "flips":
+            self._set_flips(sums[1:], count)
             return count
         height, width = self.cfg.input_shape
         n = height * width
@@ -332,24 +353,42 @@ class TSDN(nn.Module):
     def fit_normal_stats(self, images: Iterable[torch.Tensor], held_out: Iterable[torch.Tensor] | None = None) -> int:
         """Every step of :attr:`normal_fit_steps` (:meth:`normal_stat_sums` then :meth:`set_normal_stats`) in one
         process; ``images`` is read once per step, ``held_out`` (normal images kept out of ``images``: only with
-        :attr:`needs_held_out`) once. Returns the image count."""
+        :attr:`needs_held_out`) once per step that reads it. Returns the number of ``images``."""
         if not self.normal_fit_steps:
             msg = "fit_normal_stats: the model has nothing to fit (feature_distance cosine, score_normalization none)"
             raise ValueError(msg)
         batches = list(images)
+        held_batches = None if held_out is None else list(held_out)
+        if held_batches is not None and not self.needs_held_out:
+            msg = "fit_normal_stats: held_out is only for feature_position_shrinkage or test_flips 'auto'"
+            raise ValueError(msg)
         count = 0
         for step in self.normal_fit_steps:
+            if step == "flips":
+                if not held_batches:
+                    msg = "fit_normal_stats: test_flips 'auto' chooses on held-out normal images; got none"
+                    raise ValueError(msg)
+                self.set_normal_stats(self.normal_stat_sums(held_batches, step), step)
+                continue
             held = None
-            if held_out is not None and step == "whitening":
-                held = self.normal_stat_sums(held_out, step)
+            if held_batches is not None and step == "whitening" and self.chooses_position_blend:
+                held = self.normal_stat_sums(held_batches, step)
             count = self.set_normal_stats(self.normal_stat_sums(batches, step), step, held)
         return count
 
     @property
     def needs_held_out(self) -> bool:
-        """The whitening's fit chooses its blend on held-out normal images (``feature_whitening: position`` with
-        ``feature_position_shrinkage: auto``)."""
+        """The fit chooses on held-out normal images: the whitening's blend (:attr:`chooses_position_blend`) or the
+        ``flips`` step's mirrors (``test_flips: auto``)."""
         return self.cfg.needs_held_out
+
+    @property
+    def chooses_position_blend(self) -> bool:
+        """The whitening's fit chooses its blend on held-out normal images (``feature_whitening: position`` with
+        ``feature_position_shrinkage: auto``): :meth:`set_normal_stats` takes their ``whitening`` sums."""
+        cfg = self.cfg
+        position = cfg.feature_distance == "mahalanobis" and cfg.feature_whitening == "position"
+        return position and cfg.feature_position_shrinkage == "auto"
 
     def _encoder_norm_layout(self) -> tuple[list[tuple[nn.modules.batchnorm._BatchNorm, int]], int]:
         """The encoder's BatchNorm layers that ``encoder_norm`` adapts (those whose activations are at most
@@ -508,6 +547,28 @@ class TSDN(nn.Module):
                 offset += 1 + p * (c + c * c)
         return sums
 
+    def _flip_sums(self, images: Iterable[torch.Tensor]) -> torch.Tensor:
+        mirrors = TEST_FLIPS[4][1:]
+        sums = torch.zeros(1 + len(mirrors), dtype=torch.float64, device=self.score_scales.device)
+        source, topk = self.cfg.score_source, self.cfg.score_topk
+        for batch in images:
+            own = image_score(self._view_maps(batch, source)[0][source], topk)
+            sums[0] += batch.shape[0]
+            for j, dims in enumerate(mirrors):
+                mirrored = image_score(self._view_maps(batch.flip(dims), source)[0][source], topk)
+                sums[1 + j] += (mirrored > own).sum()
+        return sums
+
+    def _set_flips(self, sums: torch.Tensor, count: int) -> None:
+        fractions = (sums / count).tolist()
+        if len(fractions) != len(TEST_FLIPS[4]) - 1:
+            msg = f"set_normal_stats: flips sums of {len(sums) + 1} values; this model's are {len(TEST_FLIPS[4])}"
+            raise ValueError(msg)
+        kept = [fraction <= FLIP_LIMIT and count >= FLIP_MIN_IMAGES for fraction in fractions]
+        self.test_flips = 4 if all(kept) else 2 if kept[0] else 1
+        self.flip_fractions = tuple(round(fraction, 4) for fraction in fractions)
+        self.test_flip_count.fill_(self.test_flips)
+
     def _set_whitening(self, sums: torch.Tensor, count: int, held: torch.Tensor | None) -> None:
         offset = 0
         blends = []
@@ -573,7 +634,27 @@ class TSDN(nn.Module):
         return standardize_map(anomaly_map, self.normal_mean, self.normal_std)
 
     def _source_maps(self, image: torch.Tensor, source: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Maps for ``source`` (a score source, "scales" = reconstruction + mask, or "all")."""
+        """Maps for ``source`` (a score source, "scales" = reconstruction + mask, or "all"), averaged over the
+        ``test_flips`` views (each flipped back), and the reconstruction of the image itself."""
+        if self.test_flips is None:
+            msg = "TSDN: test_flips is 'auto' but fit_normal_stats never chose the mirrors on held-out normal images"
+            raise RuntimeError(msg)
+        views = TEST_FLIPS[self.test_flips]
+        maps, reconstruction = self._view_maps(image, source)
+        if len(views) == 1:
+            return maps, reconstruction
+        stacked = {name: [values] for name, values in maps.items()}
+        for dims in views[1:]:
+            for name, values in self._view_maps(image.flip(dims), source)[0].items():
+                stacked[name].append(values.flip(dims))
+        # the mean of a stack along the channels, not a running sum: OpenVINO's CPU plugin fuses a plain sum of
+        # blurred maps into the blur and drops a term (as for the fused source, below)
+        return {
+            name: torch.cat(parts, dim=1).mean(dim=1, keepdim=True) for name, parts in stacked.items()
+        }, reconstruction
+
+    def _view_maps(self, image: torch.Tensor, source: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`_source_maps` of one view."""
         sigma = self.cfg.score_sigma
         has_mask = self.dcd_a is not None
         want = {
@@ -707,10 +788,12 @@ def moments_from_sums(
 
 def _after_load(module: nn.Module, incompatible_keys: object) -> None:
     """A loaded state carries fitted statistics when its ``normal_count`` / ``feature_count`` /
-    ``encoder_norm_count`` is above 0."""
+    ``encoder_norm_count`` / ``test_flip_count`` is above 0."""
     if hasattr(module, "normal_count"):
         module._normal_stats_ready = int(module.normal_count) > 0
     if hasattr(module, "feature_count"):
         module._whitening_ready = int(module.feature_count) > 0
     if hasattr(module, "encoder_norm_count"):
         module._encoder_norm_ready = int(module.encoder_norm_count) > 0
+    if hasattr(module, "test_flip_count"):
+        module.test_flips = int(module.test_flip_count) or None

@@ -250,18 +250,23 @@ def _train_loop(cfg: TrainConfig, product: str, run_name: str) -> dict[str, Any]
             # split. The whitening comes first: the per-position statistics are of the whitened map.
             model.eval()
             for step in model.normal_fit_steps:
+                # The held-out split is whole on every rank (only train is split): rank 0 reads it, the others add
+                # zeros, so it is read once and every rank chooses the same blend (and mirrors) from the same sums.
+                held_images = train_eval.shard_images(val_shard, cfg.eval_batch_size, device) if rank == 0 else ()
+                if step == "flips":  # test_flips auto: chosen on the held-out normals alone
+                    model.set_normal_stats(_reduce_sum(model.normal_stat_sums(held_images, step)), step)
+                    continue
                 train_images = train_eval.shard_images(shard, cfg.eval_batch_size, device)
                 held = None
-                if step == "whitening" and model.needs_held_out:
-                    # The held-out split is whole on every rank (only train is split): rank 0 reads it, the others
-                    # add zeros, so it is read once and every rank chooses the same blend from the same sums.
-                    held_images = train_eval.shard_images(val_shard, cfg.eval_batch_size, device) if rank == 0 else ()
+                if step == "whitening" and model.chooses_position_blend:
                     held = _reduce_sum(model.normal_stat_sums(held_images, step))
                 model.set_normal_stats(_reduce_sum(model.normal_stat_sums(train_images, step)), step, held)
             if model.position_blends:
                 strides = model.encoder.feature_info.reduction()
                 for stage, blend in zip(model.feature_stages, model.position_blends, strict=True):
                     metrics[f"whitening_blend_s{strides[stage]}"] = blend
+            if model.flip_fractions:
+                metrics["test_flips"] = model.test_flips
         if checkpoint_now and rank == 0:
             predictor = Predictor(model, calibration=None, device=device, batch_size=cfg.eval_batch_size)
             val, calibration = train_eval.validate_and_calibrate(
@@ -270,7 +275,8 @@ def _train_loop(cfg: TrainConfig, product: str, run_name: str) -> dict[str, Any]
             metrics.update(val)
         if rank == 0:
             history.append(metrics)
-            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith(("loss", "val_", "whitening_")))
+            shown_keys = ("loss", "val_", "whitening_", "test_flips")
+            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith(shown_keys))
             # A logger, not print: Ray Train patches print in its workers to log *and* echo to Ray's redirected
             # stdout, so every printed line reached the driver twice.
             logger.info("[%s] epoch %d/%d %s %.1f images/s", product, epoch, cfg.epochs, shown, metrics["images_per_s"])

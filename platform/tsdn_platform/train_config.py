@@ -148,7 +148,8 @@ class TrainConfig:
             (
                 self.validation == "holdout" or not self.model.needs_held_out,
                 "validation",
-                "'holdout' with model.feature_position_shrinkage 'auto' (it chooses on the held-out normals)",
+                "'holdout' with model.feature_position_shrinkage or model.test_flips 'auto' "
+                "(they choose on the held-out normals)",
             ),
             (self.eval_batch_size >= 1, "eval_batch_size", ">= 1"),
             (self.max_concurrent_products >= 0, "max_concurrent_products", ">= 0"),

@@ -118,7 +118,7 @@ def test_a_killed_worker_restarts_from_the_checkpoint(ingested, monkeypatch):
 @pytest.mark.slow
 def test_per_position_statistics_sum_both_ranks_shards(ingested):
     """``feature_distance: mahalanobis`` (whitened per position, the blend chosen on the held-out split, as the `cpu`
-    preset), ``score_normalization: pixel``
+    preset), ``test_flips: auto`` (the mirrors chosen on the held-out split too), ``score_normalization: pixel``
     and ``encoder_norm: adapted`` (as the `demo` preset adapts it: the means of the layers up to stride 2) on two DDP
     workers: the three fits' statistics cover the whole train split. The run records its held-out count and says
     that it is small."""
@@ -137,6 +137,7 @@ def test_per_position_statistics_sum_both_ranks_shards(ingested):
         "model.feature_distance=mahalanobis",
         "model.feature_whitening=position",
         "model.feature_position_shrinkage=auto",
+        "model.test_flips=auto",
         "model.map_strides=[8]",
         "model.encoder_lr_scale=0",
         "model.encoder_norm=adapted",
@@ -163,6 +164,8 @@ def test_per_position_statistics_sum_both_ranks_shards(ingested):
     # the blend per stage chosen on the held-out split (read by rank 0, all-reduced), recorded with the epoch's metrics
     (epoch,) = result.history
     assert all(epoch[f"whitening_blend_s{s}"] in POSITION_BLENDS for s in cfg.model.feature_strides), epoch
+    # and the mirrors (test_flips auto) from the held-out split alone, saved with the weights
+    assert epoch["test_flips"] == predictor.model.test_flips in (1, 2, 4), epoch
     assert int(predictor.model.encoder_norm_count) == expected  # before training, from both shards
     pretrained = TSDN(
         dataclasses.replace(

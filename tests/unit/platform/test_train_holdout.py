@@ -40,10 +40,13 @@ def test_an_auto_position_blend_needs_the_held_out_split():
 
     cfg = load_config(TrainConfig, "cpu", ["store=s", "dataset=d"])
     assert cfg.model.feature_position_shrinkage == "auto" and cfg.validation == "holdout"
-    with pytest.raises(ConfigError, match=r"validation.*'holdout' with model.feature_position_shrinkage 'auto'"):
+    expected = r"validation.*'holdout' with model.feature_position_shrinkage or model.test_flips 'auto'"
+    with pytest.raises(ConfigError, match=expected):
         load_config(
             TrainConfig, "cpu", ["store=s", "dataset=d", "model.feature_position_shrinkage=auto", "validation=test"]
         )
+    with pytest.raises(ConfigError, match=expected):  # the mirrors are chosen on the held-out normals too
+        load_config(TrainConfig, "demo", ["store=s", "dataset=d", "model.test_flips=auto", "validation=test"])
     # without the per-position whitening the setting chooses nothing, and test validation stays the user's call
     pooled = ["store=s", "dataset=d", "model.feature_position_shrinkage=auto", "validation=test"]
     assert not load_config(TrainConfig, "demo", pooled).model.needs_held_out

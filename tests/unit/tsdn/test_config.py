@@ -19,6 +19,7 @@ def test_defaults_are_the_papers():
     assert (cfg.w_l2, cfg.w_ssim, cfg.w_gms, cfg.w_mask, cfg.w_fne) == (1.0, 0.5, 1.0, 1.0, 5e-5)
     assert all(getattr(cfg, s) for s in SWITCHES)
     assert cfg.fne_pool_size == 352 // 32
+    assert cfg.test_flips == 1  # the image alone
 
 
 def test_dict_round_trip_and_yaml_style_numbers():
@@ -44,6 +45,8 @@ def test_dict_round_trip_and_yaml_style_numbers():
         ({"backbone": " "}, "backbone"),
         ({"surf": False}, "dcd_a"),
         ({"dcd_a": False}, "fne"),
+        ({"test_flips": 3}, "test_flips"),
+        ({"test_flips": 0}, "test_flips"),
     ],
 )
 def test_invalid_values_name_the_field(overrides, field):

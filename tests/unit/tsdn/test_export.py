@@ -101,6 +101,21 @@ def test_tsdn_export_carries_the_per_position_normalization(source, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+@pytest.mark.parametrize("flips", [2, 4, "auto"])
+def test_tsdn_export_averages_the_mirror_images(flips, fmt):
+    """``test_flips``: the graph runs the model on each mirror image and flips each map back before the average
+    (with ``auto``, over the mirrors the fit chose)."""
+    model = _tsdn("feature", feature_distance="mahalanobis", score_normalization="pixel", test_flips=flips)
+    side = TINY.image_size
+    draws = torch.Generator().manual_seed(1)
+    held = [torch.rand(8, 3, side, side, generator=draws)] if flips == "auto" else None
+    model.fit_normal_stats([torch.rand(4, 3, side, side, generator=draws)], held_out=held)
+    files = export_model(model, CALIBRATION, fmt)
+    assert json.loads(files[EXPORT_JSON])["test_flips"] == model.test_flips == (4 if flips == "auto" else flips)
+    _assert_parity(model, files, RUNTIME_OF[fmt], _images(5))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 @pytest.mark.parametrize(
     ("normalization", "strides", "whitening", "map_strides"),
     [

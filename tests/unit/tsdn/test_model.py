@@ -192,6 +192,49 @@ def test_a_rectangular_input_is_fitted_and_scored_at_its_shape():
         model.normal_stat_sums([torch.rand(2, 3, 64, 128)], "pixel")
 
 
+@pytest.mark.parametrize(("flips", "views"), [(2, [(3,)]), (4, [(3,), (2,), (2, 3)])])
+def test_test_flips_average_the_maps_of_the_mirror_images(flips, views):
+    """test_flips: the map is the mean of the maps of the image and its mirror images, each flipped back, so the
+    map of a mirrored image is the mirrored map; the reconstruction stays the image's own."""
+    base = dataclasses.replace(TINY, score_source="feature", skip=False)
+    torch.manual_seed(0)
+    plain = TSDN(base).eval()
+    mirrored = TSDN(dataclasses.replace(base, test_flips=flips)).eval()
+    mirrored.load_state_dict(plain.state_dict())
+    image = _batch()[0]
+    with torch.no_grad():
+        single = plain.predict(image)
+        out = mirrored.predict(image)
+        maps = [single.anomaly_map] + [plain.predict(image.flip(dims)).anomaly_map.flip(dims) for dims in views]
+        assert torch.allclose(out.anomaly_map, torch.stack(maps).mean(dim=0), atol=1e-6)
+        assert not torch.allclose(out.anomaly_map, single.anomaly_map, atol=1e-4)
+        assert torch.equal(out.reconstruction, single.reconstruction)
+        assert torch.equal(out.anomaly_score, out.anomaly_map.amax(dim=(1, 2, 3)))
+        for dims in views:
+            assert torch.allclose(mirrored.predict(image.flip(dims)).anomaly_map, out.anomaly_map.flip(dims), atol=1e-5)
+
+
+def test_test_flips_fit_the_per_position_statistics_on_the_averaged_maps():
+    cfg = dataclasses.replace(
+        TINY, skip=False, score_source="feature", feature_distance="mahalanobis", score_normalization="pixel"
+    )
+    torch.manual_seed(0)
+    plain = TSDN(cfg).eval()
+    mirrored = TSDN(dataclasses.replace(cfg, test_flips=4)).eval()
+    mirrored.load_state_dict(plain.state_dict())
+    normal = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    plain.fit_normal_stats(normal.split(3))
+    mirrored.fit_normal_stats(normal.split(3))
+    with torch.no_grad():
+        raw = mirrored.component_maps(normal)["feature"]
+        out = mirrored.predict(normal)
+    # the same whitening (fitted on the images themselves), other per-position statistics: the averaged maps'
+    assert torch.equal(mirrored.feature_whitening_0, plain.feature_whitening_0)
+    assert torch.allclose(mirrored.normal_mean, raw.mean(dim=0, keepdim=True), atol=1e-5)
+    assert not torch.allclose(mirrored.normal_mean, plain.normal_mean, atol=1e-3)
+    assert out.anomaly_map.mean(dim=0).abs().max() < 1e-3
+
+
 def _adapted(**changes) -> TSDN:
     torch.manual_seed(0)
     cfg = dataclasses.replace(TINY, encoder_lr_scale=0.0, encoder_norm="adapted", **changes)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tsdn.checkpoint import checkpoint_files, load_checkpoint
-from tsdn.config import POSITION_BLENDS, TSDNConfig
+from tsdn.config import FLIP_LIMIT, FLIP_MIN_IMAGES, POSITION_BLENDS, TSDNConfig
 from tsdn.config_io import ConfigError
 from tsdn.defects import VALIDATION_DEFECTS, cut_paste, draw_defect, validation_set
 from tsdn.fne import _ssim_against_one
@@ -388,6 +388,90 @@ def test_auto_position_blend_is_small_on_a_layout_and_near_one_on_a_texture():
         model.fit_normal_stats([part(24)], held_out=[part(8)])
         aligned = model.position_blends
     assert min(textured) >= 0.9 and all(t > a for t, a in zip(textured, aligned, strict=True)), (textured, aligned)
+
+
+def _mirror_normals(kind: str, n: int, draws: torch.Generator) -> torch.Tensor:
+    """``texture``: stationary noise, whose mirror images are as normal as the images; ``part``: one pose, a bright
+    block in the top-left corner and a dark band along the top, which a mirror image moves."""
+    if kind == "texture":
+        return torch.rand(n, 3, 64, 64, generator=draws)
+    base = torch.full((3, 64, 64), 0.4)
+    base[:, 4:28, 4:28] = 0.9
+    base[:, 0:4, :] = 0.05
+    return (base + 0.05 * torch.randn(n, 3, 64, 64, generator=draws)).clamp(0, 1)
+
+
+def test_auto_test_flips_keep_the_mirrors_of_a_texture_and_drop_those_of_a_part_shot_in_one_pose():
+    """``test_flips: auto``: on the held-out normals, a mirror is kept when at most FLIP_LIMIT of them score higher
+    mirrored than as they are; a texture keeps all three (4 views), a part shot in one pose none (1)."""
+    model = _model(
+        score_source="feature",
+        feature_distance="mahalanobis",
+        feature_whitening="position",
+        feature_position_shrinkage=0.1,
+        test_flips="auto",
+    ).eval()
+    assert model.normal_fit_steps == ("whitening", "flips") and model.needs_held_out
+    assert not model.chooses_position_blend
+    draws = torch.Generator().manual_seed(5)
+    chosen = {}
+    for kind in ("texture", "part"):
+        normal, held = _mirror_normals(kind, 24, draws), _mirror_normals(kind, 12, draws)
+        with torch.inference_mode():
+            model.fit_normal_stats([normal], held_out=held.split(5))
+        chosen[kind] = (model.test_flips, model.flip_fractions)
+    (texture, texture_fractions), (part, part_fractions) = chosen["texture"], chosen["part"]
+    assert texture == 4 and max(texture_fractions) <= FLIP_LIMIT, chosen
+    assert part == 1 and min(part_fractions) > FLIP_LIMIT, chosen
+
+
+@pytest.mark.parametrize(
+    ("count", "above", "expected"),
+    [
+        (12, (6, 6, 6), 4),
+        (12, (9, 9, 9), 4),
+        (12, (6, 12, 12), 2),
+        (12, (10, 6, 6), 1),
+        (12, (12, 12, 12), 1),
+        (FLIP_MIN_IMAGES, (0, 0, 0), 4),
+        (FLIP_MIN_IMAGES - 1, (0, 0, 0), 1),  # too few held-out normals to tell
+    ],
+)
+def test_auto_test_flips_rule(count, above, expected):
+    """4 when every mirror is kept, else 2 when the left-right one is, else 1; at FLIP_LIMIT (9 of 12) kept; never
+    from fewer than FLIP_MIN_IMAGES held-out normals."""
+    model = _model(test_flips="auto").eval()
+    sums = torch.tensor([float(count), *above], dtype=torch.float64)
+    assert model.set_normal_stats(sums, "flips") == count
+    assert model.test_flips == expected and int(model.test_flip_count) == expected
+    assert model.flip_fractions == tuple(round(a / count, 4) for a in above)
+
+
+def test_auto_test_flips_need_held_out_normals_sum_over_workers_and_are_saved():
+    settings = dict(score_source="feature", feature_distance="mahalanobis", score_normalization="pixel")
+    model = _model(**settings, test_flips="auto").eval()
+    assert model.normal_fit_steps == ("whitening", "flips", "pixel")
+    draws = torch.Generator().manual_seed(6)
+    normal, held, probe = (torch.rand(n, 3, 64, 64, generator=draws) for n in (8, 6, 2))
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="test_flips is 'auto' but fit_normal_stats never chose"):
+            model.component_maps(probe)
+        with pytest.raises(ValueError, match="test_flips 'auto' chooses on held-out normal images"):
+            model.fit_normal_stats([normal])
+        whole = model.fit_normal_stats([normal], held_out=[held])
+        fractions, flips = model.flip_fractions, model.test_flips
+        halves = model.normal_stat_sums([held[:2]], "flips") + model.normal_stat_sums([held[2:]], "flips")
+        assert torch.equal(halves, model.normal_stat_sums([held], "flips"))
+        assert halves[0] == 6 and whole == 8
+        pred = model.predict(probe)
+    assert flips in (1, 2, 4) and len(fractions) == 3
+    loaded, _, meta = load_checkpoint(checkpoint_files(model, fit_calibration(np.array([0.1, 0.2, 0.3]))))
+    assert meta["config"]["test_flips"] == "auto" and loaded.test_flips == flips
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.predict(probe).anomaly_map, pred.anomaly_map)
+    fixed = _model(score_source="feature", feature_distance="mahalanobis").eval()
+    with torch.inference_mode(), pytest.raises(ValueError, match="held_out is only for"):
+        fixed.fit_normal_stats([normal], held_out=[held])
 
 
 def test_position_whitening_is_a_mahalanobis_switch_and_old_configs_pool():
