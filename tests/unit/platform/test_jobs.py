@@ -62,12 +62,14 @@ def test_every_train_preset_resolves(preset):
         # ImageNet's BatchNorm statistics (the demo's adapted means cost transistor 0.02-0.035 image AUROC) and the
         # residual whitened per position, the blend chosen per stage on the held-out normals (an aligned part takes
         # a small one; a texture one near 1, where a fixed small blend lost); the image score from every stage and
-        # the map from the finer two (the stride-32 stage's cells cost the map its region overlap)
+        # the map from the finer two (the stride-32 stage's cells cost the map its region overlap); one view (a
+        # part shot in one pose: its mirror images are not normal images)
         demo = load_config(TrainConfig, "demo", ["store=s", "dataset=d"]).model
         changed = {k for k in vars(demo) if getattr(demo, k) != getattr(cfg.model, k)}
         norm = {"encoder_norm", "encoder_norm_variance", "encoder_norm_max_stride"}
         whitening = {"feature_whitening", "feature_position_shrinkage"}
-        assert changed == {"image_size", "feature_strides", "map_strides", *whitening, *norm}, changed
+        assert changed == {"image_size", "feature_strides", "map_strides", "test_flips", *whitening, *norm}, changed
+        assert (demo.test_flips, cfg.model.test_flips) == ("auto", 1)
         assert cfg.model.encoder_norm == "pretrained" and demo.encoder_norm == "adapted"
         assert cfg.model.feature_whitening == "position" and demo.feature_whitening == "pooled"
         assert cfg.model.feature_position_shrinkage == "auto" and cfg.validation == "holdout"

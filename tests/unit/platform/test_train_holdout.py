@@ -32,9 +32,10 @@ def test_an_empty_held_out_split_is_refused_before_training():
     check_holdout("kolektor", None, [0])  # validation: test
 
 
-def test_an_auto_position_blend_needs_the_held_out_split():
-    """``feature_position_shrinkage: auto`` chooses on the held-out normals; with ``validation: test`` there are
-    none (and the test split must not choose it), so the config is refused before any work."""
+def test_an_auto_position_blend_or_auto_flips_need_the_held_out_split():
+    """``feature_position_shrinkage: auto`` (the `cpu` preset) and ``test_flips: auto`` (the `demo` preset) choose on
+    the held-out normals; with ``validation: test`` there are none (and the test split must not choose), so the
+    config is refused before any work."""
     from tsdn_platform.config import load_config
     from tsdn_platform.train import TrainConfig
 
@@ -45,8 +46,10 @@ def test_an_auto_position_blend_needs_the_held_out_split():
         load_config(
             TrainConfig, "cpu", ["store=s", "dataset=d", "model.feature_position_shrinkage=auto", "validation=test"]
         )
+    demo = load_config(TrainConfig, "demo", ["store=s", "dataset=d"])
+    assert demo.model.test_flips == "auto" and demo.validation == "holdout"
     with pytest.raises(ConfigError, match=expected):  # the mirrors are chosen on the held-out normals too
-        load_config(TrainConfig, "demo", ["store=s", "dataset=d", "model.test_flips=auto", "validation=test"])
-    # without the per-position whitening the setting chooses nothing, and test validation stays the user's call
-    pooled = ["store=s", "dataset=d", "model.feature_position_shrinkage=auto", "validation=test"]
+        load_config(TrainConfig, "demo", ["store=s", "dataset=d", "validation=test"])
+    # without the per-position whitening the blend chooses nothing; with one view, test validation is the user's call
+    pooled = ["store=s", "dataset=d", "model.feature_position_shrinkage=auto", "model.test_flips=1", "validation=test"]
     assert not load_config(TrainConfig, "demo", pooled).model.needs_held_out
