@@ -316,6 +316,9 @@ class TSDN(nn.Module):
         """
         self._check_step(step, "set_normal_stats")
         count = int(sums[0].item())
+        if step == "flips":  # too few held-out images (even 0 or 1) choose the image alone: nothing to refuse
+            self._set_flips(sums[1:], count)
+            return count
         if count < 2:
             msg = f"set_normal_stats: {step} statistics need at least 2 normal images, got {count}"
             raise ValueError(msg)
@@ -328,9 +331,6 @@ class TSDN(nn.Module):
             raise ValueError(msg)
         if step == "whitening":
             self._set_whitening(sums[1:], count, None if held_out is None else held_out[1:])
-            return count
-        if step == "flips":
-            self._set_flips(sums[1:], count)
             return count
         height, width = self.cfg.input_shape
         n = height * width
@@ -560,7 +560,7 @@ class TSDN(nn.Module):
         return sums
 
     def _set_flips(self, sums: torch.Tensor, count: int) -> None:
-        fractions = (sums / count).tolist()
+        fractions = (sums / max(count, 1)).tolist()
         if len(fractions) != len(TEST_FLIPS[4]) - 1:
             msg = f"set_normal_stats: flips sums of {len(sums) + 1} values; this model's are {len(TEST_FLIPS[4])}"
             raise ValueError(msg)
