@@ -14,8 +14,9 @@ Then, on the held-out normal images only (no defect, no test label), two candida
 - ``standardised``: the map ``predict`` scores with ``test_flips: 1`` (standardised per position by the training
   images' maps): on a part shot in one pose a mirror image puts its structure where the statistics expect other.
 
-About 0.5 where a mirror image is as normal as the image, near 1 where it is not. One JSON row per (model, setting)
-and one per model with the statistics are appended to OUT.
+About 0.5 where a mirror image is as normal as the image, near 1 where it is not. For the raw map also the
+geometric mean of the mirrored score over the image's own (``ratio``). One JSON row per (model, setting) and one per
+model with the statistics are appended to OUT.
 
     python benchmarks/flip_views.py OUT MODEL.pt ROOT PRODUCT
 """
@@ -26,7 +27,6 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,23 +67,21 @@ def main(out_path: str, model_path: str, root: str, product: str) -> None:
     train = _to_tensor(data["train"][~held])
     normals = _to_tensor(data["train"][held])
     row = {"model": model_path, "product": product, "seed": seed}
-    single = None
     for flips in TEST_FLIPS:
         fitted = refit(model, train, normals, test_flips=flips)
-        single = fitted if flips == 1 else single
         with torch.no_grad():
             test = torch.cat([fitted.predict(b).anomaly_map for b in _to_tensor(data["test"]).split(16)])
             held_out = torch.cat([fitted.predict(b).anomaly_map for b in _to_tensor(val.images).split(16)])
         write_row(out_path, {**row, "test_flips": flips, **map_metrics(data, val, test, held_out)})
+    single = refit(model, train, normals, test_flips=1)
     statistics: dict[str, float] = {}
     for kind, standardised in (("raw", False), ("standardised", True)):
         own = scores(single, normals, standardised)
         for view, dims in VIEWS.items():
             mirrored = scores(single, normals.flip(dims), standardised)
             statistics[f"{kind} {view}"] = round(float((mirrored > own).float().mean()), 3)
-            ratio = float(np.exp((mirrored.log() - own.log()).mean())) if not standardised else None
-            if ratio is not None:
-                statistics[f"{kind} {view} ratio"] = round(ratio, 3)
+            if not standardised:  # a standardised score can be negative: no ratio
+                statistics[f"{kind} {view} ratio"] = round(float((mirrored.log() - own.log()).mean().exp()), 3)
     write_row(out_path, {**row, "held_out_normals": len(normals), "above_own": statistics})
 
 

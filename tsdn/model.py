@@ -649,9 +649,8 @@ class TSDN(nn.Module):
                 stacked[name].append(values.flip(dims))
         # the mean of a stack along the channels, not a running sum: OpenVINO's CPU plugin fuses a plain sum of
         # blurred maps into the blur and drops a term (as for the fused source, below)
-        return {
-            name: torch.cat(parts, dim=1).mean(dim=1, keepdim=True) for name, parts in stacked.items()
-        }, reconstruction
+        averaged = {name: torch.cat(parts, dim=1).mean(dim=1, keepdim=True) for name, parts in stacked.items()}
+        return averaged, reconstruction
 
     def _view_maps(self, image: torch.Tensor, source: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """:meth:`_source_maps` of one view."""
