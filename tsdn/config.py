@@ -187,11 +187,17 @@ class TSDNConfig:
     surf_opacity_min: float = 1.0
 
     @property
-    def needs_held_out(self) -> bool:
-        """Fitting the statistics takes normal images held out of the fit: ``feature_whitening: position`` with
-        ``feature_position_shrinkage: auto`` chooses its blend on them, ``test_flips: auto`` its mirror images."""
+    def chooses_position_blend(self) -> bool:
+        """The whitening's fit chooses its blend on held-out normal images (``feature_whitening: position`` with
+        ``feature_position_shrinkage: auto``)."""
         position = self.feature_distance == "mahalanobis" and self.feature_whitening == "position"
-        return (position and self.feature_position_shrinkage == "auto") or self.test_flips == "auto"
+        return position and self.feature_position_shrinkage == "auto"
+
+    @property
+    def needs_held_out(self) -> bool:
+        """Fitting the statistics takes normal images held out of the fit: the whitening's blend
+        (:attr:`chooses_position_blend`) or, with ``test_flips: auto``, the mirror images are chosen on them."""
+        return self.chooses_position_blend or self.test_flips == "auto"
 
     def __post_init__(self) -> None:
         image_size, sides = parse_image_size(self.image_size)

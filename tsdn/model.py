@@ -384,11 +384,10 @@ class TSDN(nn.Module):
 
     @property
     def chooses_position_blend(self) -> bool:
-        """The whitening's fit chooses its blend on held-out normal images (``feature_whitening: position`` with
-        ``feature_position_shrinkage: auto``): :meth:`set_normal_stats` takes their ``whitening`` sums."""
-        cfg = self.cfg
-        position = cfg.feature_distance == "mahalanobis" and cfg.feature_whitening == "position"
-        return position and cfg.feature_position_shrinkage == "auto"
+        """The whitening's fit chooses its blend on held-out normal images (the config's
+        :attr:`~tsdn.config.TSDNConfig.chooses_position_blend`): :meth:`set_normal_stats` takes their ``whitening``
+        sums."""
+        return self.cfg.chooses_position_blend
 
     def _encoder_norm_layout(self) -> tuple[list[tuple[nn.modules.batchnorm._BatchNorm, int]], int]:
         """The encoder's BatchNorm layers that ``encoder_norm`` adapts (those whose activations are at most
