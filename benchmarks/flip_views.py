@@ -46,7 +46,9 @@ def refit(model: TSDN, train: torch.Tensor, held: torch.Tensor, **changes: objec
     """``model``'s trained weights in a model of its config with ``changes``, its statistics fitted on ``train`` (and
     the held-out normals ``held``, where the config chooses on them)."""
     fitted = TSDN(dataclasses.replace(model.cfg, **changes)).eval()
-    fitted.load_state_dict(model.state_dict())
+    weights = model.state_dict()
+    weights.pop("test_flip_count", None)  # a `test_flips: auto` model's choice; the settings here are fixed
+    fitted.load_state_dict(weights)
     if fitted.normal_fit_steps:
         fitted.fit_normal_stats(train.split(16), held.split(16) if fitted.needs_held_out else None)
     return fitted
