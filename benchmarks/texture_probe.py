@@ -9,6 +9,11 @@ a change to the map can be tried in seconds instead of a training run per seed. 
   map blurred twice as much;
 - flips at test time: the map averaged over the image and its mirror images (2: left-right; 4: and up-down,
   and both), each mapped back; ``fitflip`` also whitens with the flipped training images' moments;
+- more views (``VIEWS``: the view of the image, and the view's map mapped back): ``dihedral8`` the mirrors and the
+  mirrors of the transposed image (square inputs); ``shift4`` / ``shift2`` the image and the image moved 4 / 2 px
+  down and right; ``flips4+shift4`` the mirrors, each also moved 4 px;
+- the map's blur (``sigmaS``, ``flips4-sigmaS``: sigma S at 128 px instead of 4) and its per-position statistics
+  blended toward their means over positions (``norm-shrink0.5``, ``norm-pooled``);
 - a colour stage: the image itself average-pooled over C x C pixels (``cC``), whitened like an encoder stage and
   averaged in with the others (``w`` its weight against 1 per stage); ``cCp`` whitens it per position instead
   (a mean and covariance per position, shrunk 10 % to the pooled one);
@@ -44,9 +49,54 @@ from stage_variants import per_type_auroc
 from whitening_variants import mahalanobis, moments, standardise
 
 from tsdn.metrics import image_auroc, pixel_auroc
-from tsdn.scoring import image_score
+from tsdn.scoring import blur_map, image_score
 
 FLIPS = ((), (3,), (2,), (2, 3))  # none, left-right, up-down, both
+
+
+def _flip(dims: tuple[int, ...]):
+    return lambda x: x.flip(dims) if dims else x
+
+
+def _transposed(dims: tuple[int, ...]):
+    return lambda x: x.transpose(2, 3).flip(dims) if dims else x.transpose(2, 3)
+
+
+def _untransposed(dims: tuple[int, ...]):
+    return lambda x: (x.flip(dims) if dims else x).transpose(2, 3)
+
+
+def _shift(s: int):
+    """The image moved ``s`` px down and right (the new rows and columns reflected in)."""
+    return lambda x: F.pad(x, (s, 0, s, 0), mode="reflect")[..., : x.shape[2], : x.shape[3]]
+
+
+def _unshift(s: int):
+    """A map of the moved image back on the image's own pixels (its last ``s`` rows and columns repeated)."""
+    return lambda m: F.pad(m[..., s:, s:], (0, s, 0, s), mode="replicate")
+
+
+# view name -> (image -> view, the view's map -> the image's map)
+VIEWS = {
+    **{f"flip{d}": (_flip(d), _flip(d)) for d in FLIPS},
+    **{f"transpose{d}": (_transposed(d), _untransposed(d)) for d in FLIPS},
+    "shift4": (_shift(4), _unshift(4)),
+    "shift2": (_shift(2), _unshift(2)),
+    **{
+        f"shift4-flip{d}": ((lambda x, d=d: _shift(4)(x.flip(d))), (lambda m, d=d: _unshift(4)(m).flip(d)))
+        for d in FLIPS[1:]
+    },
+}
+FLIP_VIEWS = [f"flip{d}" for d in FLIPS]
+VIEW_SETS = {
+    1: FLIP_VIEWS[:1],
+    2: FLIP_VIEWS[:2],
+    4: FLIP_VIEWS,
+    "d8": FLIP_VIEWS + [f"transpose{d}" for d in FLIPS],
+    "shift": [FLIP_VIEWS[0], "shift4"],
+    "shift2": [FLIP_VIEWS[0], "shift2"],
+    "flips4+shift": FLIP_VIEWS + ["shift4"] + [f"shift4-flip{d}" for d in FLIPS[1:]],
+}
 COLOUR_STRIDES = (2, 4, 8, 16)
 
 # name -> (extra stages after the preset's, flips, weight of the extra stages, image score top-k, options)
@@ -58,6 +108,21 @@ VARIANTS: dict[str, tuple[list, int, float, float, dict]] = {
     "flips2": ([], 2, 1.0, 0.0, {}),
     "flips4": ([], 4, 1.0, 0.0, {}),
     "flips4-fitflip": ([], 4, 1.0, 0.0, {"fit_flips": True}),
+    "dihedral8": ([], "d8", 1.0, 0.0, {}),
+    "shift4": ([], "shift", 1.0, 0.0, {}),
+    "shift2": ([], "shift2", 1.0, 0.0, {}),
+    "flips4+shift4": ([], "flips4+shift", 1.0, 0.0, {}),
+    "flips4-norm-shrink0.5": ([], 4, 1.0, 0.0, {"norm_shrink": 0.5}),
+    "flips4-norm-pooled": ([], 4, 1.0, 0.0, {"norm_shrink": 1.0}),
+    "sigma2": ([], 1, 1.0, 0.0, {"sigma": 0.5}),
+    "sigma3": ([], 1, 1.0, 0.0, {"sigma": 0.75}),
+    "flips4-sigma2": ([], 4, 1.0, 0.0, {"sigma": 0.5}),
+    "flips4-sigma3": ([], 4, 1.0, 0.0, {"sigma": 0.75}),
+    "flips4-sigma6": ([], 4, 1.0, 0.0, {"sigma": 1.5}),
+    "flips4-sigma8": ([], 4, 1.0, 0.0, {"sigma": 2.0}),
+    "flips4-top1%": ([], 4, 1.0, 0.01, {}),
+    "norm-shrink0.5": ([], 1, 1.0, 0.0, {"norm_shrink": 0.5}),
+    "norm-pooled": ([], 1, 1.0, 0.0, {"norm_shrink": 1.0}),
     "+c2": (["c2"], 1, 1.0, 0.0, {}),
     "+c4": (["c4"], 1, 1.0, 0.0, {}),
     "+c8": (["c8"], 1, 1.0, 0.0, {}),
@@ -92,6 +157,17 @@ def image_features(encoder: torch.nn.Module, images: torch.Tensor) -> dict:
     return out
 
 
+def standardise_shrunk(raw: torch.Tensor, train: torch.Tensor, sigma: float, shrink: float) -> torch.Tensor:
+    """``standardise`` with each position's mean and variance blended by ``shrink`` toward the means over positions
+    (1: one mean and one variance for the whole map)."""
+    blurred = blur_map(train, sigma)
+    mean, var = blurred.mean(0, keepdim=True), blur_map(blurred.var(0, keepdim=True), sigma)
+    mean = (1 - shrink) * mean + shrink * mean.mean()
+    var = (1 - shrink) * var + shrink * var.mean()
+    std = var.sqrt().clamp_min(0.01 * float(var.sqrt().mean()))
+    return (blur_map(raw, sigma) - mean) / std
+
+
 def positional_distance(values: torch.Tensor, train: torch.Tensor, shrink: float = 0.1) -> torch.Tensor:
     """(N, C, h, w) -> (N, 1, h, w): the whitened distance to the training features' Gaussian at each position."""
     return position_distance(values, *position_gaussian(train, shrink, shrink_mean=False))
@@ -115,30 +191,39 @@ def line_rows(spec: str, names: list[str] | None = None) -> list[dict]:
     lite = int(rest[0]) if rest else 0
     size, shape, stages, data, train_images, test_images = probe_split(root, product, size_text, strides_text)
     encoder = encoder_for(norm, size, train_images, lite)
-    flipped = [
-        (image_features(encoder, train_images.flip(d) if d else train_images),
-         image_features(encoder, test_images.flip(d) if d else test_images))
-        for d in FLIPS
-    ]  # fmt: skip
-    train0 = flipped[0][0]
+    wanted = {view for name in names or VARIANTS for view in VIEW_SETS[VARIANTS[name][1]]} | set(FLIP_VIEWS)
+    viewed = {
+        view: tuple(image_features(encoder, VIEWS[view][0](images)) for images in (train_images, test_images))
+        for view in wanted
+        if view.startswith("flip") or shape[0] == shape[1] or not view.startswith("transpose")
+    }  # fmt: skip
+    train0 = viewed[FLIP_VIEWS[0]][0]
     fitted = {s: moments(v) for s, v in train0.items()}
-    fitted_flips = {s: moments(torch.cat([train[s] for train, _ in flipped])) for s in train0}
-    sigma = 4.0 * shape[1] / 128
+    fitted_flips = {s: moments(torch.cat([viewed[v][0][s] for v in FLIP_VIEWS])) for s in train0}
+    preset_sigma = 4.0 * shape[1] / 128
     rows = []
     for name in names or VARIANTS:
         extra, flips, weight, topk, options = VARIANTS[name]
         chosen = fitted_flips if options.get("fit_flips") else fitted
+        sigma = preset_sigma * options.get("sigma", 1.0)
         weights = [1.0] * len(stages) + [weight] * len(extra)
+        views = VIEW_SETS[flips]
+        if any(view not in viewed for view in views):
+            continue  # transposes of a non-square image
         maps = {"train": [], "test": []}
-        for dims, pair in zip(FLIPS[:flips], flipped[:flips], strict=True):
+        for view in views:
+            pair, back = viewed[view], VIEWS[view][1]
             for split, features in zip(("train", "test"), pair, strict=True):
                 shrink = options.get("positional")
                 parts = [stage_map(features, train0, chosen, s, shape, shrink) for s in stages]
                 parts += [stage_map(features, train0, chosen, s, shape) for s in extra]
                 amap = sum(w * m for w, m in zip(weights, parts, strict=True)) / sum(weights)
-                maps[split].append(amap.flip(dims) if dims else amap)
-        test_raw, train_raw = sum(maps["test"]) / flips, sum(maps["train"]) / flips
-        amap = standardise(test_raw, train_raw, sigma)
+                maps[split].append(back(amap))
+        test_raw, train_raw = sum(maps["test"]) / len(views), sum(maps["train"]) / len(views)
+        if "norm_shrink" in options:
+            amap = standardise_shrunk(test_raw, train_raw, sigma, options["norm_shrink"])
+        else:
+            amap = standardise(test_raw, train_raw, sigma)
         score_map = amap
         if "image_sigma" in options:
             score_map = standardise(test_raw, train_raw, sigma * options["image_sigma"])
