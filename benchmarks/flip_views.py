@@ -39,6 +39,7 @@ from tsdn.model import TSDN
 from tsdn.scoring import image_score
 
 VIEWS = {"left-right": (3,), "up-down": (2,), "both": (2, 3)}
+FITTED = ("feature_mean_", "feature_whitening_", "feature_count", "normal_", "map_mean", "map_std", "test_flip_count")
 
 
 @torch.no_grad()
@@ -46,9 +47,12 @@ def refit(model: TSDN, train: torch.Tensor, held: torch.Tensor, **changes: objec
     """``model``'s trained weights in a model of its config with ``changes``, its statistics fitted on ``train`` (and
     the held-out normals ``held``, where the config chooses on them)."""
     fitted = TSDN(dataclasses.replace(model.cfg, **changes)).eval()
-    weights = model.state_dict()
-    weights.pop("test_flip_count", None)  # a `test_flips: auto` model's choice; the settings here are fixed
-    fitted.load_state_dict(weights)
+    # the statistics the fit steps estimate again (their number and shapes follow the settings, e.g. the stages), and
+    # a `test_flips: auto` model's choice: only the trained weights carry over
+    weights = {k: v for k, v in model.state_dict().items() if not k.startswith(FITTED)}
+    missing, unexpected = fitted.load_state_dict(weights, strict=False)
+    if unexpected or any(not k.startswith(FITTED) for k in missing):
+        raise ValueError(f"refit: the saved weights do not fit the changed model ({missing=}, {unexpected=})")
     if fitted.normal_fit_steps:
         fitted.fit_normal_stats(train.split(16), held.split(16) if fitted.needs_held_out else None)
     return fitted
