@@ -116,6 +116,29 @@ def test_tsdn_export_averages_the_mirror_images(flips, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_tsdn_export_averages_the_views_of_a_split_map(fmt):
+    """The `demo` preset's map: the views chosen on held-out normals, the image score from strides 8 + 16 + 32 and
+    the map from 8 + 16 (averaged over the same views, standardised by its own statistics, moved by its offset)."""
+    model = _tsdn(
+        "feature",
+        feature_distance="mahalanobis",
+        score_normalization="pixel",
+        feature_strides=(8, 16, 32),
+        map_strides=(8, 16),
+        test_flips="auto",
+    )
+    side = TINY.image_size
+    draws = torch.Generator().manual_seed(4)
+    train, held = (torch.rand(n, 3, side, side, generator=draws) for n in (6, 8))
+    model.fit_normal_stats([train], held_out=[held])
+    calibration = dataclasses.replace(CALIBRATION, map_offset=1.5)
+    files = export_model(model, calibration, fmt)
+    meta = json.loads(files[EXPORT_JSON])
+    assert meta["test_flips"] == model.test_flips == 4 and meta["map_strides"] == [8, 16]
+    _assert_parity(model, files, RUNTIME_OF[fmt], _images(5), calibration)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 @pytest.mark.parametrize(
     ("normalization", "strides", "whitening", "map_strides"),
     [
