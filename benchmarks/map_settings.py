@@ -1,6 +1,6 @@
 """The score map's settings, post hoc on saved TSDN weights: the same weights, no retraining.
 
-For each variant in ``VARIANTS`` a model of the saved config with those settings takes the saved weights, fits its
+For each variant (``variants``) a model of the saved config with those settings takes the saved weights, fits its
 statistics on the training images (and the held-out normals, where the config chooses on them) with
 :func:`flip_views.refit`, as the platform does after training, and scores with ``predict``:
 

@@ -99,8 +99,9 @@ VIEW_SETS = {
 }
 COLOUR_STRIDES = (2, 4, 8, 16)
 
-# name -> (extra stages after the preset's, flips, weight of the extra stages, image score top-k, options)
-VARIANTS: dict[str, tuple[list, int, float, float, dict]] = {
+# name -> (extra stages after the preset's, the views (a key of VIEW_SETS), weight of the extra stages, image score
+# top-k, options)
+VARIANTS: dict[str, tuple[list, int | str, float, float, dict]] = {
     "base": ([], 1, 1.0, 0.0, {}),
     "top1%": ([], 1, 1.0, 0.01, {}),
     "top5%": ([], 1, 1.0, 0.05, {}),
