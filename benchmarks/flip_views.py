@@ -23,7 +23,6 @@ model with the statistics are appended to OUT.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -32,30 +31,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from encoder_probe import write_row
 from position_whitening import map_metrics
-from recipe import _to_tensor, load_saved_run
+from recipe import _to_tensor, load_saved_run, refit
 
 from tsdn.config import TEST_FLIPS
 from tsdn.model import TSDN
 from tsdn.scoring import image_score
 
 VIEWS = {"left-right": (3,), "up-down": (2,), "both": (2, 3)}
-FITTED = ("feature_mean_", "feature_whitening_", "feature_count", "normal_", "map_mean", "map_std", "test_flip_count")
-
-
-@torch.no_grad()
-def refit(model: TSDN, train: torch.Tensor, held: torch.Tensor, **changes: object) -> TSDN:
-    """``model``'s trained weights in a model of its config with ``changes``, its statistics fitted on ``train`` (and
-    the held-out normals ``held``, where the config chooses on them)."""
-    fitted = TSDN(dataclasses.replace(model.cfg, **changes)).eval()
-    # the statistics the fit steps estimate again (their number and shapes follow the settings, e.g. the stages), and
-    # a `test_flips: auto` model's choice: only the trained weights carry over
-    weights = {k: v for k, v in model.state_dict().items() if not k.startswith(FITTED)}
-    missing, unexpected = fitted.load_state_dict(weights, strict=False)
-    if unexpected or any(not k.startswith(FITTED) for k in missing):
-        raise ValueError(f"refit: the saved weights do not fit the changed model ({missing=}, {unexpected=})")
-    if fitted.normal_fit_steps:
-        fitted.fit_normal_stats(train.split(16), held.split(16) if fitted.needs_held_out else None)
-    return fitted
 
 
 @torch.no_grad()

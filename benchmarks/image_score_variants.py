@@ -20,7 +20,6 @@ file.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -28,11 +27,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipe import _to_tensor, load_saved_run
+from recipe import _to_tensor, load_saved_run, refit
 from stage_variants import per_type_auroc, predicted, report_variants, run_cli
 
 from tsdn.metrics import image_auroc, pixel_auroc
-from tsdn.model import TSDN
 from tsdn.scoring import image_score
 
 MAPS = {  # name -> the settings changed on the saved model
@@ -44,17 +42,6 @@ MAPS = {  # name -> the settings changed on the saved model
 TOPK = {"max": 0.0, "top0.1": 0.001, "top1": 0.01, "top5": 0.05}
 
 
-@torch.no_grad()
-def changed(model: TSDN, train: torch.Tensor, **settings) -> TSDN:
-    """The saved weights in a model with ``settings``, its statistics fitted on ``train`` as the platform does."""
-    other = TSDN(dataclasses.replace(model.cfg, **settings))
-    fitted = ("feature_", "normal_")  # the whitening and the per-position statistics depend on the settings
-    other.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(fitted)}, strict=False)
-    other.eval()
-    other.fit_normal_stats(train.split(16))
-    return other
-
-
 def main(model_path: str, root: str, product: str, out_path: str) -> None:
     torch.set_num_threads(2)
     model, data, held, seed, val = load_saved_run(model_path, root, product)
@@ -62,7 +49,7 @@ def main(model_path: str, root: str, product: str, out_path: str) -> None:
     labels, masks, defects = data["test_labels"], data["test_masks"], data["test_defects"]
     results: dict[str, dict] = {}
     for map_name, settings in MAPS.items():
-        other = changed(model, train, **settings)
+        other = refit(model, train, **settings)
         test_map, val_map = predicted(other, test), predicted(other, val_images)
         pixel = round(float(pixel_auroc(masks, test_map[:, 0].numpy())), 4)
         for score_name, topk in TOPK.items():

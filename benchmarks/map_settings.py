@@ -2,7 +2,7 @@
 
 For each variant (``variants``) a model of the saved config with those settings takes the saved weights, fits its
 statistics on the training images (and the held-out normals, where the config chooses on them) with
-:func:`flip_views.refit`, as the platform does after training, and scores with ``predict``:
+:func:`recipe.refit`, as the platform does after training, and scores with ``predict``:
 
 - ``preset``: the saved settings;
 - ``sigma2``: the map's blur halved (``score_sigma`` 2 at 128 px, scaled with the model's width as the presets' 4 is);
@@ -30,8 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from encoder_probe import write_row
-from flip_views import refit
-from recipe import _to_tensor, load_saved_run
+from recipe import _to_tensor, load_saved_run, refit
 from stage_variants import per_type_auroc
 
 from tsdn.metrics import image_auroc, pixel_auroc
@@ -61,11 +60,12 @@ def main(out_path: str, model_path: str, root: str, product: str, views: str | N
     train, normals = _to_tensor(data["train"][~held]), _to_tensor(data["train"][held])
     saved = int(model.test_flip_count) if model.cfg.test_flips == "auto" else model.cfg.test_flips
     views = int(views) if views else saved
+    test_images, val_images = _to_tensor(data["test"]), _to_tensor(val.images)
     row = {"model": model_path, "product": product, "seed": seed, "test_flips": views}
     for name, changes in variants(model).items():
         fitted = refit(model, train, normals, test_flips=views, **changes)
-        test_map, test_scores = maps_and_scores(fitted, _to_tensor(data["test"]))
-        _, val_scores = maps_and_scores(fitted, _to_tensor(val.images))
+        test_map, test_scores = maps_and_scores(fitted, test_images)
+        _, val_scores = maps_and_scores(fitted, val_images)
         write_row(out_path, {
             **row, "variant": name,
             "image_auroc": round(float(image_auroc(data["test_labels"], test_scores)), 4),

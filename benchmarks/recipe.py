@@ -147,6 +147,26 @@ def load_saved_run(model_path: str, root: str, product: str) -> SavedRun:
     return SavedRun(model, data, held, seed, validation_set(data["train"][held], data["train"][~held], seed=seed))
 
 
+# the statistics a fit estimates again (their number and shapes follow the settings, e.g. the stages), and a
+# `test_flips: auto` model's choice
+FITTED = ("feature_mean_", "feature_whitening_", "feature_count", "normal_", "map_mean", "map_std", "test_flip_count")
+
+
+@torch.no_grad()
+def refit(model: TSDN, train: torch.Tensor, held: torch.Tensor | None = None, **changes: object) -> TSDN:
+    """``model``'s trained weights in a model of its config with ``changes``, its statistics fitted on ``train`` (and
+    the held-out normals ``held``, where the config chooses on them) as the platform fits them after training."""
+    fitted = TSDN(dataclasses.replace(model.cfg, **changes)).eval()
+    weights = {k: v for k, v in model.state_dict().items() if not k.startswith(FITTED)}
+    missing, unexpected = fitted.load_state_dict(weights, strict=False)
+    if unexpected or any(not k.startswith(FITTED) for k in missing):
+        raise ValueError(f"refit: the saved weights do not fit the changed model ({missing=}, {unexpected=})")
+    if fitted.normal_fit_steps:
+        held_out = held.split(16) if fitted.needs_held_out and held is not None else None
+        fitted.fit_normal_stats(train.split(16), held_out)
+    return fitted
+
+
 def _to_tensor(images_u8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div_(255.0)
 

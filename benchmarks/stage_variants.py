@@ -27,7 +27,6 @@ Rows (JSON lines) are appended to the output file.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipe import _to_tensor, load_saved_run
+from recipe import _to_tensor, load_saved_run, refit
 from whitening_variants import mahalanobis, moments, standardise
 
 from tsdn.metrics import image_auroc, pixel_auroc
@@ -61,18 +60,6 @@ def all_stages(model: TSDN, images: torch.Tensor, batch_size: int = 16) -> tuple
             res[strides[i]].append(r.double())
             feats[strides[i]].append(f.double())
     return {s: torch.cat(v) for s, v in res.items()}, {s: torch.cat(v) for s, v in feats.items()}
-
-
-@torch.no_grad()
-def refitted(model: TSDN, strides: tuple[int, ...], train: torch.Tensor) -> TSDN:
-    """The saved weights in a model with ``feature_strides=strides``, its statistics fitted on ``train`` as the
-    platform fits them."""
-    other = TSDN(dataclasses.replace(model.cfg, feature_strides=strides))
-    fitted = ("feature_", "normal_")  # the statistics are refitted for the new stages
-    other.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(fitted)}, strict=False)
-    other.eval()
-    other.fit_normal_stats(train.split(16))
-    return other
 
 
 @torch.no_grad()
@@ -125,7 +112,7 @@ def main(model_path: str, root: str, product: str, out_path: str) -> None:
     validation = variants(*per_stage(*all_stages(model, _to_tensor(val.images))))
     for strides in MODEL_STRIDES:
         name = "model_" + "_".join(map(str, strides))
-        other = refitted(model, strides, _to_tensor(data["train"][~held]))
+        other = refit(model, _to_tensor(data["train"][~held]), feature_strides=strides)
         test[name], validation[name] = (
             predicted(other, _to_tensor(data["test"])),
             predicted(other, _to_tensor(val.images)),

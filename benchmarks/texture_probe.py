@@ -192,7 +192,10 @@ def line_rows(spec: str, names: list[str] | None = None) -> list[dict]:
     lite = int(rest[0]) if rest else 0
     size, shape, stages, data, train_images, test_images = probe_split(root, product, size_text, strides_text)
     encoder = encoder_for(norm, size, train_images, lite)
-    wanted = {view for name in names or VARIANTS for view in VIEW_SETS[VARIANTS[name][1]]} | set(FLIP_VIEWS)
+    chosen_names = names or list(VARIANTS)
+    wanted = {view for name in chosen_names for view in VIEW_SETS[VARIANTS[name][1]]}
+    fit_flips = any(VARIANTS[name][4].get("fit_flips") for name in chosen_names)
+    wanted |= set(FLIP_VIEWS) if fit_flips else {FLIP_VIEWS[0]}  # the image itself always: its moments whiten
     viewed = {
         view: tuple(image_features(encoder, VIEWS[view][0](images)) for images in (train_images, test_images))
         for view in wanted
@@ -200,10 +203,10 @@ def line_rows(spec: str, names: list[str] | None = None) -> list[dict]:
     }  # fmt: skip
     train0 = viewed[FLIP_VIEWS[0]][0]
     fitted = {s: moments(v) for s, v in train0.items()}
-    fitted_flips = {s: moments(torch.cat([viewed[v][0][s] for v in FLIP_VIEWS])) for s in train0}
+    fitted_flips = {s: moments(torch.cat([viewed[v][0][s] for v in FLIP_VIEWS])) for s in train0} if fit_flips else {}
     preset_sigma = 4.0 * shape[1] / 128
     rows = []
-    for name in names or VARIANTS:
+    for name in chosen_names:
         extra, flips, weight, topk, options = VARIANTS[name]
         chosen = fitted_flips if options.get("fit_flips") else fitted
         sigma = preset_sigma * options.get("sigma", 1.0)
