@@ -8,7 +8,9 @@ statistics on the training images (and the held-out normals, where the config ch
 - ``sigma2``: the map's blur halved (``score_sigma`` 2 at 128 px, scaled with the model's width as the presets' 4 is);
 - ``image+32``: the image score from the stride-32 stage too (``feature_strides`` 8 + 16 + 32), the map from the
   saved stages (``map_strides`` 8 + 16): the `cpu` preset's split;
-- ``image+32, sigma2``: both.
+- ``image+32, sigma2``: both;
+- ``image+32, score sigma2`` (``score sigma2`` on a model that has the split): the split, the blur halved for the
+  image score's map alone (``image_score_sigma``), the map's kept.
 
 The views are the ones the saved model chose (``test_flips: auto`` is fixed to its saved choice), or VIEWS where given:
 ``recipe.py`` holds out 5 of a demo texture's 40 training images, fewer than ``FLIP_MIN_IMAGES``, so there the saved
@@ -17,7 +19,7 @@ choice is 1 view where the platform's 10-12 held-out normals choose 4.
 One JSON row per (model, variant): the test image / pixel AUROC, the image AUROC per defect type and the held-out
 validation's image AUROC (``recipe.py``'s split and set), appended to OUT.
 
-    python benchmarks/map_settings.py OUT MODEL.pt ROOT PRODUCT [VIEWS]
+    python benchmarks/map_settings.py OUT MODEL.pt ROOT PRODUCT [VIEWS|saved ["VARIANT;VARIANT..."]]
 """
 
 from __future__ import annotations
@@ -41,10 +43,16 @@ def variants(model: TSDN) -> dict[str, dict]:
     """name -> the settings changed on the saved model."""
     cfg = model.cfg
     sigma2 = {"score_sigma": cfg.score_sigma / 2}
+    score_sigma2 = {"image_score_sigma": cfg.score_sigma / 2}
+    if cfg.map_strides is not None:
+        return {"preset": {}, "sigma2": sigma2, "score sigma2": score_sigma2}
     image32 = {"feature_strides": (*cfg.feature_strides, 32), "map_strides": cfg.feature_strides}
     if 32 in cfg.feature_strides:
         return {"preset": {}, "sigma2": sigma2}
-    return {"preset": {}, "sigma2": sigma2, "image+32": image32, "image+32, sigma2": {**image32, **sigma2}}
+    return {
+        "preset": {}, "sigma2": sigma2, "image+32": image32, "image+32, sigma2": {**image32, **sigma2},
+        "image+32, score sigma2": {**image32, **score_sigma2},
+    }  # fmt: skip
 
 
 @torch.no_grad()
@@ -54,15 +62,23 @@ def maps_and_scores(model: TSDN, images: torch.Tensor) -> tuple[torch.Tensor, np
     return torch.cat([o.anomaly_map for o in outputs]), torch.cat([o.anomaly_score for o in outputs]).numpy()
 
 
-def main(out_path: str, model_path: str, root: str, product: str, views: str | None = None) -> None:
+def main(
+    out_path: str, model_path: str, root: str, product: str, views: str | None = None, only: str | None = None
+) -> None:
     torch.set_num_threads(2)
     model, data, held, seed, val = load_saved_run(model_path, root, product)
     train, normals = _to_tensor(data["train"][~held]), _to_tensor(data["train"][held])
     saved = int(model.test_flip_count) if model.cfg.test_flips == "auto" else model.cfg.test_flips
-    views = int(views) if views else saved
+    views = int(views) if views and views != "saved" else saved
     test_images, val_images = _to_tensor(data["test"]), _to_tensor(val.images)
     row = {"model": model_path, "product": product, "seed": seed, "test_flips": views}
-    for name, changes in variants(model).items():
+    chosen = variants(model)
+    names = only.split(";") if only else list(chosen)
+    unknown = set(names) - set(chosen)
+    if unknown:
+        raise SystemExit(f"map_settings: unknown variant(s) {sorted(unknown)} for this model; it has {list(chosen)}")
+    for name in names:
+        changes = chosen[name]
         fitted = refit(model, train, normals, test_flips=views, **changes)
         test_map, test_scores = maps_and_scores(fitted, test_images)
         _, val_scores = maps_and_scores(fitted, val_images)
@@ -76,4 +92,4 @@ def main(out_path: str, model_path: str, root: str, product: str, views: str | N
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:6])
+    main(*sys.argv[1:7])

@@ -119,6 +119,10 @@ class TSDNConfig:
             image-level evidence but spreads a defect's score over its large cells. With ``score_normalization:
             pixel`` the map has its own per-position statistics; the calibration's ``map_offset`` puts it in the
             score's units (``tsdn.calibration``).
+        image_score_sigma: with ``map_strides``, the std (pixels at S x S) of the blur of the map the image score
+            reads (every stage of ``feature_strides``; its per-position std is blurred alike); None = ``score_sigma``,
+            as the anomaly map's. A defect only a coarse stage sees is a peak of a few pixels there, which a narrower
+            blur keeps higher above the normal images' maxima; the map a person reads keeps ``score_sigma``.
 
     Training recipe (read by :mod:`tsdn.training`; the defaults are the paper's):
         encoder_lr_scale: the encoder's learning rate is ``lr * encoder_lr_scale``; 0 freezes it
@@ -176,6 +180,7 @@ class TSDNConfig:
     feature_position_shrinkage: float | Literal["auto"] = 0.1
     feature_strides: tuple[int, ...] = (8, 16)
     map_strides: tuple[int, ...] | None = None
+    image_score_sigma: float | None = None
     encoder_lr_scale: float = 1.0
     encoder_norm: Literal["pretrained", "adapted"] = "pretrained"
     encoder_norm_variance: Literal["adapted", "pretrained"] = "adapted"
@@ -185,6 +190,11 @@ class TSDNConfig:
     mask_warmup_epochs: int = 0
     surf_fill: Literal["colour", "image", "noise"] = "colour"
     surf_opacity_min: float = 1.0
+
+    @property
+    def scored_map_sigma(self) -> float:
+        """The blur of the map the image score reads: ``image_score_sigma`` where set, else ``score_sigma``."""
+        return self.score_sigma if self.image_score_sigma is None else float(self.image_score_sigma)
 
     @property
     def chooses_position_blend(self) -> bool:
@@ -249,6 +259,11 @@ class TSDNConfig:
             map_ok = map_ok and set(self.map_strides) < set(self.feature_strides) and self.score_source == "feature"
             expected = "None, or fewer distinct strides out of feature_strides (with score_source feature)"
             check(self, map_ok, "map_strides", expected)
+        sigma = self.image_score_sigma
+        sigma_ok = sigma is None or (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and sigma >= 0)
+        check(self, sigma_ok, "image_score_sigma", "null (score_sigma) or >= 0")
+        split_ok = sigma is None or self.map_strides is not None
+        check(self, split_ok, "image_score_sigma", "null unless map_strides is set (else the score reads the map)")
         check(self, self.encoder_lr_scale >= 0, "encoder_lr_scale", ">= 0 (0 = frozen)")
         check(self, self.encoder_norm in ("pretrained", "adapted"), "encoder_norm", "pretrained | adapted")
         adapted_ok = self.encoder_norm == "pretrained" or self.encoder_lr_scale == 0

@@ -3,7 +3,8 @@
 The graph (:class:`InferenceGraph`) is what :meth:`tsdn.predict.Predictor` calls the model for: a preprocessed
 (B, 3, S, S) float32 batch in [0, 1] in (input ``image``, dynamic batch axis), the anomaly map (B, 1, S, S) and
 the image score (B,) out (``anomaly_map``, ``anomaly_score``, as ``TSDN.predict`` returns them, so with
-``map_strides`` the map of fewer stages than the score), for the model's own score source: TSDN's
+``map_strides`` the map of fewer stages than the score, and then a third output, ``scored_map``: the map the score
+reduces, which a flagged image's mask falls back on), for the model's own score source: TSDN's
 ``reconstruction``, ``mask``, ``fused`` or ``feature`` (normalisation, encoder, decoders, blur and top-k inside),
 and PatchCore's patch embedding with the nearest-neighbour search over its memory bank (the bank is a constant
 of the graph, searched in fixed blocks of ``bank_chunk`` rows so that no (B·P, M) matrix larger than that exists).
@@ -45,6 +46,7 @@ from tsdn.runtime import (
     EXPORT_VERSION,
     INPUT_NAME,
     OUTPUT_NAMES,
+    SCORED_MAP_NAME,
     OnnxRuntimeRunner,
     OpenVinoRunner,
 )
@@ -65,7 +67,8 @@ class ExportError(ValueError):
 
 
 class InferenceGraph(nn.Module):
-    """The exported computation: ``image`` (B, 3, S, S) in [0, 1] -> (anomaly_map (B, 1, S, S), anomaly_score (B,)).
+    """The exported computation: ``image`` (B, 3, S, S) in [0, 1] -> (anomaly_map (B, 1, S, S), anomaly_score (B,)),
+    and scored_map (B, 1, S, S) for a TSDN with ``map_strides`` (:attr:`output_names`).
 
     TSDN: :meth:`tsdn.model.TSDN.predict` as it is. PatchCore: :meth:`~tsdn.patchcore.PatchCore.embed`, the
     nearest bank row per patch by the expansion ``|q|^2 - 2 q.b + |b|^2`` (what ``torch.cdist`` and faiss
@@ -78,11 +81,19 @@ class InferenceGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """:data:`~tsdn.runtime.OUTPUT_NAMES`, and :data:`~tsdn.runtime.SCORED_MAP_NAME` for a model that scores
+        another map than its anomaly map (TSDN's ``map_strides``)."""
+        return (*OUTPUT_NAMES, *((SCORED_MAP_NAME,) if getattr(self.model, "scores_another_map", False) else ()))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if isinstance(self.model, PatchCore):
             pred = self._patchcore(image)
-        else:
-            pred = self.model.predict(image)
+            return pred.anomaly_map, pred.anomaly_score
+        pred = self.model.predict(image)
+        if self.model.scores_another_map:
+            return pred.anomaly_map, pred.anomaly_score, pred.scored_map
         return pred.anomaly_map, pred.anomaly_score
 
     def _patchcore(self, image: torch.Tensor) -> Any:
@@ -118,7 +129,7 @@ def _probe(size: tuple[int, int]) -> torch.Tensor:
 
 def _onnx_bytes(graph: InferenceGraph, size: tuple[int, int]) -> bytes:
     buffer = io.BytesIO()
-    axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
+    axes = {name: {0: "batch"} for name in (INPUT_NAME, *graph.output_names)}
     with warnings.catch_warnings():
         # The tracer warns about every Python int taken from a size; sizes other than the batch are fixed here.
         warnings.simplefilter("ignore")
@@ -129,7 +140,7 @@ def _onnx_bytes(graph: InferenceGraph, size: tuple[int, int]) -> bytes:
             dynamo=False,
             opset_version=OPSET,
             input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
+            output_names=list(graph.output_names),
             dynamic_axes=axes,
             do_constant_folding=True,
         )
@@ -204,10 +215,18 @@ def export_model(
         "max_abs_score": float(np.abs(got.anomaly_score - expected_score).max()),
         "tolerance": PARITY_TOLERANCE,
     }
-    if max(parity["max_abs_map"], parity["max_abs_score"]) > PARITY_TOLERANCE * scale:
+    differences = [parity["max_abs_map"], parity["max_abs_score"]]
+    if SCORED_MAP_NAME in graph.output_names:
+        if got.scored_map is None:
+            msg = f"{fmt} export: the runtime returned no {SCORED_MAP_NAME} output"
+            raise ExportError(msg)
+        parity["max_abs_scored_map"] = float(np.abs(got.scored_map - reference.scored_map.float().numpy()).max())
+        differences.append(parity["max_abs_scored_map"])
+    if max(differences) > PARITY_TOLERANCE * scale:
+        scored_map = f", max |scored map diff| {differences[2]:.3g}" if len(differences) > 2 else ""
         msg = (
             f"{fmt} export does not reproduce the torch model: max |map diff| {parity['max_abs_map']:.3g}, "
-            f"max |score diff| {parity['max_abs_score']:.3g} > {PARITY_TOLERANCE} x map scale {scale:.3g}"
+            f"max |score diff| {parity['max_abs_score']:.3g}{scored_map} > {PARITY_TOLERANCE} x map scale {scale:.3g}"
         )
         raise ExportError(msg)
     files[EXPORT_JSON] = _meta(model, calibration, fmt, files, parity, source)
@@ -236,6 +255,8 @@ def _meta(
         "feature_whitening": getattr(cfg, "feature_whitening", "pooled"),
         # the map's stages, when not the score's (the calibration's map_offset puts it in the score's units)
         "map_strides": list(cfg.map_strides) if getattr(cfg, "map_strides", None) else None,
+        # the blur of the map the score reads, when not the map's (map_strides; None: score_sigma)
+        "image_score_sigma": getattr(cfg, "image_score_sigma", None),
         # the views whose maps the graph averages (TSDN's test_flips; with auto, the number the fit chose)
         "test_flips": model.test_flips if isinstance(model, TSDN) else 1,
         "backbone": cfg.backbone,
@@ -243,6 +264,7 @@ def _meta(
         "outputs": {
             "anomaly_map": ["batch", 1, height, width],
             "anomaly_score": ["batch"],
+            **({SCORED_MAP_NAME: ["batch", 1, height, width]} if getattr(model, "scores_another_map", False) else {}),
         },
         "input_size": [height, width],
         "preprocess": "RGB (tsdn.image.to_rgb), /255, bilinear antialiased resize to input_size (tsdn.resize)",

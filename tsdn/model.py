@@ -73,11 +73,14 @@ class TSDNPrediction(NamedTuple):
         anomaly_score: (B,) the maximum (or the top-k mean, ``score_topk``) of the score source's map: of
             ``anomaly_map``, or with ``map_strides`` of the map of every stage of ``feature_strides``.
         reconstruction: R, (B, 3, H, W) in [0, 1].
+        scored_map: (B, 1, H, W) the map ``anomaly_score`` reduces: ``anomaly_map`` itself, or with ``map_strides`` the
+            map of every stage of ``feature_strides`` (blurred with ``image_score_sigma``), in the score's units.
     """
 
     anomaly_map: torch.Tensor
     anomaly_score: torch.Tensor
     reconstruction: torch.Tensor
+    scored_map: torch.Tensor
 
 
 class TSDN(nn.Module):
@@ -221,7 +224,12 @@ class TSDN(nn.Module):
         maps, reconstruction = self._source_maps(image, self.cfg.score_source)
         scored = self.normalize_map(maps[self.cfg.score_source])
         anomaly_map = scored if self.map_positions is None else self.normalize_map(maps[MAP_KEY], MAP_KEY)
-        return TSDNPrediction(anomaly_map, image_score(scored, self.cfg.score_topk), reconstruction)
+        return TSDNPrediction(anomaly_map, image_score(scored, self.cfg.score_topk), reconstruction, scored)
+
+    @property
+    def scores_another_map(self) -> bool:
+        """The image score reduces a map other than the anomaly map (``map_strides``): ``predict``'s ``scored_map``."""
+        return self.map_positions is not None
 
     def component_maps(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every available source's (B, 1, H, W) map of ``image``: reconstruction, feature, and (with DCD_A)
@@ -299,9 +307,10 @@ class TSDN(nn.Module):
     def set_normal_stats(self, sums: torch.Tensor, step: str = "pixel", held_out: torch.Tensor | None = None) -> int:
         """Set one step's buffers from :meth:`normal_stat_sums` (added over workers); returns the image count.
 
-        ``pixel``: the per-position variance is blurred with ``score_sigma`` (a few hundred images estimate it
-        noisily; the map is blurred alike) and its square root floored at 1 % of its mean, so that a position
-        where every normal map is the same does not divide by zero. ``whitening``: the covariance is shrunk by
+        ``pixel``: the per-position variance is blurred with ``score_sigma`` (``image_score_sigma`` for the scored
+        map of a model with ``map_strides``): a few hundred images estimate it noisily, and the map is blurred alike.
+        Its square root is floored at 1 % of its mean, so that a position where every normal map is the same does
+        not divide by zero. ``whitening``: the covariance is shrunk by
         ``feature_shrinkage`` toward a scaled identity and ``W = diag(1 / sqrt(eigenvalues)) V'``.
 
         ``held_out``: the ``whitening`` sums of normal images kept out of ``sums``, which
@@ -340,10 +349,11 @@ class TSDN(nn.Module):
         if len(sums) != 1 + 2 * n * len(targets):
             msg = f"set_normal_stats: pixel sums of {len(sums)} values; this model's are {1 + 2 * n * len(targets)}"
             raise ValueError(msg)
+        sigmas = [self.cfg.scored_map_sigma, self.cfg.score_sigma]  # each map's variance blurred as the map is
         for j, (mean_buffer, std_buffer) in enumerate(targets):
             offset = 1 + 2 * n * j
             mean, var = moments_from_sums(count, sums[offset : offset + n], sums[offset + n : offset + 2 * n])
-            std = position_std(var.view(1, 1, height, width), self.cfg.score_sigma)
+            std = position_std(var.view(1, 1, height, width), sigmas[j])
             mean_buffer.copy_(mean.view(1, 1, height, width).to(mean_buffer))
             std_buffer.copy_(std.to(std_buffer))
         self.normal_count.fill_(count)
@@ -683,7 +693,7 @@ class TSDN(nn.Module):
                     [getattr(self, f"feature_whitening_{k}") for k in range(len(stages))],
                     size,
                 )
-            maps["feature"] = mean_stage_map(per_stage, sigma)
+            maps["feature"] = mean_stage_map(per_stage, self.cfg.scored_map_sigma)
             if self.map_positions is not None:
                 maps[MAP_KEY] = mean_stage_map([per_stage[k] for k in self.map_positions], sigma)
         if source in ("fused", "all") and has_mask:

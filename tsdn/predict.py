@@ -44,6 +44,10 @@ class Detection:
         threshold: the raw-score threshold applied (the calibrated one unless overridden).
         anomaly_map: (H, W) float32 raw score map at the input image's resolution, plus the calibration's
             ``map_offset`` (0 unless the model's map comes from other stages than its score).
+        scored_map: (H, W) float32, the map the score reduces, at the same resolution, on a flagged image of a model
+            whose image score reads another map than ``anomaly_map`` (TSDN's ``map_strides``: every stage's map):
+            the region a flagged image's mask falls back on when ``anomaly_map`` reaches the threshold nowhere
+            (:func:`tsdn.response.detect_answer`). None otherwise.
     """
 
     anomaly_score: float
@@ -51,6 +55,7 @@ class Detection:
     is_anomalous: bool
     threshold: float
     anomaly_map: np.ndarray
+    scored_map: np.ndarray | None = None
 
 
 class Predictor:
@@ -160,15 +165,19 @@ class Predictor:
         detections = []
         for start in range(0, len(images), self.batch_size):
             batch, sizes = self._prepare(images[start : start + self.batch_size])
-            maps, scores = self.runner(batch)
-            for anomaly_map, score, size in zip(maps, scores.tolist(), sizes):
+            out = self.runner(batch)
+            for i, (score, size) in enumerate(zip(out.anomaly_score.tolist(), sizes)):
+                shape, flagged = map_size or size, score >= limit
+                # the map the score reduces, resized only for a flagged image, whose mask may fall back on it
+                scored_map = resize_map(out.scored_map[i, 0], shape) if flagged and out.scored_map is not None else None
                 detections.append(
                     Detection(
                         anomaly_score=score,
                         normalized_score=float(self.calibration.normalize(score, limit)),
-                        is_anomalous=score >= limit,
+                        is_anomalous=flagged,
                         threshold=limit,
-                        anomaly_map=resize_map(self.calibration.shift_map(anomaly_map[0]), map_size or size),
+                        anomaly_map=resize_map(self.calibration.shift_map(out.anomaly_map[i, 0]), shape),
+                        scored_map=scored_map,
                     )
                 )
         return detections

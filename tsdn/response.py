@@ -22,13 +22,18 @@ Fields (always):
   2026-12-07 the mask was ``map >= threshold`` on every image. A model whose image score is a top-k mean, as
   the PatchCore presets', has map maxima above its scores, and that marked pixels on 67 % of transistor's and
   16 % of kolektor's good test images while their scores flagged 5 % and 6 %: ``BENCHMARKS.md``, "The mask
-  and the decision".) An anomalous image can still have an empty mask: a top-k score or a model whose map is
-  not the one it scores (``map_strides``) can reach the threshold with no single pixel at it.
+  and the decision".) A model whose map is not the one it scores (TSDN's ``map_strides``: the score from every
+  encoder stage, the map from the finer ones) can flag an image that only a coarse stage sees, with no pixel of
+  the map at the threshold: its mask is then where the map the score reduces (``scored_map``) is ``>= threshold``,
+  so a flagged image says where. (Earlier, such an image came back with an area of 0; ``BENCHMARKS.md``, "The
+  image score's own blur, and the mask of a flagged image".) The mask of a flagged image can still be empty
+  where a top-k score reaches the threshold with no single pixel at it, or where resizing the map to the
+  image's resolution lowers a peak that barely reaches it.
 
 On request (``include``):
 
-- ``mask``: the binary mask (map >= threshold on a flagged image, empty on the others) as a grayscale PNG
-  (0 / 255) at the image's resolution.
+- ``mask``: the binary mask (as ``anomalous_area_pct`` counts it) as a grayscale PNG (0 / 255) at the image's
+  resolution.
 - ``anomaly_map``: the raw float map (the calibration's ``map_offset`` added), little-endian float16, row-major,
   base64, with its ``height`` and ``width``:
   ``np.frombuffer(base64.b64decode(m["data"]), "<f2").reshape(m["height"], m["width"])``.
@@ -77,6 +82,7 @@ def detect_answer(
     threshold: float,
     anomaly_map: np.ndarray,
     include: Collection[str] = (),
+    scored_map: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The fields every detect answer carries, plus the maps named in ``include``.
 
@@ -86,6 +92,8 @@ def detect_answer(
         threshold: the raw-score threshold the decision used.
         anomaly_map: (H, W) float raw map at the image's resolution, as :class:`tsdn.predict.Detection` has it.
         include: a subset of :data:`INCLUDES`.
+        scored_map: (H, W) the map the score reduces, where it is not ``anomaly_map`` (``Detection.scored_map``): a
+            flagged image's mask where ``anomaly_map`` reaches the threshold nowhere.
 
     Returns:
         A JSON-safe dict (the caller adds who answered: product, model version, timings).
@@ -97,8 +105,13 @@ def detect_answer(
     if anomaly_map.ndim != 2 or anomaly_map.size == 0:
         msg = f"detect_answer: expected a non-empty (H, W) map, got shape {anomaly_map.shape}"
         raise ValueError(msg)
+    if scored_map is not None and scored_map.shape != anomaly_map.shape:
+        msg = f"detect_answer: scored_map {scored_map.shape} and anomaly_map {anomaly_map.shape} differ in shape"
+        raise ValueError(msg)
     is_anomalous = bool(anomaly_score >= threshold)
     mask = (anomaly_map >= threshold) if is_anomalous else np.zeros(anomaly_map.shape, dtype=bool)
+    if is_anomalous and scored_map is not None and not mask.any():
+        mask = scored_map >= threshold  # only a stage the map leaves out saw it: say where the score did
     answer: dict[str, Any] = {
         "is_anomalous": is_anomalous,
         "anomaly_score": float(anomaly_score),

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -39,6 +39,7 @@ __all__ = [
     "INPUT_NAME",
     "OUTPUT_NAMES",
     "RUNTIMES",
+    "SCORED_MAP_NAME",
     "ExportedModel",
     "ModelRunner",
     "OnnxRuntimeRunner",
@@ -70,6 +71,9 @@ def runtime_problem(runtime: str, gpus: float, gpu_key: str) -> str | None:
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("anomaly_map", "anomaly_score")
+#: the third output of an export whose image score reduces another map than ``anomaly_map`` (TSDN's ``map_strides``);
+#: an export without it (a model that scores its own map, or one written before 2026-12-07) has none.
+SCORED_MAP_NAME = "scored_map"
 
 
 class RunnerOutput(NamedTuple):
@@ -79,10 +83,13 @@ class RunnerOutput(NamedTuple):
         anomaly_map: (B, 1, S, S) float32, the map of the model's score source (of its ``map_strides`` stages, with
             them), before the calibration's ``map_offset``.
         anomaly_score: (B,) float32 image scores.
+        scored_map: (B, 1, S, S) float32, the map the score reduces, where it is not ``anomaly_map`` (TSDN's
+            ``map_strides``: every stage's map; in the score's units); None for a model that scores its own map.
     """
 
     anomaly_map: np.ndarray
     anomaly_score: np.ndarray
+    scored_map: np.ndarray | None = None
 
 
 @runtime_checkable
@@ -136,6 +143,7 @@ class TorchRunner:
         self.model = model.to(self.device).eval()
         self.image_size = model.cfg.input_shape
         self.family = str(model.FAMILY)
+        self.scores_another_map = bool(getattr(model, "scores_another_map", False))
 
     def __call__(self, batch: np.ndarray) -> RunnerOutput:
         import torch
@@ -143,8 +151,9 @@ class TorchRunner:
         batch = _check_batch(batch, self.image_size, "TorchRunner")
         with torch.inference_mode():
             pred = self.model.predict(torch.from_numpy(batch).to(self.device))
+        scored_map = pred.scored_map.float().cpu().numpy() if self.scores_another_map else None
         return RunnerOutput(
-            pred.anomaly_map.float().cpu().numpy(), pred.anomaly_score.float().cpu().numpy().reshape(-1)
+            pred.anomaly_map.float().cpu().numpy(), pred.anomaly_score.float().cpu().numpy().reshape(-1), scored_map
         )
 
 
@@ -168,11 +177,11 @@ class OnnxRuntimeRunner:
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self.image_size = image_size
         self.family = family
+        self.outputs = _output_names(output.name for output in self.session.get_outputs())
 
     def __call__(self, batch: np.ndarray) -> RunnerOutput:
         batch = _check_batch(batch, self.image_size, "OnnxRuntimeRunner")
-        anomaly_map, anomaly_score = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
-        return RunnerOutput(anomaly_map, anomaly_score.reshape(-1))
+        return _runner_output(self.session.run(self.outputs, {INPUT_NAME: batch}))
 
 
 class OpenVinoRunner:
@@ -200,12 +209,29 @@ class OpenVinoRunner:
         self.compiled = core.compile_model(model, "CPU", config)
         self.image_size = image_size
         self.family = family
+        self.outputs = _output_names(name for output in self.compiled.outputs for name in output.get_names())
 
     def __call__(self, batch: np.ndarray) -> RunnerOutput:
         batch = _check_batch(batch, self.image_size, "OpenVinoRunner")
         result = self.compiled(batch)
-        anomaly_map, anomaly_score = (np.asarray(result[self.compiled.output(name)]) for name in OUTPUT_NAMES)
-        return RunnerOutput(anomaly_map.astype(np.float32, copy=False), anomaly_score.reshape(-1))
+        return _runner_output([np.asarray(result[self.compiled.output(name)]) for name in self.outputs])
+
+
+def _output_names(names: Iterable[str]) -> list[str]:
+    """The outputs an exported graph is read for: :data:`OUTPUT_NAMES`, and :data:`SCORED_MAP_NAME` where it has it."""
+    present = set(names)
+    missing = [name for name in OUTPUT_NAMES if name not in present]
+    if missing:
+        msg = f"exported graph: no output(s) {', '.join(missing)}; it has {', '.join(sorted(present))}"
+        raise ValueError(msg)
+    return [*OUTPUT_NAMES, *([SCORED_MAP_NAME] if SCORED_MAP_NAME in present else [])]
+
+
+def _runner_output(values: list[np.ndarray]) -> RunnerOutput:
+    """An exported graph's outputs, in :func:`_output_names` order -> float32 :class:`RunnerOutput`."""
+    anomaly_map, anomaly_score = (np.asarray(v, dtype=np.float32) for v in values[:2])
+    scored_map = np.asarray(values[2], dtype=np.float32) if len(values) > 2 else None
+    return RunnerOutput(anomaly_map, anomaly_score.reshape(-1), scored_map)
 
 
 class ExportedModel(NamedTuple):

@@ -85,8 +85,8 @@ class DetectResponse(BaseModel):
     confidence: float = Field(description="confidence in the decision, in [0.5, 1] (Lookout for Vision Confidence)")
     threshold: float = Field(description="the raw-score threshold applied")
     anomalous_area_pct: float = Field(
-        description="% of pixels in the mask (map >= threshold on a flagged image, none on a normal one): "
-        "TotalPercentageArea"
+        description="% of pixels in the mask (map >= threshold on a flagged image, or where the map reaches it "
+        "nowhere, the map the score reduces >= threshold; none on a normal one): TotalPercentageArea"
     )
     inference_ms: float = Field(description="the predict call of the batch this image was in")
     batch_size: int = Field(description="images in that call")

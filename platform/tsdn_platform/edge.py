@@ -45,6 +45,7 @@ def answer(
         threshold=detection.threshold,
         anomaly_map=detection.anomaly_map,
         include=include,
+        scored_map=detection.scored_map,
     )
     return {
         "image": image,

@@ -158,6 +158,7 @@ def _answers(detections: "list[Detection]", includes: list[frozenset[str]]) -> l
             threshold=detection.threshold,
             anomaly_map=detection.anomaly_map,
             include=include,
+            scored_map=detection.scored_map,
         )
         for detection, include in zip(detections, includes)
     ]

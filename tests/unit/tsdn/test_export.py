@@ -65,9 +65,11 @@ def _patchcore(cfg: pc.PatchCoreConfig = TINY_PATCHCORE) -> pc.PatchCore:
 
 
 def _assert_parity(model, files, runtime, images, calibration=CALIBRATION):
-    """The exported Predictor's detections equal the torch Predictor's within the stated tolerance."""
-    eager = Predictor(model, calibration, batch_size=3).predict(images)
-    exported = Predictor.from_export(files, runtime, batch_size=3).predict(images)
+    """The exported Predictor's detections equal the torch Predictor's within the stated tolerance; with every image
+    flagged (a threshold below the lowest score), so do the maps their scores reduce (a model with ``map_strides``)."""
+    eager_predictor = Predictor(model, calibration, batch_size=3)
+    exported_predictor = Predictor.from_export(files, runtime, batch_size=3)
+    eager, exported = eager_predictor.predict(images), exported_predictor.predict(images)
     scale = max(max(float(d.anomaly_map.max() - d.anomaly_map.min()), float(d.anomaly_map.max())) for d in eager)
     assert scale > 0
     for a, b in zip(eager, exported):
@@ -76,6 +78,12 @@ def _assert_parity(model, files, runtime, images, calibration=CALIBRATION):
         assert abs(a.anomaly_score - b.anomaly_score) <= PARITY_TOLERANCE * scale
         assert a.threshold == b.threshold
         assert abs(a.normalized_score - b.normalized_score) <= 1e-3
+    lowest = min(d.anomaly_score for d in eager) - 1.0
+    flagged = zip(eager_predictor.predict(images, threshold=lowest), exported_predictor.predict(images, lowest))
+    for a, b in flagged:
+        assert (a.scored_map is None) == (b.scored_map is None) == (not getattr(model, "scores_another_map", False))
+        if a.scored_map is not None:
+            assert np.abs(a.scored_map - b.scored_map).max() <= PARITY_TOLERANCE * scale
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
@@ -117,14 +125,16 @@ def test_tsdn_export_averages_the_mirror_images(flips, fmt):
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_tsdn_export_averages_the_views_of_a_split_map(fmt):
-    """The `demo` preset's map: the views chosen on held-out normals, the image score from strides 8 + 16 + 32 and
-    the map from 8 + 16 (averaged over the same views, standardised by its own statistics, moved by its offset)."""
+    """The `demo` preset's map: the views chosen on held-out normals, the image score from strides 8 + 16 + 32 at its
+    own blur and the map from 8 + 16 (averaged over the same views, standardised by its own statistics, moved by its
+    offset)."""
     model = _tsdn(
         "feature",
         feature_distance="mahalanobis",
         score_normalization="pixel",
         feature_strides=(8, 16, 32),
         map_strides=(8, 16),
+        image_score_sigma=2.0,
         test_flips="auto",
     )
     side = TINY.image_size
@@ -135,6 +145,8 @@ def test_tsdn_export_averages_the_views_of_a_split_map(fmt):
     files = export_model(model, calibration, fmt)
     meta = json.loads(files[EXPORT_JSON])
     assert meta["test_flips"] == model.test_flips == 4 and meta["map_strides"] == [8, 16]
+    assert meta["image_score_sigma"] == 2.0 and "scored_map" in meta["outputs"]
+    assert meta["parity"]["max_abs_scored_map"] <= PARITY_TOLERANCE * meta["parity"]["map_scale"]
     _assert_parity(model, files, RUNTIME_OF[fmt], _images(5), calibration)
 
 

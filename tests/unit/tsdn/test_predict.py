@@ -199,3 +199,15 @@ def test_a_model_whose_map_is_not_its_score_gets_its_map_in_the_score_units():
     assert loaded.calibration.map_offset == calibration.map_offset
     old = {k: v for k, v in calibration.to_dict().items() if k != "map_offset"}
     assert type(calibration).from_dict(old).map_offset == 0.0
+
+    # the map the score reduces travels with a flagged image only, at the map's size, in the score's units
+    threshold = float(np.median(raw.anomaly_score.numpy()))
+    detections = predictor.predict(images, threshold=threshold, map_size=(64, 64))
+    assert any(d.is_anomalous for d in detections) and not all(d.is_anomalous for d in detections)
+    for det, want, score in zip(detections, raw.scored_map[:, 0].numpy(), raw.anomaly_score.numpy()):
+        if det.is_anomalous:
+            np.testing.assert_allclose(det.scored_map, want, rtol=1e-5, atol=1e-6)
+            assert det.scored_map.max() == pytest.approx(float(score), rel=1e-5)
+        else:
+            assert det.scored_map is None
+    assert all(d.scored_map is None for d in Predictor(TSDN(CFG).eval(), calibration).predict(images, threshold=-1.0))

@@ -54,6 +54,34 @@ def test_a_normal_decision_has_an_empty_mask_even_where_its_map_reaches_the_thre
     assert (empty["is_anomalous"], empty["anomalous_area_pct"]) == (True, 0.0)
 
 
+def test_a_flagged_image_whose_map_misses_the_threshold_gets_the_mask_of_the_map_its_score_reduces():
+    """``map_strides``: the score reads every stage, the map the finer ones. Where the map reaches the threshold the
+    mask is the map's; where it reaches it nowhere, the score map's region; a normal image's stays empty."""
+    anomaly_map = np.ones((8, 8), np.float32)
+    scored_map = np.zeros((8, 8), np.float32)
+    scored_map[2:4, 5:8] = 3.0  # 6 pixels: what only the coarse stage saw
+    fallback = detect_answer(
+        anomaly_score=3.0, normalized_score=0.8, threshold=2.0, anomaly_map=anomaly_map, include=("mask",),
+        scored_map=scored_map,
+    )  # fmt: skip
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(fallback["mask"]["data"]))))
+    np.testing.assert_array_equal(mask == 255, scored_map >= 2.0)
+    assert fallback["anomalous_area_pct"] == pytest.approx(100 * 6 / 64, abs=1e-4)
+    anomaly_map[0, 0] = 2.5  # the map marks a pixel: its mask, not the score map's
+    own = detect_answer(
+        anomaly_score=3.0, normalized_score=0.8, threshold=2.0, anomaly_map=anomaly_map, scored_map=scored_map
+    )
+    assert own["anomalous_area_pct"] == pytest.approx(100 / 64, abs=1e-4)
+    normal = detect_answer(
+        anomaly_score=1.5, normalized_score=0.4, threshold=2.0, anomaly_map=anomaly_map, scored_map=scored_map
+    )
+    assert normal["anomalous_area_pct"] == 0.0
+    with pytest.raises(ValueError, match="differ in shape"):
+        detect_answer(
+            anomaly_score=3.0, normalized_score=0.8, threshold=2.0, anomaly_map=anomaly_map, scored_map=scored_map[:4]
+        )
+
+
 def test_maps_on_request_decode_to_what_was_computed():
     anomaly_map = RNG.uniform(0.0, 4.0, (30, 50)).astype(np.float32)
     answer = _answer(3.9, 0.9, 2.0, anomaly_map, include=INCLUDES)

@@ -753,6 +753,52 @@ def test_map_strides_score_from_every_stage_and_map_from_the_finer_ones():
         split.set_normal_stats(every.normal_stat_sums([normal]), "pixel")
 
 
+def test_image_score_sigma_blurs_the_scored_map_alone():
+    """``image_score_sigma``: the image score is the every-stage model's at that blur (its per-position statistics
+    blurred alike), the map the finer-stage model's at ``score_sigma``; the setting travels in the checkpoint."""
+    settings = dict(
+        score_source="feature",
+        feature_distance="mahalanobis",
+        score_normalization="pixel",
+        feature_strides=(8, 16, 32),
+    )
+    split = _model(**settings, map_strides=(8, 16), image_score_sigma=2.0).eval()
+    every = _model(**settings, score_sigma=2.0).eval()
+    fine = _model(**{**settings, "feature_strides": (8, 16)}).eval()
+    normal = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(33))
+    probe = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(34))
+    with torch.inference_mode():
+        for model in (split, every, fine):
+            model.fit_normal_stats(normal.split(4))
+        pred, whole, finer = split.predict(probe), every.predict(probe), fine.predict(probe)
+        default = _model(**settings, map_strides=(8, 16)).eval()
+        default.fit_normal_stats(normal.split(4))
+        unchanged = default.predict(probe)
+    torch.testing.assert_close(pred.anomaly_score, whole.anomaly_score)
+    torch.testing.assert_close(split.normal_std, every.normal_std)
+    torch.testing.assert_close(pred.anomaly_map, finer.anomaly_map)
+    torch.testing.assert_close(pred.anomaly_map, unchanged.anomaly_map)
+    assert not torch.allclose(pred.anomaly_score, unchanged.anomaly_score)
+    loaded, _, meta = load_checkpoint(checkpoint_files(split, fit_calibration(np.array([0.1, 0.2, 0.3]))))
+    assert meta["config"]["image_score_sigma"] == 2.0
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.predict(probe).anomaly_score, pred.anomaly_score)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"image_score_sigma": 2.0},  # no map_strides: the score reads the map itself
+        {"image_score_sigma": -1.0, "map_strides": (8, 16)},
+        {"image_score_sigma": True, "map_strides": (8, 16)},
+    ],
+)
+def test_image_score_sigma_refuses_a_model_without_a_split_map(changes):
+    base = {**TINY.to_dict(), "score_source": "feature", "feature_strides": [8, 16, 32]}
+    with pytest.raises(ConfigError, match="image_score_sigma"):
+        TSDNConfig.from_dict({**base, **changes})
+
+
 @pytest.mark.parametrize(
     "changes",
     [
