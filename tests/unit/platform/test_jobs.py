@@ -55,7 +55,7 @@ def test_every_train_preset_resolves(preset):
         paper = TSDNConfig()
         recipe = ("score_source", "encoder_lr_scale", "lr_schedule", "mask_loss", "surf_fill", "surf_opacity_min")
         recipe = (*recipe, "score_normalization", "feature_distance", "feature_strides", "map_strides", "score_sigma")
-        recipe = (*recipe, "skip")
+        recipe = (*recipe, "skip", "image_score_sigma")
         assert all(getattr(cfg.model, k) == getattr(paper, k) for k in recipe)
         assert cfg.families == ["tsdn"]
     if preset == "cpu":  # the demo preset's measured TSDN at 192 px, with ImageNet's BatchNorm statistics (the
@@ -63,12 +63,14 @@ def test_every_train_preset_resolves(preset):
         # blend chosen per stage on the held-out normals (an aligned part takes a small one; a texture one near 1,
         # where a fixed small blend lost); one view (a part shot in one pose: its mirror images are not normal
         # images). Both take the image score from strides 8 + 16 + 32 and the map from the finer two (the stride-32
-        # stage's cells cost the map its region overlap)
+        # stage's cells cost the map its region overlap); the demo's image score reads a narrower blur (at 192 px
+        # and 320 x 128 it lost 0.001)
         demo = load_config(TrainConfig, "demo", ["store=s", "dataset=d"]).model
         changed = {k for k in vars(demo) if getattr(demo, k) != getattr(cfg.model, k)}
         norm = {"encoder_norm", "encoder_norm_variance", "encoder_norm_max_stride"}
         whitening = {"feature_whitening", "feature_position_shrinkage"}
-        assert changed == {"image_size", "test_flips", *whitening, *norm}, changed
+        assert changed == {"image_size", "test_flips", "image_score_sigma", *whitening, *norm}, changed
+        assert (demo.image_score_sigma, cfg.model.image_score_sigma) == (2.0, None)
         assert (demo.test_flips, cfg.model.test_flips) == ("auto", 1)
         assert cfg.model.encoder_norm == "pretrained" and demo.encoder_norm == "adapted"
         assert cfg.model.feature_whitening == "position" and demo.feature_whitening == "pooled"
