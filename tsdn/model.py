@@ -310,8 +310,8 @@ class TSDN(nn.Module):
         ``pixel``: the per-position variance is blurred with ``score_sigma`` (``image_score_sigma`` for the scored
         map of a model with ``map_strides``): a few hundred images estimate it noisily, and the map is blurred alike.
         Its square root is floored at 1 % of its mean, so that a position where every normal map is the same does
-        not divide by zero. ``whitening``: the covariance is shrunk by
-        ``feature_shrinkage`` toward a scaled identity and ``W = diag(1 / sqrt(eigenvalues)) V'``.
+        not divide by zero. ``whitening``: the covariance is shrunk by ``feature_shrinkage`` toward a scaled
+        identity and ``W = diag(1 / sqrt(eigenvalues)) V'``.
 
         ``held_out``: the ``whitening`` sums of normal images kept out of ``sums``, which
         ``feature_position_shrinkage: auto`` needs (:attr:`chooses_position_blend`) and nothing else takes: per
