@@ -26,9 +26,10 @@ Fields (always):
   encoder stage, the map from the finer ones) can flag an image that only a coarse stage sees, with no pixel of
   the map at the threshold: its mask is then where the map the score reduces (``scored_map``) is ``>= threshold``,
   so a flagged image says where. (Earlier, such an image came back with an area of 0; ``BENCHMARKS.md``, "The
-  image score's own blur, and the mask of a flagged image".) The mask of a flagged image can still be empty
-  where a top-k score reaches the threshold with no single pixel at it, or where resizing the map to the
-  image's resolution lowers a peak that barely reaches it.
+  image score's own blur, and the mask of a flagged image".)
+  At the network's resolution the map a score reduces always has a pixel at a flagged image's threshold (the
+  score is its maximum or the mean of its top pixels); the mask at the image's resolution can still be empty where
+  resizing lowers a peak that barely reaches it.
 
 On request (``include``):
 
