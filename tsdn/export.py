@@ -45,10 +45,10 @@ from tsdn.runtime import (
     EXPORT_JSON,
     EXPORT_VERSION,
     INPUT_NAME,
-    OUTPUT_NAMES,
     SCORED_MAP_NAME,
     OnnxRuntimeRunner,
     OpenVinoRunner,
+    model_outputs,
 )
 
 __all__ = ["OPSET", "PARITY_TOLERANCE", "ExportError", "InferenceGraph", "export_checkpoint", "export_model"]
@@ -83,18 +83,12 @@ class InferenceGraph(nn.Module):
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        """:data:`~tsdn.runtime.OUTPUT_NAMES`, and :data:`~tsdn.runtime.SCORED_MAP_NAME` for a model that scores
-        another map than its anomaly map (TSDN's ``map_strides``)."""
-        return (*OUTPUT_NAMES, *((SCORED_MAP_NAME,) if getattr(self.model, "scores_another_map", False) else ()))
+        """The graph's outputs, in order (:func:`tsdn.runtime.model_outputs`)."""
+        return model_outputs(self.model)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if isinstance(self.model, PatchCore):
-            pred = self._patchcore(image)
-            return pred.anomaly_map, pred.anomaly_score
-        pred = self.model.predict(image)
-        if self.model.scores_another_map:
-            return pred.anomaly_map, pred.anomaly_score, pred.scored_map
-        return pred.anomaly_map, pred.anomaly_score
+        pred = self._patchcore(image) if isinstance(self.model, PatchCore) else self.model.predict(image)
+        return tuple(getattr(pred, name) for name in self.output_names)
 
     def _patchcore(self, image: torch.Tensor) -> Any:
         model = self.model
@@ -264,7 +258,7 @@ def _meta(
         "outputs": {
             "anomaly_map": ["batch", 1, height, width],
             "anomaly_score": ["batch"],
-            **({SCORED_MAP_NAME: ["batch", 1, height, width]} if getattr(model, "scores_another_map", False) else {}),
+            **({SCORED_MAP_NAME: ["batch", 1, height, width]} if SCORED_MAP_NAME in model_outputs(model) else {}),
         },
         "input_size": [height, width],
         "preprocess": "RGB (tsdn.image.to_rgb), /255, bilinear antialiased resize to input_size (tsdn.resize)",

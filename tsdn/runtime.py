@@ -47,6 +47,7 @@ __all__ = [
     "RunnerOutput",
     "TorchRunner",
     "load_exported",
+    "model_outputs",
     "read_export_dir",
     "runtime_format",
     "runtime_problem",
@@ -143,7 +144,7 @@ class TorchRunner:
         self.model = model.to(self.device).eval()
         self.image_size = model.cfg.input_shape
         self.family = str(model.FAMILY)
-        self.scores_another_map = bool(getattr(model, "scores_another_map", False))
+        self.scores_another_map = SCORED_MAP_NAME in model_outputs(model)
 
     def __call__(self, batch: np.ndarray) -> RunnerOutput:
         import torch
@@ -215,6 +216,12 @@ class OpenVinoRunner:
         batch = _check_batch(batch, self.image_size, "OpenVinoRunner")
         result = self.compiled(batch)
         return _runner_output([np.asarray(result[self.compiled.output(name)]) for name in self.outputs])
+
+
+def model_outputs(model: Any) -> tuple[str, ...]:
+    """The outputs a model's call gives, eager or exported: :data:`OUTPUT_NAMES`, and :data:`SCORED_MAP_NAME` for a
+    model whose image score reduces another map than its anomaly map (TSDN's ``scores_another_map``)."""
+    return (*OUTPUT_NAMES, *((SCORED_MAP_NAME,) if getattr(model, "scores_another_map", False) else ()))
 
 
 def _output_names(names: Iterable[str]) -> list[str]:
