@@ -53,6 +53,8 @@ def line_row(registry: Registry, root: Path, product: str) -> dict:
     predictor, ref = registry.load_predictor(product)
     base = root / product
     paths = sorted(base.glob("test/*/*.png"))
+    if not paths:
+        raise SystemExit(f"flagged_masks: no test images under {base}/test/<type>/*.png")
     row = {"product": product, "version": ref.version, "family": predictor.family, "images": len(paths)}
     counts = dict.fromkeys(("flagged_defects", "flagged_good", "map_marks_nothing", "empty_masks"), 0)
     fallback, before, after = [], [], []
@@ -90,6 +92,8 @@ def line_row(registry: Registry, root: Path, product: str) -> dict:
 
 
 def main(out_path: str, store: str, root: str, *products: str) -> None:
+    if not products:
+        raise SystemExit("usage: flagged_masks.py OUT STORE DATA_ROOT PRODUCT [PRODUCT ...]")
     registry = Registry(store)
     for product in products:
         write_row(out_path, line_row(registry, Path(root), product))
