@@ -19,8 +19,10 @@ from tsdn.config_io import from_dict, to_dict
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["QUANTILES", "Calibration", "fit_calibration"]
+__all__ = ["DEFAULT_QUANTILE", "QUANTILES", "Calibration", "fit_calibration", "quantile_false_positive_rate"]
 
+# The quantile of the held-out normal scores a threshold is set at, unless a caller asks for another.
+DEFAULT_QUANTILE = 0.99
 # Quantiles of the normal scores stored in every calibration (keys are their decimal strings).
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 
@@ -55,7 +57,7 @@ class Calibration:
     score_quantiles: dict[str, float] = field(default_factory=dict)
     n_normal: int = 0
     method: Literal["normal-quantile", "f1-optimal"] = "normal-quantile"
-    quantile: float = 0.99
+    quantile: float = DEFAULT_QUANTILE
     map_offset: float = 0.0
 
     def __post_init__(self) -> None:
@@ -99,6 +101,15 @@ class Calibration:
         """``score >= threshold`` for a float, array or tensor of raw scores (or score maps)."""
         return score >= self.threshold
 
+    def false_positive_rate(self, confidence: float = 0.95) -> tuple[float, float] | None:
+        """How often an unseen normal image reaches a ``"normal-quantile"`` threshold: the expected rate and its
+        one-sided upper bound at ``confidence`` (:func:`quantile_false_positive_rate` of ``n_normal`` and
+        ``quantile``). None for an ``"f1-optimal"`` threshold, which is not a quantile of the normal scores.
+        """
+        if self.method != "normal-quantile" or self.n_normal < 1:
+            return None
+        return quantile_false_positive_rate(self.n_normal, self.quantile, confidence)
+
     def normalize(self, score: ScoreT, threshold: float | None = None) -> ScoreT:
         """Map raw scores (or score maps) to [0, 1] so that ``score_min`` -> 0 and the threshold -> 0.5.
 
@@ -127,7 +138,7 @@ def fit_calibration(
     normal_scores: np.ndarray,
     scores: np.ndarray | None = None,
     labels: np.ndarray | None = None,
-    quantile: float = 0.99,
+    quantile: float = DEFAULT_QUANTILE,
     normal_map_maxima: np.ndarray | None = None,
 ) -> Calibration:
     """Fit the threshold and score statistics.
@@ -186,3 +197,34 @@ def fit_calibration(
         quantile=quantile,
         map_offset=map_offset,
     )
+
+
+def quantile_false_positive_rate(n_normal: int, quantile: float, confidence: float = 0.95) -> tuple[float, float]:
+    """The share of unseen normal images whose score reaches the ``quantile`` of ``n_normal`` normal scores.
+
+    Distribution-free, for exchangeable continuous scores: an unseen normal score exceeds the k-th smallest of n
+    with probability ``(n + 1 - k) / (n + 1)`` on average, and over draws of the n images that probability follows
+    Beta(n + 1 - k, k). The threshold (``np.quantile``, linear) sits at the fractional position
+    ``h = quantile * (n - 1)`` (0-based), so k = h + 1 is read fractionally on both counts (Hutson's fractional
+    order statistics): the expected rate is ``(n - h) / (n + 1)`` and the bound is the ``confidence`` quantile of
+    Beta(n - h, h + 1). At the maximum (``quantile`` 1) both are exact: ``1 / (n + 1)`` and
+    ``1 - (1 - confidence) ** (1 / n)``.
+
+    So a "99 % quantile" of 10 held-out normal images is their near-maximum, which an unseen good image reaches
+    about 10 % of the time on average and, for one unlucky draw of the 10, up to about 25 % (95 % bound); the
+    nominal 1 % needs a few hundred normal images.
+
+    Returns:
+        ``(expected, upper)``: the expected rate and its one-sided upper bound, both in (0, 1).
+    """
+    if n_normal < 1:
+        msg = f"quantile_false_positive_rate: n_normal must be at least 1, got {n_normal}"
+        raise ValueError(msg)
+    if not 0 < quantile <= 1 or not 0 < confidence < 1:
+        msg = f"quantile_false_positive_rate: quantile in (0, 1] and confidence in (0, 1), got {quantile}, {confidence}"
+        raise ValueError(msg)
+    from scipy.special import betaincinv  # here: scipy stays out of processes that only apply a calibration
+
+    position = quantile * (n_normal - 1)
+    above, below = n_normal - position, position + 1
+    return above / (n_normal + 1), float(betaincinv(above, below, confidence))

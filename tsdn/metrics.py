@@ -206,6 +206,7 @@ def evaluate(
     masks: np.ndarray | None = None,
     maps: np.ndarray | None = None,
     fpr_limit: float = 0.3,
+    flagged: np.ndarray | None = None,
 ) -> dict[str, float]:
     """All metrics of one test set.
 
@@ -215,15 +216,26 @@ def evaluate(
         masks: optional (N, H, W) ground-truth masks; with ``maps`` adds ``pixel_auroc`` and ``aupro``.
         maps: (N, H, W) anomaly maps, required with ``masks``.
         fpr_limit: AUPRO integration limit.
+        flagged: optional (N,) bool, the decisions the model shipped (``score >= threshold``); adds ``recall``
+            (the share of anomalous images flagged) and ``false_positive_rate`` (the share of normal ones).
 
     Returns:
-        ``{"image_auroc", "f1_max", "f1_threshold"}`` plus ``{"pixel_auroc", "aupro"}`` with masks; a metric
-        undefined for this input (one class only) is NaN.
+        ``{"image_auroc", "f1_max", "f1_threshold"}`` plus ``{"pixel_auroc", "aupro"}`` with masks and
+        ``{"recall", "false_positive_rate"}`` with ``flagged``; a metric undefined for this input (one class
+        only) is NaN.
     """
     if (masks is None) != (maps is None):
         msg = "evaluate: masks and maps must be given together"
         raise ValueError(msg)
     result = {"image_auroc": _or_nan(image_auroc, labels, scores)}
+    if flagged is not None:
+        truth = np.asarray(labels).astype(bool)
+        decisions = np.asarray(flagged).astype(bool)
+        if decisions.shape != truth.shape:
+            msg = f"evaluate: flagged has shape {decisions.shape}, labels {truth.shape}"
+            raise ValueError(msg)
+        result["recall"] = float(decisions[truth].mean()) if truth.any() else math.nan
+        result["false_positive_rate"] = float(decisions[~truth].mean()) if (~truth).any() else math.nan
     try:
         result["f1_max"], result["f1_threshold"] = f1_max(labels, scores)
     except UndefinedMetricError:

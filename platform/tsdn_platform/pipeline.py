@@ -143,26 +143,47 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
 
 
 def format_summary(result: PipelineResult) -> str:
-    """Per product line: test metrics measured by the score job, the registered version, scoring speed."""
-    metrics = (result.score or {}).get("metrics", {})
-    images_per_s = (result.score or {}).get("timings", {}).get("images_per_s")
+    """Per product line: test metrics measured by the score job (the ranking, and the decisions at the calibrated
+    threshold), the registered version, scoring speed; then what each threshold promises on unseen good images."""
+    score = result.score or {}
+    metrics = score.get("metrics", {})
+    images_per_s = score.get("timings", {}).get("images_per_s")
     header = (
         f"{'product':<12} {'family':<10} {'image AUROC':>11} {'pixel AUROC':>11} {'AUPRO':>7} {'F1-max':>7} "
-        f"{'images/s':>9}  version"
+        f"{'recall':>7} {'FPR':>7} {'images/s':>9}  version"
     )
     lines = [header, "-" * (len(header) + 20)]
+    promises = []
     for product, trained in result.train.items():
         if not trained.ok:
             first_line = (trained.error or "").strip().splitlines()[:1] or ["unknown error"]
             lines.append(f"{product:<12} training failed: {first_line[0]}")
             continue
         m = metrics.get(product, {})
-        cells = [_fmt(m.get(k)) for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")]
+        cells = [_fmt(m.get(k)) for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "recall")]
         lines.append(
             f"{product:<12} {trained.family:<10} {cells[0]:>11} {cells[1]:>11} {cells[2]:>7} {cells[3]:>7} "
-            f"{_fmt(images_per_s, 1):>9}  {trained.version}"
+            f"{cells[4]:>7} {_fmt(m.get('false_positive_rate')):>7} {_fmt(images_per_s, 1):>9}  {trained.version}"
         )
+        promise = _threshold_promise(product, (score.get("products", {}).get(product) or {}).get("calibration"))
+        if promise:
+            promises.append(promise)
+    if any(k in m for m in metrics.values() for k in ("recall", "false_positive_rate")):
+        lines += ["", "recall, FPR: the shares of defective and of good test images flagged at the threshold"]
+    if promises:
+        lines += ["how often an unseen good image reaches each threshold (expected, and the 95 % bound):", *promises]
     return "\n".join(lines)
+
+
+def _threshold_promise(product: str, calibration: dict[str, Any] | None) -> str | None:
+    """One line: a quantile threshold, its normal images, and how often an unseen good image reaches it."""
+    if not calibration or calibration.get("expected_false_positive_rate") is None:
+        return None
+    return (
+        f"  {product:<12} threshold {calibration['threshold']:.3f} = the {100 * calibration['quantile']:g} % quantile "
+        f"of {calibration['n_normal']} normal images' scores: {100 * calibration['expected_false_positive_rate']:.0f} %"
+        f", up to {100 * calibration['false_positive_rate_95']:.0f} %"
+    )
 
 
 def _fmt(value: Any, digits: int = 3) -> str:

@@ -131,7 +131,7 @@ def write_report(
         title=html.escape(title),
         facts=_job_facts(data.manifest),
         summary=_summary_table(stats, data.manifest),
-        sections="\n".join(_product_section(s) for s in stats.values() if s.scored),
+        sections="\n".join(_product_section(s, _calibration(data.manifest, p)) for p, s in stats.items() if s.scored),
         controls=_controls(data.rows, shown),
         shown=len(shown),
         cap_note=_cap_note(len(shown), scored),
@@ -468,7 +468,26 @@ def _curve_svg(kind: str, product: str, x: np.ndarray, y: np.ndarray, point: tup
     return "".join(parts)
 
 
-def _product_section(s: ProductStats) -> str:
+def _calibration(manifest: Mapping[str, Any] | None, product: str) -> dict[str, Any]:
+    """The score job's account of the threshold a product's rows were decided at (``products.<p>.calibration``)."""
+    return dict(((manifest or {}).get("products", {}).get(product) or {}).get("calibration") or {})
+
+
+def _threshold_promise(calibration: Mapping[str, Any], threshold: float | None) -> str:
+    """What a quantile threshold promises on unseen good images, when the rows were decided at it."""
+    expected = calibration.get("expected_false_positive_rate")
+    if expected is None or threshold is None or calibration.get("threshold") != threshold:
+        return ""
+    return (
+        f'<p class="explain">The threshold is the {100 * calibration["quantile"]:g} % quantile of the scores of '
+        f"{calibration['n_normal']} normal images the model did not train on. An unseen good image reaches it "
+        f"{_pct(expected)} of the time on average, and up to {_pct(calibration['false_positive_rate_95'])} (a 95 % "
+        "bound: the normal images were few and may have been a lucky draw); the nominal quantile holds only with "
+        "hundreds of them.</p>"
+    )
+
+
+def _product_section(s: ProductStats, calibration: Mapping[str, Any]) -> str:
     name = html.escape(s.product)
     threshold = (
         f"calibrated threshold <b>{_fmt(s.threshold)}</b> (raw score units of this model; normalised score 0.5)"
@@ -481,6 +500,7 @@ def _product_section(s: ProductStats) -> str:
         f'<section class="product" id="product-{_attr(s.product)}"><h2>{name}</h2>',
         f"<p>{s.scored} images scored, {s.flagged} flagged anomalous, {s.errors} error rows; {threshold}; "
         f"model {html.escape(', '.join(s.versions) or '-')}.</p>",
+        _threshold_promise(calibration, s.threshold if len(s.thresholds) == 1 else None),
     ]
     if s.confusion is None:
         parts.append(

@@ -85,6 +85,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
+from tsdn.calibration import Calibration
 from tsdn.config_io import check, to_dict
 from tsdn.image import decode_image
 from tsdn.resize import resize_mask
@@ -312,11 +313,13 @@ def _list_shards(cfg: ScoreConfig, shards: list[str]) -> _Inputs:
 
 @dataclass
 class _Models:
-    """Per product: the pinned version and map shape, or why the product cannot be scored (no shape then)."""
+    """Per product: the pinned version, map shape and calibration, or why the product cannot be scored (no shape
+    then)."""
 
     versions: dict[str, str]
     shapes: dict[str, tuple[int, int]]
     unavailable: dict[str, str]
+    calibrations: dict[str, Calibration] = field(default_factory=dict)
 
 
 def _resolve_models(cfg: ScoreConfig, products: Iterable[str]) -> _Models:
@@ -340,7 +343,27 @@ def _resolve_models(cfg: ScoreConfig, products: Iterable[str]) -> _Models:
         height, width = (cfg.output_map_size,) * 2 if cfg.output_map_size else meta["input_size"]
         models.versions[product] = ref.version
         models.shapes[product] = (int(height), int(width))
+        if meta.get("calibration"):
+            models.calibrations[product] = Calibration.from_dict(meta["calibration"])
     return models
+
+
+def _threshold_summary(calibration: Calibration | None) -> dict[str, Any] | None:
+    """What a product's score manifest says about the threshold its rows were decided at: the calibration's
+    threshold, method and normal images, and for a quantile threshold how often an unseen normal image reaches it
+    (:meth:`tsdn.calibration.Calibration.false_positive_rate`: expected, and the one-sided 95 % bound)."""
+    if calibration is None:
+        return None
+    summary: dict[str, Any] = {
+        "threshold": calibration.threshold,
+        "method": calibration.method,
+        "quantile": calibration.quantile,
+        "n_normal": calibration.n_normal,
+    }
+    rates = calibration.false_positive_rate(0.95)
+    if rates is not None:
+        summary["expected_false_positive_rate"], summary["false_positive_rate_95"] = rates
+    return summary
 
 
 def _ensure_exports(cfg: ScoreConfig, models: _Models) -> None:
@@ -437,7 +460,8 @@ def _read_mask(data: bytes | None, name: str, shape: tuple[int, int]) -> np.ndar
 def _ground_truth_metrics(
     cfg: ScoreConfig, inputs: _Inputs, results: list[dict[str, Any]], models: _Models
 ) -> dict[str, dict[str, Any]]:
-    """Image/pixel AUROC and AUPRO per product, at the score-map resolution, over rows without errors."""
+    """Image/pixel AUROC, AUPRO (at the score-map resolution) and the recall and false-positive rate of the rows'
+    decisions, per product, over rows without errors."""
     from tsdn.metrics import evaluate
 
     dataset = _open_shards(inputs.shard_files)
@@ -451,7 +475,7 @@ def _ground_truth_metrics(
         files = [r["file"] for r in results if r["product"] == product and r["rows"] > r["errors"]]
         if product not in models.versions or not files:
             continue
-        columns = ["image_id", "anomaly_score", *MAP_COLUMNS]
+        columns = ["image_id", "anomaly_score", "is_anomalous", *MAP_COLUMNS]
         table = pa.concat_tables(_read_table(uri, columns) for uri in files)
         table = table.filter(pc.is_valid(table["score_map"]))
         rows = [truth[(product, image_id)] for image_id in table["image_id"].to_pylist()]
@@ -462,7 +486,8 @@ def _ground_truth_metrics(
         maps = np.stack(decode_maps(table)).astype(np.float32)
         masks = np.stack([_read_mask(row.get("mask"), f"{product}/{row['image_id']}:mask", shape) for row in rows])
         scores = table["anomaly_score"].to_numpy()
-        result = evaluate(labels, scores, masks=masks, maps=maps)
+        flagged = table["is_anomalous"].to_numpy(zero_copy_only=False)
+        result = evaluate(labels, scores, masks=masks, maps=maps, flagged=flagged)
         metrics[product] = {"images": len(rows), "map_size": list(shape), **{k: float(v) for k, v in result.items()}}
     return metrics
 
@@ -581,6 +606,7 @@ def _run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
             "errors": sum(r["errors"] for r, _ in mine),
             "model_version": models.versions.get(product),
             "map_shape": list(models.shapes[product]) if product in models.shapes else None,
+            "calibration": _threshold_summary(models.calibrations.get(product)),
             "files": [f for _, f in mine],
         }
     manifest: dict[str, Any] = {

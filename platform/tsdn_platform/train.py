@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from tsdn.calibration import DEFAULT_QUANTILE, quantile_false_positive_rate
 from tsdn.checkpoint import MODEL_JSON, MODEL_WEIGHTS
 from tsdn.config_io import ConfigError, from_dict, to_dict
 from tsdn.resize import input_shape
@@ -88,7 +89,8 @@ _FLOAT_METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 # environment; the driver hands it to each product line's task, whose Train controller and workers inherit it.
 FAIL_AT_EPOCH_ENV = "TSDN_TEST_FAIL_AT_EPOCH"
 #: Below this many held-out normal images the validation's ranking and the calibrated threshold (a high quantile
-#: of their scores) are rough, and training says so: the demo lines hold out 3-4 of 40 (BENCHMARKS.md).
+#: of their scores) are rough, and training says so. The demo lines hold out 10-12 of 40: their thresholds let
+#: about 10 % of unseen good images through (``tsdn.calibration.quantile_false_positive_rate``; BENCHMARKS.md).
 SMALL_HOLDOUT = 10
 
 
@@ -441,10 +443,12 @@ def small_holdout_warning(product: str, n_holdout: int | None, folds: Sequence[i
     :data:`SMALL_HOLDOUT`; None when it is not."""
     if n_holdout is None or n_holdout >= SMALL_HOLDOUT:
         return None
+    expected, bound = quantile_false_positive_rate(n_holdout, DEFAULT_QUANTILE)
     return (
         f"{product}: only {n_holdout} held-out normal image(s) (holdout_folds {list(folds)}): the validation "
-        "metrics, the family it promotes and the calibrated threshold (the 99 % quantile of their scores) are "
-        "rough estimates; hold out more folds or ingest more train images"
+        "metrics and the family it promotes are rough estimates, and the calibrated threshold (the "
+        f"{100 * DEFAULT_QUANTILE:g} % quantile of their scores) lets through {100 * expected:.0f} % of good images "
+        f"on average, up to {100 * bound:.0f} % (95 % bound); hold out more folds or ingest more train images"
     )
 
 

@@ -196,7 +196,8 @@ def final_evaluation(
     # The maps the score job stores: the calibration's map_offset added (map_strides), at its Parquet's float16
     # precision. One metric, one value in both jobs.
     shown = predictor.calibration.shift_map(maps)
-    test = evaluate(labels, scores, masks, shown.astype(np.float16).astype(np.float32))
+    flagged = predictor.calibration.is_anomalous(scores)  # the decisions the registered version ships
+    test = evaluate(labels, scores, masks, shown.astype(np.float16).astype(np.float32), flagged=flagged)
     return {
         "checkpoint_dir": os.path.basename(best.checkpoint.path.rstrip("/")),
         "best_epoch": int(best.metrics["epoch"]),

@@ -3,6 +3,7 @@
 import pyarrow.parquet as pq
 import pytest
 
+from tsdn.calibration import Calibration
 from tsdn_platform import store
 from tsdn_platform.pipeline import PipelineConfig, format_summary, run_pipeline, stage_configs
 from tsdn_platform.registry import Registry
@@ -52,8 +53,15 @@ def test_pipeline_trains_registers_and_scores_the_test_split(ray_local, s3, demo
     # evaluate the same maps at the same size with the same mask resampling.
     registered = Registry(store_uri).metrics("brick", trained.version)["test"]
     assert metrics["map_size"] == [64, 64]
-    for name in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
+    for name in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "recall", "false_positive_rate"):
         assert metrics[name] == pytest.approx(registered[name], abs=1e-4), name
+    # the threshold the rows were decided at, and what it promises on unseen good images
+    meta, _ = Registry(store_uri).model_json("brick", trained.version)
+    calibration = Calibration.from_dict(meta["calibration"])
+    shown = manifest["products"]["brick"]["calibration"]
+    assert shown["threshold"] == calibration.threshold and shown["n_normal"] == calibration.n_normal
+    rates = calibration.false_positive_rate()
+    assert (shown["expected_false_positive_rate"], shown["false_positive_rate_95"]) == pytest.approx(rates)
 
     committed = store.read_json(store.join(cfg.score_output(), "_manifest.json"))
     assert committed["job_id"] == manifest["job_id"]
@@ -66,3 +74,4 @@ def test_pipeline_trains_registers_and_scores_the_test_split(ray_local, s3, demo
     assert "brick" in report and trained.version in report
     summary = format_summary(result)
     assert "brick" in summary and trained.version in summary
+    assert f"  brick        threshold {calibration.threshold:.3f} = the 99 % quantile of" in summary

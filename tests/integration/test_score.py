@@ -24,6 +24,7 @@ import pytest
 from _browser import dump_dom
 from PIL import Image
 
+from tsdn.calibration import quantile_false_positive_rate
 from tsdn.image import decode_image, to_rgb
 from tsdn.scoring import fit_calibration
 from tsdn_platform import store
@@ -466,6 +467,20 @@ def test_ingested_split_with_pinned_version_metrics_and_report_via_the_cli(world
     assert page.count('alt="heatmap overlay"') == 4
     alpha = re.search(r'<tr data-product="alpha">(.*?)</tr>', page).group(1)
     assert f"<td>{metrics['pixel_auroc']:.3f}</td><td>{metrics['aupro']:.3f}</td>" in alpha  # the manifest's
+    # the decisions the rows carry, and what the threshold (the 99 % quantile of 3 normal scores) promises
+    flagged = [r["is_anomalous"] for r in table.to_pylist()]
+    labels = [ingested["shard"][r["image_id"]]["label"] for r in table.to_pylist()]
+    caught = [f for f, label in zip(flagged, labels, strict=True) if label]
+    false_alarms = [f for f, label in zip(flagged, labels, strict=True) if not label]
+    assert metrics["recall"] == sum(caught) / len(caught)
+    assert metrics["false_positive_rate"] == sum(false_alarms) / len(false_alarms)
+    calibration = manifest["products"]["alpha"]["calibration"]
+    assert (calibration["method"], calibration["quantile"], calibration["n_normal"]) == ("normal-quantile", 0.99, 3)
+    assert calibration["threshold"] == table["threshold"][0].as_py()
+    expected, bound = quantile_false_positive_rate(3, 0.99)
+    assert calibration["expected_false_positive_rate"] == pytest.approx(expected)
+    assert calibration["false_positive_rate_95"] == pytest.approx(bound)
+    assert f"An unseen good image reaches it {100 * expected:.1f} % of the time on average" in page
 
 
 @pytest.mark.integration

@@ -297,3 +297,16 @@ def test_filters_and_sorting_run_in_a_browser(report):
     dom = dump_dom(index, "sort=score")
     order = [(c["product"], float(c["score"])) for c in _cards(dom)]
     assert order == sorted(order, key=lambda pair: (pair[0], -pair[1]))  # raw scores ranked within a product
+
+
+def test_a_quantile_threshold_says_how_often_an_unseen_good_image_reaches_it():
+    from tsdn_platform.report import _threshold_promise
+
+    calibration = {"threshold": 0.5, "method": "normal-quantile", "quantile": 0.99, "n_normal": 10}
+    calibration.update(expected_false_positive_rate=0.0991, false_positive_rate_95=0.2726)
+    promise = _threshold_promise(calibration, 0.5)
+    assert "the 99 % quantile of the scores of 10 normal images" in promise
+    assert "reaches it 9.9 % of the time on average, and up to 27.3 % (a 95 % bound" in promise
+    assert _threshold_promise(calibration, 0.7) == ""  # the rows were decided at another threshold
+    assert _threshold_promise({"threshold": 0.5, "method": "f1-optimal"}, 0.5) == ""  # not a quantile
+    assert _threshold_promise({}, 0.5) == ""  # no score manifest (rows or a Parquet file)

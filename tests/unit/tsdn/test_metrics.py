@@ -126,6 +126,18 @@ def test_evaluate_full_and_degenerate():
     assert all(math.isnan(v) for v in only_normal.values())
 
 
+def test_evaluate_counts_the_shipped_decisions():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.9, 0.4, 0.8, 0.95])
+    flagged = scores >= 0.5  # one good image of 4 and two defects of 3
+    result = evaluate(labels, scores, flagged=flagged)
+    assert result["recall"] == pytest.approx(2 / 3) and result["false_positive_rate"] == 0.25
+    only_normal = evaluate(np.zeros(2), np.array([0.1, 0.9]), flagged=np.array([False, True]))
+    assert math.isnan(only_normal["recall"]) and only_normal["false_positive_rate"] == 0.5
+    with pytest.raises(ValueError, match="flagged has shape"):
+        evaluate(labels, scores, flagged=flagged[:3])
+
+
 def test_invalid_inputs_raise():
     with pytest.raises(UndefinedMetricError, match="only one class"):
         image_auroc(np.ones(3), np.array([0.1, 0.2, 0.3]))

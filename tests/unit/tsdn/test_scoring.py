@@ -67,6 +67,37 @@ def test_quantile_calibration():
     assert fit_calibration(normal, normal, np.zeros(101), quantile=0.9).method == "normal-quantile"
 
 
+@pytest.mark.parametrize(("n", "quantile"), [(10, 0.99), (12, 0.99), (30, 0.9), (100, 0.99)])
+def test_the_false_positive_rate_of_a_quantile_threshold_matches_a_simulation(n: int, quantile: float):
+    """Distribution-free, so uniform normal scores stand for any: the rate an unseen normal reaches the threshold
+    is 1 - threshold. The expected rate is exact; the fractional bound lies within 0.01 of the simulated one."""
+    from tsdn.calibration import quantile_false_positive_rate
+
+    rng = np.random.default_rng(n)
+    rates = 1.0 - np.quantile(rng.random((100_000, n)), quantile, axis=1)
+    expected, bound = quantile_false_positive_rate(n, quantile)
+    assert expected == pytest.approx(rates.mean(), abs=0.002)
+    assert bound == pytest.approx(np.quantile(rates, 0.95), abs=0.01)
+
+
+def test_the_false_positive_rate_at_the_maximum_is_exact_and_a_calibration_reports_its_own():
+    from tsdn.calibration import quantile_false_positive_rate
+
+    assert quantile_false_positive_rate(10, 1.0) == pytest.approx((1 / 11, 1 - 0.05 ** (1 / 10)))
+    assert quantile_false_positive_rate(10, 1.0, confidence=0.5) == pytest.approx((1 / 11, 1 - 0.5 ** (1 / 10)))
+    cal = fit_calibration(np.linspace(0.0, 1.0, 10))
+    assert cal.false_positive_rate() == quantile_false_positive_rate(10, 0.99)
+    assert cal.false_positive_rate()[0] == pytest.approx(0.0991, abs=1e-4)  # not the nominal 1 %
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 20)
+    scores = rng.normal(labels * 2.0, 1.0)
+    assert fit_calibration(scores[labels == 0], scores, labels).false_positive_rate() is None  # not a quantile
+    with pytest.raises(ValueError, match="n_normal must be at least 1"):
+        quantile_false_positive_rate(0, 0.99)
+    with pytest.raises(ValueError, match="confidence"):
+        quantile_false_positive_rate(10, 0.99, confidence=1.0)
+
+
 def test_f1_calibration():
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1], 50)

@@ -1,0 +1,85 @@
+"""The table ``make demo`` and ``tsdn pipeline`` print (tsdn_platform.pipeline.format_summary)."""
+
+from __future__ import annotations
+
+from tsdn.calibration import fit_calibration
+from tsdn_platform.pipeline import PipelineResult, format_summary
+from tsdn_platform.score import _threshold_summary
+from tsdn_platform.train_config import ProductResult
+
+
+def _result(calibrations: dict, metrics: dict) -> PipelineResult:
+    train = {p: ProductResult(product=p, ok=True, family="tsdn", version=f"{p}-v1") for p in calibrations}
+    train["gravel"] = ProductResult(product="gravel", ok=False, error="gravel: out of memory\ntraceback")
+    score = {
+        "metrics": metrics,
+        "products": {p: {"calibration": _threshold_summary(c)} for p, c in calibrations.items()},
+        "timings": {"images_per_s": 7.04},
+    }
+    return PipelineResult(ingest={}, train=train, score=score, timings={})
+
+
+def test_the_table_shows_the_decisions_and_what_each_quantile_threshold_promises():
+    quantile = fit_calibration([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
+    metrics = {
+        "brick": {
+            "image_auroc": 0.9633,
+            "pixel_auroc": 0.9877,
+            "aupro": 0.9787,
+            "f1_max": 0.8696,
+            "recall": 1.0,
+            "false_positive_rate": 1 / 3,
+        },
+        "grass": {
+            "image_auroc": 0.97,
+            "pixel_auroc": 0.977,
+            "aupro": 0.904,
+            "f1_max": 0.905,
+            "recall": 0.8,
+            "false_positive_rate": 0.0,
+        },
+    }
+    labelled = fit_calibration([0.1, 0.2, 0.3], [0.1, 0.2, 0.3, 0.9], [0, 0, 0, 1])  # f1-optimal: no promise
+    lines = format_summary(_result({"brick": quantile, "grass": labelled}, metrics)).splitlines()
+
+    assert lines[0].split() == [
+        "product",
+        "family",
+        "image",
+        "AUROC",
+        "pixel",
+        "AUROC",
+        "AUPRO",
+        "F1-max",
+        "recall",
+        "FPR",
+        "images/s",
+        "version",
+    ]
+    assert lines[2].split() == [
+        "brick",
+        "tsdn",
+        "0.963",
+        "0.988",
+        "0.979",
+        "0.870",
+        "1.000",
+        "0.333",
+        "7.0",
+        "brick-v1",
+    ]
+    assert lines[3].split()[6:8] == ["0.800", "0.000"]
+    assert lines[4] == "gravel       training failed: gravel: out of memory"
+    assert lines[6] == "recall, FPR: the shares of defective and of good test images flagged at the threshold"
+    assert lines[7].startswith("how often an unseen good image reaches each threshold")
+    # the 99 % quantile of 10 normal scores: 9.91, reached by 9.9 % of unseen good images on average
+    promise = "threshold 9.910 = the 99 % quantile of 10 normal images' scores: 10 %, up to 27 %"
+    assert lines[8] == f"  brick        {promise}"
+    assert len(lines) == 9
+
+
+def test_without_ground_truth_or_calibration_the_table_says_nothing_it_cannot_know():
+    result = _result({"brick": None}, {})
+    lines = format_summary(result).splitlines()
+    assert lines[2].split()[2:8] == ["n/a"] * 6
+    assert len(lines) == 4  # header, rule, brick, gravel's failure: no legend and no promise
