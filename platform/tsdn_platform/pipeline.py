@@ -181,8 +181,8 @@ def _threshold_promise(product: str, calibration: dict[str, Any] | None) -> str 
         return None
     return (
         f"  {product:<12} threshold {calibration['threshold']:.3f} = the {100 * calibration['quantile']:g} % quantile "
-        f"of {calibration['n_normal']} normal images' scores: {100 * calibration['expected_false_positive_rate']:.0f} %"
-        f", up to {100 * calibration['false_positive_rate_95']:.0f} %"
+        f"of {calibration['n_normal']} normal images' scores: {100 * calibration['expected_false_positive_rate']:.1f} %"
+        f", up to {100 * calibration['false_positive_rate_95']:.1f} %"
     )
 
 

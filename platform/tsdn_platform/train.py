@@ -447,8 +447,8 @@ def small_holdout_warning(product: str, n_holdout: int | None, folds: Sequence[i
     return (
         f"{product}: only {n_holdout} held-out normal image(s) (holdout_folds {list(folds)}): the validation "
         "metrics and the family it promotes are rough estimates, and the calibrated threshold (the "
-        f"{100 * DEFAULT_QUANTILE:g} % quantile of their scores) lets through {100 * expected:.0f} % of good images "
-        f"on average, up to {100 * bound:.0f} % (95 % bound); hold out more folds or ingest more train images"
+        f"{100 * DEFAULT_QUANTILE:g} % quantile of their scores) lets through {100 * expected:.1f} % of good images "
+        f"on average, up to {100 * bound:.1f} % (95 % bound); hold out more folds or ingest more train images"
     )
 
 

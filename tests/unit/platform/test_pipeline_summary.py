@@ -73,7 +73,7 @@ def test_the_table_shows_the_decisions_and_what_each_quantile_threshold_promises
     assert lines[6] == "recall, FPR: the shares of defective and of good test images flagged at the threshold"
     assert lines[7].startswith("how often an unseen good image reaches each threshold")
     # the 99 % quantile of 10 normal scores: 9.91, reached by 9.9 % of unseen good images on average
-    promise = "threshold 9.910 = the 99 % quantile of 10 normal images' scores: 10 %, up to 27 %"
+    promise = "threshold 9.910 = the 99 % quantile of 10 normal images' scores: 9.9 %, up to 27.3 %"
     assert lines[8] == f"  brick        {promise}"
     assert len(lines) == 9
 

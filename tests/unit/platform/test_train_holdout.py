@@ -13,7 +13,7 @@ def test_a_small_held_out_split_is_named_with_its_size_and_folds():
     assert line == (
         "grass: only 4 held-out normal image(s) (holdout_folds [0]): the validation metrics and the family it "
         "promotes are rough estimates, and the calibrated threshold (the 99 % quantile of their scores) lets through "
-        "21 % of good images on average, up to 54 % (95 % bound); hold out more folds or ingest more train images"
+        "20.6 % of good images on average, up to 53.5 % (95 % bound); hold out more folds or ingest more train images"
     )
     assert small_holdout_warning("grass", SMALL_HOLDOUT - 1, (0, 1)).startswith("grass: only 9 held-out")
 
