@@ -13,6 +13,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from tsdn.calibration import Calibration
+from tsdn.config_io import ConfigError
+
 __all__ = [
     "DETECT_REQUEST_BODY",
     "DetectResponse",
@@ -107,6 +110,14 @@ class ProductSummary(BaseModel):
     )
     score_source: str | None = Field(None, description="TSDN only: which map the image score comes from")
     threshold: float | None = Field(None, description="the calibrated raw-score threshold")
+    expected_false_positive_rate: float | None = Field(
+        None,
+        description="a threshold at a quantile of held-out normal scores: how often an unseen good image reaches it "
+        "on average (order statistics of their number; null for other thresholds)",
+    )
+    false_positive_rate_95: float | None = Field(
+        None, description="the same rate's one-sided 95 % upper bound (the held-out normals may be a lucky draw)"
+    )
     metrics: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="numbers by split: val (synthetic defects on held-out normals), test"
     )
@@ -143,8 +154,20 @@ def product_summary(
         image_size=config.get("image_size"),
         score_source=config.get("score_source"),
         threshold=calibration.get("threshold"),
+        **_false_positive_rates(calibration),
         metrics=numbers,
     )
+
+
+def _false_positive_rates(calibration: Mapping[str, Any]) -> dict[str, float]:
+    """``expected_false_positive_rate`` and ``false_positive_rate_95`` of a quantile calibration; {} otherwise."""
+    try:
+        rates = Calibration.from_dict(dict(calibration)).false_positive_rate(0.95) if calibration else None
+    except (ConfigError, ValueError):  # an unreadable calibration: the detect route says so when it loads the model
+        rates = None
+    if rates is None:
+        return {}
+    return {"expected_false_positive_rate": rates[0], "false_positive_rate_95": rates[1]}
 
 
 def product_details(

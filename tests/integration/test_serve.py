@@ -20,6 +20,7 @@ import pytest
 from _ports import free_ports
 from PIL import Image
 
+from tsdn.calibration import quantile_false_positive_rate
 from tsdn.config_io import ConfigError
 from tsdn.image import decode_image
 from tsdn.response import decode_float_map
@@ -498,6 +499,10 @@ def test_products_lists_short_summaries_and_details_by_product(server):
     body = details.json()
     assert body["model_version"] == listed[CACHED_PRODUCTS[0]]["model_version"]
     assert body["calibration"]["threshold"] == pytest.approx(listed[CACHED_PRODUCTS[0]]["threshold"])
+    # what the quantile threshold promises on unseen good images, from the number of normal images it came from
+    expected, bound = quantile_false_positive_rate(body["calibration"]["n_normal"], body["calibration"]["quantile"])
+    assert body["expected_false_positive_rate"] == pytest.approx(expected)
+    assert listed[CACHED_PRODUCTS[0]]["false_positive_rate_95"] == pytest.approx(bound)
     assert body["config"]["image_size"] == 64 and "weights" not in body["config"]
     assert body["record"]["run_id"] == f"{CACHED_PRODUCTS[0]}-0"
     missing = httpx.get(f"{server.url}/v1/products/nope", headers=auth, timeout=HTTP_TIMEOUT_S)
