@@ -211,7 +211,7 @@ def quantile_false_positive_rate(n_normal: int, quantile: float, confidence: flo
     ``1 - (1 - confidence) ** (1 / n)``.
 
     So a "99 % quantile" of 10 held-out normal images is their near-maximum, which an unseen good image reaches
-    about 10 % of the time on average and, for one unlucky draw of the 10, up to about 25 % (95 % bound); the
+    about 10 % of the time on average and, for one unlucky draw of the 10, up to about 27 % (95 % bound); the
     nominal 1 % needs a few hundred normal images.
 
     Returns:

@@ -168,7 +168,7 @@ def format_summary(result: PipelineResult) -> str:
         promise = _threshold_promise(product, (score.get("products", {}).get(product) or {}).get("calibration"))
         if promise:
             promises.append(promise)
-    if any(k in m for m in metrics.values() for k in ("recall", "false_positive_rate")):
+    if any(k in values for values in metrics.values() for k in ("recall", "false_positive_rate")):
         lines += ["", "recall, FPR: the shares of defective and of good test images flagged at the threshold"]
     if promises:
         lines += ["how often an unseen good image reaches each threshold (expected, and the 95 % bound):", *promises]
