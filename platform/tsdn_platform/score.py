@@ -323,7 +323,7 @@ class _Models:
 
 
 def _resolve_models(cfg: ScoreConfig, products: Iterable[str]) -> _Models:
-    from tsdn_platform.registry import Registry, UnknownProductError
+    from tsdn_platform.registry import Registry, RegistryError, UnknownProductError
 
     registry = Registry(cfg.store)
     models = _Models({}, {}, {})
@@ -344,7 +344,11 @@ def _resolve_models(cfg: ScoreConfig, products: Iterable[str]) -> _Models:
         models.versions[product] = ref.version
         models.shapes[product] = (int(height), int(width))
         if meta.get("calibration"):
-            models.calibrations[product] = Calibration.from_dict(meta["calibration"])
+            try:
+                models.calibrations[product] = Calibration.from_dict(meta["calibration"])
+            except (ConfigError, ValueError) as exc:
+                msg = f"{store.join(ref.uri, 'model.json')}: calibration: {exc}"
+                raise RegistryError(msg) from exc
     return models
 
 
