@@ -110,6 +110,15 @@ class Calibration:
             return None
         return quantile_false_positive_rate(self.n_normal, self.quantile, confidence)
 
+    def false_positive_rates(self) -> dict[str, float]:
+        """:meth:`false_positive_rate` at 95 % as the platform publishes it (the score manifest,
+        ``GET /v1/products``): ``{"expected_false_positive_rate", "false_positive_rate_95"}``, or ``{}`` for a
+        threshold that is not a quantile of the normal scores."""
+        rates = self.false_positive_rate(0.95)
+        if rates is None:
+            return {}
+        return {"expected_false_positive_rate": rates[0], "false_positive_rate_95": rates[1]}
+
     def normalize(self, score: ScoreT, threshold: float | None = None) -> ScoreT:
         """Map raw scores (or score maps) to [0, 1] so that ``score_min`` -> 0 and the threshold -> 0.5.
 

@@ -162,12 +162,9 @@ def product_summary(
 def _false_positive_rates(calibration: Mapping[str, Any]) -> dict[str, float]:
     """``expected_false_positive_rate`` and ``false_positive_rate_95`` of a quantile calibration; {} otherwise."""
     try:
-        rates = Calibration.from_dict(dict(calibration)).false_positive_rate(0.95) if calibration else None
+        return Calibration.from_dict(dict(calibration)).false_positive_rates() if calibration else {}
     except (ConfigError, ValueError):  # an unreadable calibration: the detect route says so when it loads the model
-        rates = None
-    if rates is None:
         return {}
-    return {"expected_false_positive_rate": rates[0], "false_positive_rate_95": rates[1]}
 
 
 def product_details(

@@ -358,16 +358,13 @@ def _threshold_summary(calibration: Calibration | None) -> dict[str, Any] | None
     (:meth:`tsdn.calibration.Calibration.false_positive_rate`: expected, and the one-sided 95 % bound)."""
     if calibration is None:
         return None
-    summary: dict[str, Any] = {
+    return {
         "threshold": calibration.threshold,
         "method": calibration.method,
         "quantile": calibration.quantile,
         "n_normal": calibration.n_normal,
+        **calibration.false_positive_rates(),
     }
-    rates = calibration.false_positive_rate(0.95)
-    if rates is not None:
-        summary["expected_false_positive_rate"], summary["false_positive_rate_95"] = rates
-    return summary
 
 
 def _ensure_exports(cfg: ScoreConfig, models: _Models) -> None:
