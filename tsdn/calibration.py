@@ -19,7 +19,14 @@ from tsdn.config_io import from_dict, to_dict
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DEFAULT_QUANTILE", "QUANTILES", "Calibration", "fit_calibration", "quantile_false_positive_rate"]
+__all__ = [
+    "DEFAULT_QUANTILE",
+    "QUANTILES",
+    "Calibration",
+    "fit_calibration",
+    "quantile_false_positive_rate",
+    "quantile_for_false_positive_rate",
+]
 
 # The quantile of the held-out normal scores a threshold is set at, unless a caller asks for another.
 DEFAULT_QUANTILE = 0.99
@@ -237,3 +244,34 @@ def quantile_false_positive_rate(n_normal: int, quantile: float, confidence: flo
     position = quantile * (n_normal - 1)
     above, below = n_normal - position, position + 1
     return above / (n_normal + 1), float(betaincinv(above, below, confidence))
+
+
+def quantile_for_false_positive_rate(n_normal: int, rate: float) -> float:
+    """The quantile of ``n_normal`` normal scores at which an unseen normal image reaches the threshold with the
+    expected ``rate``: the inverse of :func:`quantile_false_positive_rate`'s expected rate,
+    ``(n - rate * (n + 1)) / (n - 1)``.
+
+    The lowest rate n images can promise is ``1 / (n + 1)``, at their maximum (10 normal images: 9.1 %, 30:
+    3.2 %, 99: 1 %); a lower one raises ``ValueError`` saying how many images it needs.
+
+    Args:
+        n_normal: the number of held-out normal scores the threshold is a quantile of.
+        rate: the expected share of unseen normal images flagged, in (0, 0.5).
+
+    Returns:
+        The quantile, in (0.5, 1].
+    """
+    if not 0 < rate < 0.5:
+        msg = f"quantile_for_false_positive_rate: rate must lie in (0, 0.5), got {rate}"
+        raise ValueError(msg)
+    lowest = 1 / (n_normal + 1) if n_normal >= 1 else 1.0
+    if rate < lowest * (1 - 1e-9):
+        needed = math.ceil(1 / rate - 1 - 1e-9)
+        msg = (
+            f"a threshold from {n_normal} normal image(s) flags at least {100 * lowest:.2g} % of unseen good images "
+            f"on average (at their maximum score); {100 * rate:g} % needs at least {needed} held-out normal images"
+        )
+        raise ValueError(msg)
+    if n_normal == 1:
+        return 1.0
+    return min(1.0, (n_normal - rate * (n_normal + 1)) / (n_normal - 1))

@@ -99,7 +99,9 @@ def fit_patchcore(cfg: Any, product: str, run_name: str, datasets: dict[str, Any
 
     predictor = Predictor(model, calibration=None, device=device, batch_size=cfg.eval_batch_size)
     val_batches = shard_batches(datasets["val"], cfg.eval_batch_size)
-    val, calibration = validate_and_calibrate(predictor, val_batches, cfg.validation, cfg.validation_seed)
+    val, calibration = validate_and_calibrate(
+        predictor, val_batches, cfg.validation, cfg.validation_seed, cfg.target_false_positive_rate
+    )
     predictor.calibration = calibration
     labels, scores, masks, maps, ids = collect_test(
         lambda x: predict_arrays(predictor, x), shard_batches(datasets["test"], cfg.eval_batch_size)

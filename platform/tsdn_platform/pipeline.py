@@ -180,9 +180,10 @@ def _threshold_promise(product: str, calibration: dict[str, Any] | None) -> str 
     if not calibration or calibration.get("expected_false_positive_rate") is None:
         return None
     return (
-        f"  {product:<12} threshold {calibration['threshold']:.3f} = the {100 * calibration['quantile']:g} % quantile "
-        f"of {calibration['n_normal']} normal images' scores: {100 * calibration['expected_false_positive_rate']:.1f} %"
-        f", up to {100 * calibration['false_positive_rate_95']:.1f} %"
+        f"  {product:<12} threshold {calibration['threshold']:.3f} = the {100 * calibration['quantile']:.3g} % "
+        f"quantile of {calibration['n_normal']} normal images' scores: "
+        f"{100 * calibration['expected_false_positive_rate']:.1f} %, "
+        f"up to {100 * calibration['false_positive_rate_95']:.1f} %"
     )
 
 

@@ -479,7 +479,7 @@ def _threshold_promise(calibration: Mapping[str, Any], threshold: float | None) 
     if expected is None or threshold is None or calibration.get("threshold") != threshold:
         return ""
     return (
-        f'<p class="explain">The threshold is the {100 * calibration["quantile"]:g} % quantile of the scores of '
+        f'<p class="explain">The threshold is the {100 * calibration["quantile"]:.3g} % quantile of the scores of '
         f"{calibration['n_normal']} normal images the model did not train on. An unseen good image reaches it "
         f"{_pct(expected)} of the time on average, and up to {_pct(calibration['false_positive_rate_95'])} (a 95 % "
         "bound: the normal images were few and may have been a lucky draw); the nominal quantile holds only with "

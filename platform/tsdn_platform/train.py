@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from tsdn.calibration import DEFAULT_QUANTILE, quantile_false_positive_rate
+from tsdn.calibration import quantile_false_positive_rate
 from tsdn.checkpoint import MODEL_JSON, MODEL_WEIGHTS
 from tsdn.config_io import ConfigError, from_dict, to_dict
 from tsdn.resize import input_shape
@@ -272,7 +272,11 @@ def _train_loop(cfg: TrainConfig, product: str, run_name: str) -> dict[str, Any]
         if checkpoint_now and rank == 0:
             predictor = Predictor(model, calibration=None, device=device, batch_size=cfg.eval_batch_size)
             val, calibration = train_eval.validate_and_calibrate(
-                predictor, train_eval.shard_batches(val_shard, cfg.eval_batch_size), cfg.validation, cfg.validation_seed
+                predictor,
+                train_eval.shard_batches(val_shard, cfg.eval_batch_size),
+                cfg.validation,
+                cfg.validation_seed,
+                cfg.target_false_positive_rate,
             )
             metrics.update(val)
         if rank == 0:
@@ -427,27 +431,42 @@ def build_trainer(cfg: TrainConfig, product: str, run_name: str, runs_uri: str, 
     )
 
 
-def check_holdout(product: str, n_holdout: int | None, folds: Sequence[int]) -> None:
-    """Refuse, before any training, a ``validation: holdout`` run whose held-out split is empty (``n_holdout`` 0):
-    its validation, calibration and promotion would fail only after every epoch had been paid for."""
+def check_holdout(
+    product: str, n_holdout: int | None, folds: Sequence[int], target_false_positive_rate: float | None = None
+) -> None:
+    """Refuse, before any training, a ``validation: holdout`` run whose held-out split is empty (``n_holdout`` 0)
+    or too small for ``target_false_positive_rate``: its validation, calibration and promotion would fail only
+    after every epoch had been paid for."""
     if n_holdout == 0:
         msg = (
             f"{product}: no train image falls in holdout_folds {list(folds)}, so there is nothing to validate or "
             "calibrate on; hold out more folds (e.g. --set holdout_folds=[0,1,2]) or ingest more train images"
         )
         raise ConfigError(msg)
+    if n_holdout is not None and target_false_positive_rate is not None:
+        try:
+            train_eval.threshold_quantile(n_holdout, target_false_positive_rate)
+        except ValueError as exc:
+            msg = (
+                f"{product}: target_false_positive_rate {target_false_positive_rate:g}: {exc} (holdout_folds "
+                f"{list(folds)} hold {n_holdout}); hold out more folds, ingest more train images or raise the target"
+            )
+            raise ConfigError(msg) from None
 
 
-def small_holdout_warning(product: str, n_holdout: int | None, folds: Sequence[int]) -> str | None:
+def small_holdout_warning(
+    product: str, n_holdout: int | None, folds: Sequence[int], target_false_positive_rate: float | None = None
+) -> str | None:
     """What training says when the held-out split (``n_holdout`` images; None = ``validation: test``) is below
     :data:`SMALL_HOLDOUT`; None when it is not."""
     if n_holdout is None or n_holdout >= SMALL_HOLDOUT:
         return None
-    expected, bound = quantile_false_positive_rate(n_holdout, DEFAULT_QUANTILE)
+    quantile = train_eval.threshold_quantile(n_holdout, target_false_positive_rate)
+    expected, bound = quantile_false_positive_rate(n_holdout, quantile)
     return (
         f"{product}: only {n_holdout} held-out normal image(s) (holdout_folds {list(folds)}): the validation "
         "metrics and the family it promotes are rough estimates, and the calibrated threshold (the "
-        f"{100 * DEFAULT_QUANTILE:g} % quantile of their scores) lets through {100 * expected:.1f} % of good images "
+        f"{100 * quantile:.3g} % quantile of their scores) lets through {100 * expected:.1f} % of good images "
         f"on average, up to {100 * bound:.1f} % (95 % bound); hold out more folds or ingest more train images"
     )
 
@@ -473,8 +492,8 @@ def run_product(cfg: TrainConfig, product: str) -> ProductResult:
         )
         raise ConfigError(msg)
     n_holdout = datasets["val"].count() if cfg.validation == "holdout" else None
-    check_holdout(product, n_holdout, cfg.holdout_folds)
-    warning = small_holdout_warning(product, n_holdout, cfg.holdout_folds)
+    check_holdout(product, n_holdout, cfg.holdout_folds, cfg.target_false_positive_rate)
+    warning = small_holdout_warning(product, n_holdout, cfg.holdout_folds, cfg.target_false_positive_rate)
     if warning:
         logger.warning("%s", warning)
     runs_uri = layout.run_uri(cfg.store, product)

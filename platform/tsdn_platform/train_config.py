@@ -75,6 +75,11 @@ class TrainConfig:
         validation: ``holdout`` (held-out train/good folds, with drawn defects: :func:`tsdn.defects.validation_set`)
             or ``test`` (the test split).
         holdout_folds: ingest ``fold`` values held out for validation and calibration (``holdout`` only).
+        target_false_positive_rate: the share of unseen good images the calibrated threshold should flag on
+            average (``holdout`` only). The threshold becomes the quantile of the held-out normal images' scores
+            with that expected rate (:func:`tsdn.calibration.quantile_for_false_positive_rate`); n held-out images
+            can promise no less than 1 / (n + 1), and a lower target is refused before training. None: the
+            99 % quantile (:data:`tsdn.calibration.DEFAULT_QUANTILE`), whose expected rate depends on n.
         eval_batch_size: images per forward pass in validation and the final test evaluation.
         promote: ``better`` (beat the current best on ``promote_metric``), ``always`` or ``never``.
         promote_metric: dotted key into the version's metrics; the default is the leak-free hold-out validation
@@ -115,6 +120,7 @@ class TrainConfig:
     max_start_failures: int = -1
     validation: Literal["holdout", "test"] = "holdout"
     holdout_folds: list[int] = field(default_factory=lambda: [0])
+    target_false_positive_rate: float | None = None
     eval_batch_size: int = 16
     promote: Literal["better", "always", "never"] = "better"
     promote_metric: str = DEFAULT_PROMOTE_METRIC
@@ -151,6 +157,16 @@ class TrainConfig:
                 "'holdout' with model.feature_position_shrinkage or model.test_flips 'auto' "
                 "(they choose on the held-out normals)",
             ),
+            (
+                self.target_false_positive_rate is None or 0 < self.target_false_positive_rate < 0.5,
+                "target_false_positive_rate",
+                "a share in (0, 0.5), or null for the 99 % quantile",
+            ),
+            (
+                self.target_false_positive_rate is None or self.validation == "holdout",
+                "target_false_positive_rate",
+                "null with validation 'test' (its threshold is the F1-optimal one on the test labels)",
+            ),
             (self.eval_batch_size >= 1, "eval_batch_size", ">= 1"),
             (self.max_concurrent_products >= 0, "max_concurrent_products", ">= 0"),
             (self.shuffle_buffer_size >= 0, "shuffle_buffer_size", ">= 0 (0 = no shuffle)"),
@@ -172,6 +188,8 @@ class TrainConfig:
             return validate_name(name, "run")
         excluded = (*_RUN_HASH_EXCLUDED, *_FAMILY_EXCLUDED[family])
         relevant = {k: v for k, v in to_dict(self).items() if k not in excluded}
+        if self.target_false_positive_rate is None:  # unset: runs keep the names they had before the field
+            relevant.pop("target_false_positive_rate")
         digest = hashlib.sha256(json.dumps([relevant, manifest_hash], sort_keys=True).encode()).hexdigest()
         prefix = self.dataset if family == "tsdn" else f"{self.dataset}-{family}"
         return validate_name(f"{prefix}-{digest[:12]}", "run")

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tsdn.calibration import Calibration
+from tsdn.calibration import DEFAULT_QUANTILE, Calibration, quantile_for_false_positive_rate
 from tsdn.checkpoint import MODEL_JSON, MODEL_WEIGHTS
 from tsdn_platform import train_checkpoints
 from tsdn_platform.train_config import TrainConfig
@@ -147,19 +147,35 @@ def validate_test(
     return metrics, scores, labels, maps.reshape(len(maps), -1).max(axis=1)
 
 
+def threshold_quantile(n_normal: int, target_false_positive_rate: float | None) -> float:
+    """The quantile of ``n_normal`` held-out normal scores the threshold is set at: the one whose expected false
+    positive rate is the target (:func:`tsdn.calibration.quantile_for_false_positive_rate`; ``ValueError`` when
+    ``n_normal`` images cannot promise it), or :data:`tsdn.calibration.DEFAULT_QUANTILE` without a target."""
+    if target_false_positive_rate is None:
+        return DEFAULT_QUANTILE
+    return quantile_for_false_positive_rate(n_normal, target_false_positive_rate)
+
+
 def validate_and_calibrate(
-    predictor: Any, batches: Iterable[Mapping[str, np.ndarray]], validation: str, seed: int
+    predictor: Any,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    validation: str,
+    seed: int,
+    target_false_positive_rate: float | None = None,
 ) -> tuple[dict[str, float], Calibration]:
     """The configured validation (``holdout``: :func:`validate_holdout`; ``test``: :func:`validate_test`) and the
-    calibration fitted on its normal images' scores (F1-optimal on the labelled test split). A model whose map is
-    not the one it scores (TSDN's ``map_strides``) gets the ``map_offset`` that puts its map in the score's units.
+    calibration fitted on its normal images' scores: at :func:`threshold_quantile` of them, or F1-optimal on the
+    labelled test split. A model whose map is not the one it scores (TSDN's ``map_strides``) gets the
+    ``map_offset`` that puts its map in the score's units.
     """
     from tsdn.scoring import fit_calibration
 
     separate_map = getattr(predictor.model, "map_positions", None) is not None
     if validation == "holdout":
         metrics, normal_scores, maxima = validate_holdout(predictor, batches, seed)
-        return metrics, fit_calibration(normal_scores, normal_map_maxima=maxima if separate_map else None)
+        quantile = threshold_quantile(len(normal_scores), target_false_positive_rate)
+        map_maxima = maxima if separate_map else None
+        return metrics, fit_calibration(normal_scores, quantile=quantile, normal_map_maxima=map_maxima)
     metrics, scores, labels, maxima = validate_test(predictor, batches)
     normal = labels == 0
     map_maxima = maxima[normal] if separate_map else None

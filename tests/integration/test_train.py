@@ -226,9 +226,13 @@ def test_both_families_train_register_and_the_better_one_is_promoted(ingested):
     """``families: [tsdn, patchcore]``: one version per family, each recording the same comparison on the
     leak-free validation; the best pointer ends on the winner; each version's predictor reproduces its scores.
     PatchCore standardises its map per position (its fold banks built from the patches the Ray Data actors
-    stream), and the saved version carries the statistics."""
+    stream), and the saved version carries the statistics. Both families set their threshold at the quantile of
+    the held-out scores that lets through ``target_false_positive_rate`` of unseen good images on average."""
+    from tsdn.calibration import quantile_for_false_positive_rate
+
     uri = ingested
-    cfg = _config(uri, "families=tsdn,patchcore", "epochs=1", "num_workers=1", "run_name=fam")
+    target = "target_false_positive_rate=0.3"
+    cfg = _config(uri, "families=tsdn,patchcore", "epochs=1", "num_workers=1", "run_name=fam", target)
     cfg = dataclasses.replace(cfg, patchcore=dataclasses.replace(cfg.patchcore, score_normalization="pixel"))
     assert cfg.families == ["tsdn", "patchcore"]
     result = run_training(cfg)["brick"]
@@ -257,6 +261,10 @@ def test_both_families_train_register_and_the_better_one_is_promoted(ingested):
         scores = predictor.predict_tensor(images.float() / 255.0).anomaly_score.numpy()
         expected = np.array([metrics["test_scores"][i] for i in ids])
         np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-6)
+        calibration = predictor.calibration
+        assert calibration.n_normal == metrics["holdout_images"] >= 3  # 1 / (n + 1) <= 0.3 needs 3 or more
+        assert calibration.quantile == pytest.approx(quantile_for_false_positive_rate(calibration.n_normal, 0.3))
+        assert calibration.quantile < 0.99 and calibration.false_positive_rate()[0] == pytest.approx(0.3)
 
 
 def test_config_products_validation_and_run_name(monkeypatch):

@@ -53,3 +53,41 @@ def test_an_auto_position_blend_or_auto_flips_need_the_held_out_split():
     # without the per-position whitening the blend chooses nothing; with one view, test validation is the user's call
     pooled = ["store=s", "dataset=d", "model.feature_position_shrinkage=auto", "model.test_flips=1", "validation=test"]
     assert not load_config(TrainConfig, "demo", pooled).model.needs_held_out
+
+
+def test_a_target_false_positive_rate_sets_the_quantile_and_is_refused_when_the_split_cannot_promise_it():
+    """``target_false_positive_rate``: the threshold's quantile follows from the held-out split's size, and a
+    target below 1 / (n + 1) fails before any training, naming the line, the target and the images it needs."""
+    from tsdn_platform.train_eval import threshold_quantile
+
+    assert threshold_quantile(10, None) == 0.99
+    assert threshold_quantile(30, 0.05) == pytest.approx((30 - 0.05 * 31) / 29)
+    check_holdout("transistor", 30, [0], 0.05)
+    expected = (
+        r"transistor: target_false_positive_rate 0.02: a threshold from 30 normal image\(s\) flags at least 3.2 % "
+        r".* 2 % needs at least 49 held-out normal images \(holdout_folds \[0\] hold 30\); hold out more folds"
+    )
+    with pytest.raises(ConfigError, match=expected):
+        check_holdout("transistor", 30, [0], 0.02)
+    check_holdout("transistor", None, [0], None)
+    line = small_holdout_warning("grass", 9, [0, 1, 2], 0.15)
+    assert "(the 93.8 % quantile of their scores) lets through 15.0 % of good images on average" in line
+
+
+def test_a_target_false_positive_rate_is_a_share_for_the_held_out_validation_and_names_its_own_run():
+    from tsdn_platform.config import load_config
+    from tsdn_platform.train import TrainConfig
+
+    base = ["store=s", "dataset=d"]
+    cfg = load_config(TrainConfig, "cpu", [*base, "target_false_positive_rate=0.05"])
+    assert cfg.target_false_positive_rate == 0.05
+    for bad in ("0", "0.5", "1.2"):
+        with pytest.raises(ConfigError, match=r"target_false_positive_rate: expected a share in \(0, 0.5\)"):
+            load_config(TrainConfig, "cpu", [*base, f"target_false_positive_rate={bad}"])
+    with pytest.raises(ConfigError, match="target_false_positive_rate: expected null with validation 'test'"):
+        load_config(TrainConfig, "paper", [*base, "target_false_positive_rate=0.05", "validation=test"])
+    # the threshold is part of what a run publishes in its checkpoints: another target is another run, and a
+    # config without one keeps the run name it had before the field existed
+    unset = load_config(TrainConfig, "cpu", base)
+    assert cfg.run_id("m") != unset.run_id("m")
+    assert TrainConfig(store="s", dataset="d").run_id("m") == "d-b16776bdf470"  # its name at e9067d4, before the field

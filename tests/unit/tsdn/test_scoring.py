@@ -98,6 +98,33 @@ def test_the_false_positive_rate_at_the_maximum_is_exact_and_a_calibration_repor
         quantile_false_positive_rate(10, 0.99, confidence=1.0)
 
 
+@pytest.mark.parametrize(("n", "rate"), [(10, 1 / 11), (30, 0.05), (30, 0.1), (99, 0.01), (200, 0.02)])
+def test_a_target_false_positive_rate_gives_the_quantile_whose_simulated_rate_it_is(n: int, rate: float):
+    """The inverse of the expected rate: a threshold at the returned quantile of n uniform normal scores lets
+    through ``rate`` of unseen normals on average (100 000 simulated draws of the n)."""
+    from tsdn.calibration import quantile_false_positive_rate, quantile_for_false_positive_rate
+
+    quantile = quantile_for_false_positive_rate(n, rate)
+    assert 0.5 < quantile <= 1.0
+    assert quantile_false_positive_rate(n, quantile)[0] == pytest.approx(rate)
+    rng = np.random.default_rng(n)
+    simulated = 1.0 - np.quantile(rng.random((100_000, n)), quantile, axis=1)
+    assert simulated.mean() == pytest.approx(rate, abs=0.002)
+
+
+def test_a_target_rate_below_what_the_normal_images_can_promise_names_the_images_it_needs():
+    from tsdn.calibration import quantile_for_false_positive_rate
+
+    assert quantile_for_false_positive_rate(10, 1 / 11) == 1.0  # the maximum: the lowest 10 images can promise
+    with pytest.raises(ValueError, match=r"from 10 normal image\(s\) flags at least 9.1 %.* 5 % needs at least 19"):
+        quantile_for_false_positive_rate(10, 0.05)
+    with pytest.raises(ValueError, match=r"1 % needs at least 99 held-out"):
+        quantile_for_false_positive_rate(30, 0.01)
+    for rate in (0.0, 0.5, -0.1):
+        with pytest.raises(ValueError, match=r"rate must lie in \(0, 0.5\)"):
+            quantile_for_false_positive_rate(30, rate)
+
+
 def test_f1_calibration():
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1], 50)
