@@ -1,10 +1,11 @@
 """Fitting the PatchCore family on Ray: patch features by Ray Data actors, a bounded pool, a coreset, a version.
 
-Per product line, inside one Ray task that holds ``cpus_per_worker`` CPUs (and a GPU with ``use_gpu``):
+Per product line, inside the line's (zero-CPU) Ray task:
 
 1. The ingested train rows outside the hold-out folds stream through :class:`PatchEmbedder` actors
-   (``map_batches`` with an ``ActorPoolStrategy`` of ``num_workers`` actors), each holding the frozen encoder
-   and returning every image's locally aware patch features.
+   (``map_batches`` with an ``ActorPoolStrategy`` of ``num_workers`` actors, each with ``cpus_per_worker`` CPUs but
+   never every CPU of the cluster, :func:`embedder_cpus`, and a GPU with ``use_gpu``), each holding the frozen
+   encoder and returning every image's locally aware patch features.
 2. The task folds the stream into a uniform sample of at most ``patchcore.max_patches`` patches (the fit's
    memory bound), then selects the greedy k-center coreset (:func:`tsdn.patchcore.greedy_coreset`).
 3. The model is validated like TSDN (hold-out normals with synthetic defects, :func:`train_eval.validate_holdout`),
@@ -27,7 +28,7 @@ from tsdn.patchcore import PatchCoreConfig
 from tsdn_platform import layout, store
 from tsdn_platform.train_eval import collect_test, predict_arrays, shard_batches, validate_and_calibrate
 
-__all__ = ["PatchEmbedder", "fit_patchcore"]
+__all__ = ["PatchEmbedder", "embedder_cpus", "fit_patchcore"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +36,10 @@ logger = logging.getLogger(__name__)
 class PatchEmbedder:
     """Ray Data actor: ``{"image": (B, 3, S, S) uint8}`` -> ``{"patches": (B, h * w, D) float16}``."""
 
-    def __init__(self, cfg: dict[str, Any], device: str) -> None:
+    def __init__(self, cfg: dict[str, Any], device: str, threads: int = 1) -> None:
         from tsdn.patchcore import PatchCore
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)
         self.device = torch.device(device)
         self.model = PatchCore(PatchCoreConfig(**_tuples(cfg)), opener=store.read_bytes).to(self.device).eval()
 
@@ -51,6 +52,17 @@ class PatchEmbedder:
 
 def _tuples(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+
+
+def embedder_cpus(cpus_per_worker: float, num_workers: int, cluster_cpus: float) -> float:
+    """The CPUs each of ``num_workers`` embedding actors asks for: ``cpus_per_worker``, unless the actors would hold
+    every CPU of the cluster; then they share all but one, which the Ray Data tasks that feed them need (a column
+    selection, the reads of data that are not cached). Asking for all of them hung the fit for ever (the `cpu`
+    preset's 2 CPUs per worker on a 2-core machine)."""
+    spare = cluster_cpus - 1
+    if num_workers * cpus_per_worker <= spare or spare <= 0:
+        return cpus_per_worker
+    return spare / num_workers
 
 
 def fit_patchcore(cfg: Any, product: str, run_name: str, datasets: dict[str, Any]) -> dict[str, Any]:
@@ -70,18 +82,17 @@ def fit_patchcore(cfg: Any, product: str, run_name: str, datasets: dict[str, Any
     pc_cfg = cfg.patchcore
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
-    embedded = (
-        datasets["train"]
-        .select_columns(["image"])
-        .map_batches(
-            PatchEmbedder,
-            fn_constructor_kwargs={"cfg": pc_cfg.to_dict(), "device": device},
-            batch_size=cfg.eval_batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
-            num_cpus=cfg.cpus_per_worker,
-            num_gpus=cfg.gpus_per_worker if cfg.use_gpu else 0,
-        )
+    cpus = embedder_cpus(cfg.cpus_per_worker, cfg.num_workers, ray.cluster_resources().get("CPU", 0.0))
+    # No select_columns before the actors: it is a Ray Data task of its own, which needs a CPU (the actors read
+    # only "image"); cached (materialised) rows then reach them without any task.
+    embedded = datasets["train"].map_batches(
+        PatchEmbedder,
+        fn_constructor_kwargs={"cfg": pc_cfg.to_dict(), "device": device, "threads": max(1, int(cpus))},
+        batch_size=cfg.eval_batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
+        num_cpus=cpus,
+        num_gpus=cfg.gpus_per_worker if cfg.use_gpu else 0,
     )
     model = PatchCore(pc_cfg, opener=store.read_bytes)
     batches = embedded.iter_batches(batch_size=None, batch_format="numpy")

@@ -267,6 +267,32 @@ def test_both_families_train_register_and_the_better_one_is_promoted(ingested):
         assert calibration.quantile < 0.99 and calibration.false_positive_rate()[0] == pytest.approx(0.3)
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("cache_data", [True, False])
+def test_patchcore_fits_when_a_worker_asks_for_every_cpu_of_the_cluster(ingested, cache_data):
+    """The `cpu` preset's ``cpus_per_worker: 2`` on a 2-core machine, with ``families: [tsdn, patchcore]``, hung
+    for ever: PatchCore's embedding actor took every CPU, and the Ray Data tasks that fed it (a column selection,
+    and the reads when the data are not cached) waited for one. The actors now leave them a CPU, and cached rows
+    reach the actors without a task."""
+    import ray
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    cfg = _config(
+        ingested,
+        "families=patchcore",
+        f"cpus_per_worker={cpus}",
+        "num_workers=1",
+        f"cache_data={str(cache_data).lower()}",
+        f"run_name=allcpus-{cache_data}",
+        "promote=never",
+    )
+    result = run_training(cfg)[PRODUCTS[0]]
+    assert result.ok, result.error
+    assert result.family == "patchcore" and result.test["image_auroc"] is not None
+
+
 def test_config_products_validation_and_run_name(monkeypatch):
     cfg = _config("/tmp/store")
     assert cfg.products == ["brick"]
