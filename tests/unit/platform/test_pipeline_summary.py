@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from tsdn.calibration import fit_calibration
 from tsdn_platform.pipeline import PipelineResult, format_summary
 from tsdn_platform.score import _threshold_summary
@@ -83,3 +85,13 @@ def test_without_ground_truth_or_calibration_the_table_says_nothing_it_cannot_kn
     lines = format_summary(result).splitlines()
     assert lines[2].split()[2:8] == ["n/a"] * 6
     assert len(lines) == 4  # header, rule, brick, gravel's failure: no legend and no promise
+
+
+def test_a_threshold_set_for_a_target_rate_names_its_quantile_to_three_figures():
+    """``target_false_positive_rate: 0.05`` with 30 held-out normals: the 98.1 % quantile (98.10344...)."""
+    from tsdn.calibration import quantile_for_false_positive_rate
+
+    quantile = quantile_for_false_positive_rate(30, 0.05)
+    target = fit_calibration(np.linspace(1.0, 30.0, 30), quantile=quantile)
+    lines = format_summary(_result({"brick": target}, {})).splitlines()
+    assert "threshold 29.450 = the 98.1 % quantile of 30 normal images' scores: 5.0 %, up to 12.6 %" in lines[-1]
