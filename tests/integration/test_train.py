@@ -270,27 +270,29 @@ def test_both_families_train_register_and_the_better_one_is_promoted(ingested):
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("cache_data", [True, False])
-def test_patchcore_fits_when_a_worker_asks_for_every_cpu_of_the_cluster(ingested, cache_data):
+@pytest.mark.parametrize(("family", "cache_data"), [("patchcore", True), ("patchcore", False), ("tsdn", True)])
+def test_a_family_trains_when_a_worker_asks_for_every_cpu_of_the_cluster(ingested, family, cache_data):
     """The `cpu` preset's ``cpus_per_worker: 2`` on a 2-core machine, with ``families: [tsdn, patchcore]``, hung
     for ever: PatchCore's embedding actor took every CPU, and the Ray Data tasks that fed it (a column selection,
     and the reads when the data are not cached) waited for one. The actors now leave them a CPU, and cached rows
-    reach the actors without a task."""
+    reach the actors without a task. (TSDN's Ray Train worker with every CPU still hangs on data that are not
+    cached: its reads wait for a CPU too. Not fixed; README, "Using the platform".)"""
     import ray
 
     cpus = int(ray.cluster_resources()["CPU"])
     cfg = _config(
         ingested,
-        "families=patchcore",
+        f"families={family}",
+        "epochs=1",
         f"cpus_per_worker={cpus}",
         "num_workers=1",
         f"cache_data={str(cache_data).lower()}",
-        f"run_name=allcpus-{cache_data}",
+        f"run_name=allcpus-{family}-{cache_data}",
         "promote=never",
     )
     result = run_training(cfg)[PRODUCTS[0]]
     assert result.ok, result.error
-    assert result.family == "patchcore" and result.test["image_auroc"] is not None
+    assert result.family == family and result.test["image_auroc"] is not None
 
 
 def test_config_products_validation_and_run_name(monkeypatch):
