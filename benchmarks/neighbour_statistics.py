@@ -23,9 +23,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from encoder_probe import write_row
 from position_whitening import map_metrics
-from recipe import _to_tensor, load_saved_run
-from whitening_selection import BLENDS, distances, gaussian
-from whitening_variants import residuals, standardise
+from whitening_selection import BLENDS, distances, gaussian, split_residuals
+from whitening_variants import standardise
 
 from tsdn.resize import input_shape
 
@@ -43,17 +42,11 @@ def neighbourhood(values: torch.Tensor, k: int) -> torch.Tensor:
 
 def main(out_path: str, model_path: str, root: str, product: str, ks: str = "0,1") -> None:
     torch.set_num_threads(2)
-    model, data, held, seed, val = load_saved_run(model_path, root, product)
+    model, data, _, seed, val, splits = split_residuals(model_path, root, product)
     cfg = model.cfg
     shape = input_shape(cfg.image_size)
     stages = model.feature_stages
-    fit = residuals(model, _to_tensor(data["train"][~held]))[0]
-    splits = {
-        "fit": fit,
-        "held": residuals(model, _to_tensor(data["train"][held]))[0],
-        "test": residuals(model, _to_tensor(data["test"]))[0],
-        "val": residuals(model, _to_tensor(val.images))[0],
-    }
+    fit = splits["fit"]
     for k in (int(v) for v in ks.split(",")):
         chosen, maps = {}, {}
         for s in stages:

@@ -76,19 +76,26 @@ def distances(values: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> tu
     return squared, logdet
 
 
-def main(out_path: str, model_path: str, root: str, product: str) -> None:
-    torch.set_num_threads(2)
+def split_residuals(model_path: str, root: str, product: str) -> tuple:
+    """A saved run (:func:`recipe.load_saved_run`) and its residuals per split and stage: ``fit`` (the training
+    images the statistics are fitted on), ``held`` (the held-out normals), ``test`` and ``val``."""
     model, data, held, seed, val = load_saved_run(model_path, root, product)
-    cfg = model.cfg
-    shape = input_shape(cfg.image_size)
-    stages = model.feature_stages
-    fit = residuals(model, _to_tensor(data["train"][~held]))[0]
     splits = {
-        "fit": fit,
+        "fit": residuals(model, _to_tensor(data["train"][~held]))[0],
         "held": residuals(model, _to_tensor(data["train"][held]))[0],
         "test": residuals(model, _to_tensor(data["test"]))[0],
         "val": residuals(model, _to_tensor(val.images))[0],
     }
+    return model, data, held, seed, val, splits
+
+
+def main(out_path: str, model_path: str, root: str, product: str) -> None:
+    torch.set_num_threads(2)
+    model, data, held, seed, val, splits = split_residuals(model_path, root, product)
+    cfg = model.cfg
+    shape = input_shape(cfg.image_size)
+    stages = model.feature_stages
+    fit = splits["fit"]
     candidates = [("pooled", None)] + [(f"position a={b}", b) for b in BLENDS]
     nll: dict[str, dict[int, float]] = {}  # variant -> stage -> held-out NLL
     maps: dict[str, dict[int, dict[str, torch.Tensor]]] = {}  # variant -> stage -> split -> upsampled map
