@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from encoder_probe import write_row
 from position_whitening import map_metrics
-from whitening_selection import BLENDS, distances, gaussian, split_residuals
+from whitening_selection import BLENDS, distances, gaussian, held_out_nll, split_residuals, stage_map
 from whitening_variants import standardise
 
 from tsdn.resize import input_shape
@@ -50,19 +50,18 @@ def main(out_path: str, model_path: str, root: str, product: str, ks: str = "0,1
     for k in (int(v) for v in ks.split(",")):
         chosen, maps = {}, {}
         for s in stages:
+            pooled = neighbourhood(fit[s], k)
             best = None
             for blend in BLENDS:
-                mean, cov = gaussian(neighbourhood(fit[s], k), blend, cfg.feature_shrinkage)
-                squared, logdet = distances(splits["held"][s], mean, cov)
-                nll = float(0.5 * (squared.mean() + logdet.mean()))
+                mean, cov = gaussian(pooled, blend, cfg.feature_shrinkage)
+                nll = held_out_nll(*distances(splits["held"][s], mean, cov))
                 if best is None or nll < best[0]:
                     best = (nll, blend, mean, cov)
             _, chosen[s], mean, cov = best
-            c = fit[s].shape[1]
-            maps[s] = {}
-            for split, res in splits.items():
-                squared, _ = distances(res[s], mean, cov)
-                maps[s][split] = F.interpolate((squared / c).sqrt()[:, None].float(), size=shape, mode="bilinear")
+            maps[s] = {
+                split: stage_map(distances(res[s], mean, cov)[0], res[s].shape[1], shape)
+                for split, res in splits.items()
+            }
         averaged = {split: sum(maps[s][split] for s in stages) / len(stages) for split in splits}
         test = standardise(averaged["test"], averaged["fit"], cfg.score_sigma)
         held_out = standardise(averaged["val"], averaged["fit"], cfg.score_sigma)

@@ -76,6 +76,18 @@ def distances(values: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> tu
     return squared, logdet
 
 
+def held_out_nll(squared: torch.Tensor, logdet: torch.Tensor) -> float:
+    """The mean negative log-likelihood per position, ``(d^2 + log det S) / 2`` (the constant dropped), of
+    :func:`distances`' output for the held-out normals."""
+    return float(0.5 * (squared.mean() + logdet.mean()))
+
+
+def stage_map(squared: torch.Tensor, channels: int, shape: tuple[int, int]) -> torch.Tensor:
+    """:func:`distances`' squared distances (N, h, w) of a stage with ``channels`` -> its map (N, 1, H, W), as the
+    shipped code scales and upsamples it."""
+    return F.interpolate((squared / channels).sqrt()[:, None].float(), size=shape, mode="bilinear")
+
+
 def split_residuals(model_path: str, root: str, product: str) -> tuple:
     """A saved run (:func:`recipe.load_saved_run`) and its residuals per split and stage: ``fit`` (the training
     images the statistics are fitted on), ``held`` (the held-out normals), ``test`` and ``val``."""
@@ -105,10 +117,8 @@ def main(out_path: str, model_path: str, root: str, product: str) -> None:
             for split, res in splits.items():
                 squared, logdet = distances(res[s], mean, cov)
                 if split == "held":
-                    nll.setdefault(name, {})[s] = float(0.5 * (squared.mean() + logdet.mean()))
-                c = res[s].shape[1]
-                up = F.interpolate((squared / c).sqrt()[:, None].float(), size=shape, mode="bilinear")
-                maps.setdefault(name, {}).setdefault(s, {})[split] = up
+                    nll.setdefault(name, {})[s] = held_out_nll(squared, logdet)
+                maps.setdefault(name, {}).setdefault(s, {})[split] = stage_map(squared, res[s].shape[1], shape)
     positions = [name for name, blend in candidates if blend is not None]
     chosen = {name: {s: name for s in stages} for name, _ in candidates}
     one = min(positions, key=lambda name: sum(nll[name].values()))
