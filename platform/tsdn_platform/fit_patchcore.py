@@ -4,8 +4,8 @@ Per product line, inside the line's (zero-CPU) Ray task:
 
 1. The ingested train rows outside the hold-out folds stream through :class:`PatchEmbedder` actors
    (``map_batches`` with an ``ActorPoolStrategy`` of ``num_workers`` actors, each with ``cpus_per_worker`` CPUs but
-   never every CPU of the cluster, :func:`embedder_cpus`, and a GPU with ``use_gpu``), each holding the frozen
-   encoder and returning every image's locally aware patch features.
+   never every CPU of the cluster, :func:`tsdn_platform.ray_session.worker_cpus`, and a GPU with ``use_gpu``), each
+   holding the frozen encoder and returning every image's locally aware patch features.
 2. The task folds the stream into a uniform sample of at most ``patchcore.max_patches`` patches (the fit's
    memory bound), then selects the greedy k-center coreset (:func:`tsdn.patchcore.greedy_coreset`).
 3. The model is validated like TSDN (hold-out normals with synthetic defects, :func:`train_eval.validate_holdout`),
@@ -26,9 +26,10 @@ import torch
 from tsdn.checkpoint import MODEL_JSON, MODEL_WEIGHTS
 from tsdn.patchcore import PatchCoreConfig
 from tsdn_platform import layout, store
+from tsdn_platform.ray_session import worker_cpus
 from tsdn_platform.train_eval import collect_test, predict_arrays, shard_batches, validate_and_calibrate
 
-__all__ = ["PatchEmbedder", "embedder_cpus", "fit_patchcore"]
+__all__ = ["PatchEmbedder", "fit_patchcore"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,17 +55,6 @@ def _tuples(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
 
 
-def embedder_cpus(cpus_per_worker: float, num_workers: int, cluster_cpus: float) -> float:
-    """The CPUs each of ``num_workers`` embedding actors asks for: ``cpus_per_worker``, unless the actors would hold
-    every CPU of the cluster; then they share all but one, which the Ray Data tasks that feed them need (a column
-    selection, the reads of data that are not cached). Asking for all of them hung the fit for ever (the `cpu`
-    preset's 2 CPUs per worker on a 2-core machine)."""
-    spare = cluster_cpus - 1
-    if num_workers * cpus_per_worker <= spare or spare <= 0:
-        return cpus_per_worker
-    return spare / num_workers
-
-
 def fit_patchcore(cfg: Any, product: str, run_name: str, datasets: dict[str, Any]) -> dict[str, Any]:
     """Fit, validate, evaluate and save one product line's PatchCore; returns the run summary.
 
@@ -82,7 +72,7 @@ def fit_patchcore(cfg: Any, product: str, run_name: str, datasets: dict[str, Any
     pc_cfg = cfg.patchcore
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
-    cpus = embedder_cpus(cfg.cpus_per_worker, cfg.num_workers, ray.cluster_resources().get("CPU", 0.0))
+    cpus = worker_cpus(cfg.cpus_per_worker, cfg.num_workers, ray.cluster_resources().get("CPU", 0.0))
     # No select_columns before the actors: it is a Ray Data task of its own, which needs a CPU (the actors read
     # only "image"); cached (materialised) rows then reach them without any task.
     embedded = datasets["train"].map_batches(

@@ -109,6 +109,18 @@ def forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in sorted(keys)}
 
 
+def worker_cpus(cpus_per_worker: float, num_workers: int, cluster_cpus: float) -> float:
+    """The CPUs each of ``num_workers`` workers that Ray Data feeds (Ray Train workers reading data that are not
+    cached, PatchCore's embedding actors) asks for: ``cpus_per_worker``, unless together they would hold every CPU
+    of the cluster; then they share all but one, which the Ray Data tasks that feed them need. Holding all of them
+    hung the job for ever (the `cpu` preset's 2 CPUs per worker on a 2-core machine). A cluster with no CPU to spare
+    (an autoscaler's empty head, a one-CPU machine) keeps the request."""
+    spare = cluster_cpus - 1
+    if num_workers * cpus_per_worker <= spare or spare <= 0:
+        return cpus_per_worker
+    return spare / num_workers
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> None:
     """Initialise Ray once per process.
 

@@ -3,7 +3,8 @@
 ``tsdn train --store S --dataset D [--products a,b|all] [--config FILE] [--set key=value ...]``
 
 Per product line (each launched from its own zero-CPU Ray task, so the cluster's resources decide how many
-train at once: a trainer whose workers do not fit waits, and Ray Train retries its start until they do):
+train at once: a trainer whose workers do not fit waits, and Ray Train retries its start until they do; with
+``cache_data: false`` the lines running at once leave the reads that feed them a CPU, :func:`concurrent_products`):
 
 1. The ingested shards (``tsdn_platform.shards.read_split``) are split: ``validation: holdout`` trains on the
    train rows whose ``fold`` is not in ``holdout_folds`` and validates on the rest; ``validation: test``
@@ -92,6 +93,8 @@ FAIL_AT_EPOCH_ENV = "TSDN_TEST_FAIL_AT_EPOCH"
 #: of their scores) are rough, and training says so. The demo lines hold out 10-12 of 40: their thresholds let
 #: about 10 % of unseen good images through (``tsdn.calibration.quantile_false_positive_rate``; BENCHMARKS.md).
 SMALL_HOLDOUT = 10
+#: Seconds between two looks at the cluster while product lines train or wait for :func:`concurrent_products`.
+CLUSTER_POLL_S = 30.0
 
 
 def injected_failure_epoch(epochs: int) -> int | None:
@@ -397,11 +400,14 @@ def build_trainer(cfg: TrainConfig, product: str, run_name: str, runs_uri: str, 
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from tsdn_platform.ray_session import verbose
+    from tsdn_platform.ray_session import verbose, worker_cpus
 
     fs, runs_path = store.resolve(runs_uri)
+    cpus = cfg.cpus_per_worker
+    if not cfg.cache_data:  # the workers' rows are read while they train: those reads need a CPU of their own
+        cpus = worker_cpus(cpus, cfg.num_workers, ray.cluster_resources().get("CPU", 0.0))
     resources = {
-        "CPU": cfg.cpus_per_worker,
+        "CPU": cpus,
         **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {}),
         **cfg.resources_per_worker,
     }
@@ -670,16 +676,18 @@ def _run_training(cfg: TrainConfig) -> dict[str, ProductResult]:
     # A cluster started earlier in this process does not see the test hook: the task's runtime_env carries it, and
     # Ray merges a parent's env_vars into the Train controller's and workers' own.
     hook = {} if fail_at_epoch is None else {"runtime_env": {"env_vars": {FAIL_AT_EPOCH_ENV: str(fail_at_epoch)}}}
-    limit = cfg.max_concurrent_products or len(products)
     pending: dict[Any, str] = {}
     queue = list(products)
     results: dict[str, ProductResult] = {}
     cfg_dict = to_dict(cfg)
     while queue or pending:
+        limit = concurrent_products(cfg, len(products), ray.cluster_resources().get("CPU", 0.0))
         while queue and len(pending) < limit:
             product = queue.pop(0)
             pending[task.options(name=f"train-{product}", **hook).remote(cfg_dict, product)] = product
-        done, _ = ray.wait(list(pending), num_returns=1)
+        # Awake now and then: lines still queued see the CPUs an autoscaler added, and a signal (Ctrl-C, a test's
+        # timeout) reaches Python, which a wait without a timeout blocks until a line finishes.
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=CLUSTER_POLL_S)
         for ref in done:
             product = pending.pop(ref)
             try:
@@ -687,6 +695,19 @@ def _run_training(cfg: TrainConfig) -> dict[str, ProductResult]:
             except Exception as exc:  # the task itself died (e.g. its node was lost)
                 results[product] = _failed(product, exc)
     return {product: results[product] for product in products}
+
+
+def concurrent_products(cfg: TrainConfig, n_products: int, cluster_cpus: float) -> int:
+    """How many of ``n_products`` lines train at once on a cluster of ``cluster_cpus``: ``max_concurrent_products``
+    (0 = all of them), and with ``cache_data: false`` no more than leave the cluster a CPU for the reads that feed
+    them: each line's workers read their rows while they train, and lines holding every CPU between them waited
+    for ever (two lines of 2 CPUs per worker on 4 CPUs). One line always trains (:func:`build_trainer` leaves a
+    lone line's reads a CPU)."""
+    limit = cfg.max_concurrent_products or n_products
+    footprint = cfg.num_workers * cfg.cpus_per_worker
+    if cfg.cache_data or footprint <= 0:
+        return limit
+    return max(1, min(limit, int((cluster_cpus - 1) // footprint)))
 
 
 def format_table(results: Mapping[str, ProductResult]) -> str:

@@ -91,7 +91,9 @@ class TrainConfig:
             command resumes an interrupted run instead of starting over.
         max_concurrent_products: cap on product lines training at once; 0 = as many as the cluster fits.
         cache_data: materialise the decoded shards in the object store once instead of re-reading every
-            epoch (turn off for datasets larger than the object store).
+            epoch (turn off for datasets larger than the object store). Off, the workers read while they train,
+            and the reads need a CPU: the lines training at once and each line's workers leave them one
+            (:func:`tsdn_platform.train.concurrent_products`, :func:`tsdn_platform.ray_session.worker_cpus`).
         shuffle_buffer_size: rows each worker shuffles per epoch before batching (Ray Data's local shuffle,
             seeded by ``seed``, epoch and rank); 0 keeps the shard order.
         store_retry_s: how long a store that is unreachable, throttling or failing with 5xx is waited for (on the

@@ -270,13 +270,15 @@ def test_both_families_train_register_and_the_better_one_is_promoted(ingested):
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize(("family", "cache_data"), [("patchcore", True), ("patchcore", False), ("tsdn", True)])
+@pytest.mark.parametrize(
+    ("family", "cache_data"), [("patchcore", True), ("patchcore", False), ("tsdn", True), ("tsdn", False)]
+)
 def test_a_family_trains_when_a_worker_asks_for_every_cpu_of_the_cluster(ingested, family, cache_data):
     """The `cpu` preset's ``cpus_per_worker: 2`` on a 2-core machine, with ``families: [tsdn, patchcore]``, hung
     for ever: PatchCore's embedding actor took every CPU, and the Ray Data tasks that fed it (a column selection,
     and the reads when the data are not cached) waited for one. The actors now leave them a CPU, and cached rows
-    reach the actors without a task. (TSDN's Ray Train worker with every CPU still hangs on data that are not
-    cached: its reads wait for a CPU too. Not fixed; README, "Using the platform".)"""
+    reach the actors without a task. TSDN's Ray Train worker reading data that are not cached hung the same way
+    (its reads wait for a CPU); it now leaves them one too."""
     import ray
 
     cpus = int(ray.cluster_resources()["CPU"])
@@ -293,6 +295,28 @@ def test_a_family_trains_when_a_worker_asks_for_every_cpu_of_the_cluster(ingeste
     result = run_training(cfg)[PRODUCTS[0]]
     assert result.ok, result.error
     assert result.family == family and result.test["image_auroc"] is not None
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_lines_that_read_as_they_train_leave_the_reads_a_cpu_between_them(ingested):
+    """Two lines of ``cpus_per_worker: 2`` on the 4-CPU test cluster with ``cache_data: false``: both trainers
+    started, held every CPU between them, and each waited for ever for the reads of its rows. Now one trains at a
+    time (``concurrent_products``), and both finish."""
+    import ray
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    cfg = dataclasses.replace(
+        _config(ingested, "epochs=1", f"cpus_per_worker={cpus // 2}", "cache_data=false", "run_name=two-uncached"),
+        products=list(PRODUCTS),
+        promote="never",
+    )
+    results = run_training(cfg)
+    assert set(results) == set(PRODUCTS)
+    for product, result in results.items():
+        assert result.ok, f"{product}: {result.error}"
+        assert result.test["image_auroc"] is not None
 
 
 def test_config_products_validation_and_run_name(monkeypatch):
