@@ -13,10 +13,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# torch/torchvision first, pinned to the builds this kind of machine carries on disk; then the project.
-$(STAMP): pyproject.toml | $(BIN)/python
+# torch/torchvision first, pinned to the builds this kind of machine carries on disk; then the project, with the
+# numerical libraries at the releases its figures were measured with (constraints.txt).
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[test,offline,export]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,offline,export]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -385,6 +385,10 @@ def load_datasets(cfg: TrainConfig, product: str) -> dict[str, Any]:
     else:
         train, val = train_all.select_columns(list(TRAIN_COLUMNS)), test
     datasets = {"train": train, "val": val, "test": test}
+    for ds in datasets.values():
+        # With preserve_order the rows come in the store's order, not in the order the reads finish in: the
+        # batches, SURF's fills and PatchCore's patch sample then follow the seed, not the scheduling.
+        ds.context.execution_options.preserve_order = cfg.preserve_order
     if cfg.cache_data:
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
     return datasets
@@ -433,8 +437,22 @@ def build_trainer(cfg: TrainConfig, product: str, run_name: str, runs_uri: str, 
             ),
         ),
         datasets=dict(datasets),
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"], execution_options=ingest_options(cfg.preserve_order)
+        ),
     )
+
+
+def ingest_options(preserve_order: bool) -> Any:
+    """Ray Train's default ingest options (it reads them from the current ``DataContext``, not from the datasets)
+    with ``preserve_order`` (``TrainConfig.preserve_order``). With it the workers get the rows in the order
+    :func:`load_datasets` gives them, each block going to the worker with the fewest rows so far (Ray then ignores
+    the locality hints), so every worker sees the same batches on every run of the same seed."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = preserve_order
+    return options
 
 
 def check_holdout(

@@ -33,6 +33,7 @@ _RUN_HASH_EXCLUDED = (
     "promote",
     "promote_metric",
     "cache_data",
+    "preserve_order",  # how the rows are delivered, like cache_data
     "families",
     "resources_per_worker",  # where the workers run, not what they learn
     "store_retry_s",
@@ -96,6 +97,11 @@ class TrainConfig:
             (:func:`tsdn_platform.train.concurrent_products`, :func:`tsdn_platform.ray_session.worker_cpus`).
         shuffle_buffer_size: rows each worker shuffles per epoch before batching (Ray Data's local shuffle,
             seeded by ``seed``, epoch and rank); 0 keeps the shard order.
+        preserve_order: rows reach training in the store's order (the manifest's files, each file's rows), and
+            each block goes to the worker with the fewest rows so far, so a run depends on its seed alone. False:
+            Ray Data's default, the order the reads finish in and blocks to workers on their own node (less data
+            across nodes on a large cluster; a line stored in several files then trains on batches the
+            scheduling decides).
         store_retry_s: how long a store that is unreachable, throttling or failing with 5xx is waited for (on the
             driver, in each product line's task and in every Train worker, checkpoint uploads included) before that
             product line fails; then no new version is registered and the best pointer is left as it was. Each
@@ -132,6 +138,7 @@ class TrainConfig:
     max_concurrent_products: int = 0
     cache_data: bool = True
     shuffle_buffer_size: int = 256
+    preserve_order: bool = True
     store_retry_s: float = _STORE_RETRY_S
 
     def __post_init__(self) -> None:

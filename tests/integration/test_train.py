@@ -45,6 +45,25 @@ def ingested(ray_local, s3, tmp_path_factory) -> str:
     return uri
 
 
+@pytest.fixture(scope="module")
+def ingested_in_files(ray_local, s3, tmp_path_factory) -> str:
+    """One line stored a row per file: Ray Data reads up to 16 files per task, its tasks side by side. The first
+    task's images are 1536 px (the others 64), so it finishes last."""
+    from PIL import Image
+
+    from tsdn_platform.demo_data import make_demo_dataset
+    from tsdn_platform.ingest import IngestConfig, run_ingest
+
+    root = tmp_path_factory.mktemp("train-files") / "mvtec"
+    make_demo_dataset(root, seed=1, image_size=64, n_train=40, n_test_good=6, n_defects_per_type=1, products=["brick"])
+    for path in sorted((root / "brick" / "train" / "good").iterdir())[:16]:
+        Image.open(path).resize((1536, 1536), Image.Resampling.BICUBIC).save(path)
+    uri = s3.uri("train-files")
+    cfg = IngestConfig(source=str(root), store=uri, dataset="files", image_size=64, n_segments=50, rows_per_file=1)
+    run_ingest(cfg)
+    return uri
+
+
 def _config(uri: str, *overrides: str) -> TrainConfig:
     explicit = {"store": uri, "dataset": "demo", "products": PRODUCTS[0]}
     return load_config(TrainConfig, "tiny", [HOLDOUT, *overrides], explicit=explicit)
@@ -317,6 +336,46 @@ def test_lines_that_read_as_they_train_leave_the_reads_a_cpu_between_them(ingest
     for product, result in results.items():
         assert result.ok, f"{product}: {result.error}"
         assert result.test["image_auroc"] is not None
+
+
+def _file_order(uri: str, split: str) -> list[str]:
+    """The image ids of the line's ``split`` as the store holds them: the manifest's files, each file's rows."""
+    import pyarrow.parquet as pq
+
+    from tsdn_platform.shards import committed_files
+
+    ids = []
+    for file_uri in committed_files(uri, "files", "brick", split):
+        fs, path = store.resolve(file_uri)
+        ids += pq.read_table(path, filesystem=fs, columns=["image_id"]).column("image_id").to_pylist()
+    return ids
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("cache_data", [True, False])
+def test_a_line_in_several_files_reaches_training_in_the_store_order(ingested_in_files, cache_data):
+    """The rows came in the order Ray Data's reads finished in, so a line stored in several files trained on
+    batches the scheduling chose, not its seed alone. Now in the store's order, cached or streamed."""
+    from tsdn_platform.shards import read_split
+    from tsdn_platform.train import ingest_options, load_datasets
+
+    cfg = dataclasses.replace(_config(ingested_in_files, f"cache_data={str(cache_data).lower()}"), dataset="files")
+    assert cfg.preserve_order and ingest_options(cfg.preserve_order).preserve_order  # the Train workers' split too
+    train_order = _file_order(ingested_in_files, "train")
+    assert len(train_order) == 40 and len(_file_order(ingested_in_files, "test")) == 11
+    datasets = load_datasets(cfg, "brick")
+    test_ids = [str(i) for batch in datasets["test"].iter_batches(batch_format="numpy") for i in batch["image_id"]]
+    assert test_ids == _file_order(ingested_in_files, "test")
+    # The train rows carry no id: their images against an ordered read of the same files, the held-out folds left out.
+    columns = ["image_id", "image", "fold"]
+    ordered = read_split(ingested_in_files, "files", "brick", "train", columns=columns, image_dtype="uint8")
+    ordered.context.execution_options.preserve_order = True
+    rows = ordered.take_all()
+    assert [str(r["image_id"]) for r in rows] == train_order
+    expected = np.stack([r["image"] for r in rows if r["fold"] not in cfg.holdout_folds])
+    got = np.concatenate([b["image"] for b in datasets["train"].iter_batches(batch_format="numpy")])
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_config_products_validation_and_run_name(monkeypatch):
