@@ -100,8 +100,8 @@ class TrainConfig:
         preserve_order: rows reach training in the store's order (the manifest's files, each file's rows), and
             each block goes to the worker with the fewest rows so far, so a run depends on its seed alone. False:
             Ray Data's default, the order the reads finish in and blocks to workers on their own node (less data
-            across nodes on a large cluster; a line stored in several files then trains on batches the
-            scheduling decides).
+            across nodes on a large cluster; a line whose files take several read tasks, more than 16 files, then
+            trains on batches the scheduling decides).
         store_retry_s: how long a store that is unreachable, throttling or failing with 5xx is waited for (on the
             driver, in each product line's task and in every Train worker, checkpoint uploads included) before that
             product line fails; then no new version is registered and the best pointer is left as it was. Each
