@@ -45,6 +45,9 @@ _PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_grou
 _PROGRESS_LOGGER = "ray.data._internal.progress"  # its one warning: "Progress bars disabled"
 _TRAIN_REPORT_MODULE = ("train", "v2", "_internal", "execution", "context.py")
 _EXCLUDE_RESOURCES_WARNING = r"`ExecutionOptions\.exclude_resources` is deprecated"
+# Whether the cluster this process uses is a local one that init_ray started (set once it has): its CPUs are all it
+# will ever have, where a cluster it connected to may have an autoscaler.
+_started_local = False
 
 
 def verbose() -> bool:
@@ -121,6 +124,11 @@ def worker_cpus(cpus_per_worker: float, num_workers: int, cluster_cpus: float) -
     return spare / num_workers
 
 
+def on_local_cluster() -> bool:
+    """Whether this process runs on a local cluster that :func:`init_ray` started: one that cannot grow."""
+    return _started_local
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> None:
     """Initialise Ray once per process.
 
@@ -158,6 +166,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         _system_config=system_config,
         **kwargs,
     )
+    global _started_local
+    _started_local = True
 
 
 def _keep_local_cluster_on_loopback() -> None:

@@ -3,8 +3,9 @@
 ``tsdn train --store S --dataset D [--products a,b|all] [--config FILE] [--set key=value ...]``
 
 Per product line (each launched from its own zero-CPU Ray task, so the cluster's resources decide how many
-train at once: a trainer whose workers do not fit waits, and Ray Train retries its start until they do; with
-``cache_data: false`` the lines running at once leave the reads that feed them a CPU, :func:`concurrent_products`):
+train at once: a trainer whose workers do not fit waits, and Ray Train retries its start until they do; a local
+cluster gets no more lines than its CPUs hold, and with ``cache_data: false`` the lines running at once leave the
+reads that feed them a CPU, :func:`concurrent_products`):
 
 1. The ingested shards (``tsdn_platform.shards.read_split``) are split: ``validation: holdout`` trains on the
    train rows whose ``fold`` is not in ``holdout_folds`` and validates on the rest; ``validation: test``
@@ -685,7 +686,7 @@ def run_training(cfg: TrainConfig) -> dict[str, ProductResult]:
 def _run_training(cfg: TrainConfig) -> dict[str, ProductResult]:
     import ray
 
-    from tsdn_platform.ray_session import init_ray
+    from tsdn_platform.ray_session import init_ray, on_local_cluster
 
     products = preflight(cfg)
     fail_at_epoch = injected_failure_epoch(cfg.epochs)  # a bad test hook is refused before Ray starts
@@ -699,7 +700,7 @@ def _run_training(cfg: TrainConfig) -> dict[str, ProductResult]:
     results: dict[str, ProductResult] = {}
     cfg_dict = to_dict(cfg)
     while queue or pending:
-        limit = concurrent_products(cfg, len(products), ray.cluster_resources().get("CPU", 0.0))
+        limit = concurrent_products(cfg, len(products), ray.cluster_resources().get("CPU", 0.0), on_local_cluster())
         while queue and len(pending) < limit:
             product = queue.pop(0)
             pending[task.options(name=f"train-{product}", **hook).remote(cfg_dict, product)] = product
@@ -715,17 +716,27 @@ def _run_training(cfg: TrainConfig) -> dict[str, ProductResult]:
     return {product: results[product] for product in products}
 
 
-def concurrent_products(cfg: TrainConfig, n_products: int, cluster_cpus: float) -> int:
-    """How many of ``n_products`` lines train at once on a cluster of ``cluster_cpus``: ``max_concurrent_products``
-    (0 = all of them), and with ``cache_data: false`` no more than leave the cluster a CPU for the reads that feed
-    them: each line's workers read their rows while they train, and lines holding every CPU between them waited
-    for ever (two lines of 2 CPUs per worker on 4 CPUs). One line always trains (:func:`build_trainer` leaves a
-    lone line's reads a CPU)."""
+def concurrent_products(cfg: TrainConfig, n_products: int, cluster_cpus: float, fixed: bool = False) -> int:
+    """How many of ``n_products`` lines train at once on a cluster of ``cluster_cpus``; ``fixed``: a cluster that
+    cannot grow (a local one). ``max_concurrent_products`` (0 = all of them), and:
+
+    - with ``cache_data: false``, no more than leave the cluster a CPU for the reads that feed them: each line's
+      workers read their rows while they train, and lines holding every CPU between them waited for ever (two
+      lines of 2 CPUs per worker on 4 CPUs);
+    - on a fixed cluster, no more than its CPUs hold: a line beyond them only waited, its data loading stalled for
+      a CPU while Ray Data warned that the job "will hang" (every demo said so). A cluster that may grow gets every
+      line at once, so that their demand brings up nodes.
+
+    One line always trains (:func:`build_trainer` leaves a lone line's reads a CPU)."""
     limit = cfg.max_concurrent_products or n_products
     footprint = cfg.num_workers * cfg.cpus_per_worker
-    if cfg.cache_data or footprint <= 0:
+    if footprint <= 0:
         return limit
-    return max(1, min(limit, int((cluster_cpus - 1) // footprint)))
+    if not cfg.cache_data:
+        return max(1, min(limit, int((cluster_cpus - 1) // footprint)))
+    if fixed:
+        return max(1, min(limit, int(cluster_cpus // footprint)))
+    return limit
 
 
 def format_table(results: Mapping[str, ProductResult]) -> str:

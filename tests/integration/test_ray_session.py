@@ -73,6 +73,19 @@ def test_local_cluster_binds_loopback_only(ray_local):
     assert all(address.is_loopback for address in addresses), addresses
 
 
+def test_a_local_cluster_is_known_as_one_that_cannot_grow(ray_local):
+    """Training starts no more lines than a local cluster's CPUs hold (``train.concurrent_products``); a process that
+    did not start its cluster (``ray job submit`` onto one that may autoscale) is not told so."""
+    import subprocess
+    import sys
+
+    from tsdn_platform.ray_session import on_local_cluster
+
+    assert on_local_cluster()
+    code = "from tsdn_platform.ray_session import on_local_cluster; print(on_local_cluster())"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
 def test_local_cluster_keeps_idle_workers_while_actors_hold_every_cpu(ray_local):
     """A ``num_cpus=0`` task (the score job's Parquet writes) keeps its worker between runs even when an actor
     pool holds every CPU. Ray's default keeps idle workers only up to the node's free CPUs, so there the idle

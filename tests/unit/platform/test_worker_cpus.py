@@ -36,11 +36,31 @@ def _cfg(**fields):
     return TrainConfig(store="s", dataset="d", **fields)
 
 
-def test_cached_lines_train_at_once_as_the_config_allows():
+def test_cached_lines_on_a_cluster_that_may_grow_all_start_so_their_demand_brings_up_nodes():
     from tsdn_platform.train import concurrent_products
 
     assert concurrent_products(_cfg(cpus_per_worker=2), 3, 4) == 3  # they queue on the cluster's resources
+    assert concurrent_products(_cfg(cpus_per_worker=8), 3, 0) == 3  # an autoscaler's empty head
     assert concurrent_products(_cfg(cpus_per_worker=2, max_concurrent_products=2), 3, 4) == 2
+
+
+@pytest.mark.parametrize(
+    ("num_workers", "cpus_per_worker", "cap", "cluster", "expected"),
+    [
+        (1, 1, 0, 2, 2),  # the demo's three lines on a 2-core machine: the third waited, and Ray said "will hang"
+        (1, 2, 0, 2, 1),  # the cpu preset on a 2-core machine
+        (2, 1, 0, 4, 2),
+        (1, 1, 1, 4, 1),  # max_concurrent_products still caps
+        (1, 4, 0, 2, 1),  # one line always starts, even one that does not fit
+    ],
+)
+def test_cached_lines_on_a_local_cluster_start_as_many_as_its_cpus_hold(
+    num_workers, cpus_per_worker, cap, cluster, expected
+):
+    from tsdn_platform.train import concurrent_products
+
+    cfg = _cfg(num_workers=num_workers, cpus_per_worker=cpus_per_worker, max_concurrent_products=cap)
+    assert concurrent_products(cfg, 3, cluster, fixed=True) == expected
 
 
 @pytest.mark.parametrize(
@@ -61,6 +81,6 @@ def test_lines_reading_data_that_are_not_cached_leave_the_reads_a_cpu(
 
     cfg = _cfg(cache_data=False, num_workers=num_workers, cpus_per_worker=cpus_per_worker, max_concurrent_products=cap)
     running = concurrent_products(cfg, 10, cluster)
-    assert running == expected
+    assert running == expected == concurrent_products(cfg, 10, cluster, fixed=True)
     if running > 1:
         assert running * num_workers * cpus_per_worker <= cluster - 1
