@@ -45,6 +45,8 @@ _PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_grou
 _PROGRESS_LOGGER = "ray.data._internal.progress"  # its one warning: "Progress bars disabled"
 _TRAIN_REPORT_MODULE = ("train", "v2", "_internal", "execution", "context.py")
 _EXCLUDE_RESOURCES_WARNING = r"`ExecutionOptions\.exclude_resources` is deprecated"
+_DATASET_LOGGER = "ray.data.dataset"
+_NO_CPU_WARNING = "does not have any available CPUs"
 # Whether the cluster this process uses is a local one that init_ray started (set once it has): its CPUs are all it
 # will ever have, where a cluster it connected to may have an autoscaler.
 _started_local = False
@@ -53,6 +55,20 @@ _started_local = False
 def verbose() -> bool:
     """Whether the user asked for Ray's own progress and INFO lines (``tsdn --verbose``)."""
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+class _HideMomentaryNoCpuWarning(logging.Filter):
+    """Ray Data's "currently does not have any available CPUs. The Dataset job will hang" looks at one instant, when
+    a dataset starts executing: a product line whose data loading starts while the other lines' trainers and reads
+    hold every CPU for a moment is told it will hang, and then waits for a CPU (the demo said so on most runs). The
+    record stays in the session's ``ray-data.log`` and leaves the console (Ray Data's own ``hide`` attribute). The
+    hangs it would name for real, workers holding every CPU while their reads wait, the training driver prevents
+    (:func:`worker_cpus`, ``train.concurrent_products``); ``--verbose`` shows it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _NO_CPU_WARNING in record.getMessage():
+            record.hide = True
+        return True
 
 
 def quiet_ray_loggers() -> None:
@@ -72,6 +88,9 @@ def quiet_ray_loggers() -> None:
     # Ray Data warns once per process that progress bars are off, which the quiet job did itself. A level on the
     # logger holds whenever ray.data is imported (the driver imports it before RAY_DATA_LOGGING_CONFIG is set).
     logging.getLogger(_PROGRESS_LOGGER).setLevel(logging.ERROR)
+    dataset_logger = logging.getLogger(_DATASET_LOGGER)
+    if not any(isinstance(f, _HideMomentaryNoCpuWarning) for f in dataset_logger.filters):
+        dataset_logger.addFilter(_HideMomentaryNoCpuWarning())
     # Every ``ray.train.report`` call is logged at INFO by a logger named after its module's *file path*
     # (``logging.getLogger(__file__)``), outside the ``ray.train`` hierarchy that LoggingConfig filters.
     import ray

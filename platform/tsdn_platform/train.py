@@ -723,9 +723,9 @@ def concurrent_products(cfg: TrainConfig, n_products: int, cluster_cpus: float, 
     - with ``cache_data: false``, no more than leave the cluster a CPU for the reads that feed them: each line's
       workers read their rows while they train, and lines holding every CPU between them waited for ever (two
       lines of 2 CPUs per worker on 4 CPUs);
-    - on a fixed cluster, no more than its CPUs hold: a line beyond them only waited, its data loading stalled for
-      a CPU while Ray Data warned that the job "will hang" (every demo said so). A cluster that may grow gets every
-      line at once, so that their demand brings up nodes.
+    - on a fixed cluster, no more than its CPUs hold: a line beyond them could only wait, its data loading stalled
+      for CPUs and its cached rows held in the object store meanwhile. A cluster that may grow gets every line at
+      once, so that their demand brings up nodes.
 
     One line always trains (:func:`build_trainer` leaves a lone line's reads a CPU)."""
     limit = cfg.max_concurrent_products or n_products

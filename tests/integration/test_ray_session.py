@@ -164,8 +164,28 @@ def test_quiet_env_and_loggers_follow_verbose(monkeypatch):
             ray_session.quiet_ray_loggers()
         assert progress.getEffectiveLevel() == logging.ERROR  # "Progress bars disabled" stays off the console
         assert logging.getLogger("ray.data").getEffectiveLevel() == logging.WARNING  # its other warnings stay on
+        # Ray Data's one-instant "no available CPUs ... will hang" is marked for its file log only (its console
+        # filter drops records with ``hide``); its other warnings are not, and a second call adds no second filter.
+        records: list[logging.LogRecord] = []
+        capture = logging.Handler()
+        capture.emit = records.append
+        dataset = logging.getLogger(ray_session._DATASET_LOGGER)
+        dataset.addHandler(capture)
+        with warnings.catch_warnings():
+            ray_session.quiet_ray_loggers()
+        dataset.warning(
+            "Warning: The Ray cluster currently does not have any available CPUs. The Dataset job will hang"
+        )
+        dataset.warning("some other warning")
+        dataset.removeHandler(capture)
+        assert [getattr(r, "hide", False) for r in records] == [True, False]
+        assert len([f for f in dataset.filters if isinstance(f, ray_session._HideMomentaryNoCpuWarning)]) == 1
     finally:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+        dataset = logging.getLogger(ray_session._DATASET_LOGGER)
+        for f in list(dataset.filters):
+            if isinstance(f, ray_session._HideMomentaryNoCpuWarning):
+                dataset.removeFilter(f)
     monkeypatch.setenv(ray_session.VERBOSE_ENV, "1")
     assert ray_session.verbose() and ray_session.quiet_env() == {}

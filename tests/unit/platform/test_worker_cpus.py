@@ -47,7 +47,7 @@ def test_cached_lines_on_a_cluster_that_may_grow_all_start_so_their_demand_bring
 @pytest.mark.parametrize(
     ("num_workers", "cpus_per_worker", "cap", "cluster", "expected"),
     [
-        (1, 1, 0, 2, 2),  # the demo's three lines on a 2-core machine: the third waited, and Ray said "will hang"
+        (1, 1, 0, 2, 2),  # the demo's three lines on a 2-core machine: the third could only wait
         (1, 2, 0, 2, 1),  # the cpu preset on a 2-core machine
         (2, 1, 0, 4, 2),
         (1, 1, 1, 4, 1),  # max_concurrent_products still caps
