@@ -438,22 +438,21 @@ def build_trainer(cfg: TrainConfig, product: str, run_name: str, runs_uri: str, 
             ),
         ),
         datasets=dict(datasets),
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=["train"], execution_options=ingest_options(cfg.preserve_order)
-        ),
+        dataset_config=data_config(cfg),
     )
 
 
-def ingest_options(preserve_order: bool) -> Any:
-    """Ray Train's default ingest options (it reads them from the current ``DataContext``, not from the datasets)
-    with ``preserve_order`` (``TrainConfig.preserve_order``). With it the workers get the rows in the order
-    :func:`load_datasets` gives them, each block going to the worker with the fewest rows so far (Ray then ignores
-    the locality hints), so every worker sees the same batches on every run of the same seed."""
+def data_config(cfg: TrainConfig) -> Any:
+    """The trainer's ``DataConfig``: ``train`` split among the workers, ``val`` and ``test`` whole on each, with Ray
+    Train's default ingest options (it reads them from the current ``DataContext``, not from the datasets) and
+    ``cfg.preserve_order``. With it the workers get the rows in the order :func:`load_datasets` gives them, each
+    block going to the worker with the fewest rows so far (Ray then ignores the locality hints), so every worker
+    sees the same batches on every run of the same seed."""
     import ray.train
 
     options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = preserve_order
-    return options
+    options.preserve_order = cfg.preserve_order
+    return ray.train.DataConfig(datasets_to_split=["train"], execution_options=options)
 
 
 def check_holdout(

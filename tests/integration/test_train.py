@@ -358,10 +358,10 @@ def test_a_line_in_several_files_reaches_training_in_the_store_order(ingested_in
     """The rows came in the order Ray Data's reads finished in, so a line stored in several files trained on
     batches the scheduling chose, not its seed alone. Now in the store's order, cached or streamed."""
     from tsdn_platform.shards import read_split
-    from tsdn_platform.train import ingest_options, load_datasets
+    from tsdn_platform.train import data_config, load_datasets
 
     cfg = dataclasses.replace(_config(ingested_in_files, f"cache_data={str(cache_data).lower()}"), dataset="files")
-    assert cfg.preserve_order and ingest_options(cfg.preserve_order).preserve_order  # the Train workers' split too
+    assert cfg.preserve_order
     train_order = _file_order(ingested_in_files, "train")
     assert len(train_order) == 40 and len(_file_order(ingested_in_files, "test")) == 11
     datasets = load_datasets(cfg, "brick")
@@ -375,6 +375,10 @@ def test_a_line_in_several_files_reaches_training_in_the_store_order(ingested_in
     assert [str(r["image_id"]) for r in rows] == train_order
     expected = np.stack([r["image"] for r in rows if r["fold"] not in cfg.holdout_folds])
     got = np.concatenate([b["image"] for b in datasets["train"].iter_batches(batch_format="numpy")])
+    np.testing.assert_array_equal(got, expected)
+    # What a Train worker receives: the trainer's own DataConfig, configured as Ray Train does for one worker.
+    (shard,) = data_config(cfg).configure(datasets, world_size=1, worker_handles=None, worker_node_ids=None)
+    got = np.concatenate([b["image"] for b in shard["train"].iter_batches(batch_format="numpy")])
     np.testing.assert_array_equal(got, expected)
 
 
