@@ -362,11 +362,11 @@ def test_a_line_in_several_files_reaches_training_in_the_store_order(ingested_in
 
     cfg = dataclasses.replace(_config(ingested_in_files, f"cache_data={str(cache_data).lower()}"), dataset="files")
     assert cfg.preserve_order
-    train_order = _file_order(ingested_in_files, "train")
-    assert len(train_order) == 40 and len(_file_order(ingested_in_files, "test")) == 11
+    train_order, test_order = _file_order(ingested_in_files, "train"), _file_order(ingested_in_files, "test")
+    assert len(train_order) == 40 and len(test_order) == 11
     datasets = load_datasets(cfg, "brick")
     test_ids = [str(i) for batch in datasets["test"].iter_batches(batch_format="numpy") for i in batch["image_id"]]
-    assert test_ids == _file_order(ingested_in_files, "test")
+    assert test_ids == test_order
     # The train rows carry no id: their images against an ordered read of the same files, the held-out folds left out.
     columns = ["image_id", "image", "fold"]
     ordered = read_split(ingested_in_files, "files", "brick", "train", columns=columns, image_dtype="uint8")
