@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Also accepted after the subcommand; SUPPRESS keeps a subcommand's absent flag from hiding the top-level one.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    # ``python -m jobs.<name>`` puts every argument after the subcommand: a submitted job's ``--verbose``.
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_JobParser)
     for name, (module, help_text, add_arguments) in _COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -47,6 +48,11 @@ _TRAIN_REPORT_MODULE = ("train", "v2", "_internal", "execution", "context.py")
 _EXCLUDE_RESOURCES_WARNING = r"`ExecutionOptions\.exclude_resources` is deprecated"
 _DATASET_LOGGER = "ray.data.dataset"
 _NO_CPU_WARNING = "does not have any available CPUs"
+# Run in every worker of a platform job (local or submitted) when it starts: :func:`quiet_ray_loggers`.
+WORKER_SETUP_HOOK = "tsdn_platform.ray_session.quiet_ray_loggers"
+# Where Ray's job manager hands a submitted job's config (its runtime_env) to the driver
+# (``ray._private.runtime_env.constants.RAY_JOB_CONFIG_JSON_ENV_VAR``, a private module).
+_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # Whether the cluster this process uses is a local one that init_ray started (set once it has): its CPUs are all it
 # will ever have, where a cluster it connected to may have an autoscaler.
 _started_local = False
@@ -74,9 +80,10 @@ class _HideMomentaryNoCpuWarning(logging.Filter):
 def quiet_ray_loggers() -> None:
     """Ray's INFO narration off (warnings stay), Ray Data progress bars off: the platform prints its own lines.
 
-    Runs in the driver and, as the ``worker_process_setup_hook`` of a local cluster, in every worker; does
-    nothing under ``--verbose``. Ray Data reads :func:`quiet_env` when it is imported; a process that imported it
-    already gets its ``DataContext`` switched instead.
+    Runs in the driver and, as the ``worker_process_setup_hook`` (:data:`WORKER_SETUP_HOOK`) of a local cluster or
+    of a submitted job (:func:`connected_runtime_env`), in every worker; does nothing under ``--verbose``. Ray Data
+    reads :func:`quiet_env` when it is imported; a process that imported it already gets its ``DataContext`` switched
+    instead.
     """
     if verbose():
         return
@@ -143,6 +150,22 @@ def worker_cpus(cpus_per_worker: float, num_workers: int, cluster_cpus: float) -
     return spare / num_workers
 
 
+def connected_runtime_env() -> dict[str, Any]:
+    """What a job that connects to a running cluster adds to its runtime_env: the quiet worker set-up hook.
+
+    Without it a submitted job's workers narrate every dataset and report and draw Ray Data's progress bars on the
+    job's console (``ray job submit`` printed about 150 such lines for a two-epoch ``tiny`` training). Nothing is
+    added under ``--verbose``, or when the job's own runtime_env names a set-up hook: Ray refuses a field that both
+    set (the job manager leaves the submitted runtime_env in the driver's environment).
+    """
+    if verbose():
+        return {}
+    submitted = json.loads(os.environ.get(_JOB_CONFIG_ENV) or "{}").get("runtime_env") or {}
+    if "worker_process_setup_hook" in submitted:
+        return {}
+    return {"worker_process_setup_hook": WORKER_SETUP_HOOK}
+
+
 def on_local_cluster() -> bool:
     """Whether this process runs on a local cluster that :func:`init_ray` started: one that cannot grow."""
     return _started_local
@@ -160,11 +183,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        # On a cluster the job's runtime_env (``ray job submit --runtime-env``) carries the settings;
-        # a second runtime_env here would override it.
+        # On a cluster the job's runtime_env (``ray job submit --runtime-env``) carries the settings; Ray merges
+        # what the driver adds here into it, field by field.
         logger.info("connecting to Ray at %s", address)
         quiet_ray_loggers()
-        ray.init(address=address, **kwargs)
+        ray.init(address=address, runtime_env=connected_runtime_env(), **kwargs)
         return
     _keep_local_cluster_on_loopback()
     system_config = dict(kwargs.pop("_system_config", None) or {})
@@ -181,7 +204,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         _node_ip_address="127.0.0.1",
         num_cpus=num_cpus,
         include_dashboard=False,
-        runtime_env={"env_vars": env_vars, "worker_process_setup_hook": "tsdn_platform.ray_session.quiet_ray_loggers"},
+        runtime_env={"env_vars": env_vars, "worker_process_setup_hook": WORKER_SETUP_HOOK},
         _system_config=system_config,
         **kwargs,
     )

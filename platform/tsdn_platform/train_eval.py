@@ -37,10 +37,14 @@ __all__ = [
 
 def as_images(images: Any) -> torch.Tensor:
     """Shard images -> (B, 3, S, S) float32 in [0, 1] (uint8 shards are scaled)."""
-    tensor = torch.as_tensor(images)
-    if tensor.dtype == torch.uint8:
-        return tensor.float().div_(255.0)
-    return tensor.float()
+    if isinstance(images, torch.Tensor):
+        scale, tensor = images.dtype == torch.uint8, images.float()
+    else:
+        # Ray hands out numpy batches as read-only views of its object store, which torch warns about when it
+        # wraps one; the float32 copy is the one copy made either way.
+        array = np.asarray(images)
+        scale, tensor = array.dtype == np.uint8, torch.from_numpy(array.astype(np.float32))
+    return tensor.div_(255.0) if scale else tensor
 
 
 def shard_images(shard: Any, batch_size: int, device: Any) -> Iterator[torch.Tensor]:

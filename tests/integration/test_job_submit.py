@@ -268,8 +268,14 @@ def ingested(ray_head, runtime_env, s3, demo_root) -> Ingested:
     return Ingested(store_uri, sorted(p.name for p in demo_root.iterdir() if (p / "train" / "good").is_dir()))
 
 
+@dataclass(frozen=True)
+class Trained:
+    product: str
+    console: str  # what ``ray job submit`` printed while it followed the job
+
+
 @pytest.fixture(scope="module")
-def trained(ray_head, runtime_env, ingested) -> str:
+def trained(ray_head, runtime_env, ingested) -> Trained:
     """One product line trained by a submitted ``jobs.train`` with the :data:`TRAIN_PRESET` config."""
     product = ingested.products[0]
     result = ray_head.submit(
@@ -279,7 +285,7 @@ def trained(ray_head, runtime_env, ingested) -> str:
         *("--products", product, "--config", TRAIN_PRESET, "--promote", "always"),
     )
     _assert_succeeded(ray_head, "tsdn-train", result)
-    return product
+    return Trained(product, result.stdout)
 
 
 def test_ingest_job_writes_shards_to_s3(ingested, demo_root):
@@ -297,39 +303,53 @@ def test_ingest_job_writes_shards_to_s3(ingested, demo_root):
 
 
 def test_train_job_registers_a_best_model(ingested, trained):
+    product = trained.product
     registry = Registry(ingested.store_uri)
-    (version,) = registry.list_versions(trained)
-    assert registry.best(trained)["version"] == version
-    version_uri = registry.version_uri(trained, version)
+    (version,) = registry.list_versions(product)
+    assert registry.best(product)["version"] == version
+    version_uri = registry.version_uri(product, version)
     for name in (*MODEL_FILES, METRICS_FILE):
         assert store.exists(store.join(version_uri, name)), name
     # Only the requested product line was trained.
-    assert all(registry.list_versions(p) == [] for p in ingested.products if p != trained)
+    assert all(registry.list_versions(p) == [] for p in ingested.products if p != product)
+
+
+def test_a_submitted_job_shows_the_platform_lines_and_not_ray_narration_from_its_workers(trained):
+    """The job's workers get the quiet set-up hook from the driver (``ray_session.connected_runtime_env``): without
+    it the same job printed 145 worker lines (Ray Data's plans and progress bars, one "Reporting training result" per
+    report and worker)."""
+    console = trained.console
+    assert f"[{trained.product}] epoch 2/2 loss=" in console  # the platform's per-epoch line, from the Train worker
+    assert "promoted" in console  # the driver's results table
+    for narration in ("Starting execution of Dataset", "Running Dataset", "Reporting training result"):
+        assert narration not in console, narration
+    assert "The given NumPy array is not writable" not in console
 
 
 def test_score_job_writes_parquet_with_the_best_model(ray_head, runtime_env, ingested, trained, demo_root):
-    best = Registry(ingested.store_uri).best(trained)["version"]
+    product = trained.product
+    best = Registry(ingested.store_uri).best(product)["version"]
     output = store.join(ingested.store_uri, "scores", "job-submit")
     result = ray_head.submit(
         "tsdn-score",
         runtime_env,
-        *("python", "-m", "jobs.score", "--store", ingested.store_uri, "--output", output, "--product", trained),
-        *("--input", store.join(ingested.store_uri, "datasets", "demo", trained, "test")),
+        *("python", "-m", "jobs.score", "--store", ingested.store_uri, "--output", output, "--product", product),
+        *("--input", store.join(ingested.store_uri, "datasets", "demo", product, "test")),
     )
     _assert_succeeded(ray_head, "tsdn-score", result)
     manifest = store.read_json(store.join(output, "_manifest.json"))
     fs, _ = store.resolve(output)
-    parts = store.list_files(store.join(output, trained), suffixes=[".parquet"])
+    parts = store.list_files(store.join(output, product), suffixes=[".parquet"])
     table = pa.concat_tables([pq.read_table(store.resolve(part)[1], filesystem=fs) for part in parts])
-    n_test = sum(1 for p in (demo_root / trained / "test").rglob("*") if p.is_file())
+    n_test = sum(1 for p in (demo_root / product / "test").rglob("*") if p.is_file())
     assert table.num_rows == manifest["rows_written"] == n_test
-    assert manifest["errors"] == 0 and manifest["model_versions"] == {trained: best}
+    assert manifest["errors"] == 0 and manifest["model_versions"] == {product: best}
     rows = table.select(["product", "model_version", "anomaly_score", "threshold", "is_anomalous", "error"]).to_pylist()
-    assert {(r["product"], r["model_version"], r["error"]) for r in rows} == {(trained, best, None)}
+    assert {(r["product"], r["model_version"], r["error"]) for r in rows} == {(product, best, None)}
     assert all(r["is_anomalous"] == (r["anomaly_score"] >= r["threshold"]) for r in rows)
-    meta, _ = Registry(ingested.store_uri).model_json(trained, best)
+    meta, _ = Registry(ingested.store_uri).model_json(product, best)
     side = manifest["config"]["output_map_size"] or int(meta["input_size"][0])  # null: the model's input size
     shape = (side, side)
-    assert tuple(manifest["products"][trained]["map_shape"]) == shape
+    assert tuple(manifest["products"][product]["map_shape"]) == shape
     assert set(zip(table["score_map_height"].to_pylist(), table["score_map_width"].to_pylist())) == {shape}
     assert not store.list_files(store.join(output, "_staging"))  # committed: nothing left half-written

@@ -189,3 +189,24 @@ def test_quiet_env_and_loggers_follow_verbose(monkeypatch):
                 dataset.removeFilter(f)
     monkeypatch.setenv(ray_session.VERBOSE_ENV, "1")
     assert ray_session.verbose() and ray_session.quiet_env() == {}
+
+
+def test_a_job_on_a_running_cluster_adds_the_quiet_hook_unless_verbose_or_its_runtime_env_has_one(monkeypatch):
+    """``init_ray(address)`` merges this into the submitted job's runtime_env (Ray refuses a field both set)."""
+    import json
+
+    from tsdn_platform import ray_session
+
+    monkeypatch.delenv(ray_session.VERBOSE_ENV, raising=False)
+    monkeypatch.delenv(ray_session._JOB_CONFIG_ENV, raising=False)
+    hook = {"worker_process_setup_hook": "tsdn_platform.ray_session.quiet_ray_loggers"}
+    assert ray_session.connected_runtime_env() == hook  # a driver that connected itself (RAY_ADDRESS)
+    submitted = {"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip", "env_vars": {"PYTHONPATH": "platform"}}}
+    monkeypatch.setenv(ray_session._JOB_CONFIG_ENV, json.dumps(submitted))
+    assert ray_session.connected_runtime_env() == hook  # infra/runtime_env.yaml names no hook
+    submitted["runtime_env"]["worker_process_setup_hook"] = "team.logging.setup"
+    monkeypatch.setenv(ray_session._JOB_CONFIG_ENV, json.dumps(submitted))
+    assert ray_session.connected_runtime_env() == {}  # the user's own hook stays, and the job starts
+    monkeypatch.delenv(ray_session._JOB_CONFIG_ENV)
+    monkeypatch.setenv(ray_session.VERBOSE_ENV, "1")
+    assert ray_session.connected_runtime_env() == {}  # --verbose: Ray's own lines from every worker

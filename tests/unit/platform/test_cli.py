@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from ray.exceptions import RayTaskError
 
-from tsdn_platform.cli import exit_status
+from tsdn_platform.cli import build_parser, exit_status
 from tsdn_platform.cli import main as cli_main
 from tsdn_platform.config import ConfigError
 from tsdn_platform.registry import UnknownProductError
@@ -80,6 +80,16 @@ def test_config_mistakes_are_one_line_and_debug_adds_the_traceback(tmp_path, cap
     assert cli_main([*argv, "--set", "max_error_fraction=2", "--debug"]) == 2
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and err.rstrip().endswith("expected a fraction in [0, 1]")
+
+
+def test_verbose_is_taken_before_or_after_the_subcommand():
+    """``python -m jobs.train ... --verbose`` (a submitted job) passes every argument after the subcommand."""
+    parser = build_parser()
+    argv = ["train", "--store", "s", "--dataset", "d"]
+    assert parser.parse_args(["--verbose", *argv]).verbose
+    assert parser.parse_args([*argv, "--verbose"]).verbose
+    assert parser.parse_args([*argv, "-v"]).verbose
+    assert not parser.parse_args(argv).verbose
 
 
 def test_no_input_and_no_model_are_one_line_errors(tmp_path, capsys):
