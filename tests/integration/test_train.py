@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -380,6 +381,31 @@ def test_a_line_in_several_files_reaches_training_in_the_store_order(ingested_in
     (shard,) = data_config(cfg).configure(datasets, world_size=1, worker_handles=None, worker_node_ids=None)
     got = np.concatenate([b["image"] for b in shard["train"].iter_batches(batch_format="numpy")])
     np.testing.assert_array_equal(got, expected)
+    # Two workers (DDP, the `tiny` preset's): each one's rows in the store's order, the same rows on every run, and
+    # between them every row once (an equal split may leave out fewer rows than there are workers).
+    position = {image.tobytes(): i for i, image in enumerate(expected)}
+    assert len(position) == len(expected)
+    first, again = (_worker_positions(data_config(cfg), datasets, position, 2) for _ in range(2))
+    assert first == again
+    assert all(rows == sorted(rows) for rows in first), first
+    assert len(first[0]) == len(first[1])
+    seen = [i for rows in first for i in rows]
+    assert len(set(seen)) == len(seen) and len(expected) - len(seen) < 2
+
+
+def _worker_positions(config: Any, datasets: dict[str, Any], position: dict[bytes, int], n: int) -> list[list[int]]:
+    """The positions (in ``position``, keyed by image bytes) of the train rows each of ``n`` Train workers receives
+    through ``config``, read side by side as the workers do (a streaming split feeds them together)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    shards = config.configure(datasets, world_size=n, worker_handles=None, worker_node_ids=None)
+
+    def read(shard: dict[str, Any]) -> list[int]:
+        batches = shard["train"].iter_batches(batch_format="numpy")
+        return [position[image.tobytes()] for batch in batches for image in batch["image"]]
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(read, shards))
 
 
 def test_config_products_validation_and_run_name(monkeypatch):
