@@ -112,7 +112,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_TYPES = frozenset({"image/png", "image/jpeg"})
+# The raw body types the detect route takes: the ones its OpenAPI document declares (tsdn.image decodes them all).
+IMAGE_TYPES = frozenset(t for t in DETECT_REQUEST_BODY["content"] if t.startswith("image/"))
 MULTIPART = "multipart/form-data"
 # A large image is decoded small (tsdn.image.decode_image's min_size) but keeps at least this many times the
 # model's input on each side: the last steps of downscaling stay with the predictor's antialiased resize, so a

@@ -382,6 +382,19 @@ def test_multipart_upload_scores_like_a_raw_body(server):
     _assert_answer(response.json(), product, server.expected[product, name])
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bmp_and_tiff_bodies_score_like_the_same_pixels_in_png(server):
+    """The OpenAPI document (and the README) offered BMP and TIFF bodies, which the route refused with 415; inspection
+    cameras write both, and the decoder reads them."""
+    product, name = CACHED_PRODUCTS[0], "rgb64.png"
+    pixels = np.asarray(Image.open(io.BytesIO(server.images[name])))
+    for fmt, content_type in (("BMP", "image/bmp"), ("TIFF", "image/tiff")):
+        response = server.post(product, _encode(pixels, fmt), content_type)
+        assert response.status_code == 200, (fmt, response.text)
+        _assert_answer(response.json(), product, server.expected[product, name])
+
+
 def _bomb() -> bytes:
     """A 4000 x 4000 grayscale PNG of a few KB: its header alone exceeds MAX_PIXELS."""
     return _encode(np.zeros((4000, 4000), dtype=np.uint8), "PNG")
@@ -519,7 +532,10 @@ def test_openapi_is_typed_and_behind_the_token(server):
         assert httpx.get(f"{server.url}{route}", timeout=HTTP_TIMEOUT_S).status_code == 404
     spec = httpx.get(f"{server.url}/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60).json()
     detect = spec["paths"]["/v1/products/{product}/detect"]["post"]
-    assert {"image/png", "image/jpeg", "multipart/form-data"} <= set(detect["requestBody"]["content"])
+    declared = {"image/png", "image/jpeg", "image/bmp", "image/tiff", "multipart/form-data"}
+    assert set(detect["requestBody"]["content"]) == declared
+    for media_type in declared - {"multipart/form-data"}:  # what the document offers, the route takes
+        assert server.post(CACHED_PRODUCTS[0], b"not an image", media_type).status_code == 422, media_type
     assert detect["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/DetectResponse")
     fields = spec["components"]["schemas"]["DetectResponse"]["properties"]
     assert {"is_anomalous", "anomaly_score", "normalized_score", "confidence", "anomalous_area_pct", "mask"} <= set(
