@@ -29,6 +29,7 @@ import importlib.util
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -106,6 +107,7 @@ def prepare_root(args: argparse.Namespace, workdir: Path, image_size: int) -> st
 
     products = args.products.split(",") if args.products else None
     out = workdir / "demo_data"
+    shutil.rmtree(out, ignore_errors=True)  # this benchmark's own draw: a rerun draws it again, never beside the last
     summary = make_demo_dataset(out, seed=args.seed, image_size=image_size, products=products)
     logger.info("demo data: %s (%s)", out, ", ".join(summary["products"]))
     return str(out)

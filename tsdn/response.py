@@ -64,6 +64,7 @@ the mask has one class. Lookout's ``Confidence`` is also the decision's confiden
 from __future__ import annotations
 
 import base64
+import math
 from collections.abc import Collection
 from typing import Any
 
@@ -71,9 +72,18 @@ import numpy as np
 
 from tsdn.image import colorize, encode_png
 
-__all__ = ["INCLUDES", "decode_float_map", "detect_answer"]
+__all__ = ["INCLUDES", "decode_float_map", "detect_answer", "threshold_problem"]
 
 INCLUDES = ("mask", "anomaly_map", "heatmap")
+
+
+def threshold_problem(threshold: float | None) -> str | None:
+    """Why a requested threshold override cannot be applied, or None. Every family's raw scores are distances or
+    probabilities (>= 0): a threshold <= 0 would flag every image, a NaN none (and is not JSON), and either would
+    empty the heatmap's scale (2 x threshold)."""
+    if threshold is None or (math.isfinite(threshold) and threshold > 0):
+        return None
+    return f"threshold: must be a finite number > 0, got {threshold}"
 
 
 def detect_answer(

@@ -123,8 +123,28 @@ def make_demo_dataset(
     if defect_style not in DEFECT_STYLES:
         msg = f"unknown defect style {defect_style!r}; available: {', '.join(DEFECT_STYLES)}"
         raise ValueError(msg)
+    for name, count, least in (("n_train", n_train, 1), ("n_test_good", n_test_good, 0)):
+        if count < least:
+            msg = f"{name}={count}: expected at least {least}"
+            raise ValueError(msg)
+    if n_defects_per_type < 0:
+        msg = f"n_defects_per_type={n_defects_per_type}: expected at least 0"
+        raise ValueError(msg)
     style = DEFECT_STYLES[defect_style]
     root = Path(out)
+    for product in products:
+        # A second draw written over a first would leave the first's extra images beside it (fewer or smaller).
+        if (root / product).is_dir() and any(p.is_file() for p in (root / product).rglob("*")):
+            msg = (
+                f"{root / product}: already holds files; the demo dataset is written into an empty folder, so that "
+                "no earlier draw is mixed in (delete it first, or run tsdn demo --fresh)"
+            )
+            raise ValueError(msg)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        msg = f"{root}: cannot create the folder ({exc.strerror or exc})"
+        raise ValueError(msg) from exc
     textures = ", ".join(PRODUCTS[p][0] for p in products)
     summary: dict[str, Any] = {
         "root": str(root),
@@ -177,7 +197,7 @@ def main(args: argparse.Namespace) -> int:
         n_train=args.n_train,
         n_test_good=args.n_test_good,
         n_defects_per_type=args.n_defects_per_type,
-        products=args.products.split(",") if args.products else None,
+        products=[p.strip() for p in args.products.split(",") if p.strip()] if args.products else None,
         defect_style=args.defect_style,
     )
     for product, counts in summary["products"].items():

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 from tsdn.image import ImageDecodeError, decode_image
 from tsdn.predict import Detection, Predictor
-from tsdn.response import INCLUDES, detect_answer
+from tsdn.response import INCLUDES, detect_answer, threshold_problem
 from tsdn.runtime import EXPORT_JSON, read_export_dir
 
 __all__ = ["answer", "main", "predict_files"]
@@ -99,6 +99,12 @@ def main(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         msg = f"--batch-size: expected >= 1, got {args.batch_size}"
         raise ValueError(msg)
+    if problem := threshold_problem(args.threshold):
+        msg = f"--{problem}"
+        raise ValueError(msg)
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        msg = f"--out {args.out}: its folder does not exist"
+        raise ValueError(msg)
     out: TextIO = open(args.out, "w") if args.out else sys.stdout  # closed below
     failures = 0
     try:
@@ -108,4 +114,8 @@ def main(args: argparse.Namespace) -> int:
     finally:
         if out is not sys.stdout:
             out.close()
+    if failures:
+        # Every failure is one line on stderr (the lines themselves went to --out, or stdout).
+        where = f" (their lines in {args.out} say why)" if args.out else ""
+        print(f"tsdn predict: {failures} of {len(args.images)} image(s) could not be scored{where}", file=sys.stderr)
     return 1 if failures else 0

@@ -604,6 +604,7 @@ def _run_ingest(cfg: IngestConfig) -> dict[str, Any]:
 
     products = discover(cfg.source, cfg.products)
     root = dataset_uri(cfg.store, cfg.dataset)
+    store.require_folder_or_absent(root)  # a --store that is a file: before Ray, not a traceback from its tasks
     store.list_files(root, recursive=False)  # fail fast (a clear StoreError) if the store is unusable
     items, planned_skips = _plan(cfg, products)
     init_ray(cfg.address)

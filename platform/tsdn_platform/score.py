@@ -249,6 +249,8 @@ def _is_hidden(relative_path: str) -> bool:
 
 def _list_inputs(cfg: ScoreConfig) -> _Inputs:
     root = cfg.input.rstrip("/")
+    hint = "the input is a folder or S3 prefix of images or of ingested shards; one image: tsdn predict"
+    store.require_folder_or_absent(root, hint=hint)
     committed = shards.files_under(root, cfg.split)
     if committed:  # an ingested dataset, product or split: the manifests list its shards
         return _list_shards(cfg, committed)
@@ -550,8 +552,11 @@ def _run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     from tsdn_platform.ray_session import init_ray
 
     started = time.perf_counter()
-    # Before Ray starts: a wrong store or input fails in a second, not after 15.
+    # Before Ray starts: a wrong store, input or output fails in a second, not after 15 (or after the scoring).
     store.require(cfg.store)
+    store.require_folder_or_absent(cfg.output)
+    if cfg.report_dir:
+        store.require_folder_or_absent(cfg.report_dir, hint="the report is a folder")
     inputs = _list_inputs(cfg)
     models = _resolve_models(cfg, {i["product"] for i in inputs.items if i["product"] is not None})
     if not models.versions:

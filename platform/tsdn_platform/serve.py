@@ -49,7 +49,6 @@ import argparse
 import asyncio
 import ctypes
 import logging
-import math
 import signal
 import threading
 import time
@@ -68,7 +67,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from tsdn.config_io import from_dict
 from tsdn.image import ImageDecodeError, decode_image
 from tsdn.resize import input_shape
-from tsdn.response import INCLUDES
+from tsdn.response import INCLUDES, threshold_problem
 from tsdn_platform.api_schema import (
     DETECT_REQUEST_BODY,
     DetectResponse,
@@ -353,10 +352,8 @@ class TSDNIngress:
         if extras - set(INCLUDES):
             unknown = ", ".join(sorted(extras - set(INCLUDES)))
             raise ApiError(422, f"include: unknown value(s) {unknown}; expected any of {', '.join(INCLUDES)}")
-        # Every family's raw scores are distances or probabilities (>= 0); a negative or zero threshold would
-        # flag every image and make the heatmap's scale (2 x threshold) empty.
-        if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
-            raise ApiError(422, f"threshold: must be a finite number > 0, got {threshold}")
+        if problem := threshold_problem(threshold):
+            raise ApiError(422, problem)
         _check_product_id(product)  # 404 before 415 and 413: the answer for a path that names nothing
         media_type = _media_type(request.headers.get("content-type"))
         if media_type not in IMAGE_TYPES and media_type != MULTIPART:

@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import random
 import re
 import sys
@@ -98,6 +99,7 @@ UNREACHABLE = "unreachable"
 THROTTLED = "throttled"
 UNAVAILABLE = "unavailable"
 INVALID = "invalid"
+WRONG_TYPE = "wrong_type"
 ERROR = "error"
 
 TRANSIENT = frozenset({UNREACHABLE, THROTTLED, UNAVAILABLE})
@@ -153,7 +155,8 @@ _SETTINGS_VARS = (
 class StoreError(Exception):
     """A store operation failed. ``uri`` is what was being accessed, ``kind`` one of ``not_found``,
     ``missing_bucket``, ``access_denied``, ``unreachable``, ``throttled``, ``unavailable`` (5xx), ``invalid`` (a
-    malformed URI) or ``error`` (unclassified). ``transient`` is true for the kinds a later attempt can cure.
+    malformed URI), ``wrong_type`` (a file where a folder is needed, or the other way round) or ``error``
+    (unclassified). ``transient`` is true for the kinds a later attempt can cure.
 
     Pickles (it is raised inside Ray workers and re-raised on the driver).
     """
@@ -217,6 +220,8 @@ def _classify(exc: BaseException) -> str:
         return NOT_FOUND
     if isinstance(exc, PermissionError):
         return ACCESS_DENIED
+    if isinstance(exc, (NotADirectoryError, IsADirectoryError, FileExistsError)):
+        return WRONG_TYPE
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return UNREACHABLE
     if isinstance(exc, OSError):
@@ -235,6 +240,7 @@ _EXPLANATIONS = {
     UNREACHABLE: "the store is unreachable",
     THROTTLED: "the store is throttling requests or temporarily unavailable",
     UNAVAILABLE: "the store answered with a server error",
+    WRONG_TYPE: "a file where a folder is needed, or a folder where a file is",
     ERROR: "store operation failed",
 }
 
@@ -531,16 +537,39 @@ def exists(uri: str) -> bool:
     return info.type != pafs.FileType.NotFound
 
 
+_FOLDER_HINT = "a store or a job's output is a folder or an S3 prefix"
+
+
 def require(uri: str) -> None:
-    """Raise :class:`StoreError` naming ``uri`` when nothing is there: ``missing_bucket`` for an S3 bucket that
-    does not exist, ``not_found`` for a local folder or an S3 prefix that holds nothing. For a job's ``--store``,
-    checked before any work starts."""
+    """Raise :class:`StoreError` naming ``uri`` unless it is a folder that exists: ``missing_bucket`` for an S3
+    bucket that does not exist, ``not_found`` for a local folder or an S3 prefix that holds nothing, ``wrong_type``
+    for a file. For a job's ``--store``, checked before any work starts."""
     fs, path = resolve(uri)
-    if retrying(uri, lambda: fs.get_file_info(path)).type != pafs.FileType.NotFound:
+    found = retrying(uri, lambda: fs.get_file_info(path)).type
+    if found == pafs.FileType.File:
+        raise StoreError(uri, f"a file, not a folder ({_FOLDER_HINT})", WRONG_TYPE)
+    if found != pafs.FileType.NotFound:
         return
     if is_s3(uri):
         _check_bucket(uri, fs, path)
     raise StoreError(uri, "not found: nothing is stored there (check the URI)", NOT_FOUND)
+
+
+def require_folder_or_absent(uri: str, hint: str = _FOLDER_HINT) -> None:
+    """Raise :class:`StoreError` (``wrong_type``, its reason ending in ``hint``) naming ``uri`` when it, or a local
+    folder above it, is a file: where a job will create a folder (its output, an ingest's store) or reads one,
+    checked before any work starts. (On S3 an object does not stand in the way of the keys below its name.)"""
+    fs, target = resolve(uri)
+    path = target
+    while True:
+        found = retrying(uri, lambda p=path: fs.get_file_info(p)).type
+        if found == pafs.FileType.File:
+            where = "a file" if path == target else f"under a file ({path})"
+            raise StoreError(uri, f"{where}, not a folder ({hint})", WRONG_TYPE)
+        parent = posixpath.dirname(path.rstrip("/"))
+        if found != pafs.FileType.NotFound or is_s3(uri) or parent in ("", path):
+            return
+        path = parent
 
 
 def list_dirs(uri: str) -> list[str]:

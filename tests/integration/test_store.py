@@ -191,10 +191,29 @@ def test_errors_are_classified_by_code(message, kind):
         (OSError(errno.ECONNRESET, "reset by peer"), "unreachable"),
         (OSError(errno.ENOSPC, "No space left on device"), "error"),
         (TimeoutError("timed out"), "unreachable"),
+        (NotADirectoryError(errno.ENOTDIR, "Not a directory"), "wrong_type"),  # a store path under a file
+        (IsADirectoryError(errno.EISDIR, "Is a directory"), "wrong_type"),
+        (FileExistsError(errno.EEXIST, "File exists"), "wrong_type"),  # a folder to create where a file is
     ],
 )
 def test_os_errors_are_classified_by_type_and_errno(exc, kind):
     assert store.as_store_error("/data/x", exc).kind == kind
+
+
+def test_a_file_where_a_store_or_an_output_folder_goes_is_named(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "folder").mkdir()
+    for uri in (tmp_path / "a-file", tmp_path / "a-file" / "deeper" / "still"):
+        with pytest.raises(store.StoreError) as caught:
+            store.require_folder_or_absent(str(uri))
+        assert caught.value.kind == "wrong_type" and str(caught.value).startswith(f"{uri}: ")
+        assert f"under a file ({tmp_path / 'a-file'})" in str(caught.value) or uri == tmp_path / "a-file"
+    for fine in (tmp_path / "folder", tmp_path / "new" / "deeper", tmp_path):
+        store.require_folder_or_absent(str(fine))
+    with pytest.raises(store.StoreError, match="a-file: a file, not a folder") as caught:
+        store.require(str(tmp_path / "a-file"))  # before, a file passed as a store that "exists"
+    assert caught.value.kind == "wrong_type"
+    store.require(str(tmp_path / "folder"))
 
 
 def _client_error(code: str, status: int, message: str = "") -> ClientError:

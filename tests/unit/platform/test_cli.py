@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[3]
         (StoreError("s3://b/p", "access denied", "access_denied"), 2),
         (StoreError("s3://b/p", "no bucket", "missing_bucket"), 2),
         (StoreError("/nowhere", "not found", "not_found"), 2),
+        (StoreError("/a-file", "a file, not a folder", "wrong_type"), 2),
         (ConfigError("epoch: unknown key"), 2),
         (IngestError("/src", "no product folders found"), 2),
         (UnknownProductError("/store", "bolt"), 2),
@@ -69,6 +70,34 @@ def test_a_missing_store_is_one_line_exit_2_before_ray_starts(tmp_path, command)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == [f"tsdn {command}: {missing}: not found: nothing is stored there (check the URI)"]
+    assert result.stdout.strip() == "no ray"
+
+
+@pytest.mark.parametrize("case", ["store", "input", "output", "under-a-file", "report", "models", "ingest"])
+def test_a_file_where_a_folder_goes_is_one_line_exit_2_before_ray_starts(tmp_path, case):
+    """Before, a file given as --store, --input, --output or --report gave exit 3 ("the store failed", run it again
+    later), exit 1 with a Ray traceback after the scoring, or exit 0 with an empty model list."""
+    a_file, folder = tmp_path / "a-file", tmp_path / "store"
+    a_file.write_text("")
+    folder.mkdir()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.png").write_bytes(b"not read: the check comes first")
+    (tmp_path / "src" / "brick" / "train" / "good").mkdir(parents=True)
+    (tmp_path / "src" / "brick" / "train" / "good" / "000.png").write_bytes(b"not read either")
+    score = ["score", "--product", "bolt", "--store", str(folder), "--input", str(tmp_path / "in")]
+    argv, named = {
+        "store": (["score", "--store", str(a_file), "--input", str(tmp_path / "in"), "--output", "o"], a_file),
+        "input": ([*score[:-1], str(a_file), "--output", str(tmp_path / "out")], a_file),
+        "output": ([*score, "--output", str(a_file)], a_file),
+        "under-a-file": ([*score, "--output", str(a_file / "scores")], a_file / "scores"),
+        "report": ([*score, "--output", str(tmp_path / "out"), "--report", str(a_file)], a_file),
+        "models": (["models", "list", "--store", str(a_file)], a_file),
+        "ingest": (["ingest", str(tmp_path / "src"), "--store", str(a_file), "--dataset", "d"], a_file / "datasets"),
+    }[case]
+    result = _tsdn(*argv)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f": {named}" in lines[0] and "not a folder" in lines[0], lines
     assert result.stdout.strip() == "no ray"
 
 

@@ -159,6 +159,26 @@ def test_bad_arguments_name_the_problem(tmp_path):
         make_demo_dataset(tmp_path, defect_style="bold")
     with pytest.raises(ValueError, match="unknown defect type 'dent'"):
         draw_defect(np.zeros((64, 64, 3), np.float32), "dent", np.random.default_rng(0))
+    # Counts a user can mistype: before, -1 train images printed "brick: -1 train" and wrote no train folder.
+    for bad, match in (({"n_train": -1}, "n_train=-1"), ({"n_train": 0}, "n_train=0"), ({"n_test_good": -2}, "n_test")):
+        with pytest.raises(ValueError, match=match):
+            make_demo_dataset(tmp_path / "counts", products=["brick"], **bad)
+    assert not (tmp_path / "counts").exists()  # refused before anything was written
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="a-file/x: cannot create the folder"):
+        make_demo_dataset(tmp_path / "a-file" / "x", products=["brick"], n_train=1)
+
+
+def test_a_second_draw_is_never_written_over_a_first(tmp_path):
+    """Before, a smaller second draw into the same folder left the first's extra images beside it, at another
+    size, while demo_dataset.json counted the second's."""
+    kwargs = {"image_size": 48, "n_train": 3, "n_test_good": 1, "n_defects_per_type": 1, "products": ["grass"]}
+    make_demo_dataset(tmp_path, **kwargs)
+    before = _tree_digest(tmp_path)
+    with pytest.raises(ValueError, match=r"grass: already holds files; .* empty folder"):
+        make_demo_dataset(tmp_path, **{**kwargs, "n_train": 1, "image_size": 64})
+    assert _tree_digest(tmp_path) == before
+    make_demo_dataset(tmp_path, **{**kwargs, "products": ["gravel"]})  # another line beside it is fine
 
 
 def test_cli_writes_the_dataset(tmp_path, capsys):

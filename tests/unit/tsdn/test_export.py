@@ -327,6 +327,29 @@ def test_the_standalone_inferencer_imports_neither_torch_timm_nor_ray(tmp_path):
         assert line["is_anomalous"] == det.is_anomalous and line["threshold"] == det.threshold
 
 
+def test_the_standalone_inferencer_says_on_stderr_what_failed_and_refuses_bad_settings(tmp_path, capsys):
+    """Before, ``--out`` with an undecodable image exited 1 with nothing on stderr, ``--threshold nan`` exited 0
+    with NaN in its JSON, and ``--out`` into a missing folder exited 1 with a bare FileNotFoundError."""
+    from tsdn_platform.cli import main
+
+    folder = _write(export_model(_tsdn("reconstruction"), CALIBRATION, "onnx"), tmp_path / "m")
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    Image.fromarray(_images(1)[0]).save(good)
+    bad.write_text("not an image")
+    out = tmp_path / "lines.jsonl"
+    assert main(["predict", "--model", str(folder), "--out", str(out), str(good), str(bad)]) == 1
+    assert (
+        capsys.readouterr().err == f"tsdn predict: 1 of 2 image(s) could not be scored (their lines in {out} say why)\n"
+    )
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "anomaly_score" in lines[0] and lines[1]["error"].startswith(f"{bad}: not a PNG/JPEG/BMP/TIFF image")
+    for value in ("nan", "0", "-1"):
+        assert main(["predict", "--model", str(folder), "--threshold", value, str(good)]) == 2
+        assert capsys.readouterr().err.startswith("tsdn predict: --threshold: must be a finite number > 0")
+    assert main(["predict", "--model", str(folder), "--out", str(tmp_path / "no" / "x.jsonl"), str(good)]) == 2
+    assert "its folder does not exist" in capsys.readouterr().err
+
+
 def test_read_export_dir_round_trip_and_errors(tmp_path):
     files = export_model(_tsdn("mask"), CALIBRATION, "openvino")
     folder = _write(files, tmp_path / "ir")
