@@ -117,7 +117,8 @@ class IngestConfig:
 
     def __post_init__(self) -> None:
         for name in ("source", "store", "dataset"):
-            check(self, bool(getattr(self, name)), name, "a value (required)")
+            where = "the first argument" if name == "source" else f"--{name}"
+            check(self, bool(getattr(self, name)), name, f"a value (required: {where})")
         self.products = parse_products(self.products)
         try:
             validate_name(self.dataset, "dataset")
@@ -628,7 +629,8 @@ def _run_ingest(cfg: IngestConfig) -> dict[str, Any]:
             by_product[row["product"]].append(row)
         for product, rows in by_product.items():
             if not any(row["split"] == "train" and row["error"] is None for row in rows):
-                reasons = "; ".join(sorted({row["error"] for row in rows if row["error"]})[:3])
+                train_errors = {row["error"] for row in rows if row["error"] and row["split"] == "train"}
+                reasons = "; ".join(sorted(train_errors)[:3])
                 raise IngestError(store.join(cfg.source, product), f"every train image was rejected ({reasons})")
         manifests = {p: _finish_product(cfg, p, by_product[p], planned_skips[p], staging) for p in products}
     except BaseException:

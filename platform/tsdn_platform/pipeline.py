@@ -54,7 +54,8 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         for name in ("source", "store", "dataset"):
-            check(self, bool(getattr(self, name)), name, "a value (required)")
+            where = "the first argument" if name == "source" else f"--{name}"
+            check(self, bool(getattr(self, name)), name, f"a value (required: {where})")
         self.products = parse_products(self.products)
 
     def score_output(self) -> str:

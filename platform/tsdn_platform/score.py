@@ -179,7 +179,7 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         for name in ("store", "input", "output"):
-            check(self, bool(getattr(self, name)), name, "a URI (required)")
+            check(self, bool(getattr(self, name)), name, f"a URI (required: --{name})")
         alone = not (self.product and self.product_from_path)
         check(self, alone, "product_from_path", f"None when product={self.product!r} is set (they exclude each other)")
         if self.product_from_path is not None:

@@ -222,6 +222,17 @@ def test_bad_files_are_reported_not_fatal(demo_root, ray_local, tmp_path):
     assert manifest["counts"] == {"train": {"good": 10}, "test": {"good": 1, "hole": 1}}
 
 
+def test_a_line_whose_train_images_are_all_bad_names_their_reasons_only(ray_local, tmp_path):
+    """The error listed a bad test image's reason among the train images' (three at most, sorted)."""
+    root = tmp_path / "src" / "widget"
+    for rel, data in (("train/good/a.png", b"\x89PNG\r\n\x1a\n" + b"garbage" * 20), ("test/good/0.png", b"nope")):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    with pytest.raises(IngestError, match="widget: every train image was rejected") as caught:
+        run_ingest(_config(str(tmp_path / "src"), str(tmp_path / "store")))
+    assert "a.png" in str(caught.value) and "0.png" not in str(caught.value)
+
+
 def test_an_input_that_distorts_the_images_aspect_is_warned_with_a_size_that_keeps_it(
     demo_root, ray_local, tmp_path, caplog
 ):
