@@ -100,7 +100,7 @@ def fit_patchcore(cfg: Any, product: str, run_name: str, datasets: dict[str, Any
 
     predictor = Predictor(model, calibration=None, device=device, batch_size=cfg.eval_batch_size)
     val_batches = shard_batches(datasets["val"], cfg.eval_batch_size)
-    val, calibration = validate_and_calibrate(
+    val, calibration, val_image_scores = validate_and_calibrate(
         predictor, val_batches, cfg.validation, cfg.validation_seed, cfg.target_false_positive_rate
     )
     predictor.calibration = calibration
@@ -123,5 +123,6 @@ def fit_patchcore(cfg: Any, product: str, run_name: str, datasets: dict[str, Any
         "history": history,
         "resumed_from_epoch": 0,
         "test_scores": dict(zip(ids, scores.tolist())),
+        "val_image_scores": val_image_scores,
         "fit": fit,
     }

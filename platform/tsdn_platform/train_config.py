@@ -3,13 +3,16 @@
 :class:`TrainConfig` is the validated config (YAML preset + ``--set`` overrides, :mod:`tsdn_platform.config`);
 its :meth:`TrainConfig.run_id` names the run folder by a hash of what changes what is learnt
 (``_RUN_HASH_EXCLUDED`` lists the fields that do not), so the same command resumes an interrupted run.
-:class:`ProductResult` is what training one product line produced, or why it failed.
+:class:`ProductResult` is what training one product line produced, or why it failed; :func:`format_selections` the
+lines under the train and pipeline summaries that say which family each line chose, and how sure that choice is.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,7 +23,7 @@ from tsdn_platform import store
 from tsdn_platform.names import ALL, parse_products, validate_name
 from tsdn_platform.registry import DEFAULT_PROMOTE_METRIC
 
-__all__ = ["FAMILIES", "ProductResult", "TrainConfig"]
+__all__ = ["FAMILIES", "ProductResult", "TrainConfig", "format_selections", "selection_line"]
 
 # Fields that change how a run is executed or published, not what it learns: left out of the run hash so
 # that re-running with a different products list, failure budget or promotion policy resumes the same run.
@@ -225,3 +228,44 @@ class ProductResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     test_scores: dict[str, float] = field(default_factory=dict)
     selection: dict[str, Any] = field(default_factory=dict)
+
+
+def selection_line(product: str, selection: Mapping[str, Any]) -> str:
+    """One line: which family won the line's comparison, by how much, and whether its validation can tell."""
+    values = selection["values"]
+    winner = selection["winner"]
+    # The best of the others (a family without a value, a failed validation, ranks last).
+    runner_up = max((f for f in values if f != winner), key=lambda f: -math.inf if values[f] is None else values[f])
+    shown = " over ".join(
+        f"{f} {'n/a' if values[f] is None else format(values[f], '.3f')}" for f in (winner, runner_up)
+    )
+    line = f"  {product:<12} {shown}"
+    if selection.get("margin") is None:
+        return line
+    line += f": {selection['margin']:+.3f}"
+    resampled = selection.get("resampled")
+    if resampled:
+        line += f" ({resampled['low']:+.3f} to {resampled['high']:+.3f}"
+        if resampled["low"] <= 0:
+            share = 100 * resampled["runner_up_ahead"]
+            line += (
+                f"; {runner_up} ahead on {share:.0f} % of resamples: {resampled['images']} validation images "
+                "cannot tell these two apart"
+            )
+        line += ")"
+    return line
+
+
+def format_selections(results: Mapping[str, ProductResult]) -> list[str]:
+    """The lines under a summary table for the product lines that trained more than one family."""
+    compared = {p: r.selection for p, r in results.items() if r.ok and len(r.selection.get("values", {})) > 1}
+    if not compared:
+        return []
+    metrics = ", ".join(sorted({selection["metric"] for selection in compared.values()}))
+    header = f"the family chosen per line on {metrics}"
+    if any("resampled" in selection for selection in compared.values()):
+        header += (
+            " (the held-out normals, clean and with a synthetic defect each; in brackets, where the lead falls on "
+            "95 % of resamples of those images)"
+        )
+    return ["", f"{header}:", *(selection_line(product, selection) for product, selection in compared.items())]

@@ -9,10 +9,11 @@ predictor after the last epoch. The batching helpers turn shard batches into the
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -20,9 +21,11 @@ import torch
 from tsdn.calibration import DEFAULT_QUANTILE, Calibration, quantile_for_false_positive_rate
 from tsdn.checkpoint import MODEL_JSON, MODEL_WEIGHTS
 from tsdn_platform import train_checkpoints
+from tsdn_platform.train_checkpoints import CHECKPOINT_STATE
 from tsdn_platform.train_config import TrainConfig
 
 __all__ = [
+    "HoldoutValidation",
     "as_images",
     "collect_test",
     "final_evaluation",
@@ -64,9 +67,21 @@ def predict_arrays(predictor: Any, images: torch.Tensor) -> tuple[np.ndarray, np
     return pred.anomaly_score.numpy(), pred.anomaly_map[:, 0].numpy()
 
 
-def validate_holdout(
-    predictor: Any, batches: Iterable[Mapping[str, np.ndarray]], seed: int
-) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+class HoldoutValidation(NamedTuple):
+    """What :func:`validate_holdout` measured."""
+
+    metrics: dict[str, float]  # val_image_auroc, val_pixel_auroc
+    normal_scores: np.ndarray  # (N,) the clean held-out images' scores: the calibration's sample
+    normal_map_maxima: np.ndarray  # (N,) their maps' maxima
+    labels: np.ndarray  # (2N,) 0 for a clean image, 1 for one with a synthetic defect
+    scores: np.ndarray  # (2N,) every validation image's score, in the order of ``labels``
+
+    def image_scores(self) -> dict[str, list]:
+        """``{"labels", "scores"}`` as JSON lists: what a version carries to compare families on the same images."""
+        return {"labels": self.labels.astype(int).tolist(), "scores": self.scores.astype(float).tolist()}
+
+
+def validate_holdout(predictor: Any, batches: Iterable[Mapping[str, np.ndarray]], seed: int) -> HoldoutValidation:
     """Leak-free validation: held-out normal images, clean and with one synthetic defect each.
 
     The defects are :func:`tsdn.defects.validation_set`'s (drawn scratches, stains, holes, cracks, colour spots
@@ -80,8 +95,8 @@ def validate_holdout(
         seed: the validation draws (the same set at every validation and for every version).
 
     Returns:
-        ``({"val_image_auroc", "val_pixel_auroc"}, clean image scores (N,), their maps' maxima (N,))``; the clean
-        images calibrate (:func:`validate_and_calibrate`).
+        the metrics, the clean images' scores and maps' maxima (they calibrate: :func:`validate_and_calibrate`),
+        and every validation image's label and score (families are compared on them: ``tsdn.metrics.paired_auroc_gap``).
     """
     from tsdn.defects import validation_set
     from tsdn.metrics import image_auroc, pixel_auroc
@@ -101,7 +116,8 @@ def validate_holdout(
         "val_pixel_auroc": pixel_auroc(val.masks, maps),
     }
     clean_maps = maps[val.labels == 0]
-    return metrics, scores[val.labels == 0], clean_maps.reshape(len(clean_maps), -1).max(axis=1)
+    maxima = clean_maps.reshape(len(clean_maps), -1).max(axis=1)
+    return HoldoutValidation(metrics, scores[val.labels == 0], maxima, np.asarray(val.labels), scores)
 
 
 def _as_uint8_hwc(images: Any) -> np.ndarray:
@@ -166,24 +182,26 @@ def validate_and_calibrate(
     validation: str,
     seed: int,
     target_false_positive_rate: float | None = None,
-) -> tuple[dict[str, float], Calibration]:
+) -> tuple[dict[str, float], Calibration, dict[str, list] | None]:
     """The configured validation (``holdout``: :func:`validate_holdout`; ``test``: :func:`validate_test`) and the
     calibration fitted on its normal images' scores: at :func:`threshold_quantile` of them, or F1-optimal on the
     labelled test split. A model whose map is not the one it scores (TSDN's ``map_strides``) gets the
-    ``map_offset`` that puts its map in the score's units.
+    ``map_offset`` that puts its map in the score's units. The third item is the hold-out validation's
+    :meth:`HoldoutValidation.image_scores` (None for ``test``: the test split's scores are not a selection's).
     """
     from tsdn.scoring import fit_calibration
 
     separate_map = getattr(predictor.model, "map_positions", None) is not None
     if validation == "holdout":
-        metrics, normal_scores, maxima = validate_holdout(predictor, batches, seed)
-        quantile = threshold_quantile(len(normal_scores), target_false_positive_rate)
-        map_maxima = maxima if separate_map else None
-        return metrics, fit_calibration(normal_scores, quantile=quantile, normal_map_maxima=map_maxima)
+        held = validate_holdout(predictor, batches, seed)
+        quantile = threshold_quantile(len(held.normal_scores), target_false_positive_rate)
+        map_maxima = held.normal_map_maxima if separate_map else None
+        calibration = fit_calibration(held.normal_scores, quantile=quantile, normal_map_maxima=map_maxima)
+        return held.metrics, calibration, held.image_scores()
     metrics, scores, labels, maxima = validate_test(predictor, batches)
     normal = labels == 0
     map_maxima = maxima[normal] if separate_map else None
-    return metrics, fit_calibration(scores[normal], scores, labels, normal_map_maxima=map_maxima)
+    return metrics, fit_calibration(scores[normal], scores, labels, normal_map_maxima=map_maxima), None
 
 
 def _clean_number(value: Any) -> Any:
@@ -206,7 +224,7 @@ def final_evaluation(
         msg = f"{product}: no checkpoint was reported"
         raise RuntimeError(msg)
     best = max(reported, key=lambda r: (metric_or_low(r.metrics, cfg.checkpoint_metric), r.metrics["epoch"]))
-    files = train_checkpoints.read_reported(run_uri, best.checkpoint, (MODEL_WEIGHTS, MODEL_JSON))
+    files = train_checkpoints.read_reported(run_uri, best.checkpoint, (MODEL_WEIGHTS, MODEL_JSON, CHECKPOINT_STATE))
     predictor = predictor_cls.from_files(files, device=ray.train.torch.get_device(), batch_size=cfg.eval_batch_size)
 
     test_shard = ray.train.get_dataset_shard("test")
@@ -226,6 +244,8 @@ def final_evaluation(
         "history": history,
         "resumed_from_epoch": start_epoch,
         "test_scores": dict(zip(ids, scores.tolist())),
+        # None for a checkpoint written before they were kept, or validated on the test split
+        "val_image_scores": json.loads(files[CHECKPOINT_STATE]).get("val_image_scores"),
     }
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tsdn.config_io import ConfigError
+from tsdn.metrics import image_auroc
 from tsdn_platform import store
 from tsdn_platform.cli import main as cli_main
 from tsdn_platform.config import load_config
@@ -28,6 +29,7 @@ from tsdn_platform.train import (
     validate_test,
 )
 from tsdn_platform.train_checkpoints import load_state, state_files
+from tsdn_platform.train_config import format_selections, selection_line
 
 PRODUCTS = ("brick", "grass")
 # Folds 0-3 of the ingest's 10 hold out ~40 % of the 12 train images: >= 3 for validation, >= 4 to train.
@@ -271,6 +273,16 @@ def test_both_families_train_register_and_the_better_one_is_promoted(ingested):
         assert selection["values"][family] == pytest.approx(metrics["val"]["val_image_auroc"])
         assert registry.model_json("brick", versions[family][0])[0]["family"] == family
     assert result.family == selection["winner"] and result.version == versions[selection["winner"]][0]
+    # How sure the choice is: the lead resampled over the validation images both families scored (the TSDN
+    # version's from the checkpoint training kept), an interval around the measured margin.
+    resampled = selection["resampled"]
+    n_validation = 2 * versions["tsdn"][1]["holdout_images"]  # each held-out normal, clean and with a defect
+    assert resampled["images"] == n_validation and resampled["draws"] == 2000
+    assert resampled["low"] <= selection["margin"] <= resampled["high"] and 0 <= resampled["runner_up_ahead"] <= 1
+    line = selection_line("brick", selection)
+    assert line.startswith(f"  brick        {selection['winner']} ") and f"{selection['margin']:+.3f}" in line
+    assert ("cannot tell these two apart" in line) == (resampled["low"] <= 0)
+    assert format_selections({"brick": result})[-1] == line
     best = registry.metrics("brick", registry.best("brick")["version"])
     assert best["val"]["val_image_auroc"] >= max(selection["values"].values())
     fit = versions["patchcore"][1]["fit"]
@@ -487,13 +499,18 @@ def _predictor(model):
 
 def test_holdout_validation_is_repeatable_and_bounded(tiny_model):
     batches = [_batch(3, 0), _batch(2, 1)]
-    first, clean, maxima = validate_holdout(_predictor(tiny_model), batches, seed=0)
-    again, clean_again, _ = validate_holdout(_predictor(tiny_model), batches, seed=0)
-    assert first == again and np.array_equal(clean, clean_again)  # the same synthetic defects every epoch
+    held = validate_holdout(_predictor(tiny_model), batches, seed=0)
+    again = validate_holdout(_predictor(tiny_model), batches, seed=0)
+    first, clean = held.metrics, held.normal_scores
+    assert first == again.metrics and np.array_equal(clean, again.normal_scores)  # the same defects every epoch
     assert set(first) == {"val_image_auroc", "val_pixel_auroc"}
     assert all(0 <= v <= 1 for v in first.values()) and clean.shape == (5,)
-    np.testing.assert_allclose(maxima, clean, rtol=1e-6)  # this model's score is its map's maximum
-    other, _, _ = validate_holdout(_predictor(tiny_model), batches, seed=1)
+    np.testing.assert_allclose(held.normal_map_maxima, clean, rtol=1e-6)  # this model's score is its map's maximum
+    # Every validation image's score, clean and with its defect: the metric is theirs, and families compare on them.
+    assert held.labels.tolist() == [0] * 5 + [1] * 5 and np.array_equal(held.scores[held.labels == 0], clean)
+    assert first["val_image_auroc"] == image_auroc(held.labels, held.scores)
+    assert held.image_scores() == {"labels": held.labels.tolist(), "scores": held.scores.tolist()}
+    other = validate_holdout(_predictor(tiny_model), batches, seed=1).metrics
     assert other != first  # another seed draws other defects
     with pytest.raises(ValueError, match="held-out split is empty"):
         validate_holdout(_predictor(tiny_model), [], seed=0)
@@ -502,7 +519,7 @@ def test_holdout_validation_is_repeatable_and_bounded(tiny_model):
 def test_holdout_validation_scores_clean_images_like_the_predictor(tiny_model):
     """The clean scores that calibrate are the serving predictor's scores of the held-out images."""
     batches = [_batch(3, 0)]
-    _, clean, _ = validate_holdout(_predictor(tiny_model), batches, seed=0)
+    clean = validate_holdout(_predictor(tiny_model), batches, seed=0).normal_scores
     images = torch.from_numpy(batches[0]["image"]).float() / 255.0
     expected = _predictor(tiny_model).predict_tensor(images).anomaly_score.numpy()
     np.testing.assert_allclose(clean, expected, rtol=1e-5)

@@ -95,3 +95,42 @@ def test_a_threshold_set_for_a_target_rate_names_its_quantile_to_three_figures()
     target = fit_calibration(np.linspace(1.0, 30.0, 30), quantile=quantile)
     lines = format_summary(_result({"brick": target}, {})).splitlines()
     assert "threshold 29.450 = the 98.1 % quantile of 30 normal images' scores: 5.0 %, up to 12.6 %" in lines[-1]
+
+
+def test_the_summary_says_which_family_each_line_chose_and_whether_its_validation_could_tell():
+    """Before, a two-family line showed only the family it promoted: nothing said the other was trained, by how
+    much it lost on the validation, or that a few dozen held-out images could have ranked the two either way."""
+    metric = "val.val_image_auroc"
+
+    def chosen(values: dict, winner: str, resampled: dict | None) -> ProductResult:
+        margin = values[winner] - min(values.values())
+        selection = {"metric": metric, "values": values, "winner": winner, "margin": margin}
+        if resampled:
+            selection["resampled"] = {"images": 24, "draws": 2000, **resampled}
+        return ProductResult(product="x", ok=True, family=winner, version="v1", selection=selection)
+
+    train = {
+        "brick": chosen({"tsdn": 0.98, "patchcore": 0.5}, "tsdn", {"low": 0.3, "high": 0.62, "runner_up_ahead": 0.0}),
+        "gravel": chosen(
+            {"tsdn": 0.66, "patchcore": 0.6528}, "tsdn", {"low": -0.05, "high": 0.07, "runner_up_ahead": 0.41}
+        ),
+        "grass": ProductResult(
+            product="grass", ok=True, family="tsdn", version="v1", selection={"values": {"tsdn": 1}}
+        ),
+    }
+    lines = format_summary(PipelineResult(ingest={}, train=train, score={}, timings={})).splitlines()
+    at = lines.index("") + 1
+    assert lines[at].startswith("the family chosen per line on val.val_image_auroc (the held-out normals")
+    assert lines[at + 1 :] == [
+        "  brick        tsdn 0.980 over patchcore 0.500: +0.480 (+0.300 to +0.620)",
+        "  gravel       tsdn 0.660 over patchcore 0.653: +0.007 (-0.050 to +0.070; patchcore ahead on 41 % of "
+        "resamples: 24 validation images cannot tell these two apart)",
+    ]  # grass trained one family: nothing to say
+    # A metric the resampling does not cover (here the test split's, asked for explicitly): the values and the margin.
+    test_metric = chosen({"tsdn": 0.9, "patchcore": 0.95}, "patchcore", None)
+    test_metric.selection["metric"] = "test.image_auroc"
+    lines = format_summary(PipelineResult(ingest={}, train={"tile": test_metric}, score={}, timings={})).splitlines()
+    assert lines[-2:] == [
+        "the family chosen per line on test.image_auroc:",
+        "  tile         patchcore 0.950 over tsdn 0.900: +0.050",
+    ]

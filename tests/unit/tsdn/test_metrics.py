@@ -8,10 +8,12 @@ from sklearn.metrics import roc_curve as sk_roc_curve
 
 from tsdn.metrics import (
     UndefinedMetricError,
+    _weighted_auroc,
     aupro,
     evaluate,
     f1_max,
     image_auroc,
+    paired_auroc_gap,
     pixel_auroc,
     precision_recall_curve,
     roc_curve,
@@ -173,3 +175,27 @@ def test_curves_need_their_classes():
         roc_curve(np.zeros(3), np.arange(3.0))
     with pytest.raises(UndefinedMetricError, match="no anomalous sample"):
         precision_recall_curve(np.zeros(3), np.arange(3.0))
+
+
+def test_paired_auroc_gap_resamples_both_models_on_the_same_draws():
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(30), np.ones(20)].astype(int)
+    scores = rng.normal(size=50) + 0.8 * labels
+    scores[3] = scores[40]  # a tie between a normal and an anomalous image counts half
+    positive = labels.astype(bool)
+    one_each = _weighted_auroc(scores, positive, np.ones((1, 30)), np.ones((1, 20)))
+    assert one_each[0] == pytest.approx(image_auroc(labels, scores)) == pytest.approx(roc_auc_score(labels, scores))
+    twice = np.ones((1, 30))
+    twice[0, 0] = 2
+    weighted = np.r_[scores[:30], scores[:1], scores[30:]], np.r_[labels[:30], 0, labels[30:]]
+    assert _weighted_auroc(scores, positive, twice, np.ones((1, 20)))[0] == pytest.approx(image_auroc(*weighted[::-1]))
+    assert paired_auroc_gap(labels, scores, scores) == (0.0, 0.0, 0.0)  # the same model: no gap on any draw
+    better = scores + 5 * labels  # separates every pair
+    low, high, worse_ahead = paired_auroc_gap(labels, better, scores, seed=1)
+    assert 0 < low < 1 - image_auroc(labels, scores) < high and worse_ahead == 0.0
+    rival = scores + np.random.default_rng(5).normal(scale=0.3, size=50)  # nearly the same model: a close call
+    low, high, ahead = paired_auroc_gap(labels, scores, rival)
+    assert low < 0 < high and 0 < ahead < 1
+    assert paired_auroc_gap(labels, scores, better, seed=7) == paired_auroc_gap(labels, scores, better, seed=7)
+    with pytest.raises(UndefinedMetricError):
+        paired_auroc_gap(np.zeros(4, int), np.arange(4.0), np.arange(4.0))
