@@ -34,8 +34,9 @@ def validate_name(name: str, what: str = "product") -> str:
 def parse_products(value: str | Sequence[str] | None) -> list[str] | None:
     """A ``products`` setting -> the product lines it names, or None for every product line.
 
-    A string is comma-separated (``"brick, grass"``); a list names them one by one. None, ``""``, ``"all"``, an
-    empty list and ``["all"]`` all mean every product line. Each name is checked by :func:`validate_name`.
+    A string is comma-separated (``"brick, grass"``); a list names them one by one. None, ``"all"`` and
+    ``["all"]`` mean every product line. A setting that names none (``""``, ``","``, an empty list) is refused: it
+    meant every line before, so ``--products ,`` trained them all. Each name is checked by :func:`validate_name`.
 
     Raises:
         ConfigError: naming the invalid product id.
@@ -47,7 +48,10 @@ def parse_products(value: str | Sequence[str] | None) -> list[str] | None:
         msg = f"products: expected product ids or {ALL!r}, got {value!r}"
         raise ConfigError(msg)
     names = [item.strip() for item in items if item.strip()]
-    if names in ([], [ALL]):
+    if not names:
+        msg = f"products: {value!r} names no product line; give them comma-separated, or {ALL!r} for every one"
+        raise ConfigError(msg)
+    if names == [ALL]:
         return None
     try:
         return [validate_name(name) for name in names]

@@ -246,13 +246,12 @@ def selection_line(product: str, selection: Mapping[str, Any]) -> str:
     resampled = selection.get("resampled")
     if resampled:
         line += f" ({resampled['low']:+.3f} to {resampled['high']:+.3f}"
+        line += ")"
         if resampled["low"] <= 0:
             share = 100 * resampled["runner_up_ahead"]
             line += (
-                f"; {runner_up} ahead on {share:.0f} % of resamples: {resampled['images']} validation images "
-                "cannot tell these two apart"
+                f": too close to call on {resampled['images']} images ({runner_up} ahead on {share:.0f} % of resamples)"
             )
-        line += ")"
     return line
 
 
@@ -262,10 +261,10 @@ def format_selections(results: Mapping[str, ProductResult]) -> list[str]:
     if not compared:
         return []
     metrics = ", ".join(sorted({selection["metric"] for selection in compared.values()}))
-    header = f"the family chosen per line on {metrics}"
+    header = [f"the family chosen per line on {metrics}:"]
     if any("resampled" in selection for selection in compared.values()):
-        header += (
-            " (the held-out normals, clean and with a synthetic defect each; in brackets, where the lead falls on "
-            "95 % of resamples of those images)"
-        )
-    return ["", f"{header}:", *(selection_line(product, selection) for product, selection in compared.items())]
+        header = [
+            f"the family chosen per line on {metrics} (the held-out normals, clean and each with a synthetic defect),",
+            "with where the lead falls on 95 % of resamples of those images:",
+        ]
+    return ["", *header, *(selection_line(product, selection) for product, selection in compared.items())]

@@ -112,10 +112,13 @@ def test_products_flag_parsing():
     from tsdn.config_io import ConfigError
     from tsdn_platform.names import parse_products
 
-    assert parse_products(None) is None and parse_products("") is None and parse_products("all") is None
+    assert parse_products(None) is None and parse_products("all") is None
     assert parse_products("brick, grass,") == ["brick", "grass"]
     # The one reader of every products setting: lists as YAML gives them, the same meaning of "all".
-    assert parse_products([]) is None and parse_products(["all"]) is None and parse_products([" all "]) is None
+    assert parse_products(["all"]) is None and parse_products([" all "]) is None
+    for empty in ("", ",", " , ", []):  # before, "every line": `--products ,` trained (and promoted) them all
+        with pytest.raises(ConfigError, match="names no product line"):
+            parse_products(empty)
     assert parse_products(["brick", " grass"]) == ["brick", "grass"]
     for bad in ("brick,../x", ["ok", "a b"], [3]):
         with pytest.raises(ConfigError, match="product"):
