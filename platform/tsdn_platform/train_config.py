@@ -245,13 +245,10 @@ def selection_line(product: str, selection: Mapping[str, Any]) -> str:
     line += f": {selection['margin']:+.3f}"
     resampled = selection.get("resampled")
     if resampled:
-        line += f" ({resampled['low']:+.3f} to {resampled['high']:+.3f}"
-        line += ")"
+        line += f" ({resampled['low']:+.3f} to {resampled['high']:+.3f})"
         if resampled["low"] <= 0:
-            share = 100 * resampled["runner_up_ahead"]
-            line += (
-                f": too close to call on {resampled['images']} images ({runner_up} ahead on {share:.0f} % of resamples)"
-            )
+            ahead = f"{runner_up} ahead on {100 * resampled['runner_up_ahead']:.0f} % of resamples"
+            line += f": too close to call on {resampled['images']} images ({ahead})"
     return line
 
 
