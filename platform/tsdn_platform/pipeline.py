@@ -32,7 +32,7 @@ from tsdn.config_io import check, from_dict, merge
 from tsdn_platform import layout
 from tsdn_platform.config import config_to_yaml, load_config
 from tsdn_platform.names import ALL, parse_products
-from tsdn_platform.train_config import format_selections
+from tsdn_platform.train_config import format_reused, format_selections
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,8 @@ def format_summary(result: PipelineResult) -> str:
         lines += ["", "recall, FPR: the shares of defective and of good test images flagged at the threshold"]
     if promises:
         lines += ["how often an unseen good image reaches each threshold (expected, and the 95 % bound):", *promises]
-    return "\n".join([*lines, *format_selections(result.train)])
+    reused = format_reused(result.train)
+    return "\n".join([*lines, *(["", *reused] if reused else []), *format_selections(result.train)])
 
 
 def _threshold_promise(product: str, calibration: dict[str, Any] | None) -> str | None:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -62,7 +63,14 @@ from tsdn_platform.cli import exit_status
 from tsdn_platform.config import config_to_yaml, load_config
 from tsdn_platform.names import validate_name
 from tsdn_platform.registry import Registry
-from tsdn_platform.train_config import FAMILIES, ProductResult, TrainConfig, format_selections, selection_line
+from tsdn_platform.train_config import (
+    FAMILIES,
+    ProductResult,
+    TrainConfig,
+    format_reused,
+    format_selections,
+    selection_line,
+)
 from tsdn_platform.train_eval import validate_holdout, validate_test
 
 __all__ = [
@@ -571,7 +579,7 @@ def run_product(cfg: TrainConfig, product: str) -> ProductResult:
     for family, record, summary in sorted(fitted, key=lambda f: train_eval.metric_or_low(selection["values"], f[0])):
         record["selection"] = selection
         store.replace_json(store.join(record["run_uri"], "metrics.json"), record)
-        version, promoted = _register(cfg, product, record["checkpoint"], record)
+        version, promoted, reused = _register(cfg, product, record["checkpoint"], record)
         results.append(
             ProductResult(
                 product=product,
@@ -581,6 +589,7 @@ def run_product(cfg: TrainConfig, product: str) -> ProductResult:
                 run_uri=record["run_uri"],
                 version=version,
                 promoted=promoted,
+                reused=reused,
                 best_epoch=summary["best_epoch"],
                 resumed_from_epoch=summary["resumed_from_epoch"],
                 val=summary["val"],
@@ -635,8 +644,9 @@ def _selection(
     return selection
 
 
-def _register(cfg: TrainConfig, product: str, checkpoint_uri: str, record: dict[str, Any]) -> tuple[str, bool]:
-    """Register the best checkpoint once: a re-run of a finished run finds its version and reuses it."""
+def _register(cfg: TrainConfig, product: str, checkpoint_uri: str, record: dict[str, Any]) -> tuple[str, bool, bool]:
+    """Register the best checkpoint once: a re-run of a finished run finds its version and reuses it. Returns the
+    version, whether it is the line's best afterwards, and whether an earlier run had registered it."""
 
     registry = Registry(cfg.store)
     for version in reversed(registry.list_versions(product)):
@@ -644,11 +654,11 @@ def _register(cfg: TrainConfig, product: str, checkpoint_uri: str, record: dict[
         if existing.get("run_id") == record["run_id"] and existing.get("checkpoint") == record["checkpoint"]:
             logger.info("%s: run %s is already registered as version %s", product, record["run_id"], version)
             # The policy again: the run that registered it may have failed before its pointer update.
-            return version, registry.apply_policy(product, version, cfg.promote, cfg.promote_metric)
+            return version, registry.apply_policy(product, version, cfg.promote, cfg.promote_metric), True
     files = {name: store.read_bytes(store.join(checkpoint_uri, name)) for name in (MODEL_WEIGHTS, MODEL_JSON)}
     version = registry.register(product, files, record, promote=cfg.promote, metric=cfg.promote_metric)
     best = registry.best(product)
-    return version, bool(best and best["version"] == version)
+    return version, bool(best and best["version"] == version), False
 
 
 # --- all product lines -------------------------------------------------------------------------------
@@ -660,17 +670,26 @@ def _product_task(cfg_dict: dict[str, Any], product: str) -> ProductResult:
         with store.retry_budget(cfg.store_retry_s):
             return run_product(cfg, product)
     except Exception as exc:
-        logger.exception("%s: training failed", product)
-        return _failed(product, exc)
+        failed = _failed(product, exc)
+        # The traceback of an unexpected error is for the console; a mistake to fix or a store fault is its one line
+        # (the driver prints it), the traceback under --verbose.
+        log = logger.exception if failed.status == 1 else functools.partial(logger.debug, exc_info=True)
+        log("%s: training failed", product)
+        return failed
 
 
 def _failed(product: str, exc: BaseException) -> ProductResult:
-    """A product line's failure as one line and the exit status it calls for, told by its cause's type."""
+    """A product line's failure as one line and the exit status it calls for, told by its cause's type.
+
+    An unexpected error keeps its type's name (``RuntimeError: ...``); a mistake to fix or a store fault is its
+    message alone, without the product line's name the driver puts in front of it anyway."""
     cause = failure_cause(exc)
+    status = exit_status(cause)
     text = str(cause).strip().splitlines()
     line = text[0] if text else type(cause).__name__
-    error = line if isinstance(cause, store.StoreError) else f"{type(cause).__name__}: {line}"
-    return ProductResult(product=product, ok=False, status=exit_status(cause), error=error)
+    if status == 1:
+        return ProductResult(product=product, ok=False, status=status, error=f"{type(cause).__name__}: {line}")
+    return ProductResult(product=product, ok=False, status=status, error=line.removeprefix(f"{product}: "))
 
 
 def failure_cause(exc: BaseException) -> BaseException:
@@ -807,7 +826,8 @@ def main(args: argparse.Namespace) -> int:
 
         init_ray(address=args.address)
     results = run_training(cfg)
-    print("\n".join([format_table(results), *format_selections(results)]))
+    reused = format_reused(results)
+    print("\n".join([format_table(results), *(["", *reused] if reused else []), *format_selections(results)]))
     failed = [r for r in results.values() if not r.ok]
     for result in failed:
         print(f"tsdn train: {result.product}: {result.error}", file=sys.stderr)

@@ -23,7 +23,7 @@ from tsdn_platform import store
 from tsdn_platform.names import ALL, parse_products, validate_name
 from tsdn_platform.registry import DEFAULT_PROMOTE_METRIC
 
-__all__ = ["FAMILIES", "ProductResult", "TrainConfig", "format_selections", "selection_line"]
+__all__ = ["FAMILIES", "ProductResult", "TrainConfig", "format_reused", "format_selections", "selection_line"]
 
 # Fields that change how a run is executed or published, not what it learns: left out of the run hash so
 # that re-running with a different products list, failure budget or promotion policy resumes the same run.
@@ -220,7 +220,8 @@ class ProductResult:
     run_uri: str = ""
     error: str | None = None
     version: str | None = None
-    promoted: bool = False
+    promoted: bool = False  # the version is the line's best after the run (its promotion, or an earlier one)
+    reused: bool = False  # an earlier run of the same config had finished and registered it: nothing was trained
     best_epoch: int | None = None
     resumed_from_epoch: int = 0
     val: dict[str, float | None] = field(default_factory=dict)
@@ -250,6 +251,16 @@ def selection_line(product: str, selection: Mapping[str, Any]) -> str:
             ahead = f"{runner_up} ahead on {100 * resampled['runner_up_ahead']:.0f} % of resamples"
             line += f": too close to call on {resampled['images']} images ({ahead})"
     return line
+
+
+def format_reused(results: Mapping[str, ProductResult]) -> list[str]:
+    """A line under a summary table for every product line whose run had finished before: its version is reused."""
+    reused = [r for r in results.values() if r.ok and r.reused]
+    return [
+        f"{r.product}: run {r.run_name} had finished before; its version {r.version} is reused and nothing was "
+        "trained (to train anew, change the config or its run_name)"
+        for r in reused
+    ]
 
 
 def format_selections(results: Mapping[str, ProductResult]) -> list[str]:

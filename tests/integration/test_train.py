@@ -121,6 +121,21 @@ def test_two_products_train_checkpoint_register_and_reproduce(ingested, capsys):
         np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
         detections = predictor.predict([img.permute(1, 2, 0).numpy() for img in images])
         np.testing.assert_allclose([d.anomaly_score for d in detections], expected, rtol=1e-4, atol=1e-5)
+    # The same command again (the promotion policy is not part of the run): nothing is trained, and the summary says
+    # so instead of reading "promoted yes" for a version an earlier run registered.
+    versions = {product: registry.list_versions(product) for product in PRODUCTS}
+    code = cli_main(
+        ["train", *args, "--set", HOLDOUT, "--set", "epochs=3", "--set", "num_workers=1", "--promote", "never"]
+    )
+    again = capsys.readouterr().out
+    assert code == 0, again
+    assert {product: registry.list_versions(product) for product in PRODUCTS} == versions
+    for product in PRODUCTS:
+        (version,) = versions[product]
+        assert (
+            f"{product}: run {registry.metrics(product, version)['run_id']} had finished before; its version " in again
+        )
+        assert f"{version} is reused and nothing was trained" in again
 
 
 @pytest.mark.integration

@@ -91,3 +91,21 @@ def test_a_target_false_positive_rate_is_a_share_for_the_held_out_validation_and
     unset = load_config(TrainConfig, "cpu", base)
     assert cfg.run_id("m") != unset.run_id("m")
     assert TrainConfig(store="s", dataset="d").run_id("m") == "d-b16776bdf470"  # its name at e9067d4, before the field
+
+
+def test_a_failed_line_is_one_line_with_the_status_its_cause_calls_for():
+    """Seen: ``tsdn train: gravel: ConfigError: gravel: no train image falls ...`` (the line named twice), then the
+    product task's 9-line traceback although the mistake was the user's."""
+    from tsdn_platform.store import StoreError
+    from tsdn_platform.train import _failed
+
+    mistake = _failed("gravel", ConfigError("gravel: no train image falls in holdout_folds [0], so ..."))
+    assert (mistake.ok, mistake.status, mistake.error) == (
+        False,
+        2,
+        "no train image falls in holdout_folds [0], so ...",
+    )
+    outage = _failed("gravel", StoreError("s3://b/k", "the store is unreachable: timeout", "unreachable"))
+    assert (outage.status, outage.error) == (3, "s3://b/k: the store is unreachable: timeout")
+    bug = _failed("gravel", RuntimeError("gravel: rank 0 returned nothing\nmore"))
+    assert (bug.status, bug.error) == (1, "RuntimeError: gravel: rank 0 returned nothing")  # unexpected: its type
