@@ -7,6 +7,7 @@ gives an int and ``--set products=[a,b]`` a list).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -73,6 +74,14 @@ def load_config(
             msg = f"{path}: expected a mapping at the top level"
             raise ConfigError(msg)
         data = dict(loaded)
+        fields = {f.name for f in dataclasses.fields(cls) if f.init}
+        foreign = sorted(set(data) - fields)
+        if foreign:  # e.g. `tsdn score --config tiny`: a training preset
+            msg = (
+                f"--config {config}: unknown config key(s) for {cls.__name__} in {path}: {', '.join(foreign)} (a "
+                f"config for another job?); {cls.__name__}'s keys: {', '.join(sorted(fields))}"
+            )
+            raise ConfigError(msg)
     flags: dict[str, Any] = {}
     for key, value in (explicit or {}).items():
         if value is not None:

@@ -429,17 +429,23 @@ class Registry:
         """Point best at ``version`` (a complete one); returns the new pointer.
 
         With ``expected_generation`` this is a strict compare-and-swap: it raises
-        :class:`PointerConflictError` if the pointer is no longer at that generation (0 = no pointer yet).
-        Without it, a concurrent update is re-read and the promotion applied on top of it.
+        :class:`PointerConflictError` if the pointer is no longer at that generation (0 = no pointer yet), and
+        writes a new generation even for the version already best. Without it, a concurrent update is re-read and
+        the promotion applied on top of it, and promoting the version that is already best changes nothing (it
+        used to write a generation whose ``previous`` was the version itself, losing the real one).
         """
         version = validate_name(version, "version")
         value = metric_value(self.metrics(product, version), metric)
 
-        def decide(current: dict[str, Any] | None) -> dict[str, Any]:
+        def decide(current: dict[str, Any] | None) -> dict[str, Any] | None:
             generation = current["generation"] if current else 0
             if expected_generation is not None and generation != expected_generation:
-                msg = f"expected generation {expected_generation}, found {generation} (another promoter won)"
+                why = "another promoter won" if expected_generation < generation else "no such generation yet"
+                msg = f"expected generation {expected_generation}, found {generation} ({why})"
                 raise PointerConflictError(self.pointer_uri(product), msg)
+            if expected_generation is None and current is not None and current["version"] == version:
+                logger.info("%s: %s is already the best version; pointer unchanged", product, version)
+                return None
             return self._next_pointer(product, current, version, metric, value, reason)
 
         return typing.cast(dict[str, Any], self._swap_pointer(product, decide))

@@ -18,7 +18,7 @@ API (JSON; errors are ``{"status": <code>, "reason": "..."}``, never a 500 for b
   heatmap at the image's resolution whose colour scale tops out at ``vmax`` = 2 x threshold (an image more
   than 4x the model's input on its short side is decoded smaller, a JPEG at a DCT scale and any image reduced
   on load by an integer factor, never below 4x the input: its maps are at that resolution). Errors: 401 no
-  bearer token, 403 wrong token or one not scoped to the product, 404 unknown or invalid product id, 413
+  bearer token or an unknown one, 403 a token not scoped to the product, 404 unknown or invalid product id, 413
   body over ``max_body_bytes`` (by Content-Length, and by the bytes read), 415 other content types, 422
   undecodable image, more than ``max_image_pixels`` pixels (refused from the header, before decoding) or a
   bad query value, 400 a malformed multipart body (or more than one file) or Content-Length, 503 store
@@ -157,8 +157,8 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in (
-        (401, "no bearer token"),
-        (403, "wrong token"),
+        (401, "no bearer token, or one the server does not know"),
+        (403, "a token not allowed to use the product"),
         (404, "unknown product, or none promoted"),
         (422, "a bad image or query value"),
         (503, "the model store is unreachable"),

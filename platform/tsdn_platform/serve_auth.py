@@ -125,8 +125,9 @@ def is_loopback(host: str) -> bool:
 
 
 def check_token(authorization: str | None, digests: list[tuple[bytes, Scope]], product: str | None = None) -> Scope:
-    """The scope of the request's token: 401 without a bearer token, 403 with a wrong one or one not scoped to
-    ``product``. Every digest is compared, in constant time."""
+    """The scope of the request's token: 401 without a bearer token or with one the server does not know (RFC 6750's
+    ``invalid_token``; it was 403), 403 with one not scoped to ``product``. Every digest is compared, in constant
+    time."""
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)")
@@ -136,7 +137,7 @@ def check_token(authorization: str | None, digests: list[tuple[bytes, Scope]], p
         if hmac.compare_digest(offered, digest):
             matched, scope = True, allowed
     if not matched:
-        raise ApiError(403, "invalid token")
+        raise ApiError(401, "invalid token")
     if product is not None and scope is not None and product not in scope:
         raise ApiError(403, f"this token is not allowed to use product {product!r}")
     return scope

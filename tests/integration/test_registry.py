@@ -75,6 +75,13 @@ def test_promotion_policies(registry):
     pointer = registry.promote("cable", "v2", reason="rollback by a human")
     assert (pointer["version"], pointer["generation"], pointer["reason"]) == ("v2", 4, "rollback by a human")
     assert registry.best("cable") == pointer
+    # The best version again: nothing changes (it wrote generation 5 with previous "v2", losing "v5").
+    assert registry.promote("cable", "v2") == pointer == registry.best("cable")
+    # A strict promoter's stale or future generation is named as such.
+    with pytest.raises(PointerConflictError, match=r"expected generation 3, found 4 \(another promoter won\)"):
+        registry.promote("cable", "v1", expected_generation=3)
+    with pytest.raises(PointerConflictError, match=r"expected generation 7, found 4 \(no such generation yet\)"):
+        registry.promote("cable", "v1", expected_generation=7)
     with pytest.raises(RegistryError, match="already exists"):
         registry.register("cable", FILES, _metrics(0.5), version="v1")
 

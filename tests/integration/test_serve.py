@@ -107,7 +107,7 @@ def test_check_token_statuses():
     digests = [(token_digest("alpha"), None), (token_digest("beta"), frozenset({"gearbox"}))]
     assert check_token("Bearer beta", digests, "gearbox") == {"gearbox"}
     assert check_token("bearer  alpha", digests, "housing") is None
-    cases = ((None, 401), ("Basic YWxwaGE=", 401), ("Bearer ", 401), ("Bearer gamma", 403), ("Bearer beta", 403))
+    cases = ((None, 401), ("Basic YWxwaGE=", 401), ("Bearer ", 401), ("Bearer gamma", 401), ("Bearer beta", 403))
     for header, status in cases:
         with pytest.raises(ApiError) as exc:
             check_token(header, digests, "housing")
@@ -418,7 +418,7 @@ ERROR_CASES = {
     "threshold nan": (422, "bottle", "rgb64.png", {}, {"threshold": "nan"}, "finite"),
     "unknown include": (422, "bottle", "rgb64.png", {}, {"include": "reconstruction"}, "include"),
     "no token": (401, "bottle", "rgb64.png", {"Authorization": ""}, {}, "bearer"),
-    "wrong token": (403, "bottle", "rgb64.png", {"Authorization": "Bearer wrong"}, {}, "invalid token"),
+    "wrong token": (401, "bottle", "rgb64.png", {"Authorization": "Bearer wrong"}, {}, "invalid token"),
     "body over limit": (413, "bottle", "large", {}, {}, "exceeds the limit"),
     "chunked body over limit": (413, "bottle", "large-chunked", {}, {}, "exceeds the limit"),
 }

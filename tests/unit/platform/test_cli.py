@@ -121,6 +121,15 @@ def test_verbose_is_taken_before_or_after_the_subcommand():
     assert not parser.parse_args(argv).verbose
 
 
+def test_a_preset_of_another_job_is_named_as_such(tmp_path, capsys):
+    """``tsdn score --config tiny`` listed 13 unknown keys and nothing else."""
+    argv = ["score", "--store", str(tmp_path), "--input", str(tmp_path), "--output", str(tmp_path / "o")]
+    assert cli_main([*argv, "--config", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tsdn score: --config tiny: unknown config key(s) for ScoreConfig in ")
+    assert "tiny.yaml: checkpoint_every, " in err and "(a config for another job?)" in err and err.count("\n") == 1
+
+
 def test_no_input_and_no_model_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "store" / "registry").mkdir(parents=True)
     (tmp_path / "in").mkdir()
