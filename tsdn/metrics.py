@@ -72,11 +72,7 @@ def paired_auroc_gap(
     positive = _as_labels("labels", labels)
     a = _as_scores("scores_a", scores_a, positive.shape)
     b = _as_scores("scores_b", scores_b, positive.shape)
-    n_positive = int(positive.sum())
-    n_negative = positive.size - n_positive
-    if n_positive == 0 or n_negative == 0:
-        msg = f"paired_auroc_gap: only one class present ({n_positive} anomalous, {n_negative} normal)"
-        raise UndefinedMetricError(msg)
+    n_positive, n_negative = _class_counts(positive, "paired_auroc_gap")
     rng = np.random.default_rng(seed)
     normal_counts = rng.multinomial(n_negative, np.full(n_negative, 1.0 / n_negative), size=draws)
     anomalous_counts = rng.multinomial(n_positive, np.full(n_positive, 1.0 / n_positive), size=draws)
@@ -222,11 +218,7 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
     """
     positive = _as_labels("labels", labels)
     values = _as_scores("scores", scores, positive.shape)
-    n_positive = int(positive.sum())
-    n_negative = positive.size - n_positive
-    if n_positive == 0 or n_negative == 0:
-        msg = f"roc_curve: only one class present ({n_positive} anomalous, {n_negative} normal)"
-        raise UndefinedMetricError(msg)
+    n_positive, n_negative = _class_counts(positive, "roc_curve")
     thresholds, at_or_above, (tp,) = _descending_cumsums(values, positive)
     fpr = np.concatenate(([0.0], (at_or_above - tp) / n_negative))
     tpr = np.concatenate(([0.0], tp / n_positive))
@@ -307,12 +299,18 @@ def _or_nan(metric, *args) -> float:
         return math.nan
 
 
-def _auroc(positive: np.ndarray, scores: np.ndarray, name: str) -> float:
+def _class_counts(positive: np.ndarray, name: str) -> tuple[int, int]:
+    """(anomalous, normal) counts of ``positive``; :class:`UndefinedMetricError` naming ``name`` when one is 0."""
     n_positive = int(positive.sum())
     n_negative = positive.size - n_positive
     if n_positive == 0 or n_negative == 0:
-        msg = f"{name}: only one class present ({n_positive} anomalous, {n_negative} normal); AUROC is undefined"
+        msg = f"{name}: only one class present ({n_positive} anomalous, {n_negative} normal); it is undefined"
         raise UndefinedMetricError(msg)
+    return n_positive, n_negative
+
+
+def _auroc(positive: np.ndarray, scores: np.ndarray, name: str) -> float:
+    n_positive, n_negative = _class_counts(positive, name)
     _, at_or_above, (tp,) = _descending_cumsums(scores, positive)
     fp = at_or_above - tp
     # Trapezoids of the ROC curve in integer units (exact): area * 2 * P * N = sum dFP * (TP_prev + TP).
