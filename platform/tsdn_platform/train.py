@@ -671,8 +671,8 @@ def _product_task(cfg_dict: dict[str, Any], product: str) -> ProductResult:
             return run_product(cfg, product)
     except Exception as exc:
         failed = _failed(product, exc)
-        # The traceback of an unexpected error is for the console; a mistake to fix or a store fault is its one line
-        # (the driver prints it), the traceback under --verbose.
+        # The traceback of an unexpected error is for the console; a mistake to fix or a store fault is the one line
+        # the driver prints (its traceback only in the task's DEBUG log).
         log = logger.exception if failed.status == 1 else functools.partial(logger.debug, exc_info=True)
         log("%s: training failed", product)
         return failed
