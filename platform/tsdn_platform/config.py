@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 
 import yaml
 
-from tsdn.config_io import ConfigError, from_dict, merge, set_dotted, to_dict
+from tsdn.config_io import ConfigError, check, from_dict, merge, set_dotted, to_dict
 
-__all__ = ["ConfigError", "config_to_yaml", "load_config", "parse_overrides", "preset_path"]
+__all__ = ["ConfigError", "check_required", "config_to_yaml", "load_config", "parse_overrides", "preset_path"]
 
 T = TypeVar("T")
 
@@ -53,6 +53,14 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
             raise ConfigError(msg) from exc
         set_dotted(data, key.strip(), value)
     return data
+
+
+def check_required(cfg: Any, names: Sequence[str], expected: str = "a value") -> None:
+    """:func:`tsdn.config_io.check` that each of ``names`` is set, naming the command-line flag that sets it
+    (``source``, a job's first argument, has none)."""
+    for name in names:
+        flag = "the first argument" if name == "source" else f"--{name.replace('_', '-')}"
+        check(cfg, bool(getattr(cfg, name)), name, f"{expected} (required: {flag})")
 
 
 def load_config(

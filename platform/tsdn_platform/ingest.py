@@ -44,7 +44,7 @@ import ray
 from tsdn.config_io import check
 from tsdn.resize import input_shape, matching_input_shape
 from tsdn_platform import store
-from tsdn_platform.config import ConfigError, config_to_yaml, load_config
+from tsdn_platform.config import ConfigError, check_required, config_to_yaml, load_config
 from tsdn_platform.layout import dataset_uri
 from tsdn_platform.names import NAME_PATTERN, parse_products, validate_name
 from tsdn_platform.shards import (
@@ -116,9 +116,7 @@ class IngestConfig:
     ray_remote_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("source", "store", "dataset"):
-            where = "the first argument" if name == "source" else f"--{name}"
-            check(self, bool(getattr(self, name)), name, f"a value (required: {where})")
+        check_required(self, ("source", "store", "dataset"))
         self.products = parse_products(self.products)
         try:
             validate_name(self.dataset, "dataset")

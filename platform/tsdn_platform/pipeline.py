@@ -28,9 +28,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tsdn.config_io import check, from_dict, merge
+from tsdn.config_io import from_dict, merge
 from tsdn_platform import layout
-from tsdn_platform.config import config_to_yaml, load_config
+from tsdn_platform.config import check_required, config_to_yaml, load_config
 from tsdn_platform.names import ALL, parse_products
 from tsdn_platform.train_config import format_reused, format_selections
 
@@ -54,9 +54,7 @@ class PipelineConfig:
     address: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("source", "store", "dataset"):
-            where = "the first argument" if name == "source" else f"--{name}"
-            check(self, bool(getattr(self, name)), name, f"a value (required: {where})")
+        check_required(self, ("source", "store", "dataset"))
         self.products = parse_products(self.products)
 
     def score_output(self) -> str:
@@ -174,8 +172,7 @@ def format_summary(result: PipelineResult) -> str:
         lines += ["", "recall, FPR: the shares of defective and of good test images flagged at the threshold"]
     if promises:
         lines += ["how often an unseen good image reaches each threshold (expected, and the 95 % bound):", *promises]
-    reused = format_reused(result.train)
-    return "\n".join([*lines, *(["", *reused] if reused else []), *format_selections(result.train)])
+    return "\n".join([*lines, *format_reused(result.train), *format_selections(result.train)])
 
 
 def _threshold_promise(product: str, calibration: dict[str, Any] | None) -> str | None:

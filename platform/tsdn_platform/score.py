@@ -91,7 +91,7 @@ from tsdn.image import decode_image
 from tsdn.resize import resize_mask
 from tsdn.runtime import runtime_format, runtime_problem
 from tsdn_platform import shards, store
-from tsdn_platform.config import ConfigError, load_config
+from tsdn_platform.config import ConfigError, check_required, load_config
 from tsdn_platform.names import validate_name
 from tsdn_platform.score_rows import MANIFEST, MAP_COLUMNS, STAGING, decode_maps, row_fingerprint
 from tsdn_platform.score_stages import MAX_ERROR_SAMPLES, ScoreDatasink, Scorer, decode_inputs, select_shard_rows
@@ -178,8 +178,7 @@ class ScoreConfig:
     runtime: str = "torch"
 
     def __post_init__(self) -> None:
-        for name in ("store", "input", "output"):
-            check(self, bool(getattr(self, name)), name, f"a URI (required: --{name})")
+        check_required(self, ("store", "input", "output"), "a URI")
         alone = not (self.product and self.product_from_path)
         check(self, alone, "product_from_path", f"None when product={self.product!r} is set (they exclude each other)")
         if self.product_from_path is not None:

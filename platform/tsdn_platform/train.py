@@ -69,6 +69,7 @@ from tsdn_platform.train_config import (
     TrainConfig,
     format_reused,
     format_selections,
+    ranked_families,
     selection_line,
 )
 from tsdn_platform.train_eval import validate_holdout, validate_test
@@ -622,7 +623,7 @@ def _selection(
     from tsdn_platform.registry import DEFAULT_PROMOTE_METRIC, metric_value
 
     values = {r["family"]: metric_value(r, metric) for r in records}
-    ranked = sorted(values, key=lambda f: train_eval.metric_or_low(values, f), reverse=True)
+    ranked = ranked_families(values)
     winner = ranked[0]
     margin = None
     if len(ranked) > 1 and values[winner] is not None and values[ranked[1]] is not None:
@@ -826,8 +827,7 @@ def main(args: argparse.Namespace) -> int:
 
         init_ray(address=args.address)
     results = run_training(cfg)
-    reused = format_reused(results)
-    print("\n".join([format_table(results), *(["", *reused] if reused else []), *format_selections(results)]))
+    print("\n".join([format_table(results), *format_reused(results), *format_selections(results)]))
     failed = [r for r in results.values() if not r.ok]
     for result in failed:
         print(f"tsdn train: {result.product}: {result.error}", file=sys.stderr)

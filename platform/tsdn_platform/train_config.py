@@ -23,7 +23,15 @@ from tsdn_platform import store
 from tsdn_platform.names import ALL, parse_products, validate_name
 from tsdn_platform.registry import DEFAULT_PROMOTE_METRIC
 
-__all__ = ["FAMILIES", "ProductResult", "TrainConfig", "format_reused", "format_selections", "selection_line"]
+__all__ = [
+    "FAMILIES",
+    "ProductResult",
+    "TrainConfig",
+    "format_reused",
+    "format_selections",
+    "ranked_families",
+    "selection_line",
+]
 
 # Fields that change how a run is executed or published, not what it learns: left out of the run hash so
 # that re-running with a different products list, failure budget or promotion policy resumes the same run.
@@ -231,12 +239,21 @@ class ProductResult:
     selection: dict[str, Any] = field(default_factory=dict)
 
 
+def ranked_families(values: Mapping[str, float | None]) -> list[str]:
+    """Families best first by their value of the selection metric; one without a finite value ranks last."""
+
+    def key(family: str) -> float:
+        value = values[family]
+        return float(value) if isinstance(value, int | float) and math.isfinite(value) else -math.inf
+
+    return sorted(values, key=key, reverse=True)
+
+
 def selection_line(product: str, selection: Mapping[str, Any]) -> str:
     """One line: which family won the line's comparison, by how much, and whether its validation can tell."""
     values = selection["values"]
     winner = selection["winner"]
-    # The best of the others (a family without a value, a failed validation, ranks last).
-    runner_up = max((f for f in values if f != winner), key=lambda f: -math.inf if values[f] is None else values[f])
+    runner_up = next(family for family in ranked_families(values) if family != winner)
     shown = " over ".join(
         f"{f} {'n/a' if values[f] is None else format(values[f], '.3f')}" for f in (winner, runner_up)
     )
@@ -254,13 +271,15 @@ def selection_line(product: str, selection: Mapping[str, Any]) -> str:
 
 
 def format_reused(results: Mapping[str, ProductResult]) -> list[str]:
-    """A line under a summary table for every product line whose run had finished before: its version is reused."""
-    reused = [r for r in results.values() if r.ok and r.reused]
-    return [
+    """The lines under a summary table for the product lines whose run had finished before: their version is
+    reused (a blank line first; none when no line's was)."""
+    lines = [
         f"{r.product}: run {r.run_name} had finished before; its version {r.version} is reused and nothing was "
         "trained (to train anew, change the config or its run_name)"
-        for r in reused
+        for r in results.values()
+        if r.ok and r.reused
     ]
+    return ["", *lines] if lines else []
 
 
 def format_selections(results: Mapping[str, ProductResult]) -> list[str]:
